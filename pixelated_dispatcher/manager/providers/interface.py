@@ -1,0 +1,81 @@
+"""What the manager asks of a provider: start, stop and watch one agent per user.
+
+A provider knows how to run an agent (a local process, a Docker container)
+but nothing about users, passwords or sessions. The supervisor decides *when*;
+the provider decides *how*. Every provider (and its in-memory fake) passes the
+same contract tests in ``tests/provider_contract.py``.
+"""
+from typing import Callable
+
+import attr
+from zope.interface import Attribute, Interface
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AgentAddress:
+    """Where an agent serves HTTP; always chosen by the manager or the engine."""
+    host: str
+    port: int
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RunningAgent:
+    """A started agent as the provider sees it."""
+    username: str
+    address: AgentAddress
+    #: process id on this machine (0 when the provider has none to give)
+    pid: int
+    #: time.time() when the agent was started
+    started: float
+
+
+class AgentStartError(Exception):
+    """The agent could not be started; ``str()`` is a clear reason for the operator."""
+
+
+#: called as ``callback(username, reason)`` when an agent ends by itself or is stopped
+ExitCallback = Callable[[str, str], None]
+
+
+class IAgentProvider(Interface):
+    """Runs at most one agent per user name and says when one ends."""
+
+    name = Attribute("Short name of the provider, e.g. 'process' or 'docker'.")
+
+    def recover():
+        """Find agents that outlived a previous manager.
+
+        Called once at manager start, before any ``start``. Adopts what it can
+        and cleans up the rest; fires with the list of adopted
+        :class:`RunningAgent`.
+        """
+
+    def start(username, data_dir, credentials):
+        """Start ``username``'s agent.
+
+        :param str username: a valid user name.
+        :param str data_dir: the user's data directory (exists already).
+        :param bytes credentials: one line ending in ``\\n`` to write on the
+            agent's standard input, then close it. Never put it anywhere else.
+        :return: Deferred firing with :class:`RunningAgent` once the agent
+            answers HTTP, or failing with :class:`AgentStartError` (after
+            cleaning up whatever was started).
+        """
+
+    def stop(username):
+        """Stop ``username``'s agent (politely, then by force after a grace period).
+
+        Fires with None once it is gone; does nothing if it does not run.
+        """
+
+    def running():
+        """A snapshot ``{username: RunningAgent}`` of the agents that run now."""
+
+    def on_exit(callback):
+        """Call ``callback(username, reason)`` whenever a started agent ends
+        (crash, kill, stop). Several callbacks may be registered."""
+
+    def close():
+        """The manager shuts down: fire once the provider is in a state that a
+        restarted manager can pick up from (the process provider stops its
+        agents; the docker provider leaves its containers running)."""
