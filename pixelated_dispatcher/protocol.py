@@ -8,7 +8,15 @@ in flight, so the manager translates anything unexpected into
 Error codes are stable names: ctl and the proxy map them to messages, and
 later versions only add new ones.
 """
+import attr
 from twisted.protocols import amp
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AgentAddress:
+    """Where an agent serves HTTP; always chosen by the manager or the engine."""
+    host: str
+    port: int
 
 
 class DispatcherError(Exception):

@@ -31,5 +31,5 @@ class IManager(Interface):
         the user name or fails with ``InvalidSession``."""
 
     def ensure_agent(username):
-        """Deferred firing with the ``AgentAddress`` of the user's running
+        """Deferred firing with the :class:`~pixelated_dispatcher.protocol.AgentAddress` of the user's running
         agent, starting it first if needed; fails with ``AgentStartFailed``."""

@@ -10,12 +10,7 @@ from typing import Callable
 import attr
 from zope.interface import Attribute, Interface
 
-
-@attr.s(frozen=True, auto_attribs=True)
-class AgentAddress:
-    """Where an agent serves HTTP; always chosen by the manager or the engine."""
-    host: str
-    port: int
+from ...protocol import AgentAddress
 
 
 @attr.s(frozen=True, auto_attribs=True)
