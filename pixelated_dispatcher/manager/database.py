@@ -1,0 +1,89 @@
+"""The manager's SQLite database, used from one dedicated thread.
+
+SQLite calls block, so they never run on the reactor thread. One thread owns
+the one connection: statements are serialised (SQLite allows one writer
+anyway) and the connection never crosses threads.
+
+The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS`
+brings an older file up to date at start.
+"""
+import os
+import sqlite3
+from typing import Callable, List, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+#: Statements that bring schema version N to N+1, by index.
+MIGRATIONS: List[str] = [
+    """
+    CREATE TABLE users (
+        username      TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        created       REAL NOT NULL
+    );
+    CREATE TABLE sessions (
+        token_hash BLOB PRIMARY KEY,
+        username   TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
+        created    REAL NOT NULL,
+        last_seen  REAL NOT NULL,
+        client     TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX sessions_by_user ON sessions(username);
+    """,
+]
+
+
+class Database:
+    """Runs functions of a :class:`sqlite3.Connection` in the database thread."""
+
+    def __init__(self, reactor, path: str) -> None:
+        self._reactor = reactor
+        self._path = path
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sqlite")
+        self._connection = None
+
+    def start(self) -> Deferred:
+        """Open (creating or upgrading) the database; fires when ready."""
+        self._pool.start()
+        return deferToThreadPool(self._reactor, self._pool, self._open)
+
+    def stop(self) -> Deferred:
+        d = deferToThreadPool(self._reactor, self._pool, self._close)
+        d.addBoth(lambda result: (self._pool.stop(), result)[1])
+        return d
+
+    def run(self, function: Callable[[sqlite3.Connection], T]) -> "Deferred[T]":
+        """Deferred firing with ``function(connection)``, run in one transaction."""
+        return deferToThreadPool(self._reactor, self._pool, self._transact, function)
+
+    def _transact(self, function):
+        connection = self._connection
+        if connection is None:
+            raise RuntimeError("the database is not open")
+        with connection:
+            return function(connection)
+
+    def _open(self) -> None:
+        new = not os.path.exists(self._path)
+        connection = sqlite3.connect(self._path)
+        if new:
+            os.chmod(self._path, 0o600)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA foreign_keys=ON")
+        connection.execute("PRAGMA busy_timeout=5000")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        for number in range(version, len(MIGRATIONS)):
+            with connection:
+                connection.executescript(
+                    "BEGIN;" + MIGRATIONS[number] + "PRAGMA user_version=%d;" % (number + 1))
+        self._connection = connection
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None

@@ -1,0 +1,94 @@
+"""Password hashing with argon2id, always off the reactor thread.
+
+The parameters are pinned here because argon2-cffi's defaults differ between
+Debian 12 (21.1) and PyPI (25.x); a hash records its own parameters, so
+changing them later only needs a rehash at the next login
+(:meth:`PasswordHasher.needs_rehash`).
+
+Hashing uses a dedicated, small thread pool: argon2 releases the GIL, and a
+pool no larger than the spare cores keeps the reactor responsive while many
+logins arrive at once (see twisted-notes §7).
+"""
+import os
+from typing import Optional
+
+import argon2
+import attr
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class HashParameters:
+    """argon2id cost parameters."""
+    time_cost: int = 3
+    memory_cost_kib: int = 65536
+    parallelism: int = 1
+
+
+#: What production uses: RFC 9106's memory-constrained choice (64 MiB, t=3),
+#: one lane so that one hash occupies one core.
+PRODUCTION = HashParameters()
+
+#: Cheap parameters for tests that are about behaviour, not cost.
+FAST_FOR_TESTS = HashParameters(time_cost=1, memory_cost_kib=256, parallelism=1)
+
+
+def _default_pool_size() -> int:
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+class PasswordHasher:
+    """Hashes and verifies passwords in its own thread pool.
+
+    Start it with :meth:`start` and stop it with :meth:`stop` (the manager
+    service does both).
+    """
+
+    def __init__(self, reactor, parameters: HashParameters = PRODUCTION,
+                 threads: Optional[int] = None) -> None:
+        self._reactor = reactor
+        self._hasher = argon2.PasswordHasher(
+            time_cost=parameters.time_cost, memory_cost=parameters.memory_cost_kib,
+            parallelism=parameters.parallelism, hash_len=32, salt_len=16,
+            type=argon2.Type.ID)
+        size = threads or _default_pool_size()
+        self._pool = ThreadPool(minthreads=1, maxthreads=size, name="password-hashing")
+        # A hash of a random password, verified against when the user does not
+        # exist, so that unknown users and wrong passwords take the same time.
+        self._dummy_hash: Optional[str] = None
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def hash(self, password: str):
+        """Deferred firing with the encoded argon2id hash of ``password``."""
+        return deferToThreadPool(self._reactor, self._pool, self._hasher.hash, password)
+
+    def verify(self, encoded: Optional[str], password: str):
+        """Deferred firing with True if ``password`` matches ``encoded``.
+
+        ``encoded`` may be None (unknown user): the same work is done against
+        a dummy hash and the answer is False.
+        """
+        return deferToThreadPool(self._reactor, self._pool, self._verify, encoded, password)
+
+    def needs_rehash(self, encoded: str) -> bool:
+        return self._hasher.check_needs_rehash(encoded)
+
+    def _verify(self, encoded: Optional[str], password: str) -> bool:
+        if encoded is None:
+            if self._dummy_hash is None:
+                self._dummy_hash = self._hasher.hash(os.urandom(16).hex())
+            encoded, password, known = self._dummy_hash, password, False
+        else:
+            known = True
+        try:
+            return self._hasher.verify(encoded, password) and known
+        except argon2.exceptions.VerificationError:
+            return False
+        except argon2.exceptions.InvalidHash:
+            return False

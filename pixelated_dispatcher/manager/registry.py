@@ -1,0 +1,109 @@
+"""Users and their password hashes, kept in the manager's SQLite database.
+
+Every name is checked against the one user name rule before it reaches the
+database; every password is hashed or verified in the hashing pool.
+"""
+import time
+from typing import List, Optional
+
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+
+from ..protocol import InvalidUsername, UnknownUser, UserExists
+from ..usernames import InvalidUsernameError, check_username, is_valid_username
+from .database import Database
+from .passwords import PasswordHasher
+
+
+def _checked(username: str) -> str:
+    try:
+        return check_username(username)
+    except InvalidUsernameError as error:
+        raise InvalidUsername(str(error))
+
+
+class UserRegistry:
+    """Adds, removes, lists and authenticates users."""
+
+    def __init__(self, database: Database, hasher: PasswordHasher, clock) -> None:
+        self._database = database
+        self._hasher = hasher
+        self._clock = clock
+
+    @inlineCallbacks
+    def add(self, username: str, password: str):
+        """Add a user; fails with InvalidUsername or UserExists."""
+        _checked(username)
+        if (yield self.exists(username)):
+            raise UserExists("user %s exists already" % (username,))
+        encoded = yield self._hasher.hash(password)
+        created = self._clock.seconds()
+
+        def insert(connection):
+            try:
+                connection.execute(
+                    "INSERT INTO users (username, password_hash, created) VALUES (?, ?, ?)",
+                    (username, encoded, created))
+            except Exception as error:
+                if "UNIQUE" in str(error):
+                    raise UserExists("user %s exists already" % (username,))
+                raise
+        yield self._database.run(insert)
+
+    @inlineCallbacks
+    def remove(self, username: str):
+        """Remove a user and (by cascade) their sessions; fails with UnknownUser."""
+        _checked(username)
+        removed = yield self._database.run(
+            lambda c: c.execute("DELETE FROM users WHERE username = ?", (username,)).rowcount)
+        if not removed:
+            raise UnknownUser("no user named %s" % (username,))
+
+    @inlineCallbacks
+    def set_password(self, username: str, password: str):
+        _checked(username)
+        encoded = yield self._hasher.hash(password)
+        changed = yield self._database.run(
+            lambda c: c.execute("UPDATE users SET password_hash = ? WHERE username = ?",
+                                (encoded, username)).rowcount)
+        if not changed:
+            raise UnknownUser("no user named %s" % (username,))
+
+    def exists(self, username: str) -> "Deferred[bool]":
+        return self._database.run(
+            lambda c: c.execute("SELECT 1 FROM users WHERE username = ?",
+                                (username,)).fetchone() is not None)
+
+    @inlineCallbacks
+    def require(self, username: str):
+        """Fail with InvalidUsername or UnknownUser unless the user exists."""
+        _checked(username)
+        if not (yield self.exists(username)):
+            raise UnknownUser("no user named %s" % (username,))
+
+    def usernames(self) -> "Deferred[List[str]]":
+        return self._database.run(
+            lambda c: [row[0] for row in
+                       c.execute("SELECT username FROM users ORDER BY username")])
+
+    @inlineCallbacks
+    def verify(self, username: str, password: str):
+        """Deferred firing True if the password is right.
+
+        Unknown and invalid names take as long as a wrong password, so that
+        timing does not tell which names exist.
+        """
+        encoded: Optional[str] = None
+        if is_valid_username(username):
+            encoded = yield self._database.run(lambda c: _hash_of(c, username))
+        ok = yield self._hasher.verify(encoded, password)
+        if ok and encoded is not None and self._hasher.needs_rehash(encoded):
+            yield self.set_password(username, password)
+        returnValue(ok)
+
+
+def _hash_of(connection, username: str) -> Optional[str]:
+    row = connection.execute(
+        "SELECT password_hash FROM users WHERE username = ?", (username,)).fetchone()
+    return row[0] if row else None
+
+

@@ -1,0 +1,110 @@
+"""Login sessions, kept in SQLite so that restarting either daemon logs nobody out.
+
+The browser holds an opaque random token (256 bits); the database holds only
+its SHA-256, so a copy of the database does not give away live sessions.
+A session ends on logout, when revoked, after ``idle_timeout`` seconds
+without use, or ``max_age`` seconds after login, whichever comes first.
+"""
+import hashlib
+import secrets
+from typing import Optional
+
+from twisted.internet.defer import Deferred
+
+from ..protocol import InvalidSession
+from .database import Database
+
+#: Do not rewrite ``last_seen`` more often than this (keeps lookups read-only).
+_TOUCH_INTERVAL = 60.0
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+class SessionStore:
+
+    def __init__(self, database: Database, clock, idle_timeout: float = 24 * 3600,
+                 max_age: float = 7 * 24 * 3600) -> None:
+        self._database = database
+        self._clock = clock
+        self.idle_timeout = idle_timeout
+        self.max_age = max_age
+
+    def create(self, username: str, client: str = "") -> "Deferred[str]":
+        """A new session for ``username``; fires with its token."""
+        token = secrets.token_urlsafe(32)
+        now = self._clock.seconds()
+
+        def insert(connection):
+            connection.execute(
+                "INSERT INTO sessions (token_hash, username, created, last_seen, client)"
+                " VALUES (?, ?, ?, ?, ?)", (_digest(token), username, now, now, client[:200]))
+            return token
+        return self._database.run(insert)
+
+    def resolve(self, token: str) -> "Deferred[str]":
+        """The user name of a live session, or fail with InvalidSession."""
+        now = self._clock.seconds()
+        digest = _digest(token)
+
+        def lookup(connection) -> Optional[str]:
+            # Answers None rather than raising: raising would roll back the
+            # deletion of an expired session.
+            row = connection.execute(
+                "SELECT username, created, last_seen FROM sessions WHERE token_hash = ?",
+                (digest,)).fetchone()
+            if row is None:
+                return None
+            username, created, last_seen = row
+            if now - created > self.max_age or now - last_seen > self.idle_timeout:
+                connection.execute("DELETE FROM sessions WHERE token_hash = ?", (digest,))
+                return None
+            if now - last_seen > _TOUCH_INTERVAL:
+                connection.execute("UPDATE sessions SET last_seen = ? WHERE token_hash = ?",
+                                   (now, digest))
+            return username
+
+        def check(username: Optional[str]) -> str:
+            if username is None:
+                raise InvalidSession("no such session, or it has expired")
+            return username
+        return self._database.run(lookup).addCallback(check)
+
+    def end(self, token: str) -> "Deferred[str]":
+        """End one session; fires with its user name, or fails with InvalidSession."""
+        digest = _digest(token)
+
+        def delete(connection) -> Optional[str]:
+            row = connection.execute("SELECT username FROM sessions WHERE token_hash = ?",
+                                     (digest,)).fetchone()
+            connection.execute("DELETE FROM sessions WHERE token_hash = ?", (digest,))
+            return row[0] if row else None
+
+        def check(username: Optional[str]) -> str:
+            if username is None:
+                raise InvalidSession("no such session")
+            return username
+        return self._database.run(delete).addCallback(check)
+
+    def end_all(self, username: str) -> "Deferred[int]":
+        """End every session of ``username``; fires with how many there were."""
+        return self._database.run(
+            lambda c: c.execute("DELETE FROM sessions WHERE username = ?", (username,)).rowcount)
+
+    def count(self, username: Optional[str] = None) -> "Deferred[int]":
+        """Live (not yet purged) sessions of one user, or of everybody."""
+        if username is None:
+            return self._database.run(
+                lambda c: c.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+        return self._database.run(
+            lambda c: c.execute("SELECT COUNT(*) FROM sessions WHERE username = ?",
+                                (username,)).fetchone()[0])
+
+    def purge_expired(self) -> "Deferred[int]":
+        """Delete expired sessions; fires with how many."""
+        now = self._clock.seconds()
+        return self._database.run(
+            lambda c: c.execute(
+                "DELETE FROM sessions WHERE created < ? OR last_seen < ?",
+                (now - self.max_age, now - self.idle_timeout)).rowcount)
