@@ -9,7 +9,7 @@ brings an older file up to date at start.
 """
 import os
 import sqlite3
-from typing import Callable, List, TypeVar
+from typing import Callable, List, Optional, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -43,11 +43,12 @@ class Database:
     def __init__(self, reactor, path: str) -> None:
         self._reactor = reactor
         self._path = path
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sqlite")
+        self._pool: Optional[ThreadPool] = None
         self._connection = None
 
     def start(self) -> Deferred:
         """Open (creating or upgrading) the database; fires when ready."""
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sqlite")
         self._pool.start()
         return deferToThreadPool(self._reactor, self._pool, self._open)
 

@@ -6,7 +6,7 @@ database; every password is hashed or verified in the hashing pool.
 import time
 from typing import List, Optional
 
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.internet.defer import Deferred, inlineCallbacks
 
 from ..protocol import InvalidUsername, UnknownUser, UserExists
 from ..usernames import InvalidUsernameError, check_username, is_valid_username
@@ -98,7 +98,7 @@ class UserRegistry:
         ok = yield self._hasher.verify(encoded, password)
         if ok and encoded is not None and self._hasher.needs_rehash(encoded):
             yield self.set_password(username, password)
-        returnValue(ok)
+        return ok
 
 
 def _hash_of(connection, username: str) -> Optional[str]:

@@ -9,7 +9,7 @@ import os
 from typing import List, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -89,13 +89,13 @@ class Manager(Service):
         self._vault.remember(username, password)
         token = yield self.sessions.create(username, client)
         self.log.info("{username} logged in from {client}", username=username, client=client)
-        returnValue(token)
+        return token
 
     @inlineCallbacks
     def resolve_session(self, token: str):
         yield self.ready()
         username = yield self.sessions.resolve(token)
-        returnValue(username)
+        return username
 
     @inlineCallbacks
     def end_session(self, token: str):
@@ -107,14 +107,14 @@ class Manager(Service):
         if (yield self.sessions.count(username)) == 0:
             self._vault.forget(username)
             yield self.supervisor.stop(username)
-        returnValue(username)
+        return username
 
     @inlineCallbacks
     def ensure_agent(self, username: str):
         yield self.ready()
         yield self.users.require(username)
         address = yield self.supervisor.ensure(username)
-        returnValue(address)
+        return address
 
     @inlineCallbacks
     def locate_agent(self, username: str):
@@ -123,7 +123,7 @@ class Manager(Service):
         agent = self.supervisor.running().get(username)
         if agent is None:
             raise AgentNotRunning("the agent of %s is not running" % (username,))
-        returnValue(agent.address)
+        return agent.address
 
     # --- administration --------------------------------------------------------
 
@@ -150,7 +150,7 @@ class Manager(Service):
         yield self.ready()
         names = yield self.users.usernames()
         result: List[Tuple[str, str]] = [(name, self.supervisor.state(name)) for name in names]
-        returnValue(result)
+        return result
 
     @inlineCallbacks
     def stop_agent(self, username: str):
@@ -165,7 +165,7 @@ class Manager(Service):
         yield self.ready()
         yield self.users.require(username)
         status: AgentStatus = self.supervisor.status(username)
-        returnValue(status)
+        return status
 
     def start_agent(self, username: str) -> "Deferred[AgentAddress]":
         return self.ensure_agent(username)

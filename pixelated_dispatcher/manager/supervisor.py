@@ -9,7 +9,7 @@ import os
 from typing import Callable, Dict, List, Optional
 
 import attr
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -156,7 +156,7 @@ class AgentSupervisor:
             raise AgentStartFailed(str(error))
         self.log.info("agent of {username} running at {host}:{port}", username=username,
                       host=agent.address.host, port=agent.address.port)
-        returnValue(agent.address)
+        return agent.address
 
     def _forget(self, table: Dict[str, _Fanout], username: str):
         def forget(result):

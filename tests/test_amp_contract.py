@@ -1,0 +1,165 @@
+"""The AMP contract: values cross the socket unchanged, errors keep their names,
+and an unexpected failure in the manager never drops the connection."""
+import string
+
+from hypothesis import given, settings, strategies as st
+from twisted.internet.defer import fail, succeed
+from twisted.test.iosim import connectedServerAndClient
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from pixelated_dispatcher import protocol as p
+from pixelated_dispatcher.manager.amp_server import ManagerAMP, PeerPolicy
+from pixelated_dispatcher.manager.supervisor import AgentStatus
+from pixelated_dispatcher.manager.providers.interface import RunningAgent
+
+usernames = st.builds(lambda a, b: a + b,
+                      st.sampled_from(string.ascii_lowercase + string.digits + "_"),
+                      st.text(alphabet=string.ascii_lowercase + string.digits + "._-",
+                              max_size=63))
+passwords = st.text(max_size=1024)
+
+
+class RecordingManager:
+    """Answers like the manager would, synchronously, and records the calls."""
+
+    def __init__(self):
+        self.calls = []
+        self.failure = None
+
+    def _answer(self, name, value, **kwargs):
+        self.calls.append((name, kwargs))
+        if self.failure is not None:
+            return fail(self.failure)
+        return succeed(value)
+
+    def authenticate(self, username, password, client):
+        return self._answer("authenticate", "tok-" + username, username=username,
+                            password=password, client=client)
+
+    def resolve_session(self, token):
+        return self._answer("resolve_session", "alice", token=token)
+
+    def end_session(self, token):
+        return self._answer("end_session", "alice", token=token)
+
+    def ensure_agent(self, username):
+        return self._answer("ensure_agent", p.AgentAddress("127.0.0.1", 4242), username=username)
+
+    def locate_agent(self, username):
+        return self._answer("locate_agent", p.AgentAddress("127.0.0.1", 4242), username=username)
+
+    def add_user(self, username, password):
+        return self._answer("add_user", None, username=username, password=password)
+
+    def remove_user(self, username):
+        return self._answer("remove_user", None, username=username)
+
+    def list_users(self):
+        return self._answer("list_users", [("alice", "running"), ("bob", "stopped")])
+
+    def start_agent(self, username):
+        return self.ensure_agent(username)
+
+    def stop_agent(self, username):
+        return self._answer("stop_agent", None, username=username)
+
+    def agent_info(self, username):
+        agent = RunningAgent(username, p.AgentAddress("127.0.0.1", 4242), 99, 1.5)
+        return self._answer("agent_info", AgentStatus(username, "running", agent),
+                            username=username)
+
+
+class _DenyAdmin(PeerPolicy):
+    def allows(self, peer, command):
+        return command in p.PROXY_COMMANDS
+
+
+class ContractTests(SynchronousTestCase):
+
+    def connect(self, policy=None):
+        self.manager = RecordingManager()
+        client, server, pump = connectedServerAndClient(
+            lambda: ManagerAMP(self.manager, policy or PeerPolicy()), amp.AMP)
+        self.client, self.pump = client, pump
+
+    def call(self, command, **kwargs):
+        """Call and pump; the outcome is taken before AMP sees it, as a
+        real caller's errback would (an unhandled error drops the connection)."""
+        outcome = []
+        self.client.callRemote(command, **kwargs).addBoth(outcome.append)
+        self.pump.flush()
+        (result,) = outcome
+        return fail(result) if isinstance(result, Failure) else succeed(result)
+
+    @settings(max_examples=60)
+    @given(usernames, passwords, st.text(max_size=64))
+    def test_authenticate_carries_any_username_and_password(self, username, password, client):
+        self.connect()
+        answer = self.successResultOf(
+            self.call(p.Authenticate, username=username, password=password, client=client))
+        self.assertEqual(answer, {"token": "tok-" + username})
+        self.assertEqual(self.manager.calls,
+                         [("authenticate", {"username": username, "password": password,
+                                            "client": client})])
+
+    @settings(max_examples=30)
+    @given(usernames, passwords)
+    def test_add_user_carries_any_username_and_password(self, username, password):
+        self.connect()
+        self.successResultOf(self.call(p.AddUser, username=username, password=password))
+        self.assertEqual(self.manager.calls,
+                         [("add_user", {"username": username, "password": password})])
+
+    def test_agent_address_and_info_round_trip(self):
+        self.connect()
+        self.assertEqual(self.successResultOf(self.call(p.EnsureAgent, username="alice")),
+                         {"host": "127.0.0.1", "port": 4242})
+        info = self.successResultOf(self.call(p.AgentInfo, username="alice"))
+        self.assertEqual((info["state"], info["pid"], info["port"]), ("running", 99, 4242))
+        users = self.successResultOf(self.call(p.ListUsers))["users"]
+        self.assertEqual(users, [{"username": "alice", "state": "running"},
+                                 {"username": "bob", "state": "stopped"}])
+
+    def test_declared_errors_arrive_by_name_with_their_message(self):
+        self.connect()
+        for error, command, kwargs in [
+                (p.InvalidCredentials("invalid username or password"), p.Authenticate,
+                 dict(username="a", password="b", client="c")),
+                (p.InvalidSession("no such session"), p.ResolveSession, dict(token="t")),
+                (p.UnknownUser("no user named bob"), p.RemoveUser, dict(username="bob")),
+                (p.UserExists("user alice exists already"), p.AddUser,
+                 dict(username="alice", password="x")),
+                (p.AgentStartFailed("exited with status 3"), p.EnsureAgent,
+                 dict(username="alice"))]:
+            self.manager.failure = error
+            failure = self.failureResultOf(self.call(command, **kwargs), type(error))
+            self.assertEqual(str(failure.value), str(error))
+
+    def test_unexpected_error_becomes_internal_error_and_connection_survives(self):
+        self.connect()
+        self.manager.failure = ZeroDivisionError("boom")
+        failure = self.failureResultOf(self.call(p.ResolveSession, token="t"), p.InternalError)
+        self.assertNotIn("boom", str(failure.value))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.manager.failure = None
+        self.assertEqual(self.successResultOf(self.call(p.ResolveSession, token="t")),
+                         {"username": "alice"})
+
+    def test_policy_refusal_is_permission_denied_and_reaches_no_domain_code(self):
+        self.connect(policy=_DenyAdmin())
+        self.failureResultOf(self.call(p.AddUser, username="eve", password="x"),
+                             p.PermissionDenied)
+        self.assertEqual(self.manager.calls, [])
+        self.successResultOf(self.call(p.ResolveSession, token="t"))
+
+    def test_every_command_declares_the_common_errors(self):
+        for command in p.PROXY_COMMANDS + p.ADMIN_COMMANDS:
+            for error in (p.InternalError, p.PermissionDenied):
+                self.assertIn(error, command.errors, command.__name__)
+
+    def test_oversized_value_is_refused_before_sending(self):
+        self.connect()
+        self.assertRaises(amp.TooLong, self.client.callRemote, p.Authenticate,
+                          username="a", password="x" * 70000, client="c")
