@@ -1,0 +1,25 @@
+# The two commands a newcomer needs:  make demo  and  make check
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo check install clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# compat mode: a plain path in a .pth, so twistd finds twisted/plugins here
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python -m pixelated_dispatcher.demo
+
+check: install
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .hypothesis test-artifacts
+	find . -name dropin.cache -delete
