@@ -51,8 +51,12 @@ class Options(usage.Options):
          " (process provider default: the bundled demo agent)."],
         ["leap-provider", None, None,
          "LEAP provider host name given to agents (default: this machine's domain)."],
+        ["agent-start-timeout", None, 60.0,
+         "Seconds an agent has to answer HTTP after its start.", float],
         ["agent-stop-grace", None, 10.0, "Seconds between SIGTERM and SIGKILL.", float],
-    ] + _docker_parameters()
+    ]
+    optParameters += [option for option in _docker_parameters()
+                      if option[0] not in {o[0] for o in optParameters}]
 
     def postOptions(self) -> None:
         if self["provider"] not in PROVIDERS:
@@ -65,6 +69,9 @@ class Options(usage.Options):
                 raise usage.UsageError("--agent-command is not a valid command line: %s" % error)
             if not words:
                 raise usage.UsageError("--agent-command is empty")
+            if self["provider"] == "process" and not any("{port}" in w for w in words):
+                raise usage.UsageError("--agent-command needs a {port} placeholder: the"
+                                       " process provider tells the agent where to listen")
         if self["leap-provider"] is None:
             self["leap-provider"] = _default_leap_provider()
         self["state-dir"] = os.path.abspath(self["state-dir"])
@@ -77,6 +84,7 @@ def make_provider(reactor, options):
         return make_docker_provider(reactor, options)
     from .providers.process import ProcessProvider
     return ProcessProvider(reactor, options["agent-command"] or DEFAULT_AGENT_COMMAND,
+                           start_timeout=options["agent-start-timeout"],
                            stop_grace=options["agent-stop-grace"])
 
 

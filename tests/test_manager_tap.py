@@ -1,0 +1,70 @@
+"""twistd pixelated-manager: its options and what makeService wires."""
+import os
+import tempfile
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from pixelated_dispatcher.manager import tap
+
+
+class PluginTests(SynchronousTestCase):
+
+    def test_both_plugins_are_discoverable_by_twistd(self):
+        names = {plugin.tapname for plugin in getPlugins(IServiceMaker)}
+        self.assertTrue({"pixelated-manager", "pixelated-proxy"} <= names, names)
+
+
+class OptionsTests(SynchronousTestCase):
+
+    def parse(self, *args):
+        options = tap.Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_defaults_are_the_packaged_paths_and_the_process_provider(self):
+        options = self.parse()
+        self.assertEqual(options["socket"], "/run/pixelated/manager.sock")
+        self.assertEqual(options["state-dir"], "/var/lib/pixelated")
+        self.assertEqual(options["provider"], "process")
+        self.assertTrue(options["leap-provider"])
+
+    def test_relative_paths_become_absolute(self):
+        options = self.parse("--socket", "run/m.sock", "--state-dir", "state")
+        self.assertEqual(options["socket"], os.path.abspath("run/m.sock"))
+        self.assertEqual(options["state-dir"], os.path.abspath("state"))
+
+    def test_unknown_provider_is_a_usage_error(self):
+        error = self.assertRaises(usage.UsageError, self.parse, "--provider", "lxc")
+        self.assertIn("process", str(error))
+
+    def test_agent_command_with_unknown_placeholder_is_refused(self):
+        self.assertRaises(usage.UsageError, self.parse, "--agent-command", "agent --home {hom}")
+        self.assertRaises(usage.UsageError, self.parse, "--agent-command", "agent 'unclosed")
+        self.assertRaises(usage.UsageError, self.parse, "--agent-command", "   ")
+        error = self.assertRaises(usage.UsageError, self.parse, "--agent-command", "agent")
+        self.assertIn("{port}", str(error))
+        options = self.parse("--agent-command", "agent --port {port} --home '{data_dir}'")
+        self.assertEqual(options["agent-command"], "agent --port {port} --home '{data_dir}'")
+
+
+class MakeServiceTests(SynchronousTestCase):
+
+    def test_socket_is_created_mode_0660_in_a_private_directory(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(lambda: __import__("shutil").rmtree(directory))
+        options = tap.Options()
+        options.parseOptions(["--socket", os.path.join(directory, "run", "manager.sock"),
+                              "--state-dir", os.path.join(directory, "state")])
+        reactor = MemoryReactorClock()
+        service = tap.makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        (listening,) = reactor.unixServers
+        path, factory, backlog, mode, want_pid = listening
+        self.assertEqual(path, os.path.join(directory, "run", "manager.sock"))
+        self.assertEqual(mode, 0o660)
+        self.assertTrue(want_pid)
+        self.assertEqual(os.stat(os.path.join(directory, "run")).st_mode & 0o777, 0o750)
