@@ -1,0 +1,93 @@
+#!/bin/bash
+# Start or stop a private Docker daemon for the test suite.
+#
+#   bash .ci/dockerd.sh start   # start (or reuse) it, wait until it answers, print DOCKER_HOST=...
+#   bash .ci/dockerd.sh stop    # stop it and wait until it is gone
+#   bash .ci/dockerd.sh status  # exit 0 if it answers
+#   source .ci/dockerd.sh start # same as start, and export DOCKER_HOST into the calling shell
+#
+# The daemon has its own socket, data root, exec root and pidfile under
+# $PIXELATED_DOCKERD_DIR (default /var/tmp/pixelated-dockerd), so it never
+# touches a system dockerd's /var/run/docker.sock or /var/lib/docker.
+# tests/dockerd.py finds it there without DOCKER_HOST. Needs root.
+set -u
+
+dir=${PIXELATED_DOCKERD_DIR:-/var/tmp/pixelated-dockerd}
+dockerd=${DOCKERD:-/usr/sbin/dockerd}
+sock="$dir/docker.sock"
+pidfile="$dir/dockerd.pid"
+log="$dir/dockerd.log"
+host="unix://$sock"
+
+_pd_answers() {
+    # An HTTP "OK" from /_ping over the socket, without needing the docker CLI.
+    [ -S "$sock" ] || return 1
+    python3 - "$sock" <<'PY' 2>/dev/null
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])
+s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk: break
+    data += chunk
+sys.exit(0 if data.startswith(b"HTTP/1.") and b" 200 " in data.split(b"\r\n")[0] + b" " else 1)
+PY
+}
+
+_pd_running_pid() {
+    [ -f "$pidfile" ] || return 1
+    local pid; pid=$(cat "$pidfile" 2>/dev/null) || return 1
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+_pd_start() {
+    if _pd_running_pid >/dev/null && _pd_answers; then
+        echo "DOCKER_HOST=$host"; return 0
+    fi
+    if [ "$(id -u)" != 0 ]; then echo "dockerd.sh: must run as root" >&2; return 1; fi
+    if [ ! -x "$dockerd" ]; then echo "dockerd.sh: $dockerd not found (apt-get install docker.io)" >&2; return 1; fi
+    mkdir -p "$dir/data" "$dir/exec"
+    rm -f "$sock" "$pidfile"
+    # setsid: the daemon must not die with the shell (or the CI step) that started it.
+    setsid "$dockerd" \
+        --host "$host" \
+        --data-root "$dir/data" \
+        --exec-root "$dir/exec" \
+        --pidfile "$pidfile" \
+        --group root \
+        >"$log" 2>&1 </dev/null &
+    local i
+    for i in $(seq 1 120); do
+        if _pd_answers; then echo "DOCKER_HOST=$host"; return 0; fi
+        if ! kill -0 $! 2>/dev/null; then
+            echo "dockerd.sh: dockerd exited; last lines of $log:" >&2; tail -n 20 "$log" >&2; return 1
+        fi
+        sleep 0.5
+    done
+    echo "dockerd.sh: dockerd did not answer on $sock within 60 s; last lines of $log:" >&2
+    tail -n 20 "$log" >&2
+    return 1
+}
+
+_pd_stop() {
+    local pid; pid=$(_pd_running_pid) || { echo "dockerd.sh: not running"; return 0; }
+    kill -TERM "$pid"
+    local i
+    for i in $(seq 1 60); do
+        kill -0 "$pid" 2>/dev/null || { echo "dockerd.sh: stopped"; return 0; }
+        sleep 0.5
+    done
+    echo "dockerd.sh: dockerd $pid did not stop within 30 s, killing it" >&2
+    kill -KILL "$pid" 2>/dev/null
+    return 0
+}
+
+case "${1:-start}" in
+    start)  _pd_start && export DOCKER_HOST="$host" ;;
+    stop)   _pd_stop ;;
+    status) _pd_answers && echo "DOCKER_HOST=$host" ;;
+    *)      echo "usage: $0 start|stop|status" >&2; false ;;
+esac
+# 'return' when sourced, 'exit' when run
+return $? 2>/dev/null || exit $?
