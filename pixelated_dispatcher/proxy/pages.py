@@ -1,0 +1,237 @@
+"""Every response the proxy writes itself: the login and logout forms, the
+redirects, and the error pages a user may meet.
+
+Pages are built with ``twisted.web.template`` (one layout in
+``templates/page.html``, everything else as tags), so every value is escaped
+by the flattener; nothing here loads anything from elsewhere. Each writer sets
+the status, the headers every own page carries, writes the body and finishes
+the request, so callers cannot forget one of them.
+
+Browsers get HTML; scripts (``X-Requested-With: XMLHttpRequest``) get a short
+JSON body they can act on.
+"""
+import json
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from twisted.python.filepath import FilePath
+from twisted.web.iweb import IRequest
+from twisted.web.template import (Element, Tag, XMLFile, flatten, renderer,
+                                  tags)
+
+LOGIN_PATH = b"/auth/login"
+LOGOUT_PATH = b"/auth/logout"
+INVALID_LOGIN = "Invalid username or password"
+
+#: Headers on every page the proxy writes itself (not on the agents' pages:
+#: those are the agents' business).
+OWN_PAGE_HEADERS: Sequence[Tuple[bytes, bytes]] = (
+    (b"x-frame-options", b"SAMEORIGIN"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"content-security-policy",
+     b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+     b"frame-ancestors 'self'; base-uri 'none'"),
+)
+
+_TEMPLATE = FilePath(__file__).sibling("templates").child("page.html")
+
+
+class Page(Element):
+    """The common layout: a title and some content."""
+
+    loader = XMLFile(_TEMPLATE)
+
+    def __init__(self, title: str, content: Iterable[object]) -> None:
+        super().__init__()
+        self._title = title
+        self._content = list(content)
+
+    @renderer
+    def title(self, request: object, tag: Tag) -> Tag:
+        return tag(self._title)
+
+    @renderer
+    def content(self, request: object, tag: Tag) -> List[object]:
+        return self._content
+
+
+def _flatten(element: Element) -> bytes:
+    """Flatten a page that needs nothing asynchronous, right now."""
+    chunks: List[bytes] = []
+    failures: list = []
+    done = flatten(None, element, chunks.append)
+    done.addErrback(failures.append)
+    if failures:
+        failures[0].raiseException()
+    return b"<!DOCTYPE html>\n" + b"".join(chunks)
+
+
+def is_script_request(request: IRequest) -> bool:
+    """Whether the request comes from a script rather than a navigation."""
+    value = request.getHeader(b"x-requested-with") or b""
+    return value.strip().lower() == b"xmlhttprequest"
+
+
+def add_own_page_headers(request: IRequest, *, no_store: bool = False) -> None:
+    """The headers every response written by the proxy itself carries."""
+    for name, value in OWN_PAGE_HEADERS:
+        request.setHeader(name, value)
+    if no_store:
+        request.setHeader(b"cache-control", b"no-store")
+
+
+def _finish(request: IRequest, code: int, content_type: bytes, body: bytes, *,
+            no_store: bool, headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
+    request.setResponseCode(code)
+    add_own_page_headers(request, no_store=no_store)
+    for name, value in headers:
+        request.setHeader(name, value)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % (len(body),))
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def write_page(request: IRequest, code: int, title: str, content: Iterable[object],
+               *, no_store: bool = False,
+               headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
+    """Write a whole HTML page and finish the request."""
+    _finish(request, code, b"text/html; charset=utf-8",
+            _flatten(Page(title, content)), no_store=no_store, headers=headers)
+
+
+def write_json(request: IRequest, code: int, document: dict, *,
+               headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
+    """Write a small JSON answer for scripts and finish the request."""
+    _finish(request, code, b"application/json",
+            json.dumps(document).encode("utf-8"), no_store=True, headers=headers)
+
+
+def redirect(request: IRequest, location: bytes) -> None:
+    """303 See Other to a local path (the browser then GETs it)."""
+    link = location.decode("ascii")
+    write_page(request, 303, "Redirecting",
+               [tags.p("Continue to ", tags.a(link, href=link), ".")],
+               no_store=True, headers=[(b"location", location)])
+
+
+# --- the auth forms ----------------------------------------------------------
+
+def _csrf_field(token: str) -> Tag:
+    return tags.input(type="hidden", name="csrf_token", value=token)
+
+
+def login_form(request: IRequest, csrf_token: str, *, code: int = 200,
+               message: Optional[str] = None, username: str = "") -> None:
+    """The login form, optionally with a message above it."""
+    content: List[object] = []
+    if message:
+        content.append(tags.p(message, class_="message", role="alert"))
+    content.append(tags.form(
+        _csrf_field(csrf_token),
+        tags.label("Username", for_="username"),
+        tags.input(type="text", id="username", name="username", value=username,
+                   autocomplete="username", autocapitalize="none",
+                   spellcheck="false", required="required", autofocus="autofocus"),
+        tags.label("Password", for_="password"),
+        tags.input(type="password", id="password", name="password",
+                   autocomplete="current-password", required="required"),
+        tags.button("Log in", type="submit"),
+        method="post", action=LOGIN_PATH.decode("ascii")))
+    write_page(request, code, "Log in", content, no_store=True)
+
+
+def logout_form(request: IRequest, csrf_token: str) -> None:
+    """A one-button page to log out (where agents link their logout to)."""
+    write_page(request, 200, "Log out", [
+        tags.p("Log out and close your mailbox?"),
+        tags.form(_csrf_field(csrf_token),
+                  tags.button("Log out", type="submit"),
+                  method="post", action=LOGOUT_PATH.decode("ascii")),
+    ], no_store=True)
+
+
+def _back_to_login() -> Tag:
+    return tags.p(tags.a("Back to the login page", href=LOGIN_PATH.decode("ascii")))
+
+
+# --- error pages -------------------------------------------------------------
+
+def csrf_refused(request: IRequest) -> None:
+    """403: the form did not come with this browser's CSRF token."""
+    write_page(request, 403, "Form expired", [
+        tags.p("This form has expired or did not come from this site. "
+               "Please go back, reload the page and try again."),
+        _back_to_login(),
+    ], no_store=True)
+
+
+def not_logged_in(request: IRequest) -> None:
+    """No valid session: browsers go to the login form, scripts get 401."""
+    if is_script_request(request):
+        write_json(request, 401, {"error": "not logged in",
+                                  "login": LOGIN_PATH.decode("ascii")})
+    else:
+        redirect(request, LOGIN_PATH)
+
+
+MANAGER_RETRY_AFTER = b"5"
+AGENT_RETRY_AFTER = b"10"
+
+
+def manager_unavailable(request: IRequest) -> None:
+    """503: the manager cannot be asked right now."""
+    headers = [(b"retry-after", MANAGER_RETRY_AFTER)]
+    if is_script_request(request):
+        write_json(request, 503, {"error": "service unavailable"}, headers=headers)
+        return
+    write_page(request, 503, "Temporarily unavailable", [
+        tags.p("The service is temporarily unavailable. "
+               "Please try again in a few seconds."),
+        _back_to_login(),
+    ], no_store=True, headers=headers)
+
+
+def agent_start_failed(request: IRequest) -> None:
+    """503: the user's agent could not be started."""
+    headers = [(b"retry-after", AGENT_RETRY_AFTER)]
+    if is_script_request(request):
+        write_json(request, 503, {"error": "mailbox could not be started"},
+                   headers=headers)
+        return
+    write_page(request, 503, "Mailbox unavailable", [
+        tags.p("Your mailbox could not be started. Please try again in a "
+               "little while; if this keeps happening, contact your administrator."),
+        tags.p(tags.a("Try again", href="/"), " or ",
+               tags.a("log out", href=LOGOUT_PATH.decode("ascii")), "."),
+    ], no_store=True, headers=headers)
+
+
+def agent_unreachable(request: IRequest) -> None:
+    """502: the agent is supposed to run but does not answer."""
+    write_page(request, 502, "Mailbox not answering", [
+        tags.p("Your mailbox is not answering right now. Please reload the "
+               "page in a moment."),
+    ], no_store=True)
+
+
+def bad_request(request: IRequest) -> None:
+    """400: a request the proxy will not pass on."""
+    write_page(request, 400, "Bad request", [tags.p("The request was malformed.")],
+               no_store=True)
+
+
+def method_not_allowed(request: IRequest, allowed: Sequence[bytes]) -> None:
+    """405 with the methods this address does accept."""
+    write_page(request, 405, "Method not allowed",
+               [tags.p("This address does not accept that method.")],
+               no_store=True, headers=[(b"allow", b", ".join(allowed))])
+
+
+def internal_error(request: IRequest) -> None:
+    """500: something the proxy did not expect; the log has the details."""
+    write_page(request, 500, "Something went wrong", [
+        tags.p("Something went wrong on our side. Please try again."),
+        _back_to_login(),
+    ], no_store=True)

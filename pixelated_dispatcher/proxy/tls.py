@@ -1,0 +1,186 @@
+"""``--listen`` endpoint descriptions, with TLS that is modern on every Twisted.
+
+A ``ssl:`` description is parsed here rather than by Twisted's
+``serverFromString``: on Twisted 22.4 (Debian 12) that parser allows TLS 1.0
+and offers non-forward-secret ciphers, and its string has no option against
+it. We read the same keys (``port``, ``privateKey``, ``certKey``,
+``extraCertChain``, ``dhParameters``, ``interface``, ``backlog``; ``\\``
+escapes the next character, so ``\\:`` is a colon in a path) and build
+``CertificateOptions`` ourselves with TLS 1.2 as the minimum and only
+ECDHE/DHE key exchange with AEAD ciphers (TLS 1.3 suites are all of that
+kind). Everything else (``tcp:``, ``unix:``, ``systemd:``, ...) goes to
+``serverFromString`` unchanged.
+
+The key and certificates are read while the options are parsed, so a
+missing, unreadable or broken file stops ``twistd`` with one clear sentence
+before anything listens (and while it still runs with the privileges to read
+the key).
+"""
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import attr
+from twisted.internet import ssl
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.python.filepath import FilePath
+from twisted.python.usage import UsageError
+
+#: Forward secrecy and authenticated encryption only (TLS 1.2; TLS 1.3 has
+#: nothing else). DHE suites are used only when ``dhParameters`` are given.
+CIPHERS = ("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+           ":!aNULL:!eNULL:!MD5:!DSS:!SHA1")
+
+_SSL_KEYS = frozenset(["port", "privateKey", "certKey", "extraCertChain",
+                       "dhParameters", "interface", "backlog"])
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
+
+
+def split_description(description: str) -> Tuple[List[str], Dict[str, str]]:
+    """Split an endpoint description as Twisted does: ``:`` separates fields,
+    the first ``=`` in a field separates a key from its value, and ``\\``
+    takes the next character literally."""
+    fields: List[List[str]] = []
+    current: List[str] = [""]
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            current[-1] += next(chars, "")
+        elif char == ":":
+            fields.append(current)
+            current = [""]
+        elif char == "=" and len(current) == 1:
+            current.append("")
+        else:
+            current[-1] += char
+    fields.append(current)
+    args = [f[0] for f in fields if len(f) == 1]
+    kwargs = {f[0]: f[1] for f in fields if len(f) == 2}
+    return args, kwargs
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError("cannot read the TLS %s file %s: %s"
+                         % (what, path, e.strerror or e))
+
+
+def tls_options(private_key: str, certificate: str,
+                extra_chain: Optional[str] = None,
+                dh_parameters: Optional[str] = None) -> ssl.CertificateOptions:
+    """Server TLS options from PEM files: TLS 1.2+, forward-secret AEAD only.
+
+    Raises ``UsageError`` naming the file for anything wrong with them.
+    """
+    key_pem = _read(private_key, "private key")
+    cert_pem = _read(certificate, "certificate")
+    try:
+        key_and_cert = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    except Exception as e:
+        raise UsageError("cannot load the TLS certificate %s with the private key %s: %s"
+                         % (certificate, private_key, e))
+    chain = None
+    if extra_chain is not None:
+        chain = [ssl.Certificate.loadPEM(pem).original
+                 for pem in _PEM_CERTIFICATE.findall(_read(extra_chain, "certificate chain"))]
+        if not chain:
+            raise UsageError("the TLS certificate chain file %s holds no PEM certificate"
+                             % (extra_chain,))
+    dh = None
+    if dh_parameters is not None:
+        _read(dh_parameters, "Diffie-Hellman parameters")
+        dh = ssl.DiffieHellmanParameters.fromFile(FilePath(dh_parameters))
+    options = ssl.CertificateOptions(
+        privateKey=key_and_cert.privateKey.original,
+        certificate=key_and_cert.original,
+        extraCertChain=chain,
+        dhParameters=dh,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+    )
+    try:
+        options.getContext()  # loads key and certificate, checks they match
+    except Exception as e:
+        raise UsageError("the TLS private key %s does not fit the certificate %s (%s)"
+                         % (private_key, certificate, e))
+    return options
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class TLSListener:
+    """A parsed ``ssl:`` description with its key and certificate loaded."""
+
+    port: int
+    options: ssl.CertificateOptions
+    interface: str = ""
+    backlog: int = 50
+
+    def endpoint(self, reactor: Any) -> IStreamServerEndpoint:
+        return SSL4ServerEndpoint(reactor, self.port, self.options,
+                                  backlog=self.backlog, interface=self.interface)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class PlainListener:
+    """Any other description, left to Twisted's ``serverFromString``."""
+
+    description: str
+
+    def endpoint(self, reactor: Any) -> IStreamServerEndpoint:
+        return serverFromString(reactor, self.description)
+
+
+def _int(value: str, what: str, description: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError("invalid %s %r in --listen %s" % (what, value, description))
+
+
+def parse_ssl(description: str) -> TLSListener:
+    """Parse and load an ``ssl:`` description (``UsageError`` when it is wrong)."""
+    args, kwargs = split_description(description)
+    positional = args[1:]  # args[0] is "ssl"
+    unknown = set(kwargs) - _SSL_KEYS
+    if "sslmethod" in unknown:
+        raise UsageError("sslmethod is not supported in --listen: the proxy always "
+                         "uses TLS 1.2 or newer")
+    if unknown:
+        raise UsageError("unknown option %s in --listen %s"
+                         % (", ".join(sorted(unknown)), description))
+    if len(positional) > 1 or (positional and "port" in kwargs):
+        raise UsageError("--listen %s: give the port once, as ssl:PORT:..." % (description,))
+    port = positional[0] if positional else kwargs.get("port")
+    if port is None:
+        raise UsageError("--listen %s has no port" % (description,))
+    private_key = kwargs.get("privateKey", "server.pem")
+    options = tls_options(private_key, kwargs.get("certKey", private_key),
+                          kwargs.get("extraCertChain"), kwargs.get("dhParameters"))
+    return TLSListener(port=_int(port, "port", description), options=options,
+                       interface=kwargs.get("interface", ""),
+                       backlog=_int(kwargs.get("backlog", "50"), "backlog", description))
+
+
+def parse_listen(description: str) -> Any:
+    """A ``--listen`` description as a listener with an ``endpoint(reactor)``
+    method: :class:`TLSListener` for ``ssl:``, :class:`PlainListener` for the
+    rest. Raises ``UsageError`` for what can be found wrong without listening."""
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind == "ssl":
+        return parse_ssl(description)
+    try:
+        # Endpoint constructors only store the reactor: this checks the syntax.
+        serverFromString(None, description)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise UsageError("invalid --listen %s: %s" % (description, e))
+    return PlainListener(description)
+
+
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """The server endpoint for one ``--listen`` description."""
+    return parse_listen(description).endpoint(reactor)
