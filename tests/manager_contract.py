@@ -1,0 +1,150 @@
+"""The contract of :class:`IManager`, as one suite for every implementation.
+
+Flocker's "verified fakes": the proxy's unit tests trust
+:class:`~pixelated_dispatcher.proxy.fake_manager.FakeManager`, so the fake
+must behave like the real manager seen through
+:class:`~pixelated_dispatcher.proxy.manager_client.AMPManagerClient`. Both run
+this suite; a behaviour the proxy relies on belongs here.
+
+Use::
+
+    class FakeManagerContract(manager_contract_tests(make_fixture)):
+        pass
+
+where ``make_fixture(test_case)`` returns (or returns a Deferred of) an
+object with
+
+* ``manager``: the :class:`IManager` under test;
+* ``add_user(username, password)``: create a user, returning None or a
+  Deferred;
+
+and registers its own cleanups with ``test_case.addCleanup``. A fresh user's
+``ensure_agent`` is expected to succeed with some address, so the real
+manager's fixture needs an agent command that starts.
+
+The tests are trial ``TestCase`` methods returning Deferreds, so a fixture
+may use the real reactor (sockets, processes).
+"""
+from typing import Any, Callable
+
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from pixelated_dispatcher.protocol import (AgentAddress, InvalidCredentials,
+                                           InvalidSession)
+from pixelated_dispatcher.proxy.manager_interface import IManager
+
+Fixture = Any
+
+
+def manager_contract_tests(make_fixture: Callable[[TestCase], Any]) -> type:
+    """A ``TestCase`` class checking the ``IManager`` contract against the
+    implementation that ``make_fixture`` sets up."""
+
+    class IManagerContract(TestCase):
+        timeout = 60
+
+        @inlineCallbacks
+        def setUp(self) -> Any:
+            self.fixture = yield maybeDeferred(make_fixture, self)
+            self.manager = self.fixture.manager
+
+        def add_user(self, username: str, password: str) -> Any:
+            return maybeDeferred(self.fixture.add_user, username, password)
+
+        def assert_fails_with(self, d: Any, error: type) -> Any:
+            """``assertFailure`` that also accepts a synchronous exception."""
+            return self.assertFailure(maybeDeferred(lambda: d()), error)
+
+        def test_provides_interface(self) -> None:
+            self.assertTrue(verifyObject(IManager, self.manager))
+
+        @inlineCallbacks
+        def test_right_password_gives_a_token(self) -> Any:
+            yield self.add_user("alice", "correct horse")
+            token = yield self.manager.authenticate("alice", "correct horse", "192.0.2.1")
+            self.assertIsInstance(token, str)
+            self.assertTrue(token)
+
+        @inlineCallbacks
+        def test_wrong_password_and_unknown_user_are_refused_alike(self) -> Any:
+            yield self.add_user("alice", "correct horse")
+            wrong = yield self.assert_fails_with(
+                lambda: self.manager.authenticate("alice", "wrong", "192.0.2.1"),
+                InvalidCredentials)
+            unknown = yield self.assert_fails_with(
+                lambda: self.manager.authenticate("nobody", "correct horse", "192.0.2.1"),
+                InvalidCredentials)
+            self.assertEqual(type(wrong), type(unknown))
+
+        @inlineCallbacks
+        def test_token_resolves_to_its_user(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            yield self.add_user("bob", "b-secret")
+            alice = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            bob = yield self.manager.authenticate("bob", "b-secret", "192.0.2.2")
+            self.assertEqual((yield self.manager.resolve_session(alice)), "alice")
+            self.assertEqual((yield self.manager.resolve_session(bob)), "bob")
+
+        @inlineCallbacks
+        def test_unknown_token_is_an_invalid_session(self) -> Any:
+            yield self.assert_fails_with(
+                lambda: self.manager.resolve_session("no-such-session-token-at-all"),
+                InvalidSession)
+
+        @inlineCallbacks
+        def test_two_logins_give_two_tokens(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            first = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            second = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            self.assertNotEqual(first, second)
+            self.assertEqual((yield self.manager.resolve_session(first)), "alice")
+            self.assertEqual((yield self.manager.resolve_session(second)), "alice")
+
+        @inlineCallbacks
+        def test_ended_session_no_longer_resolves(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            token = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            self.assertEqual((yield self.manager.end_session(token)), "alice")
+            yield self.assert_fails_with(
+                lambda: self.manager.resolve_session(token), InvalidSession)
+
+        @inlineCallbacks
+        def test_ending_one_session_keeps_the_others(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            first = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            second = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            yield self.manager.end_session(first)
+            self.assertEqual((yield self.manager.resolve_session(second)), "alice")
+
+        @inlineCallbacks
+        def test_ending_an_unknown_session_is_an_invalid_session(self) -> Any:
+            yield self.assert_fails_with(
+                lambda: self.manager.end_session("no-such-session-token-at-all"),
+                InvalidSession)
+
+        @inlineCallbacks
+        def test_ensure_agent_gives_an_address(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            address = yield self.manager.ensure_agent("alice")
+            self.assertIsInstance(address, AgentAddress)
+            self.assertIsInstance(address.host, str)
+            self.assertTrue(0 < address.port < 65536)
+
+        @inlineCallbacks
+        def test_ensure_agent_twice_gives_the_same_agent(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            first = yield self.manager.ensure_agent("alice")
+            second = yield self.manager.ensure_agent("alice")
+            self.assertEqual(first, second)
+
+        @inlineCallbacks
+        def test_users_get_different_agents(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            yield self.add_user("bob", "b-secret")
+            alice = yield self.manager.ensure_agent("alice")
+            bob = yield self.manager.ensure_agent("bob")
+            self.assertNotEqual(alice, bob)
+
+    return IManagerContract

@@ -1,0 +1,60 @@
+"""FakeManager keeps the IManager contract, and its test knobs do what they say."""
+from twisted.trial.unittest import SynchronousTestCase
+
+from pixelated_dispatcher.protocol import (AgentAddress, AgentStartFailed,
+                                           UnknownUser)
+from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.proxy.manager_interface import ManagerUnavailable
+
+from .manager_contract import manager_contract_tests
+
+
+class FakeManagerFixture:
+    def __init__(self, test_case: object) -> None:
+        self.manager = FakeManager()
+
+    def add_user(self, username: str, password: str) -> None:
+        self.manager.add_user(username, password)
+
+
+class FakeManagerContract(manager_contract_tests(FakeManagerFixture)):
+    pass
+
+
+class FakeManagerKnobs(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.manager = FakeManager()
+        self.manager.add_user("alice", "secret")
+
+    def test_placed_agent_address_is_answered(self) -> None:
+        self.manager.place_agent("alice", AgentAddress("127.0.0.1", 12345))
+        self.assertEqual(self.successResultOf(self.manager.ensure_agent("alice")),
+                         AgentAddress("127.0.0.1", 12345))
+
+    def test_failed_agent_start(self) -> None:
+        self.manager.fail_agent_start("alice", "out of memory")
+        failure = self.failureResultOf(self.manager.ensure_agent("alice"), AgentStartFailed)
+        self.assertEqual(str(failure.value), "out of memory")
+
+    def test_unreachable_manager_fails_every_call(self) -> None:
+        token = self.manager.open_session("alice")
+        self.manager.reachable = False
+        for d in (self.manager.authenticate("alice", "secret", "192.0.2.1"),
+                  self.manager.resolve_session(token),
+                  self.manager.end_session(token),
+                  self.manager.ensure_agent("alice")):
+            self.failureResultOf(d, ManagerUnavailable)
+
+    def test_logout_stops_the_agent(self) -> None:
+        token = self.successResultOf(self.manager.authenticate("alice", "secret", "192.0.2.1"))
+        self.successResultOf(self.manager.ensure_agent("alice"))
+        self.assertIn("alice", self.manager.running)
+        self.successResultOf(self.manager.end_session(token))
+        self.assertNotIn("alice", self.manager.running)
+
+    def test_unknown_user_has_no_agent(self) -> None:
+        self.failureResultOf(self.manager.ensure_agent("nobody"), UnknownUser)
+
+    def test_client_address_is_recorded(self) -> None:
+        self.failureResultOf(self.manager.authenticate("alice", "wrong", "198.51.100.7"))
+        self.assertEqual(self.manager.logins, [("alice", "198.51.100.7")])
