@@ -47,7 +47,11 @@ class Page(Element):
         self._content = list(content)
 
     @renderer
-    def title(self, request: object, tag: Tag) -> Tag:
+    def page_title(self, request: object, tag: Tag) -> Tag:
+        return tag(self._title + " \u00b7 Pixelated")
+
+    @renderer
+    def heading(self, request: object, tag: Tag) -> Tag:
         return tag(self._title)
 
     @renderer
