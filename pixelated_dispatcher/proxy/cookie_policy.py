@@ -58,8 +58,9 @@ def strip_dispatcher_cookies(cookie_header: bytes) -> bytes:
         pair = pair.strip()
         if not pair:
             continue
-        name = pair.split(b"=", 1)[0] if b"=" in pair else b""
-        if not is_dispatcher_cookie_name(name):
+        # A pair without "=" is a nameless cookie to browsers but a name to
+        # some servers: judge it by what comes before "=", or by all of it.
+        if not is_dispatcher_cookie_name(pair.split(b"=", 1)[0]):
             kept.append(pair)
     return b"; ".join(kept)
 
