@@ -63,10 +63,13 @@ class AMPManagerClient:
 
     def __init__(self, endpoint: IStreamClientEndpoint, clock: IReactorTime, *,
                  connect_timeout: float = CONNECT_TIMEOUT,
+                 call_timeouts: Optional[Dict[Type[amp.Command], float]] = None,
                  retry_policy: Optional[Callable[[int], float]] = None,
                  protocol_factory: Optional[Factory] = None) -> None:
         self._clock = clock
         self._connect_timeout = connect_timeout
+        self._call_timeouts = dict(CALL_TIMEOUTS)
+        self._call_timeouts.update(call_timeouts or {})
         self.service = ClientService(
             endpoint, protocol_factory or Factory.forProtocol(amp.AMP),
             retryPolicy=retry_policy or default_retry_policy(), clock=clock)
@@ -78,7 +81,18 @@ class AMPManagerClient:
                    reactor, **kwargs)
 
     def _connection(self) -> Deferred:
-        d = self.service.whenConnected(failAfterFailures=1)
+        waiting = self.service.whenConnected(failAfterFailures=1)
+        if waiting.called:
+            d = waiting
+        else:
+            # ClientService fires waiters from inside its state machine, which
+            # refuses to be re-entered; a caller reacting to the outcome with
+            # another call would do just that. Relay on the next turn instead.
+            d = Deferred()
+
+            def relay(result: Any) -> None:
+                self._clock.callLater(0, d.callback, result)
+            waiting.addBoth(relay)
         d.addTimeout(self._connect_timeout, self._clock)
         d.addErrback(_unavailable("cannot connect to the manager"))
         return d
@@ -86,7 +100,7 @@ class AMPManagerClient:
     def _call(self, command: Type[amp.Command], **arguments: Any) -> Deferred:
         def call(protocol: amp.AMP) -> Deferred:
             answer = protocol.callRemote(command, **arguments)
-            answer.addTimeout(CALL_TIMEOUTS.get(command, 30.0), self._clock)
+            answer.addTimeout(self._call_timeouts.get(command, 30.0), self._clock)
             answer.addErrback(self._translate_call_failure)
             return answer
         return self._connection().addCallback(call)
