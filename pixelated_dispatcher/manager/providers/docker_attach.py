@@ -6,14 +6,18 @@ bytes, no framing. treq and ``Agent`` cannot hand over a connection like
 that, so this small protocol sends the request by hand, reads the status line
 and headers, writes the data, and half-closes the connection. With
 ``OpenStdin`` and ``StdinOnce`` set at create time, the half-close closes the
-container's stdin, and the engine then closes the connection: that is when the
-data has been delivered.
+container's stdin. The engine would keep the connection open until the
+container stops (that is how ``docker run -i`` waits), so once our half-close
+has gone out (the data is in the engine's socket buffer, followed by EOF) we
+consider it delivered and close the connection ourselves.
 """
 import json
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 
 class AttachRefused(Exception):
@@ -32,6 +36,7 @@ class AttachConnectionFailed(Exception):
 _HEADERS, _RAW, _ERROR = "headers", "raw", "error"
 
 
+@implementer(IHalfCloseableProtocol)
 class AttachStdinProtocol(Protocol):
     """Sends the attach request, then ``data`` on the hijacked stream, then EOF."""
 
@@ -83,7 +88,6 @@ class AttachStdinProtocol(Protocol):
                 self._buffer = b""
                 self.transport.write(self._data)
                 self.transport.loseWriteConnection()
-                self.delivered = True
                 return
             self._state = _ERROR
             if "content-length" in headers:
@@ -94,6 +98,17 @@ class AttachStdinProtocol(Protocol):
             if body is not None:
                 self._fail(AttachRefused(self._status, _message(body)))
                 self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        # everything we wrote, and then EOF, has been handed to the engine
+        if self._state == _RAW:
+            self.delivered = True
+            if not self._done.called:
+                self._done.callback(None)
+            self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
     def _error_body(self):
         if self._body_length is not None:
@@ -121,7 +136,9 @@ class AttachStdinProtocol(Protocol):
         if self._done.called:
             return
         if self._state == _RAW:
-            self._done.callback(None)
+            self._fail(AttachConnectionFailed(
+                "the Docker engine at %s closed the attach connection before the data"
+                " was written: %s" % (self._host, reason.getErrorMessage())))
         elif self._state == _ERROR:
             self._fail(AttachRefused(self._status, _message(self._buffer)))
         else:
@@ -144,9 +161,9 @@ def attach_stdin(endpoint, path: str, data: bytes, reactor, timeout: float = 30.
                  engine_host: str = "the Docker engine") -> Deferred:
     """Connect with ``endpoint``, attach at ``path``, deliver ``data``, close stdin.
 
-    Fires None once the engine closed the connection after the data (stdin is
-    closed then), fails with :class:`AttachRefused` (an HTTP error, e.g. no
-    such container) or :class:`AttachConnectionFailed`.
+    Fires None once the data and EOF have been handed to the engine; fails
+    with :class:`AttachRefused` (an HTTP error, e.g. no such container) or
+    :class:`AttachConnectionFailed`.
     """
     done = Deferred()
     protocols = []
@@ -169,12 +186,8 @@ def attach_stdin(endpoint, path: str, data: bytes, reactor, timeout: float = 30.
         if done.called:
             return
         proto = protocols[0] if protocols else None
-        if proto is not None and proto.delivered:
-            # data and EOF were sent; the engine just did not hang up
-            done.callback(None)
-        else:
-            done.errback(AttachConnectionFailed(
-                "the attach to the container's stdin did not complete within %g s" % timeout))
+        done.errback(AttachConnectionFailed(
+            "the attach to the container's stdin did not complete within %g s" % timeout))
         if proto is not None and proto.transport is not None:
             proto.transport.abortConnection()
         elif not connecting.called:

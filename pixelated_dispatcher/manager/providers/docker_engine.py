@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError as _Timeout
 from twisted.internet.protocol import Protocol
@@ -145,6 +145,9 @@ class IDockerEngine(Interface):
 
     def attach_stdin(container_id, data):
         """Attach to the container's stdin, write ``data``, close stdin."""
+
+    def close():
+        """Close idle connections (the manager stops); fires None."""
 
     def follow_events(on_event, labels):
         """Follow container events of containers carrying ``labels``.
@@ -322,7 +325,7 @@ class DockerEngine:
         self._reactor = reactor
         self._timeout = timeout
         self._endpoints = _EngineEndpointFactory(reactor, self.host, timeout)
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 4
         pool.cachedConnectionTimeout = 30
         self._http = HTTPClient(Agent.usingEndpointFactory(reactor, self._endpoints, pool=pool))
@@ -357,8 +360,8 @@ class DockerEngine:
         if response.code not in expect:
             raise _error_for(response.code, _message(content), not_found)
         if raw:
-            returnValue(content)
-        returnValue(json.loads(content) if content.strip() else None)
+            return content
+        return json.loads(content) if content.strip() else None
 
     @inlineCallbacks
     def _stream(self, method: str, path: str, params, on_object, not_found=DockerAPIError):
@@ -377,7 +380,7 @@ class DockerEngine:
         finished = Deferred()
         lines = _JSONLines(on_object, finished, self.host)
         response.deliverBody(lines)
-        returnValue((lines, finished))
+        return (lines, finished)
 
     # -- IDockerEngine --
 
@@ -385,7 +388,7 @@ class DockerEngine:
     def version(self):
         info = yield self._call("GET", "/version", versioned=False)
         self.api_version = choose_api_version(info["ApiVersion"], info.get("MinAPIVersion"))
-        returnValue(info)
+        return info
 
     @inlineCallbacks
     def ping(self):
@@ -395,7 +398,7 @@ class DockerEngine:
     def create_container(self, name, config):
         result = yield self._call("POST", "/containers/create", params={"name": name},
                                   body=config, expect=(201,), not_found=NoSuchImage)
-        returnValue(result["Id"])
+        return result["Id"]
 
     def start_container(self, container_id):
         return self._call("POST", "/containers/%s/start" % quote(container_id),
@@ -430,7 +433,7 @@ class DockerEngine:
                                 params={"stdout": "1", "stderr": "1", "tail": str(int(tail))},
                                 not_found=NoSuchContainer, raw=True)
         text = demultiplex(data).decode("utf-8", "replace")
-        returnValue(text.splitlines()[-int(tail):] if tail else [])
+        return text.splitlines()[-int(tail):] if tail else []
 
     @inlineCallbacks
     def container_stats(self, container_id):
@@ -441,7 +444,7 @@ class DockerEngine:
             params["one-shot"] = "true"
         stats = yield self._call("GET", "/containers/%s/stats" % quote(container_id),
                                  params=params, not_found=NoSuchContainer)
-        returnValue(stats)
+        return stats
 
     def inspect_image(self, reference):
         return self._call("GET", "/images/%s/json" % quote(reference, safe="/:@"),
@@ -494,11 +497,14 @@ class DockerEngine:
             raise EngineUnavailable(str(failure.value))
         return failure
 
+    def close(self):
+        return self._pool.closeCachedConnections()
+
     @inlineCallbacks
     def follow_events(self, on_event, labels):
         params = {"filters": json.dumps({"type": ["container"], "label": list(labels)})}
         lines, finished = yield self._stream("GET", "/events", params, on_event)
-        returnValue(_EventStream(lines, finished, self.host))
+        return _EventStream(lines, finished, self.host)
 
 
 def _succeed(value):
