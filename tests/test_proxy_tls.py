@@ -6,6 +6,7 @@ import shutil
 import socket
 import ssl as stdlib_ssl
 import tempfile
+import warnings
 from typing import Any, Optional, Tuple
 
 from cryptography import x509
@@ -65,8 +66,10 @@ def handshake(port: int, minimum: stdlib_ssl.TLSVersion, maximum: stdlib_ssl.TLS
     # Let the client itself offer old versions and weak suites, so that a
     # refusal can only come from the server.
     context.set_ciphers(ciphers or "ALL:@SECLEVEL=0")
-    context.minimum_version = minimum
-    context.maximum_version = maximum
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 on purpose
+        context.minimum_version = minimum
+        context.maximum_version = maximum
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with context.wrap_socket(raw) as tls:
             return tls.version(), tls.cipher()[0]
