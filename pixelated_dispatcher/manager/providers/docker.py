@@ -1,0 +1,650 @@
+"""The docker provider: one hardened container per user, on the Docker engine.
+
+Each agent runs in a container named ``<instance>-<username>`` (by default
+``pixelated-agent-alice``) with the labels ``org.pixelated.dispatcher=<instance>``
+and ``org.pixelated.dispatcher.user=<username>``, so that a restarted manager
+finds its agents again (:meth:`DockerProvider.recover`) and leaves everybody
+else's containers alone.
+
+A start: make sure the image is there (pull it otherwise, progress to the
+log); remove a stale container of that name; create the container (memory and
+pids limits, every capability dropped, ``no-new-privileges``, a non-root user,
+the user's data directory bound at the data mount, the agent port published on
+127.0.0.1 with an ephemeral host port, no restart policy); start it; write the
+credentials line on its stdin through attach and close stdin; read the host
+port back with inspect; wait until the agent answers HTTP there. Whatever fails
+on the way removes the container and fails the start with a clear
+:class:`AgentStartError` (with the last lines of the container's log when the
+agent itself failed).
+
+While the manager runs, the provider follows the engine's ``/events`` for its
+containers: a container that dies (crash, OOM kill, ``docker kill``, a daemon
+restart) is reported to the ``on_exit`` callbacks within moments, its log tail
+goes to the manager's log, and it is removed. If the engine goes away, every
+agent is reported ended ("container engine unavailable"), starts fail with
+:class:`ContainerEngineUnavailable`, and the provider reconnects by itself:
+when the engine is back it reconciles (adopts containers that still run,
+removes the rest).
+"""
+import math
+import os
+import shlex
+import time
+from calendar import timegm
+from typing import Callable, Dict, List, Optional
+
+import attr
+from twisted.internet import task
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList,
+                                    ensureDeferred, succeed)
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ...protocol import AgentAddress
+from ...usernames import is_valid_username
+from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, IDockerEngine,
+                            NoSuchContainer, NoSuchImage, PullFailed, log_tail_lines)
+from .interface import AgentStartError, ExitCallback, IAgentProvider, RunningAgent
+from .loopback_guard import LoopbackGuardFailed
+
+#: label on every container of ours; its value is the provider's instance name
+LABEL = "org.pixelated.dispatcher"
+#: label naming the user whose agent the container is
+USER_LABEL = "org.pixelated.dispatcher.user"
+
+MiB = 1024 * 1024
+
+
+class ContainerEngineUnavailable(AgentStartError):
+    """The Docker engine cannot be reached; the manager keeps trying."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DockerAgentSettings:
+    """How agent containers are made (the ``--agent-*`` options)."""
+    image: str = "pixelated/pixelated-user-agent"
+    memory: int = 512 * MiB
+    pids: int = 256
+    user: str = "65534:65534"
+    port: int = 4567
+    data_mount: str = "/mnt/user"
+    start_timeout: float = 60.0
+    #: command line with {port}, {data_dir} and {username}; None: the image's own
+    command: Optional[str] = None
+    stop_grace: float = 10.0
+    #: container name prefix and value of :data:`LABEL`
+    instance: str = "pixelated-agent"
+    environment: Dict[str, str] = attr.Factory(
+        lambda: {"DISPATCHER_LOGOUT_URL": "/auth/logout"})
+    #: lines of the container's log quoted in errors and in the manager's log
+    log_lines: int = 20
+
+    def container_name(self, username: str) -> str:
+        return "%s-%s" % (self.instance, username)
+
+    def container_port(self) -> str:
+        return "%d/tcp" % (self.port,)
+
+    def uid_gid(self):
+        uid, gid = self.user.split(":")
+        return int(uid), int(gid)
+
+    def command_for(self, username: str) -> Optional[List[str]]:
+        if self.command is None:
+            return None
+        return [word.format(port=self.port, data_dir=self.data_mount, username=username)
+                for word in shlex.split(self.command)]
+
+    def container_config(self, username: str, data_dir: str) -> dict:
+        """The body of ``POST /containers/create`` for ``username``'s agent."""
+        config = {
+            "Image": self.image,
+            "User": self.user,
+            "Env": ["%s=%s" % item for item in sorted(self.environment.items())],
+            "Labels": {LABEL: self.instance, USER_LABEL: username},
+            "ExposedPorts": {self.container_port(): {}},
+            # stdin open for exactly one attach: the credentials line, then EOF
+            "OpenStdin": True,
+            "StdinOnce": True,
+            "AttachStdin": False,
+            "Tty": False,
+            "HostConfig": {
+                "Memory": self.memory,
+                "MemorySwap": self.memory,
+                "PidsLimit": self.pids,
+                "CapDrop": ["ALL"],
+                "SecurityOpt": ["no-new-privileges"],
+                "Mounts": [{"Type": "bind", "Source": data_dir, "Target": self.data_mount,
+                            "ReadOnly": False}],
+                "PortBindings": {self.container_port(): [{"HostIp": "127.0.0.1",
+                                                          "HostPort": ""}]},
+                "RestartPolicy": {"Name": "no"},
+            },
+        }
+        command = self.command_for(username)
+        if command is not None:
+            config["Cmd"] = command
+        return config
+
+
+@attr.s(auto_attribs=True)
+class _Agent:
+    container_id: str
+    agent: RunningAgent
+
+
+@attr.s(auto_attribs=True)
+class _StartWatch:
+    """What the event stream learnt about a container that is being started."""
+    username: str
+    died: Optional[int] = None
+
+
+class _HTTPProbe(Protocol):
+    def __init__(self, answer: Deferred) -> None:
+        self._answer = answer
+        self._seen = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                             b"User-Agent: pixelated-manager readiness probe\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self._seen += data
+        if len(self._seen) >= 5 and not self._answer.called:
+            self._answer.callback(self._seen.startswith(b"HTTP/"))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        if not self._answer.called:
+            self._answer.callback(False)
+
+
+def http_answers(reactor, host: str, port: int, timeout: float = 2.0) -> Deferred:
+    """Fires True if something answers HTTP at ``host:port`` within ``timeout``.
+
+    A connection that is accepted and then closed (Docker's port proxy does
+    that while nothing listens in the container) is not an answer.
+    """
+    answer = Deferred()
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    protocols = []
+
+    def build():
+        proto = _HTTPProbe(answer)
+        protocols.append(proto)
+        return proto
+    connecting = endpoint.connect(Factory.forProtocol(build))
+    connecting.addErrback(lambda _: answer.called or answer.callback(False))
+
+    def give_up():
+        if not answer.called:
+            answer.callback(False)
+        for proto in protocols:
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+        if not connecting.called:
+            connecting.cancel()
+    timer = reactor.callLater(timeout, give_up)
+    answer.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+    return answer
+
+
+def _started_at(text: str) -> float:
+    """Docker's ``2026-11-28T10:32:50.559951769Z`` as a POSIX time (0 when unknown)."""
+    try:
+        return float(timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _host_port(info: dict, container_port: str) -> Optional[int]:
+    bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(container_port)
+    for binding in bindings or []:
+        if binding.get("HostIp") == "127.0.0.1" and str(binding.get("HostPort", "")).isdigit():
+            return int(binding["HostPort"])
+    return None
+
+
+def _mib(value: int) -> str:
+    return "%g MiB" % (value / MiB) if value % MiB == 0 else "%d bytes" % value
+
+
+@implementer(IAgentProvider)
+class DockerProvider:
+    """Agents as Docker containers, one per user (see the module docstring)."""
+
+    name = "docker"
+    log = Logger()
+
+    def __init__(self, reactor, engine: IDockerEngine,
+                 settings: DockerAgentSettings = DockerAgentSettings(),
+                 probe: Optional[Callable[[str, int], Deferred]] = None,
+                 loopback_guard=None) -> None:
+        self._reactor = reactor
+        self._engine = engine
+        self.settings = settings
+        self._probe = probe or (lambda host, port: http_answers(reactor, host, port))
+        self._guard = loopback_guard
+        self._agents: Dict[str, _Agent] = {}
+        self._by_id: Dict[str, str] = {}
+        self._starting: Dict[str, Deferred] = {}
+        self._start_watch: Dict[str, _StartWatch] = {}
+        self._oom: set = set()
+        self._callbacks: List[ExitCallback] = []
+        self._pulls: Dict[str, Deferred] = {}
+        self._stream = None
+        self._sleep: Optional[Deferred] = None
+        self._watcher: Optional[Deferred] = None
+        self._first_reconcile: Optional[Deferred] = None
+        self._engine_up = False
+        self._engine_problem = "not contacted yet"
+        self._closing = False
+
+    # -- IAgentProvider --
+
+    def recover(self) -> Deferred:
+        """Start following the engine; fire with the agents adopted at the
+        first reconcile ([] when the engine cannot be reached: the provider
+        keeps trying and reconciles when it appears)."""
+        if self._first_reconcile is None:
+            self._first_reconcile = Deferred()
+            self._watcher = ensureDeferred(self._watch())
+            self._watcher.addErrback(lambda f: self.log.failure("engine watcher crashed", f))
+        d = Deferred()
+        self._first_reconcile.addBoth(lambda result: (d.callback(result), result)[1])
+        return d
+
+    def start(self, username: str, data_dir: str, credentials: bytes) -> Deferred:
+        if username in self._agents:
+            return succeed(self._agents[username].agent)
+        if username not in self._starting:
+            d = ensureDeferred(self._start(username, data_dir, credentials))
+            self._starting[username] = d
+            d.addBoth(lambda result: (self._starting.pop(username, None), result)[1])
+        return self._wait_for_start(username)
+
+    def _wait_for_start(self, username: str) -> Deferred:
+        waiter = Deferred()
+        self._starting[username].addBoth(lambda result: (waiter.callback(result), None)[1])
+        return waiter
+
+    def stop(self, username: str) -> Deferred:
+        return ensureDeferred(self._stop(username))
+
+    def running(self) -> Dict[str, RunningAgent]:
+        return {username: entry.agent for username, entry in self._agents.items()}
+
+    def on_exit(self, callback: ExitCallback) -> None:
+        self._callbacks.append(callback)
+
+    def close(self) -> Deferred:
+        """Leave the containers running for the next manager; stop following."""
+        self._closing = True
+        if self._stream is not None:
+            self._stream.stop()
+        if self._sleep is not None and not self._sleep.called:
+            self._sleep.cancel()
+        return self._engine.close()
+
+    # -- extras for the manager (ctl stats) --
+
+    async def memory_usage(self) -> Dict[str, int]:
+        """Memory in use per running agent, in bytes, from the stats endpoint."""
+        usage = {}
+        for username, entry in list(self._agents.items()):
+            try:
+                stats = await self._engine.container_stats(entry.container_id)
+            except DockerEngineError:
+                continue
+            memory = stats.get("memory_stats") or {}
+            inner = memory.get("stats") or {}
+            cache = inner.get("total_inactive_file", inner.get("inactive_file", 0))
+            used = memory.get("usage", 0)
+            usage[username] = used - cache if 0 < cache < used else used
+        return usage
+
+    def engine_available(self) -> bool:
+        return self._engine_up
+
+    # -- starting --
+
+    async def _start(self, username: str, data_dir: str, credentials: bytes) -> RunningAgent:
+        try:
+            return await self._start_container(username, data_dir, credentials)
+        except EngineUnavailable as error:
+            self._engine_up = False
+            raise ContainerEngineUnavailable("container engine unavailable: %s" % error.message)
+        except PullFailed as error:
+            raise AgentStartError(
+                "the agent image %s is not on this machine and pulling it failed: %s"
+                % (self.settings.image, error.message))
+        except DockerEngineError as error:
+            raise AgentStartError("Docker refused to run the agent of %s: %s"
+                                  % (username, error.message))
+
+    async def _start_container(self, username, data_dir, credentials) -> RunningAgent:
+        if self._closing:
+            raise AgentStartError("the manager is shutting down")
+        if self._guard is not None:
+            try:
+                await self._guard.ensure(self._engine)
+            except LoopbackGuardFailed as error:
+                raise AgentStartError(str(error))
+        await self._ensure_image()
+        name = self.settings.container_name(username)
+        await self._remove_quietly(name)
+        self._prepare_data_dir(data_dir)
+        config = self.settings.container_config(username, data_dir)
+        try:
+            container_id = await self._engine.create_container(name, config)
+        except Conflict:
+            # a container of that name appeared meanwhile (another manager?): once more
+            await self._remove_quietly(name)
+            container_id = await self._engine.create_container(name, config)
+        watch = self._start_watch[container_id] = _StartWatch(username)
+        try:
+            try:
+                await self._engine.start_container(container_id)
+                await self._engine.attach_stdin(container_id, credentials)
+                info = await self._engine.inspect_container(container_id)
+                port = _host_port(info, self.settings.container_port())
+                if port is None:
+                    raise AgentStartError(
+                        "Docker published no 127.0.0.1 port for the agent of %s" % username)
+                await self._wait_ready(container_id, username, port, watch)
+            except BaseException:
+                await self._remove_quietly(container_id)
+                raise
+            agent = RunningAgent(username=username, address=AgentAddress("127.0.0.1", port),
+                                 pid=int((info.get("State") or {}).get("Pid") or 0),
+                                 started=time.time())
+            self._agents[username] = _Agent(container_id, agent)
+            self._by_id[container_id] = username
+        finally:
+            self._start_watch.pop(container_id, None)
+        if watch.died is not None:
+            # it died in the moment between its answer and our bookkeeping
+            self._reactor.callLater(0, self._container_died, container_id, watch.died)
+        return agent
+
+    async def _wait_ready(self, container_id: str, username: str, port: int,
+                          watch: _StartWatch) -> None:
+        timeout = self.settings.start_timeout
+        deadline = self._reactor.seconds() + timeout
+        delay = 0.05
+        next_inspect = self._reactor.seconds() + 1.0
+        while True:
+            if watch.died is None and self._reactor.seconds() >= next_inspect:
+                # the event stream may be down: ask the engine directly now and then
+                next_inspect = self._reactor.seconds() + 1.0
+                state = (await self._engine.inspect_container(container_id)).get("State") or {}
+                if not state.get("Running"):
+                    watch.died = int(state.get("ExitCode") or 0)
+            if watch.died is not None:
+                reason = await self._death_reason(container_id, watch.died)
+                tail = await self._log_tail(container_id)
+                raise AgentStartError(
+                    "the agent of %s %s before it answered HTTP; last lines of its log:\n%s"
+                    % (username, reason, tail))
+            if await self._probe("127.0.0.1", port):
+                return
+            if self._reactor.seconds() >= deadline:
+                tail = await self._log_tail(container_id)
+                raise AgentStartError(
+                    "the agent of %s did not answer HTTP on 127.0.0.1:%d within %g s;"
+                    " last lines of its log:\n%s" % (username, port, timeout, tail))
+            await task.deferLater(self._reactor, delay, lambda: None)
+            delay = min(delay * 1.5, 0.5)
+
+    async def _ensure_image(self) -> None:
+        image = self.settings.image
+        try:
+            await self._engine.inspect_image(image)
+            return
+        except NoSuchImage:
+            pass
+        if image not in self._pulls:
+            self.log.info("agent image {image} is not here: pulling it", image=image)
+            pull = ensureDeferred(self._pull(image))
+            self._pulls[image] = pull
+            pull.addBoth(lambda result: (self._pulls.pop(image, None), result)[1])
+        waiter = Deferred()
+        self._pulls[image].addBoth(lambda result: (waiter.callback(result), None)[1])
+        await waiter
+
+    async def _pull(self, image: str) -> None:
+        seen = {}
+
+        def progress(message: dict) -> None:
+            status = message.get("status", "")
+            layer = message.get("id", "")
+            if seen.get(layer) != status:        # status changes, not every byte
+                seen[layer] = status
+                self.log.info("pulling {image}: {layer}{status}", image=image,
+                              layer=(layer + ": ") if layer else "", status=status)
+        try:
+            await self._engine.pull_image(image, progress)
+        except PullFailed as error:
+            self.log.error("pulling {image} failed: {message}", image=image,
+                           message=error.message)
+            raise
+        self.log.info("pulled {image}", image=image)
+
+    def _prepare_data_dir(self, data_dir: str) -> None:
+        """The agent runs as ``--agent-user``: give it its data directory."""
+        if os.geteuid() != 0:
+            return
+        uid, gid = self.settings.uid_gid()
+        status = os.stat(data_dir)
+        if (status.st_uid, status.st_gid) != (uid, gid):
+            os.chown(data_dir, uid, gid)
+
+    # -- stopping and dying --
+
+    async def _stop(self, username: str) -> None:
+        if username in self._starting:
+            try:
+                await self._wait_for_start(username)
+            except Exception:
+                return
+        entry = self._agents.pop(username, None)
+        if entry is None:
+            return
+        self._by_id.pop(entry.container_id, None)
+        try:
+            await self._engine.stop_container(entry.container_id,
+                                              math.ceil(self.settings.stop_grace))
+        except NoSuchContainer:
+            pass
+        except EngineUnavailable as error:
+            self.log.warn("could not stop the agent of {username}: {error}",
+                          username=username, error=error.message)
+        await self._remove_quietly(entry.container_id)
+        self._notify(username, "stopped")
+
+    def _on_event(self, event: dict) -> None:
+        action = event.get("Action") or event.get("status") or ""
+        container_id = event.get("id") or (event.get("Actor") or {}).get("ID")
+        if not container_id:
+            return
+        if action == "oom":
+            self._oom.add(container_id)
+        elif action == "die":
+            attributes = (event.get("Actor") or {}).get("Attributes") or {}
+            try:
+                exit_code = int(attributes.get("exitCode", "0"))
+            except ValueError:
+                exit_code = 0
+            if container_id in self._start_watch:
+                self._start_watch[container_id].died = exit_code
+            elif container_id in self._by_id:
+                self._container_died(container_id, exit_code)
+        elif action == "destroy":
+            self._oom.discard(container_id)
+
+    def _container_died(self, container_id: str, exit_code: int) -> Deferred:
+        username = self._by_id.pop(container_id, None)
+        if username is None or username not in self._agents:
+            return succeed(None)
+        del self._agents[username]
+        return ensureDeferred(self._report_death(username, container_id, exit_code))
+
+    async def _report_death(self, username: str, container_id: str, exit_code: int) -> None:
+        reason = await self._death_reason(container_id, exit_code)
+        tail = await self._log_tail(container_id)
+        self.log.warn("agent of {username} {reason}; last lines of its log:\n{tail}",
+                      username=username, reason=reason, tail=tail)
+        await self._remove_quietly(container_id)
+        self._notify(username, reason)
+
+    async def _death_reason(self, container_id: str, exit_code: int) -> str:
+        oom = container_id in self._oom
+        try:
+            state = (await self._engine.inspect_container(container_id)).get("State") or {}
+            oom = oom or bool(state.get("OOMKilled"))
+            exit_code = int(state.get("ExitCode", exit_code))
+        except NoSuchContainer:
+            if exit_code < 0:
+                return "is gone (its container was removed)"
+        except DockerEngineError:
+            pass
+        self._oom.discard(container_id)
+        if oom:
+            return ("was killed for running out of memory (OOM-killed at its limit of %s)"
+                    % _mib(self.settings.memory))
+        if exit_code == 137:
+            return "was killed (SIGKILL, exit code 137)"
+        if exit_code == 143:
+            return "was terminated (SIGTERM, exit code 143)"
+        return "exited with code %d" % exit_code
+
+    async def _log_tail(self, container_id: str) -> str:
+        try:
+            lines = await self._engine.container_logs(container_id, self.settings.log_lines)
+        except DockerEngineError as error:
+            return "    (log not available: %s)" % error.message
+        return log_tail_lines(lines, self.settings.log_lines)
+
+    async def _remove_quietly(self, container: str) -> None:
+        try:
+            await self._engine.remove_container(container)
+        except NoSuchContainer:
+            pass
+        except DockerEngineError as error:
+            self.log.warn("could not remove container {container}: {error}",
+                          container=container, error=error.message)
+
+    def _notify(self, username: str, reason: str) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(username, reason)
+            except Exception:
+                self.log.failure("exit callback failed for {username}", username=username)
+
+    # -- following the engine --
+
+    async def _watch(self) -> None:
+        delay = 0.5
+        while not self._closing:
+            try:
+                await self._engine.version()
+                if self._guard is not None:
+                    try:
+                        await self._guard.ensure(self._engine)
+                    except LoopbackGuardFailed as error:
+                        self.log.error("{error}", error=str(error))
+                self._stream = await self._engine.follow_events(
+                    self._on_event, ["%s=%s" % (LABEL, self.settings.instance)])
+                if not self._engine_up and self._engine_problem != "not contacted yet":
+                    self.log.info("container engine at {host} is available again",
+                                  host=self._engine.host)
+                self._engine_up = True
+                adopted = await self._reconcile()
+                if not self._first_reconcile.called:
+                    self._first_reconcile.callback(adopted)
+                delay = 0.5
+                await self._stream.done
+                if self._closing:
+                    return
+                # the stream ended: is the engine still there?
+                await self._engine.ping()
+            except EngineUnavailable as error:
+                self._engine_lost(error.message)
+            except DockerEngineError as error:
+                self._engine_lost(error.message)
+            if not self._first_reconcile.called:
+                self._first_reconcile.callback([])
+            if self._closing:
+                return
+            self._sleep = task.deferLater(self._reactor, delay, lambda: None)
+            try:
+                await self._sleep
+            except CancelledError:
+                return
+            delay = min(delay * 2, 5.0)
+
+    def _engine_lost(self, problem: str) -> None:
+        self._stream = None
+        if self._engine_up or problem != self._engine_problem:
+            self.log.error("container engine unavailable: {problem}", problem=problem)
+        self._engine_problem = problem
+        self._engine_up = False
+        lost = list(self._agents.items())
+        self._agents.clear()
+        self._by_id.clear()
+        for username, _entry in lost:
+            self._notify(username, "container engine unavailable")
+
+    async def _reconcile(self) -> List[RunningAgent]:
+        """Adopt our running containers, remove the others; fire with the adopted."""
+        containers = await self._engine.list_containers(
+            ["%s=%s" % (LABEL, self.settings.instance)])
+        running_ids = set()
+        candidates = []
+        for container in containers:
+            container_id = container["Id"]
+            username = (container.get("Labels") or {}).get(USER_LABEL, "")
+            if container_id in self._start_watch or username in self._starting:
+                continue                        # a start in flight owns it
+            if container.get("State") == "running":
+                running_ids.add(container_id)
+                if self._by_id.get(container_id) == username:
+                    continue                    # known and fine
+                if is_valid_username(username) and username not in self._agents:
+                    candidates.append((username, container_id))
+                    continue
+            self.log.info("removing container {name} ({state})",
+                          name=(container.get("Names") or [container_id])[0],
+                          state=container.get("State"))
+            await self._remove_quietly(container_id)
+        for container_id, username in list(self._by_id.items()):
+            if container_id not in running_ids:
+                await self._container_died(container_id, -1)
+        results = await DeferredList([ensureDeferred(self._adopt(u, c)) for u, c in candidates])
+        return [agent for ok, agent in results if ok and agent is not None]
+
+    async def _adopt(self, username: str, container_id: str) -> Optional[RunningAgent]:
+        try:
+            info = await self._engine.inspect_container(container_id)
+        except DockerEngineError:
+            return None
+        port = _host_port(info, self.settings.container_port())
+        state = info.get("State") or {}
+        if port is None or not state.get("Running") or not await self._probe("127.0.0.1", port):
+            self.log.info("removing the container of {username}: it does not answer HTTP",
+                          username=username)
+            await self._remove_quietly(container_id)
+            return None
+        if username in self._agents:            # a start finished meanwhile
+            return None
+        agent = RunningAgent(username=username, address=AgentAddress("127.0.0.1", port),
+                             pid=int(state.get("Pid") or 0),
+                             started=_started_at(state.get("StartedAt", "")) or time.time())
+        self._agents[username] = _Agent(container_id, agent)
+        self._by_id[container_id] = username
+        self.log.info("adopted the running agent of {username} at 127.0.0.1:{port}",
+                      username=username, port=port)
+        return agent
