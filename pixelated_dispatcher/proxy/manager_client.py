@@ -70,8 +70,10 @@ class AMPManagerClient:
         self._connect_timeout = connect_timeout
         self._call_timeouts = dict(CALL_TIMEOUTS)
         self._call_timeouts.update(call_timeouts or {})
+        factory = protocol_factory or Factory.forProtocol(amp.AMP)
+        factory.noisy = False  # ClientService logs each attempt already
         self.service = ClientService(
-            endpoint, protocol_factory or Factory.forProtocol(amp.AMP),
+            endpoint, factory,
             retryPolicy=retry_policy or default_retry_policy(), clock=clock)
 
     @classmethod
