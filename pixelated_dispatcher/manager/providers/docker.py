@@ -40,6 +40,7 @@ from twisted.internet.defer import (CancelledError, Deferred, DeferredList,
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ...protocol import AgentAddress
@@ -127,6 +128,32 @@ class DockerAgentSettings:
         if command is not None:
             config["Cmd"] = command
         return config
+
+
+class _Shared:
+    """One outcome (of a start, a pull) handed to any number of waiters."""
+
+    def __init__(self, source: Deferred) -> None:
+        self._waiters: List[Deferred] = []
+        self._result = None
+        self.done = False
+        source.addBoth(self._fire)
+
+    def _fire(self, result) -> None:
+        self.done, self._result = True, result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(result)
+        if isinstance(result, Failure):
+            result.trap(Exception)         # handed to the waiters; do not log it here
+
+    def wait(self) -> Deferred:
+        waiter = Deferred()
+        if self.done:
+            waiter.callback(self._result)
+        else:
+            self._waiters.append(waiter)
+        return waiter
 
 
 @attr.s(auto_attribs=True)
@@ -230,11 +257,11 @@ class DockerProvider:
         self._guard = loopback_guard
         self._agents: Dict[str, _Agent] = {}
         self._by_id: Dict[str, str] = {}
-        self._starting: Dict[str, Deferred] = {}
+        self._starting: Dict[str, _Shared] = {}
         self._start_watch: Dict[str, _StartWatch] = {}
         self._oom: set = set()
         self._callbacks: List[ExitCallback] = []
-        self._pulls: Dict[str, Deferred] = {}
+        self._pulls: Dict[str, _Shared] = {}
         self._stream = None
         self._sleep: Optional[Deferred] = None
         self._watcher: Optional[Deferred] = None
@@ -251,25 +278,21 @@ class DockerProvider:
         keeps trying and reconciles when it appears)."""
         if self._first_reconcile is None:
             self._first_reconcile = Deferred()
+            self._first_reconciled = _Shared(self._first_reconcile)
             self._watcher = ensureDeferred(self._watch())
             self._watcher.addErrback(lambda f: self.log.failure("engine watcher crashed", f))
-        d = Deferred()
-        self._first_reconcile.addBoth(lambda result: (d.callback(result), result)[1])
-        return d
+        return self._first_reconciled.wait()
 
     def start(self, username: str, data_dir: str, credentials: bytes) -> Deferred:
         if username in self._agents:
             return succeed(self._agents[username].agent)
-        if username not in self._starting:
-            d = ensureDeferred(self._start(username, data_dir, credentials))
-            self._starting[username] = d
-            d.addBoth(lambda result: (self._starting.pop(username, None), result)[1])
-        return self._wait_for_start(username)
-
-    def _wait_for_start(self, username: str) -> Deferred:
-        waiter = Deferred()
-        self._starting[username].addBoth(lambda result: (waiter.callback(result), None)[1])
-        return waiter
+        if username in self._starting:
+            return self._starting[username].wait()
+        shared = _Shared(ensureDeferred(self._start(username, data_dir, credentials)))
+        if not shared.done:
+            self._starting[username] = shared
+            shared.wait().addBoth(lambda _: self._starting.pop(username, None))
+        return shared.wait()
 
     def stop(self, username: str) -> Deferred:
         return ensureDeferred(self._stop(username))
@@ -408,12 +431,13 @@ class DockerProvider:
             pass
         if image not in self._pulls:
             self.log.info("agent image {image} is not here: pulling it", image=image)
-            pull = ensureDeferred(self._pull(image))
-            self._pulls[image] = pull
-            pull.addBoth(lambda result: (self._pulls.pop(image, None), result)[1])
-        waiter = Deferred()
-        self._pulls[image].addBoth(lambda result: (waiter.callback(result), None)[1])
-        await waiter
+            shared = _Shared(ensureDeferred(self._pull(image)))
+            if shared.done:
+                await shared.wait()
+                return
+            self._pulls[image] = shared
+            shared.wait().addBoth(lambda _: self._pulls.pop(image, None))
+        await self._pulls[image].wait()
 
     async def _pull(self, image: str) -> None:
         seen = {}
@@ -447,7 +471,7 @@ class DockerProvider:
     async def _stop(self, username: str) -> None:
         if username in self._starting:
             try:
-                await self._wait_for_start(username)
+                await self._starting[username].wait()
             except Exception:
                 return
         entry = self._agents.pop(username, None)
