@@ -31,12 +31,10 @@ def _default_leap_provider() -> str:
     return fqdn.split(".", 1)[1] if "." in fqdn else fqdn
 
 
-def _docker_parameters():
-    try:
-        from .providers.docker_options import DOCKER_OPT_PARAMETERS
-    except ImportError:
-        return []
-    return list(DOCKER_OPT_PARAMETERS)
+def _docker_parameters(exclude):
+    """The docker provider's options, less those the manager defines itself."""
+    from .providers.docker_options import DOCKER_OPT_PARAMETERS
+    return [option for option in DOCKER_OPT_PARAMETERS if option[0] not in exclude]
 
 
 class Options(usage.Options):
@@ -55,8 +53,7 @@ class Options(usage.Options):
          "Seconds an agent has to answer HTTP after its start.", float],
         ["agent-stop-grace", None, 10.0, "Seconds between SIGTERM and SIGKILL.", float],
     ]
-    optParameters += [option for option in _docker_parameters()
-                      if option[0] not in {o[0] for o in optParameters}]
+    optParameters += _docker_parameters(exclude={option[0] for option in optParameters})
 
     def postOptions(self) -> None:
         if self["provider"] not in PROVIDERS:
