@@ -1,0 +1,57 @@
+"""The real manager behind the proxy's client: the IManager contract holds end
+to end (AMPManagerClient → Unix socket → ManagerAMP → Manager → SQLite and
+the process provider with the demo agent)."""
+import os
+import shutil
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import UNIXServerEndpoint
+
+from pixelated_dispatcher.manager.amp_server import ManagerAMPFactory
+from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
+from pixelated_dispatcher.manager.providers.process import ProcessProvider
+from pixelated_dispatcher.manager.service import Manager
+from pixelated_dispatcher.manager.tap import DEFAULT_AGENT_COMMAND
+from pixelated_dispatcher.proxy.manager_client import AMPManagerClient
+
+from .manager_contract import manager_contract_tests
+
+
+@inlineCallbacks
+def start_real_manager(test, provider=None):
+    """A Manager on a temporary state dir, serving a temporary socket."""
+    directory = tempfile.mkdtemp(prefix="pxd-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    provider = provider or ProcessProvider(reactor, DEFAULT_AGENT_COMMAND, start_timeout=30,
+                                           stop_grace=2)
+    manager = Manager(reactor, os.path.join(directory, "state"), provider, "example.org",
+                      FAST_FOR_TESTS)
+    manager.startService()
+    test.addCleanup(manager.stopService)
+    yield manager.ready()
+    path = os.path.join(directory, "manager.sock")
+    port = yield UNIXServerEndpoint(reactor, path, mode=0o660).listen(ManagerAMPFactory(manager))
+    test.addCleanup(port.stopListening)
+    return manager, path
+
+
+class RealManagerFixture:
+
+    @classmethod
+    @inlineCallbacks
+    def create(cls, test):
+        self = cls()
+        self.real, path = yield start_real_manager(test)
+        self.manager = AMPManagerClient.for_socket(reactor, path)
+        self.manager.service.startService()
+        test.addCleanup(self.manager.service.stopService)
+        return self
+
+    def add_user(self, username, password):
+        return self.real.add_user(username, password)
+
+
+class RealManagerContract(manager_contract_tests(RealManagerFixture.create)):
+    """What the proxy's unit tests assume of FakeManager is true of the real manager."""
