@@ -373,8 +373,11 @@ class DockerProvider:
                 await self._engine.start_container(container_id)
                 await self._engine.attach_stdin(container_id, credentials)
                 info = await self._engine.inspect_container(container_id)
+                state = info.get("State") or {}
+                if not state.get("Running") and watch.died is None:
+                    watch.died = int(state.get("ExitCode") or 0)   # gone already
                 port = _host_port(info, self.settings.container_port())
-                if port is None:
+                if port is None and watch.died is None:
                     raise AgentStartError(
                         "Docker published no 127.0.0.1 port for the agent of %s" % username)
                 await self._wait_ready(container_id, username, port, watch)
