@@ -1,0 +1,242 @@
+"""The whole dispatcher as an operator runs it: both twistd plugins as real
+processes, real TLS, the real pixelated-ctl, the demo agent as real processes,
+and an HTTPS client acting as two browsers."""
+import os
+import re
+import shutil
+import tempfile
+import time
+import unittest
+
+import psutil
+
+from pixelated_dispatcher.demo import Dispatcher
+
+from .https_browser import Browser
+
+
+def wait_until(predicate, timeout=15.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def agent_pid(dispatcher, username):
+    """The agent's pid as ``pixelated-ctl info`` reports it (None when stopped)."""
+    result = dispatcher.ctl("info", username)
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if " " in line)
+    return int(fields["pid"]) if fields.get("pid", "-").isdigit() else None
+
+
+def demo_agents_alive(directory):
+    """Demo agent processes whose data dir is under ``directory``."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "pixelated_dispatcher.demo_agent" in cmdline and directory in cmdline:
+            found.append(process.info["pid"])
+    return found
+
+
+class _DispatcherCase(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp(prefix="pxd-e2e-")
+        cls.dispatcher = Dispatcher(cls.directory)
+        try:
+            cls.dispatcher.start()
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.dispatcher.stop()
+        shutil.rmtree(cls.directory, ignore_errors=True)
+
+    def browser(self):
+        return Browser(self.dispatcher.port, self.dispatcher.tls["cert"])
+
+    def logs(self):
+        texts = []
+        for path in (self.dispatcher.manager_log, self.dispatcher.proxy_log):
+            if os.path.exists(path):
+                with open(path) as f:
+                    texts.append(f.read())
+        return "\n".join(texts)
+
+
+class TwoUsersTests(_DispatcherCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.dispatcher.add_user("alice", "alice's password")
+        cls.dispatcher.add_user("bob", "bob's password")
+
+    def test_each_browser_reaches_only_its_own_users_agent(self):
+        alice, bob = self.browser(), self.browser()
+        self.assertEqual(alice.log_in("alice", "alice's password").status, 303)
+        self.assertEqual(bob.log_in("bob", "bob's password").status, 303)
+        for _ in range(3):
+            page_a, page_b = alice.get("/"), bob.get("/")
+            self.assertEqual(page_a.status, 200, page_a.text)
+            self.assertIn("Mailbox of alice", page_a.text)
+            self.assertNotIn("bob", page_a.text)
+            self.assertIn("Mailbox of bob", page_b.text)
+            self.assertNotIn("alice", page_b.text)
+        for browser, name in ((alice, "alice"), (bob, "bob")):
+            whoami = browser.get("/whoami").json()
+            self.assertEqual((whoami["username"], whoami["credentials_user"]), (name, name))
+            self.assertTrue(whoami["authenticated"] and whoami["password_received"])
+        self.assertNotEqual(agent_pid(self.dispatcher, "alice"), agent_pid(self.dispatcher, "bob"))
+
+    def test_session_cookie_never_reaches_the_agent(self):
+        browser = self.browser()
+        browser.log_in("alice", "alice's password")
+        name, token = browser.session_cookie()
+        echoed = browser.get("/echo", headers={"Cookie": "theme=dark"}).json()
+        received = " ".join(echoed["headers"].get("cookie", []))
+        self.assertIn("theme=dark", received)
+        self.assertNotIn(token, received)
+        self.assertNotIn("pixelated", received)
+        self.assertNotIn(token, repr(echoed))
+
+    def test_wrong_password_and_unknown_user_are_refused_alike(self):
+        wrong, unknown = self.browser(), self.browser()
+        answer_wrong = wrong.log_in("alice", "not her password")
+        answer_unknown = unknown.log_in("mallory", "alice's password")
+        self.assertEqual(answer_wrong.status, answer_unknown.status)
+        self.assertNotEqual(answer_wrong.status, 303)
+        for browser, answer in ((wrong, answer_wrong), (unknown, answer_unknown)):
+            self.assertIn("Invalid username or password", answer.text)
+            self.assertFalse([k for k in browser.cookies if "session" in k])
+            self.assertEqual(browser.get("/").status, 303)
+
+    def test_without_a_session_browsers_are_sent_to_login_and_xhr_gets_401(self):
+        browser = self.browser()
+        page = browser.get("/inbox?page=2")
+        self.assertEqual(page.status, 303)
+        self.assertTrue(page.header("Location").split("?")[0].endswith("/auth/login"))
+        xhr = browser.get("/inbox", headers={"X-Requested-With": "XMLHttpRequest"})
+        self.assertEqual(xhr.status, 401)
+
+    def test_a_stolen_looking_cookie_is_no_session(self):
+        browser = self.browser()
+        browser.log_in("alice", "alice's password")
+        name, token = browser.session_cookie()
+        forged = self.browser()
+        forged.cookies[name] = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+        self.assertEqual(forged.get("/").status, 303)
+
+    def test_pixelated_ctl_lists_users_and_running_agents(self):
+        browser = self.browser()
+        browser.log_in("bob", "bob's password")
+        browser.get("/")
+        listing = self.dispatcher.ctl("list")
+        self.assertEqual(listing.returncode, 0, listing.stderr)
+        lines = listing.stdout.splitlines()
+        self.assertEqual(lines[0].split(), ["USER", "AGENT"])
+        self.assertIn(["bob", "running"], [line.split() for line in lines[1:]])
+        running = self.dispatcher.ctl("running")
+        self.assertIn("bob", running.stdout.split())
+
+    def test_pixelated_ctl_errors_are_one_clear_sentence(self):
+        cases = [(("add", "alice", "--password-stdin"), "pw", "exists already"),
+                 (("remove", "nobody"), None, "no user named nobody"),
+                 (("add", "Not Valid", "--password-stdin"), "pw", "invalid user name"),
+                 (("info", "nobody"), None, "no user named nobody")]
+        for args, password, message in cases:
+            result = self.dispatcher.ctl(*args, password=password)
+            self.assertNotEqual(result.returncode, 0, args)
+            self.assertIn(message, result.stderr)
+            self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+            self.assertNotIn("Traceback", result.stderr)
+
+    def test_pixelated_ctl_without_a_manager_says_so(self):
+        result = self.dispatcher.ctl("--socket", os.path.join(self.directory, "nope.sock"),
+                                     "list")
+        self.assertEqual(result.returncode, 3)
+        self.assertIn("cannot reach the manager", result.stderr)
+
+    def test_operator_start_and_stop(self):
+        self.dispatcher.add_user("carol", "carol's password")
+        started = self.dispatcher.ctl("start", "carol")
+        self.assertEqual(started.returncode, 0, started.stderr)
+        pid = agent_pid(self.dispatcher, "carol")
+        self.assertTrue(psutil.pid_exists(pid))
+        stopped = self.dispatcher.ctl("stop", "carol")
+        self.assertEqual(stopped.returncode, 0, stopped.stderr)
+        self.assertTrue(wait_until(lambda: not psutil.pid_exists(pid)))
+        again = self.dispatcher.ctl("stop", "carol")
+        self.assertIn("not running", again.stderr)
+
+    def test_logout_ends_the_session_and_stops_the_agent(self):
+        self.dispatcher.add_user("dave", "dave's password")
+        browser = self.browser()
+        browser.log_in("dave", "dave's password")
+        self.assertIn("Mailbox of dave", browser.get("/").text)
+        name, token = browser.session_cookie()
+        pid = agent_pid(self.dispatcher, "dave")
+        self.assertTrue(pid and psutil.pid_exists(pid))
+        answer = browser.log_out()
+        self.assertEqual(answer.status, 303)
+        self.assertTrue(answer.header("Location").endswith("/auth/login"))
+        self.assertTrue(wait_until(lambda: not psutil.pid_exists(pid)),
+                        "agent %d still alive after logout" % pid)
+        self.assertIsNone(agent_pid(self.dispatcher, "dave"))
+        replay = self.browser()
+        replay.cookies[name] = token
+        self.assertEqual(replay.get("/").status, 303, "the old session must be dead")
+
+    def test_data_persists_across_agent_restarts(self):
+        self.dispatcher.add_user("erin", "erin's password")
+        browser = self.browser()
+        browser.log_in("erin", "erin's password")
+        pid = self.visit_count_page(browser)
+        browser.log_out()
+        self.assertTrue(wait_until(lambda: not psutil.pid_exists(pid[0])))
+        browser.log_in("erin", "erin's password")
+        again = self.visit_count_page(browser)
+        self.assertNotEqual(pid[0], again[0], "a new agent process")
+        self.assertEqual(again[1], pid[1] + 1, "the visit count survived the restart")
+
+    def visit_count_page(self, browser):
+        page = browser.get("/").text
+        visits = int(re.search(r'id="visits">(\d+)<', page).group(1))
+        return agent_pid(self.dispatcher, "erin"), visits
+
+
+class RestartTests(_DispatcherCase):
+
+    def test_sessions_survive_a_proxy_restart_and_a_manager_restart(self):
+        self.dispatcher.add_user("alice", "alice's password")
+        browser = self.browser()
+        browser.log_in("alice", "alice's password")
+        self.assertIn("Mailbox of alice", browser.get("/").text)
+        self.dispatcher.stop_proxy()
+        self.dispatcher.start_proxy()
+        self.assertIn("Mailbox of alice", browser.get("/").text)
+        self.dispatcher.stop_manager()
+        self.dispatcher.start_manager()
+        self.assertTrue(wait_until(lambda: browser.get("/").status == 200, timeout=20))
+        self.assertIn("Mailbox of alice", browser.get("/").text)
+
+    def test_stopping_the_manager_leaves_no_agent_process(self):
+        for name in ("frank", "grace"):
+            self.dispatcher.add_user(name, "pw-" + name)
+            browser = self.browser()
+            browser.log_in(name, "pw-" + name)
+            self.assertIn("Mailbox of " + name, browser.get("/").text)
+        self.assertGreaterEqual(len(demo_agents_alive(self.directory)), 2)
+        self.dispatcher.stop_manager()
+        # twistd re-raises SIGTERM after a clean shutdown, hence -15
+        self.assertIn(self.dispatcher.manager.returncode, (0, -15), self.logs()[-3000:])
+        self.assertTrue(wait_until(lambda: not demo_agents_alive(self.directory), timeout=10),
+                        demo_agents_alive(self.directory))
+        self.dispatcher.start_manager()
