@@ -13,8 +13,10 @@ against it; for older engines the manager adds the same kind of rule itself:
 affected. The rule stays when the manager stops, because the containers do.
 ``iptables`` runs as a child process, never blocking the reactor.
 """
+import functools
 import re
 
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
@@ -25,6 +27,14 @@ MODES = ("auto", "on", "off")
 
 #: the first Docker release that guards published loopback ports itself
 FIXED_IN = 28
+
+
+def _deferred(method):
+    """Coroutine methods that hand Deferreds to their (Twisted) callers."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        return ensureDeferred(method(*args, **kwargs))
+    return wrapper
 
 
 class LoopbackGuardFailed(Exception):
@@ -58,6 +68,7 @@ class LoopbackGuard:
             reactor=self._reactor)
         return code, (err or out).decode("utf-8", "replace").strip()
 
+    @_deferred
     async def ensure(self, engine) -> None:
         """Install the rule if this engine needs it; LoopbackGuardFailed if that fails."""
         if self.installed or self.mode == "off":
@@ -72,6 +83,7 @@ class LoopbackGuard:
             return
         await self.install()
 
+    @_deferred
     async def is_installed(self) -> bool:
         try:
             code, _ = await self._run("-C", *RULE)
@@ -79,6 +91,7 @@ class LoopbackGuard:
             return False
         return code == 0
 
+    @_deferred
     async def install(self) -> None:
         if await self.is_installed():
             self.installed = True
@@ -98,6 +111,7 @@ class LoopbackGuard:
         self.log.info("installed the loopback guard: iptables -t raw -I {rule}",
                       rule=" ".join(RULE))
 
+    @_deferred
     async def remove(self) -> None:
         """Remove the rule (for tests and uninstallation)."""
         while await self.is_installed():
