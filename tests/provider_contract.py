@@ -1,0 +1,185 @@
+"""What every IAgentProvider must do, as one test suite for real and fake alike.
+
+flocker's "verified fakes": the same tests run against the real process
+provider (real agents, real processes) and the in-memory fake the manager's
+unit tests use, so the fake cannot drift from what the manager will meet in
+production.
+
+A test module builds its test case with::
+
+    class ProcessProviderContractTests(make_provider_tests(make_fixture)):
+        pass
+
+where ``make_fixture(test_case)`` returns an object with these hooks (it
+registers its own cleanup on ``test_case``):
+
+``provider``
+    the provider under test.
+``data_dir(username) -> str``
+    a data directory for that user (existing, if the provider needs it).
+``settle(d) -> Deferred``
+    ``d``, once it has had the chance to fire: the real fixture just returns
+    it (trial waits); the fake advances its clock.
+``received(username) -> Deferred[dict]``
+    what the user's running agent learnt from its credentials, in the shape of
+    the demo agent's ``/whoami``.
+``kill_from_outside(username)``
+    end the running agent as an operator's ``kill -9`` would.
+``break_next_start(username)``
+    make the next start of that user's agent fail.
+``live_agents(username) -> int``
+    how many agents of that user exist right now (live processes, for real).
+"""
+import json
+
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from pixelated_dispatcher.manager.providers.interface import (
+    AgentStartError, IAgentProvider, RunningAgent)
+
+
+def credentials_for(username: str, password: str = "correct horse battery staple") -> bytes:
+    """The line the manager writes to an agent's stdin."""
+    return json.dumps({"leap_provider_hostname": "example.org", "user": username,
+                       "password": password}).encode("utf-8") + b"\n"
+
+
+class _Exits:
+    """Records ``on_exit`` calls; ``next()`` fires at the next one."""
+
+    def __init__(self, provider) -> None:
+        self.calls = []
+        self._waiters = []
+        provider.on_exit(self._exited)
+
+    def _exited(self, username: str, reason: str) -> None:
+        self.calls.append((username, reason))
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback((username, reason))
+
+    def next(self) -> Deferred:
+        d = Deferred()
+        self._waiters.append(d)
+        return d
+
+
+def make_provider_tests(fixture_factory):
+    """A TestCase base class running the provider contract on
+    ``fixture_factory(test_case)``."""
+
+    class ProviderContractTests(TestCase):
+        timeout = 30
+
+        def setUp(self):
+            self.fixture = fixture_factory(self)
+            self.provider = self.fixture.provider
+            self.exits = _Exits(self.provider)
+
+        def start(self, username, password="correct horse battery staple"):
+            return self.provider.start(username, self.fixture.data_dir(username),
+                                       credentials_for(username, password))
+
+        def test_provides_interface(self):
+            self.assertTrue(verifyObject(IAgentProvider, self.provider))
+
+        @inlineCallbacks
+        def test_start_gives_a_running_agent(self):
+            agent = yield self.fixture.settle(self.start("alice"))
+            self.assertIsInstance(agent, RunningAgent)
+            self.assertEqual(agent.username, "alice")
+            self.assertEqual(agent.address.host, "127.0.0.1")
+            self.assertTrue(0 < agent.address.port < 65536)
+            self.assertEqual(self.provider.running(), {"alice": agent})
+            self.assertEqual(self.fixture.live_agents("alice"), 1)
+
+        @inlineCallbacks
+        def test_credentials_reach_the_agent(self):
+            yield self.fixture.settle(self.start("alice", password="s3cret"))
+            received = yield self.fixture.received("alice")
+            self.assertEqual(received["credentials_user"], "alice")
+            self.assertEqual(received["leap_provider_hostname"], "example.org")
+            self.assertTrue(received["password_received"])
+            self.assertTrue(received["authenticated"])
+
+        @inlineCallbacks
+        def test_concurrent_starts_give_one_agent(self):
+            first, second = self.start("alice"), self.start("alice")
+            agents = yield self.fixture.settle(gatherResults([first, second]))
+            self.assertEqual(agents[0], agents[1])
+            again = yield self.fixture.settle(self.start("alice"))
+            self.assertEqual(again, agents[0])
+            self.assertEqual(list(self.provider.running()), ["alice"])
+            self.assertEqual(self.fixture.live_agents("alice"), 1)
+
+        @inlineCallbacks
+        def test_stop_removes_the_agent_and_reports_it(self):
+            yield self.fixture.settle(self.start("alice"))
+            yield self.fixture.settle(self.provider.stop("alice"))
+            self.assertEqual(self.provider.running(), {})
+            self.assertEqual(self.exits.calls, [("alice", "stopped")])
+            self.assertEqual(self.fixture.live_agents("alice"), 0)
+
+        @inlineCallbacks
+        def test_stop_of_an_agent_that_does_not_run_does_nothing(self):
+            result = yield self.fixture.settle(self.provider.stop("nobody"))
+            self.assertIsNone(result)
+            self.assertEqual(self.exits.calls, [])
+
+        @inlineCallbacks
+        def test_a_stopped_agent_can_be_started_again(self):
+            yield self.fixture.settle(self.start("alice"))
+            stopping = self.provider.stop("alice")
+            restarted = self.start("alice")  # asked while the stop is in flight
+            yield self.fixture.settle(stopping)
+            agent = yield self.fixture.settle(restarted)
+            self.assertEqual(self.provider.running(), {"alice": agent})
+            self.assertEqual(self.exits.calls, [("alice", "stopped")])
+            self.assertEqual(self.fixture.live_agents("alice"), 1)
+
+        @inlineCallbacks
+        def test_agent_killed_from_outside_is_reported_and_forgotten(self):
+            yield self.fixture.settle(self.start("alice"))
+            yield self.fixture.settle(self.start("bob"))
+            exited = self.exits.next()
+            self.fixture.kill_from_outside("alice")
+            username, reason = yield self.fixture.settle(exited)
+            self.assertEqual(username, "alice")
+            self.assertIn("signal 9", reason)
+            self.assertEqual(list(self.provider.running()), ["bob"])
+            self.assertEqual(self.fixture.live_agents("alice"), 0)
+
+        @inlineCallbacks
+        def test_failing_start_raises_and_leaves_nothing_running(self):
+            self.fixture.break_next_start("alice")
+            starting = self.start("alice")
+            yield self.assertFailure(self.fixture.settle(starting), AgentStartError)
+            self.assertEqual(self.provider.running(), {})
+            self.assertEqual(self.fixture.live_agents("alice"), 0)
+            # it never ran, so it never "ended"
+            self.assertEqual(self.exits.calls, [])
+
+        @inlineCallbacks
+        def test_stop_during_start_fails_the_start(self):
+            starting = self.start("alice")
+            stopping = self.provider.stop("alice")
+            yield self.assertFailure(self.fixture.settle(starting), AgentStartError)
+            yield self.fixture.settle(stopping)
+            self.assertEqual(self.provider.running(), {})
+            self.assertEqual(self.fixture.live_agents("alice"), 0)
+
+        @inlineCallbacks
+        def test_close_stops_every_agent(self):
+            yield self.fixture.settle(gatherResults([self.start("alice"), self.start("bob")]))
+            yield self.fixture.settle(self.provider.close())
+            self.assertEqual(self.provider.running(), {})
+            self.assertEqual(sorted(self.exits.calls),
+                             [("alice", "stopped"), ("bob", "stopped")])
+            self.assertEqual(self.fixture.live_agents("alice"), 0)
+            self.assertEqual(self.fixture.live_agents("bob"), 0)
+            yield self.assertFailure(self.fixture.settle(self.start("carol")), AgentStartError)
+            self.assertEqual(self.fixture.live_agents("carol"), 0)
+
+    return ProviderContractTests
