@@ -1,5 +1,7 @@
 """Users, passwords and sessions in the real SQLite database, off the reactor."""
 import os
+import shutil
+import tempfile
 import sqlite3
 
 from twisted.internet import reactor
@@ -18,8 +20,9 @@ class _DatabaseCase(TestCase):
 
     @inlineCallbacks
     def setUp(self):
-        self.path = os.path.join(self.mktemp() + "-db.sqlite")
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "db.sqlite")
         self.database = Database(reactor, self.path)
         yield self.database.start()
         self.addCleanup(self.database.stop)
