@@ -47,13 +47,15 @@ class DockerOptionsTests(SynchronousTestCase):
             "--docker-host", "unix:///run/docker-test.sock", "--agent-image", "example/agent:7",
             "--agent-memory", "1g", "--agent-pids", "100", "--agent-user", "2000:3000",
             "--agent-port", "8080", "--agent-data-mount", "/data/", "--agent-start-timeout", "90",
-            "--agent-command", "run-agent --port {port}", "--agent-stop-grace", "3")
+            "--agent-command", "run-agent --port {port}", "--agent-stop-grace", "3",
+            "--docker-instance", "pixelated-test")
         s = provider.settings
         self.assertEqual((s.image, s.memory, s.pids, s.user, s.port, s.data_mount,
                           s.start_timeout, s.command, s.stop_grace),
                          ("example/agent:7", 1024 ** 3, 100, "2000:3000", 8080, "/data", 90.0,
                           "run-agent --port {port}", 3.0))
         self.assertEqual(provider._engine.host, "unix:///run/docker-test.sock")
+        self.assertEqual(s.container_name("alice"), "pixelated-test-alice")
 
     def test_docker_host_from_the_environment_unless_given(self):
         env = {"DOCKER_HOST": "tcp://127.0.0.1:2375"}
@@ -82,6 +84,7 @@ class DockerOptionsTests(SynchronousTestCase):
             (["--agent-image", ""], "--agent-image must name an image"),
             (["--docker-host", "http://docker"], "unsupported Docker host 'http://docker'"),
             (["--docker-loopback-guard", "maybe"], "--docker-loopback-guard must be one of"),
+            (["--docker-instance", "a/b"], "--docker-instance must be letters"),
             (["--agent-command", "agent {nope}"], "--agent-command is not a valid command line"),
         ]
         for argv, message in cases:

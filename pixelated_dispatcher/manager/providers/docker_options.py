@@ -31,6 +31,9 @@ DOCKER_OPT_PARAMETERS = [
      "Where the user's data directory appears inside the container."],
     ["agent-start-timeout", None, "60",
      "Seconds an agent may take to answer HTTP before its start fails."],
+    ["docker-instance", None, "pixelated-agent",
+     "Prefix of the agent containers' names and value of their"
+     " org.pixelated.dispatcher label; give each dispatcher sharing one engine its own."],
     ["docker-loopback-guard", None, "auto",
      "Drop packets for 127.0.0.0/8 that arrive from the network (iptables raw table):"
      " auto (for Docker < 28, which lets them reach published ports), on, or off."],
@@ -89,8 +92,11 @@ def settings_from_config(config) -> DockerAgentSettings:
             raise usage.UsageError("--agent-command is not a valid command line: %s" % error)
         if not words:
             raise usage.UsageError("--agent-command is empty")
+    instance = config.get("docker-instance") or "pixelated-agent"
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", instance):
+        raise usage.UsageError("--docker-instance must be letters, digits, '.', '_' or '-'")
     return DockerAgentSettings(
-        image=image, memory=memory,
+        image=image, memory=memory, instance=instance,
         pids=_number(config, "agent-pids", int, 1),
         user=user, port=port, data_mount=mount.rstrip("/"),
         start_timeout=_number(config, "agent-start-timeout", float, 1),
