@@ -1,0 +1,148 @@
+"""``twistd pixelated-manager --provider docker`` end to end, as real processes.
+
+The real manager and proxy (``pixelated_dispatcher.demo.Dispatcher``), the
+real ``pixelated-ctl``, an HTTPS browser, a real dockerd and the test agent
+image. Proves what the operator would try: restarting the manager adopts the
+running container and the user's session keeps working without a new login;
+``docker kill`` of an agent is noticed and the user's next request starts it
+again, with the credentials of their login.
+
+Skips with a one-line reason when no Docker engine is reachable; fails
+instead when CI=true (see tests/dockerd.py).
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from pixelated_dispatcher.demo import Dispatcher
+
+from . import dockerd
+from .https_browser import Browser
+
+LEAP_PROVIDER = "example.org"
+
+
+def credentials_line(username, password):
+    """What the manager writes on the agent's stdin after a login."""
+    return json.dumps({"leap_provider_hostname": LEAP_PROVIDER, "user": username,
+                       "password": password}).encode() + b"\n"
+
+
+class DockerStack:
+    """Manager (docker provider) and proxy in a temporary directory."""
+
+    def __init__(self, test, image, host, extra_manager_args=()):
+        self.host = host
+        self.instance = "pxit-%s" % uuid.uuid4().hex[:8]
+        self.directory = tempfile.mkdtemp(prefix="pxdocker-")
+        test.addCleanup(shutil.rmtree, self.directory, True)
+        test.addCleanup(dockerd.remove_labelled, host,
+                        "org.pixelated.dispatcher=%s" % self.instance)
+        self.dispatcher = Dispatcher(self.directory, manager_args=[
+            "--provider", "docker", "--docker-host", host, "--docker-instance", self.instance,
+            "--agent-image", image, "--agent-memory", "64m", "--agent-start-timeout", "20",
+            "--agent-stop-grace", "2", "--docker-loopback-guard", "off",
+            "--leap-provider", LEAP_PROVIDER] + list(extra_manager_args))
+        test.addCleanup(self.dispatcher.stop)
+        self.dispatcher.start()
+
+    def logs(self):
+        """The daemons' log tails, for failure messages."""
+        tails = []
+        for log in (self.dispatcher.manager_log, self.dispatcher.proxy_log):
+            if os.path.exists(log):
+                with open(log) as f:
+                    tails.append("---- %s\n%s" % (log, f.read()[-3000:]))
+        return "\n".join(tails)
+
+    def browser(self):
+        return Browser(self.dispatcher.port, self.dispatcher.tls["cert"])
+
+    def container(self, username):
+        return dockerd.api(self.host, "GET", "/containers/%s-%s/json" % (self.instance, username))
+
+    def info(self, username):
+        result = self.dispatcher.ctl("info", username)
+        if result.returncode != 0:
+            raise AssertionError("pixelated-ctl info failed: %s" % result.stderr)
+        return dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())
+
+
+def wait_until(predicate, timeout, what, stack):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("%s did not happen within %g s\n%s" % (what, timeout, stack.logs()))
+
+
+class DockerDispatcherTests(SynchronousTestCase):
+
+    def setUp(self):
+        self.host = dockerd.engine_or_skip()
+        self.image = dockerd.ensure_agent_image(self.host)
+
+    def test_manager_restart_adopts_the_container_and_the_session_survives(self):
+        stack = DockerStack(self, self.image, self.host)
+        stack.dispatcher.add_user("alice", "alice password 1")
+        browser = stack.browser()
+        login = browser.log_in("alice", "alice password 1")
+        self.assertEqual(login.status, 303, login.text + stack.logs())
+        page = browser.get("/")
+        self.assertEqual((page.status, page.text.strip()), (200, "Mailbox of alice"))
+        before = stack.container("alice")
+        echo = browser.get("/cgi-bin/echo").text
+        self.assertIn("credentials_sha256=%s" % hashlib.sha256(
+            credentials_line("alice", "alice password 1")).hexdigest(), echo,
+            "the password of the login reached the agent on its stdin")
+
+        stack.dispatcher.stop_manager()
+        self.assertTrue(stack.container("alice")["State"]["Running"],
+                        "stopping the manager leaves the agent running")
+        stack.dispatcher.start_manager()
+        wait_until(lambda: stack.info("alice").get("state") == "running", 15,
+                   "adoption of alice's agent", stack)
+        info = stack.info("alice")
+        published = before["NetworkSettings"]["Ports"]["4567/tcp"][0]["HostPort"]
+        self.assertEqual(info["address"], "127.0.0.1:%s" % published)
+
+        page = browser.get("/")
+        self.assertEqual((page.status, page.text.strip()), (200, "Mailbox of alice"),
+                         "same session, no new login\n" + stack.logs())
+        after = stack.container("alice")
+        self.assertEqual((after["Id"], after["State"]["StartedAt"]),
+                         (before["Id"], before["State"]["StartedAt"]),
+                         "the very same container, not a new one")
+
+    def test_docker_kill_is_noticed_and_the_next_request_starts_the_agent_again(self):
+        stack = DockerStack(self, self.image, self.host)
+        stack.dispatcher.add_user("bob", "bob password 2")
+        browser = stack.browser()
+        self.assertEqual(browser.log_in("bob", "bob password 2").status, 303)
+        self.assertEqual(browser.get("/").text.strip(), "Mailbox of bob")
+        first = stack.container("bob")
+
+        dockerd.api(self.host, "POST", "/containers/%s/kill" % first["Id"])
+        started = time.monotonic()
+        wait_until(lambda: stack.info("bob").get("state") == "stopped", 10,
+                   "the manager noticing the kill", stack)
+        self.assertLess(time.monotonic() - started, 5)
+        with open(stack.dispatcher.manager_log) as f:
+            self.assertIn("was killed (SIGKILL, exit code 137)", f.read())
+
+        page = browser.get("/")
+        self.assertEqual((page.status, page.text.strip()), (200, "Mailbox of bob"),
+                         "the next request starts the agent again\n" + stack.logs())
+        second = stack.container("bob")
+        self.assertNotEqual(second["Id"], first["Id"])
+        echo = browser.get("/cgi-bin/echo").text
+        self.assertIn("credentials_sha256=%s" % hashlib.sha256(
+            credentials_line("bob", "bob password 2")).hexdigest(), echo,
+            "the restarted agent got the credentials of bob's login again")
