@@ -399,9 +399,9 @@ class DockerProvider:
     async def _wait_ready(self, container_id: str, username: str, port: int,
                           watch: _StartWatch) -> None:
         timeout = self.settings.start_timeout
-        deadline = self._reactor.seconds() + timeout
-        delay = 0.05
-        next_inspect = self._reactor.seconds() + 1.0
+        began = self._reactor.seconds()
+        deadline = began + timeout
+        next_inspect = began + 1.0
         while True:
             if watch.died is None and self._reactor.seconds() >= next_inspect:
                 # the event stream may be down: ask the engine directly now and then
@@ -422,8 +422,11 @@ class DockerProvider:
                 raise AgentStartError(
                     "the agent of %s did not answer HTTP on 127.0.0.1:%d within %g s;"
                     " last lines of its log:\n%s" % (username, port, timeout, tail))
+            # a probe is one loopback connection: poll tightly while a start is
+            # typical (every ms counts at login), then relax for slow agents
+            waited = self._reactor.seconds() - began
+            delay = 0.01 if waited < 3 else 0.1 if waited < 15 else 0.5
             await task.deferLater(self._reactor, delay, lambda: None)
-            delay = min(delay * 1.5, 0.5)
 
     async def _ensure_image(self) -> None:
         image = self.settings.image
