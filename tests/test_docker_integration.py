@@ -14,7 +14,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import socketserver
 import tempfile
+import threading
 import time
 import uuid
 
@@ -146,3 +149,118 @@ class DockerDispatcherTests(SynchronousTestCase):
         self.assertIn("credentials_sha256=%s" % hashlib.sha256(
             credentials_line("bob", "bob password 2")).hexdigest(), echo,
             "the restarted agent got the credentials of bob's login again")
+
+
+class EngineRelay:
+    """A socket in front of the real engine, in a thread of the test process.
+
+    ``down()`` closes it and every connection through it, ``up()`` opens it
+    again: to the manager, a Docker daemon that goes away and comes back
+    (without disturbing anyone else who uses the same engine).
+    """
+
+    def __init__(self, engine_host, path):
+        self.target = engine_host[len("unix://"):]
+        self.path = path
+        self.host = "unix://" + path
+        self.server = None
+        self.sockets = set()
+        self.lock = threading.Lock()
+
+    def up(self):
+        relay = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                inbound = self.request
+                outbound = socket.socket(socket.AF_UNIX)
+                try:
+                    outbound.connect(relay.target)
+                except OSError:
+                    return
+                with relay.lock:
+                    relay.sockets.update((inbound, outbound))
+                pump = threading.Thread(target=_pipe, args=(outbound, inbound), daemon=True)
+                pump.start()
+                _pipe(inbound, outbound)
+                pump.join()
+
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self.server = socketserver.ThreadingUnixStreamServer(self.path, Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def down(self):
+        if self.server is None:
+            return
+        self.server.shutdown()
+        self.server.server_close()
+        self.server = None
+        with self.lock:
+            sockets, self.sockets = self.sockets, set()
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _pipe(source, sink):
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class EngineOutageTests(SynchronousTestCase):
+
+    def setUp(self):
+        self.host = dockerd.engine_or_skip()
+        self.image = dockerd.ensure_agent_image(self.host)
+        if not self.host.startswith("unix://"):
+            self.skipTest("needs the engine on a unix socket")
+
+    def test_manager_stays_up_says_why_and_recovers_when_the_engine_returns(self):
+        relay_dir = tempfile.mkdtemp(prefix="pxrelay-")
+        self.addCleanup(shutil.rmtree, relay_dir, True)
+        relay = EngineRelay(self.host, os.path.join(relay_dir, "docker.sock"))
+        relay.up()
+        self.addCleanup(relay.down)
+        stack = DockerStack(self, self.image, self.host,
+                            extra_manager_args=["--docker-host", relay.host])
+        stack.dispatcher.add_user("carol", "carol password 3")
+        browser = stack.browser()
+        self.assertEqual(browser.log_in("carol", "carol password 3").status, 303)
+        self.assertEqual(browser.get("/").text.strip(), "Mailbox of carol")
+
+        relay.down()
+        wait_until(lambda: stack.info("carol").get("state") == "stopped", 10,
+                   "the manager noticing the engine's loss", stack)
+        result = stack.dispatcher.ctl("start", "carol")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("container engine unavailable", result.stderr)
+        self.assertIsNone(stack.dispatcher.manager.poll(), "the manager stays up")
+        page = browser.get("/")
+        self.assertNotEqual(page.status, 200, "no agent while the engine is away")
+
+        relay.up()
+        # the manager reconnects by itself; the container kept running (the
+        # real engine never went away), so it is adopted again
+        wait_until(lambda: stack.info("carol").get("state") == "running", 15,
+                   "recovery once the engine is back", stack)
+        page = browser.get("/")
+        self.assertEqual((page.status, page.text.strip()), (200, "Mailbox of carol"),
+                         stack.logs())
