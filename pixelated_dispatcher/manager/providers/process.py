@@ -380,7 +380,8 @@ class ProcessProvider:
             return defer.succeed(agent.running)
         if agent is not None:
             return self._wait(agent.start_waiters)  # one start in flight serves all
-        agent = _Agent(username, data_dir, credentials)
+        # the agent runs in its data dir: a relative path would point elsewhere
+        agent = _Agent(username, os.path.abspath(data_dir), credentials)
         self._agents[username] = agent
         d = self._wait(agent.start_waiters)
         defer.ensureDeferred(self._start(agent))

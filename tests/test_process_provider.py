@@ -1,0 +1,339 @@
+"""The process provider with real processes: the contract suite with the demo
+agent, and what only real processes can show (ports, /proc, signals, orphans)."""
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from pixelated_dispatcher.manager.providers.interface import AgentStartError
+from pixelated_dispatcher.manager.providers.process import (
+    DEMO_AGENT_COMMAND, ProcessProvider, free_loopback_port)
+
+from .provider_contract import credentials_for, make_provider_tests
+
+# --- helpers ------------------------------------------------------------------
+
+
+def http_get(url: str):
+    """Fires with (status code, body); one connection, closed afterwards."""
+    d = treq.get(url, pool=HTTPConnectionPool(reactor, persistent=False))
+    d.addCallback(lambda response: treq.content(response).addCallback(
+        lambda body: (response.code, body)))
+    return d
+
+
+def agent_url(agent, path="/"):
+    return "http://%s:%d%s" % (agent.address.host, agent.address.port, path)
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def processes_mentioning(text: str):
+    """Live processes whose command line mentions ``text`` (a unique temp path)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if process.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(text in arg for arg in process.info["cmdline"] or ()):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def wait_until(predicate, timeout=5.0):
+    """Poll ``predicate`` without blocking the reactor; fires with its last value."""
+    deadline = time.monotonic() + timeout
+
+    @inlineCallbacks
+    def poll():
+        while True:
+            value = predicate()
+            if value or time.monotonic() > deadline:
+                return value
+            yield deferLater(reactor, 0.05, lambda: None)
+    return poll()
+
+
+#: a tiny agent for behaviours the demo agent does not have. It reads stdin
+#: to EOF (so it only starts if the provider closes stdin), records what it
+#: got in its working directory, and serves HTTP. Extra words switch on
+#: misbehaviour: "ignore-term", "child" (forks a long sleep).
+SCRIPT_AGENT = r'''
+import http.server, json, os, signal, subprocess, sys
+port, words = int(sys.argv[1]), sys.argv[2:]
+stdin = sys.stdin.buffer.read()
+with open("agent.json", "w") as f:
+    json.dump({"argv": sys.argv[1:], "stdin": stdin.decode(), "cwd": os.getcwd()}, f)
+if "ignore-term" in words:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if "child" in words:
+    with open("child.pid", "w") as f:
+        f.write(str(subprocess.Popen(["sleep", "300"]).pid))
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"script agent\n")
+    do_HEAD = do_GET
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+'''
+
+
+def script_command(*words: str) -> str:
+    return shlex.join([sys.executable, "-c", SCRIPT_AGENT, "{port}"] + list(words))
+
+
+class ProcessFixture:
+    """Real processes in a temp dir; cleanup fails the test if any agent
+    process outlives ``close()``."""
+
+    def __init__(self, test_case, command=DEMO_AGENT_COMMAND, **options):
+        self.root = tempfile.mkdtemp(prefix="pixelated-provider-test-")
+        options.setdefault("start_timeout", 15.0)
+        options.setdefault("stop_grace", 5.0)
+        self.provider = ProcessProvider(reactor, command, **options)
+        test_case.addCleanup(self.cleanup)
+
+    def data_dir(self, username: str) -> str:
+        path = os.path.join(self.root, "users", username, "data")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def settle(self, d):
+        return d
+
+    def received(self, username: str):
+        agent = self.provider.running()[username]
+        return http_get(agent_url(agent, "/whoami")).addCallback(
+            lambda result: json.loads(result[1]))
+
+    def kill_from_outside(self, username: str) -> None:
+        os.kill(self.provider.running()[username].pid, signal.SIGKILL)
+
+    def break_next_start(self, username: str) -> None:
+        # the demo agent refuses to start when it cannot read its visit counter
+        os.makedirs(os.path.join(self.data_dir(username), "visits"))
+
+    def live_agents(self, username: str) -> int:
+        return len(processes_mentioning(self.data_dir(username)))
+
+    def cleanup(self):
+        def check(_):
+            leftovers = processes_mentioning(self.root)
+            for process in leftovers:
+                process.kill()
+            shutil.rmtree(self.root, ignore_errors=True)
+            if leftovers:
+                raise AssertionError("agent processes outlived close(): %r" % (leftovers,))
+        return self.provider.close().addCallback(check)
+
+
+class ProcessProviderContractTests(make_provider_tests(ProcessFixture)):
+    pass
+
+
+class ProcessProviderTests(TestCase):
+    timeout = 30
+
+    def fixture(self, command=DEMO_AGENT_COMMAND, **options):
+        return ProcessFixture(self, command, **options)
+
+    @inlineCallbacks
+    def test_agent_serves_its_user_at_the_address(self):
+        f = self.fixture()
+        agent = yield f.provider.start("alice", f.data_dir("alice"), credentials_for("alice"))
+        code, body = yield http_get(agent_url(agent))
+        self.assertEqual(code, 200)
+        self.assertIn(b"Mailbox of alice", body)
+        self.assertIn(b'href="/about"', body)
+
+    @inlineCallbacks
+    def test_two_users_get_two_processes_ports_and_data_dirs(self):
+        f = self.fixture()
+        alice = yield f.provider.start("alice", f.data_dir("alice"), credentials_for("alice"))
+        bob = yield f.provider.start("bob", f.data_dir("bob"), credentials_for("bob"))
+        self.assertNotEqual(alice.pid, bob.pid)
+        self.assertNotEqual(alice.address.port, bob.address.port)
+        for _ in range(2):
+            yield http_get(agent_url(alice))
+        yield http_get(agent_url(bob))
+        code, body = yield http_get(agent_url(bob, "/whoami"))
+        self.assertEqual(json.loads(body)["username"], "bob")
+        with open(os.path.join(f.data_dir("alice"), "visits")) as visits:
+            self.assertEqual(visits.read().strip(), "2")
+        with open(os.path.join(f.data_dir("bob"), "visits")) as visits:
+            self.assertEqual(visits.read().strip(), "1")
+
+    @inlineCallbacks
+    def test_credentials_only_on_stdin_and_a_minimal_environment(self):
+        f = self.fixture(extra_env={"FEEDBACK_URL": "https://example.org/tickets"})
+        data_dir = f.data_dir("alice")
+        agent = yield f.provider.start("alice", data_dir,
+                                       credentials_for("alice", "pa55-w0rd-in-the-clear"))
+        with open("/proc/%d/cmdline" % agent.pid, "rb") as cmdline:
+            argv = cmdline.read()
+        with open("/proc/%d/environ" % agent.pid, "rb") as environ:
+            env = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if item)
+        self.assertIn(b"pixelated_dispatcher.demo_agent", argv)
+        for place in (argv, b"\0".join(env.values())):
+            self.assertNotIn(b"pa55-w0rd", place)
+        self.assertEqual(env, {
+            b"PATH": os.environ.get("PATH", os.defpath).encode(),
+            b"LANG": b"C.UTF-8",
+            b"HOME": data_dir.encode(),
+            b"DISPATCHER_LOGOUT_URL": b"/auth/logout",
+            b"FEEDBACK_URL": b"https://example.org/tickets",
+        })
+        # it leads its own session and process group, so a stop reaches its children
+        self.assertEqual(os.getsid(agent.pid), agent.pid)
+        self.assertEqual(os.getpgid(agent.pid), agent.pid)
+
+    @inlineCallbacks
+    def test_placeholders_are_substituted_per_argument_without_a_shell(self):
+        command = script_command("--user={username}", "{data_dir}/x y", "$HOME;{port}")
+        f = self.fixture(command)
+        data_dir = f.data_dir("alice")
+        agent = yield f.provider.start("alice", data_dir, credentials_for("alice"))
+        with open(os.path.join(data_dir, "agent.json")) as record:
+            seen = json.load(record)
+        port = str(agent.address.port)
+        self.assertEqual(seen["argv"], [port, "--user=alice", data_dir + "/x y", "$HOME;" + port])
+        self.assertEqual(seen["cwd"], data_dir)
+        self.assertEqual(seen["stdin"], credentials_for("alice").decode())
+
+    @inlineCallbacks
+    def test_an_agent_ignoring_sigterm_is_killed_after_the_grace_period(self):
+        f = self.fixture(script_command("ignore-term"), stop_grace=0.5)
+        exits = []
+        f.provider.on_exit(lambda username, reason: exits.append(reason))
+        agent = yield f.provider.start("alice", f.data_dir("alice"), credentials_for("alice"))
+        began = time.monotonic()
+        yield f.provider.stop("alice")
+        took = time.monotonic() - began
+        self.assertGreaterEqual(took, 0.5)
+        self.assertLess(took, 3)
+        self.assertFalse(is_alive(agent.pid))
+        self.assertEqual(exits, ["stopped"])
+
+    @inlineCallbacks
+    def test_a_polite_agent_stops_on_sigterm_without_waiting_for_the_grace(self):
+        f = self.fixture(stop_grace=20)
+        agent = yield f.provider.start("alice", f.data_dir("alice"), credentials_for("alice"))
+        began = time.monotonic()
+        yield f.provider.stop("alice")
+        self.assertLess(time.monotonic() - began, 5)
+        self.assertFalse(is_alive(agent.pid))
+
+    @inlineCallbacks
+    def test_stop_also_ends_the_processes_the_agent_forked(self):
+        f = self.fixture(script_command("child"))
+        data_dir = f.data_dir("alice")
+        yield f.provider.start("alice", data_dir, credentials_for("alice"))
+        with open(os.path.join(data_dir, "child.pid")) as pid_file:
+            child = int(pid_file.read())
+        self.assertTrue(is_alive(child))
+        yield f.provider.stop("alice")
+        gone = yield wait_until(lambda: not is_alive(child))
+        self.assertTrue(gone, "the agent's child outlived the stop")
+
+    @inlineCallbacks
+    def test_an_agent_that_exits_at_once_fails_with_its_output(self):
+        command = shlex.join([sys.executable, "-c",
+                              "import sys; sys.stderr.write('cannot open the mailbox store\\n');"
+                              " sys.exit(3)", "{port}"])
+        f = self.fixture(command)
+        error = yield self.assertFailure(
+            f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
+            AgentStartError)
+        self.assertIn("exited with status 3", str(error))
+        self.assertIn("cannot open the mailbox store", str(error))
+        self.assertEqual(f.provider.running(), {})
+
+    @inlineCallbacks
+    def test_an_agent_that_never_answers_http_times_out(self):
+        command = shlex.join([sys.executable, "-c",
+                              "import sys, time; sys.stdin.read();"
+                              " print('still booting', flush=True); time.sleep(60)",
+                              "{port}", "{data_dir}"])
+        f = self.fixture(command, start_timeout=1.0)
+        began = time.monotonic()
+        error = yield self.assertFailure(
+            f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
+            AgentStartError)
+        self.assertLess(time.monotonic() - began, 5)
+        self.assertIn("did not answer HTTP", str(error))
+        self.assertIn("within 1 seconds", str(error))
+        self.assertIn("still booting", str(error))
+        self.assertEqual(f.live_agents("alice"), 0)
+
+    @inlineCallbacks
+    def test_a_taken_port_is_retried_on_another(self):
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", 0))
+            squatter.listen()
+            taken = squatter.getsockname()[1]
+            picks = iter([taken])
+            f = self.fixture(choose_port=lambda: next(picks, None) or free_loopback_port())
+            agent = yield f.provider.start("alice", f.data_dir("alice"),
+                                           credentials_for("alice"))
+            self.assertNotEqual(agent.address.port, taken)
+            code, body = yield http_get(agent_url(agent, "/health"))
+            self.assertEqual((code, body), (200, b"ok\n"))
+
+    @inlineCallbacks
+    def test_agents_die_with_a_killed_manager(self):
+        root = tempfile.mkdtemp(prefix="pixelated-provider-test-")
+        self.addCleanup(shutil.rmtree, root, True)
+        pid_file = os.path.join(root, "agent.pid")
+        script = (
+            "import os, sys\n"
+            "from twisted.internet import reactor\n"
+            "from pixelated_dispatcher.manager.providers.process import"
+            " ProcessProvider, DEMO_AGENT_COMMAND\n"
+            "p = ProcessProvider(reactor, DEMO_AGENT_COMMAND)\n"
+            "def started(agent):\n"
+            "    open(sys.argv[2] + '.tmp', 'w').write(str(agent.pid))\n"
+            "    os.rename(sys.argv[2] + '.tmp', sys.argv[2])\n"
+            "p.start('alice', sys.argv[1], b'{\"user\": \"alice\"}\\n').addCallback(started)\n"
+            "reactor.run()\n")
+        manager = subprocess.Popen([sys.executable, "-c", script, root, pid_file],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(manager.wait)
+        self.addCleanup(manager.kill)
+        started = yield wait_until(lambda: os.path.exists(pid_file), timeout=15)
+        self.assertTrue(started, "the manager did not start its agent")
+        with open(pid_file) as f:
+            agent_pid = int(f.read())
+        self.assertTrue(is_alive(agent_pid))
+        manager.kill()  # SIGKILL: no cleanup code of the manager runs
+        gone = yield wait_until(lambda: not is_alive(agent_pid))
+        if not gone:
+            os.kill(agent_pid, signal.SIGKILL)
+        self.assertTrue(gone, "the agent outlived its SIGKILLed manager")
+
+    def test_a_broken_command_line_is_refused_at_construction(self):
+        for command in ("", "agent --port '{port}", "agent --no-port-here"):
+            self.assertRaises(ValueError, ProcessProvider, reactor, command)
