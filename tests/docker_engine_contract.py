@@ -22,6 +22,8 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from .dockerd import coroutine_tests
+
 from pixelated_dispatcher.manager.providers.docker_engine import (
     CLIENT_MAX_API, CLIENT_MIN_API, Conflict, DockerEngineError, EngineUnavailable,
     IDockerEngine, IEventStream, NoSuchContainer, NoSuchImage, PullFailed, parse_version)
@@ -42,6 +44,7 @@ async def eventually(predicate, timeout=10.0):
 
 
 def make_docker_engine_tests(fixture):
+    @coroutine_tests
     class DockerEngineContract(TestCase):
         timeout = 60
 

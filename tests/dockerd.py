@@ -241,3 +241,26 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
             return value
         time.sleep(interval)
     return predicate()
+
+
+def coroutine_tests(cls):
+    """Class decorator: run ``async def test_*`` methods as Deferreds.
+
+    trial runs coroutine test methods natively only from Twisted 23; on
+    Debian 12's 22.4 they would be called, never awaited, and "pass". Wrapping
+    them in ``ensureDeferred`` makes them real tests on both.
+    """
+    import functools
+    import inspect
+
+    from twisted.internet.defer import ensureDeferred
+
+    for name, value in list(vars(cls).items()):
+        if name.startswith("test") and inspect.iscoroutinefunction(value):
+            def wrap(method):
+                @functools.wraps(method)
+                def test(self, *args, **kwargs):
+                    return ensureDeferred(method(self, *args, **kwargs))
+                return test
+            setattr(cls, name, wrap(value))
+    return cls

@@ -19,6 +19,8 @@ from pixelated_dispatcher.manager.providers.docker_engine import (
     DockerEngine, EngineUnavailable, NoSuchContainer, PullFailed, UnsupportedEngine,
     choose_api_version, demultiplex, split_reference)
 
+from .dockerd import coroutine_tests
+
 
 class _Version(resource.Resource):
     isLeaf = True
@@ -105,6 +107,9 @@ def _stream(chunks, end=True):
     return handler
 
 
+@coroutine_tests
+
+
 class PullStreamTests(ScriptedEngineTestCase):
 
     async def test_error_inside_a_200_stream_fails_the_pull(self):
@@ -139,6 +144,9 @@ class PullStreamTests(ScriptedEngineTestCase):
         error = await self.assertFailure(engine.pull_image("registry.example.org/a:1", print),
                                          PullFailed)
         self.assertIn("no route to host", str(error))
+
+
+@coroutine_tests
 
 
 class EventStreamTests(ScriptedEngineTestCase):
@@ -177,6 +185,9 @@ class EventStreamTests(ScriptedEngineTestCase):
         stream.stop()
         self.assertIsNone(await stream.done)
         await task.deferLater(reactor, 0.01, lambda: None)   # the server notices
+
+
+@coroutine_tests
 
 
 class VersionTests(ScriptedEngineTestCase):

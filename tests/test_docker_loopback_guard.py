@@ -20,6 +20,7 @@ from pixelated_dispatcher.manager.providers.loopback_guard import (
     RULE, LoopbackGuard, LoopbackGuardFailed, engine_needs_guard)
 
 from . import dockerd
+from .dockerd import coroutine_tests
 from .test_docker_provider_real import RealDockerTestCase, credentials, get
 
 _CLIENT = ("import socket, sys\n"
@@ -51,6 +52,9 @@ class VersionRuleTests(SynchronousTestCase):
         self.assertRaises(ValueError, LoopbackGuard, reactor, "sometimes")
 
 
+@coroutine_tests
+
+
 class MissingIptablesTests(TestCase):
 
     async def test_guard_that_cannot_be_installed_says_what_to_do(self):
@@ -58,6 +62,9 @@ class MissingIptablesTests(TestCase):
         error = await self.assertFailure(guard.ensure(None), LoopbackGuardFailed)
         self.assertIn("refusing to start agents", str(error))
         self.assertIn("--docker-loopback-guard off", str(error))
+
+
+@coroutine_tests
 
 
 class NeighbourTests(RealDockerTestCase):

@@ -18,6 +18,7 @@ import uuid
 
 import treq
 from twisted.internet import reactor, task
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
@@ -28,6 +29,7 @@ from pixelated_dispatcher.manager.providers.docker_engine import DockerEngine
 from pixelated_dispatcher.manager.providers.interface import AgentStartError
 
 from . import dockerd
+from .dockerd import coroutine_tests
 
 
 def sleep(seconds):
@@ -99,6 +101,9 @@ class RealDockerTestCase(TestCase):
         except RuntimeError as error:
             return "404" in str(error)
         return False
+
+
+@coroutine_tests
 
 
 class ContainerTests(RealDockerTestCase):
@@ -189,6 +194,9 @@ class ContainerTests(RealDockerTestCase):
         self.assertEqual(self.exits, [("alice", "stopped")])
         with self.assertRaises(Exception):
             await get(agent.address.port)
+
+
+@coroutine_tests
 
 
 class FailedStartTests(RealDockerTestCase):
@@ -296,6 +304,9 @@ class EngineSocket:
         await sleep(0)
 
 
+@coroutine_tests
+
+
 class EngineOutageTests(RealDockerTestCase):
 
     async def test_engine_gone_gives_a_clear_error_and_the_provider_recovers(self):
@@ -305,7 +316,7 @@ class EngineOutageTests(RealDockerTestCase):
         self.addCleanup(shutil.rmtree, socket_dir, True)
         engine_socket = EngineSocket(self.host, os.path.join(socket_dir, "docker.sock"))
         await engine_socket.up()
-        self.addCleanup(engine_socket.down)
+        self.addCleanup(lambda: ensureDeferred(engine_socket.down()))
 
         provider = self.provider(host=engine_socket.host)
         await provider.recover()
@@ -329,6 +340,9 @@ class EngineOutageTests(RealDockerTestCase):
         bob = await provider.start("bob", self.data_dir("bob"), credentials("bob", "pw"))
         code, page = await get(bob.address.port)
         self.assertEqual((code, page.strip()), (200, "Mailbox of bob"))
+
+
+@coroutine_tests
 
 
 class RestartTests(RealDockerTestCase):
