@@ -108,37 +108,46 @@ def _start_private():
     return "unix://" + os.path.join(PRIVATE_DIR, "docker.sock")
 
 
-def find_engine():
-    """``(docker_host, None)`` for a reachable engine, else ``(None, reason)``."""
-    global _found
-    if _found is not None:
-        return _found
+def default_candidates():
     candidates = []
     if os.environ.get("DOCKER_HOST"):
         candidates.append(os.environ["DOCKER_HOST"])
-    candidates += ["unix://" + os.path.join(PRIVATE_DIR, "docker.sock"),
-                   "unix:///var/run/docker.sock"]
+    return candidates + ["unix://" + os.path.join(PRIVATE_DIR, "docker.sock"),
+                         "unix:///var/run/docker.sock"]
+
+
+def probe_engines(candidates, start=_start_private):
+    """``(docker_host, None)`` for the first engine that answers, else ``(None, reason)``."""
     for host in candidates:
         if _answers(host):
-            _found = (host, None)
-            return _found
-    host = _start_private()
+            return host, None
+    host = start()
     if host and _answers(host):
-        _found = (host, None)
-    else:
-        _found = (None, "no Docker engine reachable (tried %s); start one with"
-                        " 'bash .ci/dockerd.sh start'" % ", ".join(candidates))
+        return host, None
+    return None, ("no Docker engine reachable (tried %s); start one with"
+                  " 'bash .ci/dockerd.sh start'" % ", ".join(candidates))
+
+
+def find_engine():
+    """:func:`probe_engines` on the usual places, once per test process."""
+    global _found
+    if _found is None:
+        _found = probe_engines(default_candidates())
     return _found
 
 
-def engine_or_skip():
-    """The DOCKER_HOST of a reachable engine; skip (or, in CI, fail) otherwise."""
-    host, reason = find_engine()
+def decide(host, reason):
+    """The host; or skip with ``reason``; or, with CI=true, fail with it."""
     if host is None:
         if in_ci():
             raise AssertionError("CI=true but " + reason)
         raise SkipTest(reason)
     return host
+
+
+def engine_or_skip():
+    """The DOCKER_HOST of a reachable engine; skip (or, in CI, fail) otherwise."""
+    return decide(*find_engine())
 
 
 # --- the test agent image ----------------------------------------------------
