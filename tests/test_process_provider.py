@@ -14,7 +14,7 @@ import time
 import psutil
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -302,6 +302,20 @@ class ProcessProviderTests(TestCase):
             self.assertNotEqual(agent.address.port, taken)
             code, body = yield http_get(agent_url(agent, "/health"))
             self.assertEqual((code, body), (200, b"ok\n"))
+
+    @inlineCallbacks
+    def test_simultaneous_starts_never_share_a_port(self):
+        # a picker that always offers the same port, as the kernel may when
+        # two logins arrive at once
+        offered = free_loopback_port()
+        f = self.fixture(choose_port=lambda: offered)
+        alice, bob = yield gatherResults([
+            f.provider.start(name, f.data_dir(name), credentials_for(name))
+            for name in ("alice", "bob")])
+        self.assertNotEqual(alice.address.port, bob.address.port)
+        for agent in (alice, bob):
+            whoami = yield f.received(agent.username)
+            self.assertEqual(whoami["username"], agent.username)
 
     @inlineCallbacks
     def test_agents_die_with_a_killed_manager(self):

@@ -284,6 +284,8 @@ class _Agent:
     credentials: bytes
     running: Optional[RunningAgent] = None
     stopping: bool = False
+    #: the port of the current (or last) attempt; 0 before the first
+    port: int = 0
     process: Optional[_AgentProcess] = None
     kill_timer: Optional[IDelayedCall] = None
     start_waiters: List[Deferred] = attr.Factory(list)
@@ -431,8 +433,11 @@ class ProcessProvider:
             raise AgentStartError("the data directory %s of %s does not exist"
                                   % (agent.data_dir, agent.username))
         deadline = self.reactor.seconds() + self.start_timeout
-        taken = {a.running.address.port for a in self._agents.values() if a.running}
         for attempt in range(1, PORT_ATTEMPTS + 1):
+            # Never hand out a port another of our agents holds or is about to
+            # bind: two agents on one port would let one user's readiness probe
+            # be answered by the other user's agent.
+            taken = {a.port for a in self._agents.values() if a is not agent}
             port = self.choose_port()
             while port in taken:
                 port = free_loopback_port()
@@ -457,7 +462,6 @@ class ProcessProvider:
             if process.says_address_in_use() and attempt < PORT_ATTEMPTS:
                 log.info("agent of {username} found port {port} taken; trying another",
                          username=agent.username, port=port)
-                taken.add(port)
                 continue
             raise AgentStartError(
                 "the agent of %s %s before it answered HTTP on %s.%s"
@@ -487,6 +491,7 @@ class ProcessProvider:
             raise AgentStartError("the agent of %s could not be spawned: %s"
                                   % (agent.username, error))
         agent.process = process
+        agent.port = port
         return process
 
     async def _until_ready(self, process: _AgentProcess, port: int, deadline: float) -> str:
