@@ -138,7 +138,7 @@ class DockerDispatcherTests(SynchronousTestCase):
                    "the manager noticing the kill", stack)
         self.assertLess(time.monotonic() - started, 5)
         with open(stack.dispatcher.manager_log) as f:
-            self.assertIn("was killed (SIGKILL, exit code 137)", f.read())
+            self.assertIn("was killed by signal 9 (SIGKILL, exit code 137)", f.read())
 
         page = browser.get("/")
         self.assertEqual((page.status, page.text.strip()), (200, "Mailbox of bob"),

@@ -230,7 +230,7 @@ class DockerProviderTests(SynchronousTestCase):
         self.started(provider)
         self.successResultOf(self.engine.kill_container("pixelated-agent-alice"))
         self.assertEqual(provider.running(), {})
-        self.assertEqual(self.exits, [("alice", "was killed (SIGKILL, exit code 137)")])
+        self.assertEqual(self.exits, [("alice", "was killed by signal 9 (SIGKILL, exit code 137)")])
         self.assertEqual(self.engine.containers, {}, "the dead container is removed")
         # and the next start makes a new one
         self.started(provider)

@@ -165,7 +165,8 @@ class ContainerTests(RealDockerTestCase):
         dockerd.api(self.host, "POST", "/containers/%s/kill" % self.container_name("alice"))
         waited = await eventually(lambda: self.exits, what="the death being noticed")
         self.assertLess(waited, 5)
-        self.assertEqual(self.exits, [("alice", "was killed (SIGKILL, exit code 137)")])
+        self.assertEqual(self.exits,
+                         [("alice", "was killed by signal 9 (SIGKILL, exit code 137)")])
         self.assertEqual(provider.running(), {})
         await eventually(lambda: self.gone(self.container_name("alice")),
                          what="removal of the dead container")
@@ -369,8 +370,8 @@ class RestartTests(RealDockerTestCase):
                       "the very same agent process still serves")
         # and the adopted agent is followed: its death is noticed by the new manager
         dockerd.api(self.host, "POST", "/containers/%s/kill" % self.container_name("alice"))
-        await eventually(lambda: self.exits[-1:] == [("alice",
-                                                      "was killed (SIGKILL, exit code 137)")])
+        killed = ("alice", "was killed by signal 9 (SIGKILL, exit code 137)")
+        await eventually(lambda: self.exits[-1:] == [killed])
         del bob
 
 

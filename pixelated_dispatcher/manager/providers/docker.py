@@ -258,12 +258,13 @@ class DockerProvider:
         self._agents: Dict[str, _Agent] = {}
         self._by_id: Dict[str, str] = {}
         self._starting: Dict[str, _Shared] = {}
+        self._stopping: Dict[str, _Shared] = {}
+        self._abort: set = set()
         self._start_watch: Dict[str, _StartWatch] = {}
         self._oom: set = set()
         self._callbacks: List[ExitCallback] = []
         self._pulls: Dict[str, _Shared] = {}
         self._stream = None
-        self._sleep: Optional[Deferred] = None
         self._watcher: Optional[Deferred] = None
         self._first_reconcile: Optional[Deferred] = None
         self._engine_up = False
@@ -280,22 +281,28 @@ class DockerProvider:
             self._first_reconcile = Deferred()
             self._first_reconciled = _Shared(self._first_reconcile)
             self._watcher = ensureDeferred(self._watch())
-            self._watcher.addErrback(lambda f: self.log.failure("engine watcher crashed", f))
+            self._watcher.addErrback(self._watcher_ended)
         return self._first_reconciled.wait()
 
     def start(self, username: str, data_dir: str, credentials: bytes) -> Deferred:
-        if username in self._agents:
+        if username in self._agents and username not in self._stopping:
             return succeed(self._agents[username].agent)
         if username in self._starting:
             return self._starting[username].wait()
-        shared = _Shared(ensureDeferred(self._start(username, data_dir, credentials)))
+        shared = _Shared(ensureDeferred(self._start_after_stop(username, data_dir, credentials)))
         if not shared.done:
             self._starting[username] = shared
             shared.wait().addBoth(lambda _: self._starting.pop(username, None))
         return shared.wait()
 
     def stop(self, username: str) -> Deferred:
-        return ensureDeferred(self._stop(username))
+        if username in self._stopping:
+            return self._stopping[username].wait()
+        shared = _Shared(ensureDeferred(self._stop(username)))
+        if not shared.done:
+            self._stopping[username] = shared
+            shared.wait().addBoth(lambda _: self._stopping.pop(username, None))
+        return shared.wait()
 
     def running(self) -> Dict[str, RunningAgent]:
         return {username: entry.agent for username, entry in self._agents.items()}
@@ -308,8 +315,8 @@ class DockerProvider:
         self._closing = True
         if self._stream is not None:
             self._stream.stop()
-        if self._sleep is not None and not self._sleep.called:
-            self._sleep.cancel()
+        if self._watcher is not None and not self._watcher.called:
+            self._watcher.cancel()              # whatever it waits for: a call, a sleep
         return self._engine.close()
 
     # -- extras for the manager (ctl stats) --
@@ -333,6 +340,18 @@ class DockerProvider:
         return self._engine_up
 
     # -- starting --
+
+    async def _start_after_stop(self, username, data_dir, credentials) -> RunningAgent:
+        if username in self._stopping:
+            try:
+                await self._stopping[username].wait()
+            except Exception:
+                pass
+        return await self._start(username, data_dir, credentials)
+
+    def _check_abort(self, username: str) -> None:
+        if username in self._abort:
+            raise AgentStartError("the agent of %s was stopped while it was starting" % username)
 
     async def _start(self, username: str, data_dir: str, credentials: bytes) -> RunningAgent:
         try:
@@ -370,8 +389,10 @@ class DockerProvider:
         watch = self._start_watch[container_id] = _StartWatch(username)
         try:
             try:
+                self._check_abort(username)
                 await self._engine.start_container(container_id)
                 await self._engine.attach_stdin(container_id, credentials)
+                self._check_abort(username)
                 info = await self._engine.inspect_container(container_id)
                 state = info.get("State") or {}
                 if not state.get("Running") and watch.died is None:
@@ -415,6 +436,7 @@ class DockerProvider:
                 raise AgentStartError(
                     "the agent of %s %s before it answered HTTP; last lines of its log:\n%s"
                     % (username, reason, tail))
+            self._check_abort(username)
             if await self._probe("127.0.0.1", port):
                 return
             if self._reactor.seconds() >= deadline:
@@ -476,10 +498,14 @@ class DockerProvider:
 
     async def _stop(self, username: str) -> None:
         if username in self._starting:
+            # a stop asked during a start ends that start (it cleans up after itself)
+            self._abort.add(username)
             try:
                 await self._starting[username].wait()
             except Exception:
-                return
+                pass
+            finally:
+                self._abort.discard(username)
         entry = self._agents.pop(username, None)
         if entry is None:
             return
@@ -546,9 +572,9 @@ class DockerProvider:
             return ("was killed for running out of memory (OOM-killed at its limit of %s)"
                     % _mib(self.settings.memory))
         if exit_code == 137:
-            return "was killed (SIGKILL, exit code 137)"
+            return "was killed by signal 9 (SIGKILL, exit code 137)"
         if exit_code == 143:
-            return "was terminated (SIGTERM, exit code 143)"
+            return "was terminated by signal 15 (SIGTERM, exit code 143)"
         return "exited with code %d" % exit_code
 
     async def _log_tail(self, container_id: str) -> str:
@@ -576,6 +602,12 @@ class DockerProvider:
 
     # -- following the engine --
 
+    def _watcher_ended(self, failure) -> None:
+        if not failure.check(CancelledError) or not self._closing:
+            self.log.failure("engine watcher crashed", failure)
+        if not self._first_reconcile.called:
+            self._first_reconcile.callback([])
+
     async def _watch(self) -> None:
         delay = 0.5
         while not self._closing:
@@ -601,20 +633,18 @@ class DockerProvider:
                     return
                 # the stream ended: is the engine still there?
                 await self._engine.ping()
-            except EngineUnavailable as error:
-                self._engine_lost(error.message)
             except DockerEngineError as error:
+                if self._closing:
+                    break
                 self._engine_lost(error.message)
             if not self._first_reconcile.called:
                 self._first_reconcile.callback([])
             if self._closing:
-                return
-            self._sleep = task.deferLater(self._reactor, delay, lambda: None)
-            try:
-                await self._sleep
-            except CancelledError:
-                return
+                break
+            await task.deferLater(self._reactor, delay, lambda: None)
             delay = min(delay * 2, 5.0)
+        if not self._first_reconcile.called:
+            self._first_reconcile.callback([])
 
     def _engine_lost(self, problem: str) -> None:
         self._stream = None

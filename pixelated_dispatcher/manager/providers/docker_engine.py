@@ -24,7 +24,8 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
-from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError as _Timeout
+from twisted.internet.error import (ConnectError, ConnectingCancelledError, ConnectionLost,
+                                    TimeoutError as _Timeout)
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -250,7 +251,7 @@ def check_docker_host(host: str) -> str:
                      " or tcp://HOST:PORT" % (host,))
 
 
-_UNREACHABLE = (ConnectError, ConnectionLost, _Timeout, OSError)
+_UNREACHABLE = (ConnectError, ConnectingCancelledError, ConnectionLost, _Timeout, OSError)
 
 
 class _JSONLines(Protocol):
