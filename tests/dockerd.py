@@ -180,7 +180,8 @@ def agent_image_tag():
     return "%s:%s" % (IMAGE_REPO, digest.hexdigest()[:12])
 
 
-def _root_tar():
+def _root_tar(extra_files=()):
+    """The image's root file system as a tar; ``extra_files``: (path, bytes) pairs."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         def add_dir(name, mode=0o755):
@@ -209,6 +210,8 @@ def _root_tar():
         add_file("/etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")
         for path, mode, data in _image_files():
             add_file(path, mode, data)
+        for path, data in extra_files:
+            add_file(path, 0o644, data)
     return buf.getvalue()
 
 
