@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 
-from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -188,6 +188,44 @@ class DockerProviderTests(SynchronousTestCase):
         self.assertIn("no such option --organization-mode", str(error))
         self.assertIsNone(self.container())
         self.assertEqual(self.exits, [], "an agent that never ran does not 'exit'")
+
+    def test_stop_during_start_ends_the_start(self):
+        provider = self.provider()
+        self.probe.silent.add(32768)
+        starting = self.start(provider)
+        stopping = provider.stop("alice")
+        self.clock.advance(0.1)
+        error = self.failureResultOf(starting, AgentStartError).value
+        self.assertEqual(str(error), "the agent of alice was stopped while it was starting")
+        self.successResultOf(stopping)
+        self.assertEqual(self.engine.containers, {})
+        self.assertEqual(provider.running(), {})
+
+    def test_start_during_stop_waits_for_the_stop(self):
+        provider = self.provider()
+        first = self.started(provider)
+        old = self.container().id
+        original_stop = self.engine.stop_container
+        held = []
+
+        def slow_stop(container_id, timeout):
+            held.append(container_id)
+            d = Deferred()
+            self.clock.callLater(2, lambda: original_stop(container_id, timeout)
+                                 .chainDeferred(d))
+            return d
+        self.engine.stop_container = slow_stop
+        stopping = provider.stop("alice")
+        starting = self.start(provider)
+        self.assertNoResult(starting)
+        self.assertIn(old, self.engine.containers, "the stop is still under way")
+        self.clock.advance(2)
+        self.successResultOf(stopping)
+        second = self.successResultOf(starting)
+        self.assertEqual(held, [old])
+        self.assertNotIn(old, self.engine.containers)
+        self.assertEqual(provider.running(), {"alice": second})
+        self.assertEqual(self.exits, [("alice", "stopped")])
 
     def test_missing_image_is_pulled(self):
         self.engine = FakeDockerEngine(images=[], registry=[IMAGE])
