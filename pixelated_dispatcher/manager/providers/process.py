@@ -410,6 +410,7 @@ class ProcessProvider:
         try:
             running = await self._launch(agent)
         except Exception as error:
+            agent.credentials = b""
             if not isinstance(error, AgentStartError):
                 log.failure("unexpected error starting the agent of {username}",
                             username=agent.username)
@@ -419,6 +420,7 @@ class ProcessProvider:
             _fire_all(agent.start_waiters, Failure(error))
             _fire_all(agent.stop_waiters, None)
             return
+        agent.credentials = b""  # delivered; keep the password no longer than needed
         agent.running = running
         agent.process.when_ended().addCallback(lambda _: self._running_agent_ended(agent))
         log.info("agent of {username} running at {host}:{port} (pid {pid})",
@@ -505,7 +507,8 @@ class ProcessProvider:
         process.when_ended().addCallback(lambda _: settle(_EXITED))
         timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()),
                                        settle, _TIMED_OUT)
-        probing = defer.ensureDeferred(self._probe_until_answered(port))
+        probing = defer.ensureDeferred(
+            self._probe_until_answered(port, lambda: not outcome.called))
         probing.addCallbacks(lambda _: settle(_READY),
                              lambda failure: failure.trap(CancelledError) and None)
         try:
@@ -515,11 +518,14 @@ class ProcessProvider:
                 timer.cancel()
             probing.cancel()
 
-    async def _probe_until_answered(self, port: int) -> None:
+    async def _probe_until_answered(self, port: int, wanted: Callable[[], bool]) -> None:
         """Ask ``HEAD /`` until any HTTP response comes back.
 
         HEAD, because a probe should not count as a visit; any status will do,
-        because an agent that says 404 or 403 is up.
+        because an agent that says 404 or 403 is up. ``wanted()`` turns false
+        once the outcome is known: cancelling a connection attempt fails it
+        with ConnectingCancelledError, not CancelledError, so the loop asks
+        rather than trusting the exception type.
         """
         endpoint = TCP4ClientEndpoint(self.reactor, LOOPBACK, port, timeout=PROBE_TIMEOUT)
         request = (b"HEAD / HTTP/1.0\r\nHost: %s:%d\r\n"
@@ -533,10 +539,9 @@ class ProcessProvider:
             try:
                 await answered
                 return
-            except CancelledError:
-                raise
             except Exception:
-                pass
+                if not wanted():
+                    raise CancelledError()
             await deferLater(self.reactor, PROBE_INTERVAL, lambda: None)
 
     # -- stopping -------------------------------------------------------------
