@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -372,5 +372,5 @@ class DockerProviderTests(SynchronousTestCase):
         self.started(provider, "alice")
         self.started(provider, "bob")
         self.container("bob").memory_usage = 42 * 1024 * 1024
-        usage = self.successResultOf(ensureDeferred(provider.memory_usage()))
+        usage = self.successResultOf(provider.memory_usage())
         self.assertEqual(usage, {"alice": 8 * 1024 * 1024, "bob": 42 * 1024 * 1024})

@@ -156,6 +156,10 @@ class ContainerTests(RealDockerTestCase):
             with open(os.path.join(dirs[username], "starts")) as f:
                 self.assertEqual(f.read(), "started for %s\n" % username)
         self.assertNotEqual(agents["alice"].address.port, agents["bob"].address.port)
+        usage = await provider.memory_usage()
+        self.assertEqual(set(usage), {"alice", "bob"})
+        for used in usage.values():
+            self.assertTrue(0 < used < 64 * 1024 * 1024, usage)
 
     async def test_docker_kill_is_noticed_and_the_next_start_works(self):
         provider = self.provider()

@@ -267,6 +267,7 @@ class DockerProvider:
         self._stream = None
         self._watcher: Optional[Deferred] = None
         self._first_reconcile: Optional[Deferred] = None
+        self._first_reconciled: Optional[_Shared] = None
         self._engine_up = False
         self._engine_problem = "not contacted yet"
         self._closing = False
@@ -321,13 +322,21 @@ class DockerProvider:
 
     # -- extras for the manager (ctl stats) --
 
-    async def memory_usage(self) -> Dict[str, int]:
-        """Memory in use per running agent, in bytes, from the stats endpoint."""
+    def memory_usage(self) -> Deferred:
+        """Fires with ``{username: bytes}``: the memory each running agent
+        uses (the stats endpoint, ``stream=false``, less the inactive page
+        cache, as ``docker stats`` shows it). Agents whose stats cannot be
+        read are left out."""
+        return ensureDeferred(self._memory_usage())
+
+    async def _memory_usage(self) -> Dict[str, int]:
+        agents = list(self._agents.items())
+        results = await DeferredList(
+            [self._engine.container_stats(entry.container_id) for _, entry in agents],
+            consumeErrors=True)
         usage = {}
-        for username, entry in list(self._agents.items()):
-            try:
-                stats = await self._engine.container_stats(entry.container_id)
-            except DockerEngineError:
+        for (username, _entry), (ok, stats) in zip(agents, results):
+            if not ok:
                 continue
             memory = stats.get("memory_stats") or {}
             inner = memory.get("stats") or {}
