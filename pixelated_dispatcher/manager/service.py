@@ -20,7 +20,7 @@ from .passwords import PRODUCTION, HashParameters, PasswordHasher
 from .providers.interface import IAgentProvider
 from .registry import UserRegistry
 from .sessions import SessionStore
-from .supervisor import AgentStatus, AgentSupervisor
+from .supervisor import STOPPED, AgentStatus, AgentSupervisor
 
 
 class Manager(Service):
@@ -156,7 +156,7 @@ class Manager(Service):
     def stop_agent(self, username: str):
         yield self.ready()
         yield self.users.require(username)
-        if username not in self.supervisor.running():
+        if self.supervisor.state(username) == STOPPED:
             raise AgentNotRunning("the agent of %s is not running" % (username,))
         yield self.supervisor.stop(username)
 

@@ -9,7 +9,7 @@ import os
 from typing import Callable, Dict, List, Optional
 
 import attr
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -118,9 +118,7 @@ class AgentSupervisor:
         if agent is not None and username not in self._starting:
             return succeed(agent.address)
         if username not in self._starting:
-            start = self._start(username)
-            self._starting[username] = _Fanout(start)
-            start.addBoth(self._forget(self._starting, username))
+            return self._track(self._starting, username, lambda: self._start(username))
         return self._starting[username].wait()
 
     def stop(self, username: str) -> Deferred:
@@ -134,10 +132,7 @@ class AgentSupervisor:
         if username not in self._provider.running():
             return succeed(None)
         self.log.info("stopping agent of {username}", username=username)
-        stop = self._provider.stop(username)
-        self._stopping[username] = _Fanout(stop)
-        stop.addBoth(self._forget(self._stopping, username))
-        return self._stopping[username].wait()
+        return self._track(self._stopping, username, lambda: self._provider.stop(username))
 
     def close(self) -> Deferred:
         """The manager is shutting down: leave the agents as the provider wants."""
@@ -158,11 +153,20 @@ class AgentSupervisor:
                       host=agent.address.host, port=agent.address.port)
         return agent.address
 
-    def _forget(self, table: Dict[str, _Fanout], username: str):
+    def _track(self, table: Dict[str, _Fanout], username: str,
+               operation: Callable[[], Deferred]) -> Deferred:
+        """Run ``operation`` as the one start (or stop) in flight for
+        ``username``; it leaves ``table`` before anybody hears the outcome, so
+        that waiters see the state it left behind."""
+        source: Deferred = Deferred()
+        fanout = table[username] = _Fanout(source)
+
         def forget(result):
-            table.pop(username, None)
+            if table.get(username) is fanout:
+                del table[username]
             return result
-        return forget
+        maybeDeferred(operation).addBoth(forget).chainDeferred(source)
+        return fanout.wait()
 
     def _agent_exited(self, username: str, reason: str) -> None:
         self.log.info("agent of {username} ended: {reason}", username=username, reason=reason)

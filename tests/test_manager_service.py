@@ -1,0 +1,178 @@
+"""The manager's domain: logins, sessions and the one-agent-per-user rule,
+on real SQLite and the verified FakeProvider."""
+import json
+import os
+import shutil
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import Clock, LoopingCall
+from twisted.trial.unittest import TestCase
+
+from pixelated_dispatcher import protocol as p
+from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
+from pixelated_dispatcher.manager.providers.fake import FakeProvider
+from pixelated_dispatcher.manager.service import Manager
+
+
+class ManagerTests(TestCase):
+
+    @inlineCallbacks
+    def setUp(self):
+        self.state_dir = tempfile.mkdtemp(prefix="pxd-")
+        self.addCleanup(shutil.rmtree, self.state_dir, True)
+        self.clock = Clock()
+        self.provider = FakeProvider(self.clock, start_delay=1.0, stop_delay=0.5)
+        self.manager = yield self.start_manager(self.provider)
+        yield self.manager.add_user("alice", "alice's password")
+        yield self.manager.add_user("bob", "bob's password")
+
+    @inlineCallbacks
+    def start_manager(self, provider):
+        manager = Manager(reactor, self.state_dir, provider, "example.org", FAST_FOR_TESTS)
+        manager.startService()
+        self.addCleanup(lambda: manager.running and self.finish_starts(manager.stopService()))
+        yield manager.ready()
+        return manager
+
+    def finish_starts(self, d):
+        """Let the fake provider's starts and stops complete (its clock moves
+        while ``d`` waits), then wait for ``d``."""
+        loop = LoopingCall(self.clock.advance, 0.5)
+        loop.start(0.01)
+
+        def done(result):
+            loop.stop()
+            return result
+        return d.addBoth(done)
+
+    @inlineCallbacks
+    def test_concurrent_requests_start_one_agent(self):
+        d = gatherResults([self.manager.ensure_agent("alice") for _ in range(5)])
+        addresses = yield self.finish_starts(d)
+        self.assertEqual(len(set(addresses)), 1)
+        self.assertEqual(self.provider.launches, ["alice"])
+        again = yield self.manager.ensure_agent("alice")
+        self.assertEqual(again, addresses[0])
+        self.assertEqual(self.provider.launches, ["alice"])
+
+    @inlineCallbacks
+    def test_agent_gets_the_password_of_the_login_on_stdin_line(self):
+        yield self.manager.authenticate("alice", "alice's password", "192.0.2.1")
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        line = self.provider.credentials["alice"]
+        self.assertTrue(line.endswith(b"\n"))
+        self.assertEqual(json.loads(line), {"leap_provider_hostname": "example.org",
+                                            "user": "alice", "password": "alice's password"})
+
+    @inlineCallbacks
+    def test_operator_start_before_any_login_sends_no_password(self):
+        yield self.finish_starts(self.manager.start_agent("bob"))
+        self.assertEqual(json.loads(self.provider.credentials["bob"])["password"], "")
+
+    @inlineCallbacks
+    def test_wrong_password_unknown_and_invalid_users_are_refused_alike(self):
+        for name, password in [("alice", "bob's password"), ("mallory", "x"), ("Bad Name", "x")]:
+            failure = yield self.assertFailure(
+                self.manager.authenticate(name, password, "192.0.2.1"), p.InvalidCredentials)
+            self.assertEqual(str(failure), "invalid username or password")
+
+    @inlineCallbacks
+    def test_logout_of_the_last_session_stops_the_agent_and_forgets_the_password(self):
+        first = yield self.manager.authenticate("alice", "alice's password", "192.0.2.1")
+        second = yield self.manager.authenticate("alice", "alice's password", "192.0.2.2")
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        yield self.finish_starts(self.manager.end_session(first))
+        self.assertTrue(self.provider.alive("alice"), "another session still uses it")
+        yield self.finish_starts(self.manager.end_session(second))
+        self.assertFalse(self.provider.alive("alice"))
+        self.assertEqual(self.manager.supervisor.state("alice"), "stopped")
+        yield self.finish_starts(self.manager.start_agent("alice"))
+        self.assertEqual(json.loads(self.provider.credentials["alice"])["password"], "")
+        yield self.assertFailure(self.manager.resolve_session(second), p.InvalidSession)
+
+    @inlineCallbacks
+    def test_removed_user_loses_agent_sessions_and_login(self):
+        token = yield self.manager.authenticate("bob", "bob's password", "192.0.2.1")
+        yield self.finish_starts(self.manager.ensure_agent("bob"))
+        yield self.finish_starts(self.manager.remove_user("bob"))
+        self.assertFalse(self.provider.alive("bob"))
+        yield self.assertFailure(self.manager.resolve_session(token), p.InvalidSession)
+        yield self.assertFailure(self.manager.authenticate("bob", "bob's password", "x"),
+                                 p.InvalidCredentials)
+        yield self.assertFailure(self.manager.ensure_agent("bob"), p.UnknownUser)
+        self.assertEqual((yield self.manager.list_users()), [("alice", "stopped")])
+
+    @inlineCallbacks
+    def test_crashed_agent_is_stopped_and_the_next_request_starts_it_again(self):
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        self.provider.crash("alice")
+        self.assertEqual(self.manager.supervisor.state("alice"), "stopped")
+        yield self.assertFailure(self.manager.locate_agent("alice"), p.AgentNotRunning)
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        self.assertEqual(self.provider.launches, ["alice", "alice"])
+
+    @inlineCallbacks
+    def test_stop_during_a_start_ends_stopped(self):
+        starting = self.manager.supervisor.ensure("alice")
+        self.assertEqual(self.manager.supervisor.state("alice"), "starting")
+        stopping = self.manager.stop_agent("alice")
+        yield self.finish_starts(starting)
+        yield self.finish_starts(stopping)
+        self.assertEqual(self.manager.supervisor.state("alice"), "stopped")
+        self.assertFalse(self.provider.alive("alice"))
+
+    @inlineCallbacks
+    def test_start_during_a_stop_waits_and_starts_again(self):
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        stopping = self.manager.supervisor.stop("alice")
+        self.assertEqual(self.manager.supervisor.state("alice"), "stopping")
+        again = self.manager.supervisor.ensure("alice")
+        self.assertEqual(self.manager.supervisor.state("alice"), "stopping")
+        yield self.finish_starts(stopping)
+        yield self.finish_starts(again)
+        self.assertEqual(self.manager.supervisor.state("alice"), "running")
+        self.assertEqual(self.provider.launches, ["alice", "alice"])
+
+    @inlineCallbacks
+    def test_failed_start_is_a_named_error_and_can_be_retried(self):
+        self.provider.fail_next_start("alice", "exited with status 3: no such mailbox")
+        failure = yield self.assertFailure(self.finish_starts(self.manager.ensure_agent("alice")),
+                                           p.AgentStartFailed)
+        self.assertIn("no such mailbox", str(failure))
+        self.assertEqual(self.manager.supervisor.state("alice"), "stopped")
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        self.assertEqual(self.manager.supervisor.state("alice"), "running")
+
+    @inlineCallbacks
+    def test_unknown_and_invalid_names_get_named_errors(self):
+        yield self.assertFailure(self.manager.ensure_agent("nobody"), p.UnknownUser)
+        yield self.assertFailure(self.manager.ensure_agent("../etc"), p.InvalidUsername)
+        yield self.assertFailure(self.manager.add_user("alice", "x"), p.UserExists)
+        yield self.assertFailure(self.manager.agent_info("nobody"), p.UnknownUser)
+
+    @inlineCallbacks
+    def test_data_directory_is_private_and_per_user(self):
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        path = os.path.join(self.state_dir, "users", "alice", "data")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
+        self.assertEqual(self.manager.supervisor.data_dir("bob"),
+                         os.path.join(self.state_dir, "users", "bob", "data"))
+
+    @inlineCallbacks
+    def test_users_and_sessions_survive_a_manager_restart(self):
+        token = yield self.manager.authenticate("alice", "alice's password", "192.0.2.1")
+        yield self.finish_starts(self.manager.stopService())
+        manager = yield self.start_manager(FakeProvider(Clock()))
+        self.assertEqual((yield manager.resolve_session(token)), "alice")
+        self.assertEqual([u for u, _ in (yield manager.list_users())], ["alice", "bob"])
+        self.assertEqual(os.stat(os.path.join(self.state_dir, "dispatcher.sqlite")).st_mode
+                         & 0o777, 0o600)
+
+    @inlineCallbacks
+    def test_stopping_the_manager_closes_the_provider(self):
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        d = self.manager.stopService()
+        yield self.finish_starts(d)
+        self.assertEqual(self.provider.running(), {})
