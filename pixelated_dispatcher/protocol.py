@@ -8,6 +8,8 @@ in flight, so the manager translates anything unexpected into
 Error codes are stable names: ctl and the proxy map them to messages, and
 later versions only add new ones.
 """
+import hashlib
+
 import attr
 from twisted.protocols import amp
 
@@ -59,6 +61,30 @@ class AgentStartFailed(DispatcherError):
     """The user's agent could not be started; the message says why."""
 
 
+class CapacityReached(DispatcherError):
+    """No agent can start now: ``--max-agents`` agents run already."""
+
+
+class RateLimited(DispatcherError):
+    """Too many failed logins for this user name or client address.
+
+    The message ends with "retry after N seconds"; :func:`retry_after`
+    reads N back.
+    """
+
+
+def rate_limited(seconds: int) -> RateLimited:
+    return RateLimited("too many failed logins; retry after %d seconds" % max(1, seconds))
+
+
+def retry_after(error: Exception, default: int = 60) -> int:
+    """The wait, in seconds, that a RateLimited (or any) error asks for."""
+    words = str(error).rsplit(" ", 2)
+    if len(words) == 3 and words[2] == "seconds" and words[1].isdigit():
+        return int(words[1])
+    return default
+
+
 COMMON_ERRORS = {
     InternalError: b"INTERNAL_ERROR",
     PermissionDenied: b"PERMISSION_DENIED",
@@ -75,6 +101,8 @@ def _errors(*extra):
         InvalidSession: b"INVALID_SESSION",
         AgentNotRunning: b"AGENT_NOT_RUNNING",
         AgentStartFailed: b"AGENT_START_FAILED",
+        CapacityReached: b"CAPACITY_REACHED",
+        RateLimited: b"RATE_LIMITED",
     }
     for error in extra:
         errors[error] = codes[error]
@@ -89,7 +117,7 @@ class Authenticate(amp.Command):
                  (b"password", amp.Unicode()),
                  (b"client", amp.Unicode())]
     response = [(b"token", amp.Unicode())]
-    errors = _errors(InvalidCredentials)
+    errors = _errors(InvalidCredentials, RateLimited)
 
 
 class ResolveSession(amp.Command):
@@ -110,7 +138,7 @@ class EnsureAgent(amp.Command):
     """Start the user's agent unless it runs; answer once it serves HTTP."""
     arguments = [(b"username", amp.Unicode())]
     response = [(b"host", amp.Unicode()), (b"port", amp.Integer())]
-    errors = _errors(InvalidUsername, UnknownUser, AgentStartFailed)
+    errors = _errors(InvalidUsername, UnknownUser, AgentStartFailed, CapacityReached)
 
 
 class LocateAgent(amp.Command):
@@ -118,6 +146,54 @@ class LocateAgent(amp.Command):
     arguments = [(b"username", amp.Unicode())]
     response = [(b"host", amp.Unicode()), (b"port", amp.Integer())]
     errors = _errors(InvalidUsername, UnknownUser, AgentNotRunning)
+
+
+class ReportActivity(amp.Command):
+    """These users' agents were used since the last report (for idle culling).
+
+    The proxy batches reports (a few per minute); keep a batch under AMP's
+    64 KiB value limit by splitting it (about 1,000 names).
+    """
+    arguments = [(b"usernames", amp.ListOf(amp.Unicode()))]
+    response = []
+    errors = _errors()
+
+
+class Subscribe(amp.Command):
+    """Ask the manager to push invalidations (the commands below) on this
+    connection, so that the proxy may cache sessions and agent addresses."""
+    arguments = []
+    response = []
+    errors = _errors()
+
+
+# --- pushed by the manager to subscribed proxies -----------------------------
+
+class SessionEnded(amp.Command):
+    """One session ended (logout, expiry). ``token_digest`` is the hex
+    SHA-256 of the token, so the raw token never needs to be stored."""
+    arguments = [(b"token_digest", amp.Unicode())]
+    response = []
+    errors = _errors()
+
+
+class SessionsRevoked(amp.Command):
+    """Every session of this user ended (``logout NAME``, ``passwd``, removal)."""
+    arguments = [(b"username", amp.Unicode())]
+    response = []
+    errors = _errors()
+
+
+class AgentStopped(amp.Command):
+    """This user's agent is gone (stopped, culled, crashed): forget its address."""
+    arguments = [(b"username", amp.Unicode())]
+    response = []
+    errors = _errors()
+
+
+def token_digest(token: str) -> str:
+    """The hex SHA-256 of a session token, as :class:`SessionEnded` names it."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # --- administration (pixelated-ctl) ------------------------------------------
@@ -146,7 +222,7 @@ class ListUsers(amp.Command):
 class StartAgent(amp.Command):
     arguments = [(b"username", amp.Unicode())]
     response = [(b"host", amp.Unicode()), (b"port", amp.Integer())]
-    errors = _errors(InvalidUsername, UnknownUser, AgentStartFailed)
+    errors = _errors(InvalidUsername, UnknownUser, AgentStartFailed, CapacityReached)
 
 
 class StopAgent(amp.Command):
@@ -167,5 +243,7 @@ class AgentInfo(amp.Command):
     errors = _errors(InvalidUsername, UnknownUser)
 
 
-PROXY_COMMANDS = (Authenticate, ResolveSession, EndSession, EnsureAgent, LocateAgent)
+PROXY_COMMANDS = (Authenticate, ResolveSession, EndSession, EnsureAgent, LocateAgent,
+                  ReportActivity, Subscribe)
+PUSHED_COMMANDS = (SessionEnded, SessionsRevoked, AgentStopped)
 ADMIN_COMMANDS = (AddUser, RemoveUser, ListUsers, StartAgent, StopAgent, AgentInfo)
