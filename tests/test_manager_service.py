@@ -141,7 +141,9 @@ class ManagerTests(TestCase):
         failure = yield self.assertFailure(self.finish_starts(self.manager.ensure_agent("alice")),
                                            p.AgentStartFailed)
         self.assertIn("no such mailbox", str(failure))
-        self.assertEqual(self.manager.supervisor.state("alice"), "stopped")
+        status = yield self.manager.agent_info("alice")
+        self.assertEqual((status.state, status.reason),
+                         ("failed", "exited with status 3: no such mailbox"))
         yield self.finish_starts(self.manager.ensure_agent("alice"))
         self.assertEqual(self.manager.supervisor.state("alice"), "running")
 

@@ -41,8 +41,9 @@ class OptionsTests(SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, self.parse, "--provider", "lxc")
         self.assertIn("process", str(error))
 
-    def test_agent_command_with_unknown_placeholder_is_refused(self):
-        self.assertRaises(usage.UsageError, self.parse, "--agent-command", "agent --home {hom}")
+    def test_agent_command_must_be_a_command_line_with_a_port(self):
+        self.assertEqual(self.parse("--agent-command", "agent --port {port} --json '{}'")
+                         ["agent-command"], "agent --port {port} --json '{}'")
         self.assertRaises(usage.UsageError, self.parse, "--agent-command", "agent 'unclosed")
         self.assertRaises(usage.UsageError, self.parse, "--agent-command", "   ")
         error = self.assertRaises(usage.UsageError, self.parse, "--agent-command", "agent")

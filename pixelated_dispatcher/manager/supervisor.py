@@ -1,26 +1,40 @@
-"""When agents start and stop: at most one agent per user, never two starts at once.
+"""When agents start and stop: one state machine per user.
+
+::
+
+    stopped ──ensure──▶ starting ──ready──▶ running ──stop/exit──▶ stopping ─▶ stopped
+                           │                                          ▲
+                           └──error──▶ failed (with the reason) ──ensure┘
 
 The supervisor decides *when* (a login, a request, an operator's command, a
-logout); the provider decides *how*. It keeps per-user bookkeeping of starts
-and stops in flight so that concurrent requests share one start, and so that
-a start asked for during a stop waits for the stop and then starts again.
+logout, idleness); the provider decides *how*. Per user it keeps at most one
+start and one stop in flight: concurrent requests share one start, a stop
+asked for during a start waits for it and then stops, a start asked for
+during a stop waits for it and then starts again.
+
+Capacity: at most ``max_agents`` agents run or start at once (0: no limit;
+beyond it a start fails with ``CapacityReached``), and at most
+``max_concurrent_starts`` starts are in progress at once; the others wait
+in a first-come, first-served queue.
 """
 import os
 from typing import Callable, Dict, List, Optional
 
 import attr
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import (Deferred, DeferredSemaphore, inlineCallbacks,
+                                    maybeDeferred, succeed)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..protocol import AgentAddress, AgentStartFailed
+from ..protocol import AgentAddress, AgentStartFailed, CapacityReached
 from .providers.interface import AgentStartError, IAgentProvider, RunningAgent
 
 STOPPED = "stopped"
 STARTING = "starting"
 RUNNING = "running"
 STOPPING = "stopping"
+FAILED = "failed"
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -28,36 +42,38 @@ class AgentStatus:
     username: str
     state: str
     agent: Optional[RunningAgent]
+    #: why the last start failed (state FAILED), else ""
+    reason: str = ""
 
 
 class _Fanout:
-    """One result delivered to any number of later waiters."""
+    """One outcome delivered to any number of waiters."""
 
     def __init__(self, source: Deferred) -> None:
         self._waiters: List[Deferred] = []
-        self._done = False
-        self._result = None
+        self._outcome: Optional[list] = None
         source.addBoth(self._fire)
 
-    def _fire(self, result):
-        self._done, self._result = True, result
+    def _fire(self, result) -> None:
+        self._outcome = [result]
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            waiter.callback(result) if not _is_failure(result) else waiter.errback(result)
-        return None
+            _deliver(waiter, result)
 
     def wait(self) -> Deferred:
-        if self._done:
-            d = Deferred()
-            d.callback(self._result) if not _is_failure(self._result) else d.errback(self._result)
-            return d
-        d = Deferred()
-        self._waiters.append(d)
+        d: Deferred = Deferred()
+        if self._outcome is None:
+            self._waiters.append(d)
+        else:
+            _deliver(d, self._outcome[0])
         return d
 
 
-def _is_failure(result) -> bool:
-    return isinstance(result, Failure)
+def _deliver(d: Deferred, result) -> None:
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
 
 
 class AgentSupervisor:
@@ -66,24 +82,34 @@ class AgentSupervisor:
     log = Logger()
 
     def __init__(self, reactor, provider: IAgentProvider, data_root: str,
-                 credentials: Callable[[str], bytes], file_pool) -> None:
+                 credentials: Callable[[str], bytes], file_pool,
+                 max_agents: int = 0, max_concurrent_starts: int = 0) -> None:
         self._reactor = reactor
         self._provider = provider
         self._data_root = data_root
         self._credentials = credentials
         self._file_pool = file_pool
+        self.max_agents = max_agents
+        self._start_slots = DeferredSemaphore(max_concurrent_starts) \
+            if max_concurrent_starts > 0 else None
         self._starting: Dict[str, _Fanout] = {}
         self._stopping: Dict[str, _Fanout] = {}
+        self._failures: Dict[str, str] = {}
+        self._exit_listeners: List[Callable[[str, str], None]] = []
         provider.on_exit(self._agent_exited)
 
     def data_dir(self, username: str) -> str:
         return os.path.join(self._data_root, username, "data")
 
+    def on_exit(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(username, reason)`` whenever an agent ends."""
+        self._exit_listeners.append(listener)
+
     def recover(self) -> Deferred:
         """Adopt agents that outlived a previous manager."""
         def adopted(agents):
             for agent in agents:
-                self.log.info("adopted agent of {username} at {host}:{port}",
+                self.log.info("agent of {username}: adopted at {host}:{port}",
                               username=agent.username, host=agent.address.host,
                               port=agent.address.port)
             return agents
@@ -96,60 +122,80 @@ class AgentSupervisor:
             return STARTING
         if username in self._provider.running():
             return RUNNING
+        if username in self._failures:
+            return FAILED
         return STOPPED
 
     def status(self, username: str) -> AgentStatus:
         return AgentStatus(username, self.state(username),
-                           self._provider.running().get(username))
+                           self._provider.running().get(username),
+                           self._failures.get(username, ""))
 
     def running(self) -> Dict[str, RunningAgent]:
         return dict(self._provider.running())
 
-    def ensure(self, username: str) -> "Deferred[AgentAddress]":
+    def ensure(self, username: str, reason: str = "request") -> "Deferred[AgentAddress]":
         """The address of the user's agent, started first if needed.
 
         The caller has checked that the user exists.
         """
         if username in self._stopping:
             d = self._stopping[username].wait()
-            d.addBoth(lambda _: self.ensure(username))
+            d.addBoth(lambda _: self.ensure(username, reason))
             return d
+        if username in self._starting:
+            return self._starting[username].wait()
         agent = self._provider.running().get(username)
-        if agent is not None and username not in self._starting:
+        if agent is not None:
             return succeed(agent.address)
-        if username not in self._starting:
-            return self._track(self._starting, username, lambda: self._start(username))
-        return self._starting[username].wait()
+        busy = len(self._provider.running()) + len(self._starting)
+        if self.max_agents and busy >= self.max_agents:
+            self.log.warn("agent of {username}: not started, capacity of {max} agents reached",
+                          username=username, max=self.max_agents)
+            return maybeDeferred(_raise, CapacityReached(
+                "capacity reached: %d agents run already; retry after 60 seconds"
+                % self.max_agents))
+        return self._track(self._starting, username, lambda: self._start(username, reason))
 
-    def stop(self, username: str) -> Deferred:
+    def stop(self, username: str, reason: str = "operator") -> Deferred:
         """Stop the user's agent (after a start in flight has finished)."""
+        self._failures.pop(username, None)
         if username in self._stopping:
             return self._stopping[username].wait()
         if username in self._starting:
             d = self._starting[username].wait()
-            d.addBoth(lambda _: self.stop(username))
+            d.addBoth(lambda _: self.stop(username, reason))
             return d
         if username not in self._provider.running():
             return succeed(None)
-        self.log.info("stopping agent of {username}", username=username)
+        self.log.info("agent of {username}: stopping ({reason})", username=username,
+                      reason=reason)
         return self._track(self._stopping, username, lambda: self._provider.stop(username))
 
     def close(self) -> Deferred:
         """The manager is shutting down: leave the agents as the provider wants."""
         return self._provider.close()
 
+    def _start(self, username: str, reason: str) -> Deferred:
+        if self._start_slots is None:
+            return self._start_now(username, reason)
+        return self._start_slots.run(self._start_now, username, reason)
+
     @inlineCallbacks
-    def _start(self, username: str):
-        self.log.info("starting agent of {username}", username=username)
+    def _start_now(self, username: str, reason: str):
+        self._failures.pop(username, None)
+        self.log.info("agent of {username}: starting ({reason})", username=username,
+                      reason=reason)
         data_dir = self.data_dir(username)
         yield deferToThreadPool(self._reactor, self._file_pool, _make_private_dir, data_dir)
         try:
             agent = yield self._provider.start(username, data_dir, self._credentials(username))
         except AgentStartError as error:
-            self.log.warn("agent of {username} failed to start: {reason}",
+            self._failures[username] = str(error)
+            self.log.warn("agent of {username}: failed to start: {reason}",
                           username=username, reason=str(error))
             raise AgentStartFailed(str(error))
-        self.log.info("agent of {username} running at {host}:{port}", username=username,
+        self.log.info("agent of {username}: running at {host}:{port}", username=username,
                       host=agent.address.host, port=agent.address.port)
         return agent.address
 
@@ -169,7 +215,17 @@ class AgentSupervisor:
         return fanout.wait()
 
     def _agent_exited(self, username: str, reason: str) -> None:
-        self.log.info("agent of {username} ended: {reason}", username=username, reason=reason)
+        self.log.info("agent of {username}: stopped ({reason})", username=username,
+                      reason=reason)
+        for listener in list(self._exit_listeners):
+            try:
+                listener(username, reason)
+            except Exception:
+                self.log.failure("exit listener failed")
+
+
+def _raise(error: Exception):
+    raise error
 
 
 def _make_private_dir(path: str) -> None:

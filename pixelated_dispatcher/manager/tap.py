@@ -6,7 +6,6 @@ protocol in ``amp_server``, agents in ``providers``.
 import os
 import shlex
 import socket
-import sys
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -17,10 +16,7 @@ from .amp_server import ManagerAMPFactory
 from .passwords import PRODUCTION
 from .service import Manager
 
-DEFAULT_AGENT_COMMAND = (
-    shlex.quote(sys.executable)
-    + " -m pixelated_dispatcher.demo_agent --port {port} --data-dir {data_dir}"
-      " --username {username}")
+from .providers.process import DEMO_AGENT_COMMAND as DEFAULT_AGENT_COMMAND
 
 PROVIDERS = ("process", "docker")
 
@@ -61,8 +57,7 @@ class Options(usage.Options):
         if self["agent-command"] is not None:
             try:
                 words = shlex.split(self["agent-command"])
-                [w.format(port=1, data_dir="d", username="u") for w in words]
-            except (ValueError, KeyError, IndexError) as error:
+            except ValueError as error:
                 raise usage.UsageError("--agent-command is not a valid command line: %s" % error)
             if not words:
                 raise usage.UsageError("--agent-command is empty")
