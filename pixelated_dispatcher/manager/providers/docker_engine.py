@@ -27,6 +27,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import (ConnectError, ConnectingCancelledError, ConnectionLost,
                                     TimeoutError as _Timeout)
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -251,6 +252,11 @@ def check_docker_host(host: str) -> str:
                      " or tcp://HOST:PORT" % (host,))
 
 
+_log = Logger()
+
+#: no message of a JSON stream is anywhere near this long
+_MAX_LINE = 1024 * 1024
+
 _UNREACHABLE = (ConnectError, ConnectingCancelledError, ConnectionLost, _Timeout, OSError)
 
 
@@ -279,8 +285,11 @@ class _JSONLines(Protocol):
             try:
                 self._on_object(obj)
             except Exception:
-                from twisted.logger import Logger
-                Logger().failure("event handler failed on {obj!r}", obj=obj)
+                _log.failure("handling {obj!r} from the Docker engine failed", obj=obj)
+        if len(self._buffer) > _MAX_LINE:
+            _log.warn("dropped an over-long line from the Docker engine ({size} bytes)",
+                      size=len(self._buffer))
+            self._buffer = b""
 
     def stop(self) -> None:
         self._stopped = True
