@@ -224,12 +224,14 @@ class PureFunctionTests(SynchronousTestCase):
     def test_references(self):
         self.assertEqual(split_reference("pixelated/agent"), ("pixelated/agent", "latest"))
         self.assertEqual(split_reference("pixelated/agent:1"), ("pixelated/agent", "1"))
-        self.assertEqual(split_reference("localhost:5000/agent"), ("localhost:5000/agent", "latest"))
+        self.assertEqual(split_reference("localhost:5000/agent"),
+                         ("localhost:5000/agent", "latest"))
         self.assertEqual(split_reference("localhost:5000/agent:2"), ("localhost:5000/agent", "2"))
         self.assertEqual(split_reference("agent@sha256:abc"), ("agent@sha256:abc", ""))
 
     def test_multiplexed_logs(self):
-        framed = (b"\x01\x00\x00\x00\x00\x00\x00\x04out\n" + b"\x02\x00\x00\x00\x00\x00\x00\x04err\n")
+        framed = (b"\x01\x00\x00\x00\x00\x00\x00\x04out\n"
+                  b"\x02\x00\x00\x00\x00\x00\x00\x04err\n")
         self.assertEqual(demultiplex(framed), b"out\nerr\n")
         self.assertEqual(demultiplex(b"plain tty output\n"), b"plain tty output\n")
 

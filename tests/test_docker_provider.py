@@ -21,7 +21,8 @@ from pixelated_dispatcher.manager.providers.interface import AgentStartError, IA
 from pixelated_dispatcher.manager.providers.loopback_guard import LoopbackGuardFailed
 
 IMAGE = "pixelated/pixelated-user-agent:latest"
-CREDENTIALS = b'{"leap_provider_hostname": "example.org", "user": "alice", "password": "correct horse"}\n'
+CREDENTIALS = (b'{"leap_provider_hostname": "example.org", "user": "alice",'
+               b' "password": "correct horse"}\n')
 
 
 class _Probe:
@@ -133,7 +134,8 @@ class DockerProviderTests(SynchronousTestCase):
         self.assertNotIn("correct horse", everything_else)
 
     def test_agent_command_replaces_the_images_command(self):
-        provider = self.provider(command="/usr/bin/agent --port {port} --home '{data_dir}' -u {username}")
+        provider = self.provider(
+            command="/usr/bin/agent --port {port} --home '{data_dir}' -u {username}")
         self.started(provider)
         self.assertEqual(self.container().config["Cmd"],
                          ["/usr/bin/agent", "--port", "4567", "--home", "/mnt/user", "-u", "alice"])
@@ -203,7 +205,7 @@ class DockerProviderTests(SynchronousTestCase):
 
     def test_start_during_stop_waits_for_the_stop(self):
         provider = self.provider()
-        first = self.started(provider)
+        self.started(provider)
         old = self.container().id
         original_stop = self.engine.stop_container
         held = []

@@ -329,8 +329,9 @@ class FakeDockerEngine:
         def pull():
             ref = _normal(reference)
             if ref not in self.registry:
-                registry = ref.split("/")[0] if "/" in ref and (
-                    "." in ref.split("/")[0] or ":" in ref.split("/")[0]) else "registry-1.docker.io"
+                first = ref.split("/")[0]
+                registry = first if "/" in ref and ("." in first or ":" in first) \
+                    else "registry-1.docker.io"
                 raise PullFailed('Get "https://%s/v2/": dial tcp %s: connect: connection refused'
                                  % (registry, registry), 500)
             on_progress({"status": "Pulling from %s" % ref, "id": split_reference(ref)[1]})

@@ -64,8 +64,8 @@ class LoopbackGuard:
 
     async def _run(self, *args):
         out, err, code = await getProcessOutputAndValue(
-            self.iptables, ["-w", "5", "-t", "raw"] + list(args), env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"},
-            reactor=self._reactor)
+            self.iptables, ["-w", "5", "-t", "raw"] + list(args),
+            env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}, reactor=self._reactor)
         return code, (err or out).decode("utf-8", "replace").strip()
 
     @_deferred
