@@ -205,7 +205,7 @@ def make_docker_engine_tests(fixture):
         async def test_stop_ends_the_container(self):
             cid = await self.engine.create_container(self.name(), self.config())
             await self.engine.start_container(cid)
-            await self.engine.stop_container(cid, 5)
+            await self.engine.stop_container(cid, 1)
             info = await self.engine.inspect_container(cid)
             self.assertFalse(info["State"]["Running"])
             await self.engine.remove_container(cid)
