@@ -61,6 +61,10 @@ class AgentStartFailed(DispatcherError):
     """The user's agent could not be started; the message says why."""
 
 
+class BadRequest(DispatcherError):
+    """The request cannot be carried out as asked; the message says why."""
+
+
 class CapacityReached(DispatcherError):
     """No agent can start now: ``--max-agents`` agents run already."""
 
@@ -102,6 +106,7 @@ def _errors(*extra):
         AgentNotRunning: b"AGENT_NOT_RUNNING",
         AgentStartFailed: b"AGENT_START_FAILED",
         CapacityReached: b"CAPACITY_REACHED",
+        BadRequest: b"BAD_REQUEST",
         RateLimited: b"RATE_LIMITED",
     }
     for error in extra:
@@ -204,18 +209,40 @@ class AddUser(amp.Command):
     errors = _errors(InvalidUsername, UserExists)
 
 
+class SetPassword(amp.Command):
+    """Change a password; ends every session of the user."""
+    arguments = [(b"username", amp.Unicode()), (b"password", amp.Unicode())]
+    response = []
+    errors = _errors(InvalidUsername, UnknownUser)
+
+
 class RemoveUser(amp.Command):
-    """Remove a user, stopping their agent and ending their sessions."""
+    """Remove a user, stopping their agent and ending their sessions; their
+    data stays on disk unless ``purge``."""
+    arguments = [(b"username", amp.Unicode()), (b"purge", amp.Boolean(optional=True))]
+    response = []
+    errors = _errors(InvalidUsername, UnknownUser)
+
+
+class ResetData(amp.Command):
+    """Stop the user's agent and empty their data directory."""
     arguments = [(b"username", amp.Unicode())]
     response = []
     errors = _errors(InvalidUsername, UnknownUser)
 
 
+#: users per ListUsers page: far below AMP's 64 KiB per value
+LIST_PAGE = 500
+
+
 class ListUsers(amp.Command):
-    """Every user with the state of their agent."""
-    arguments = []
+    """Users with the state of their agents, sorted by name, a page at a time:
+    pass the last name of a page as ``after`` to get the next one."""
+    arguments = [(b"after", amp.Unicode(optional=True)),
+                 (b"limit", amp.Integer(optional=True))]
     response = [(b"users", amp.AmpList([(b"username", amp.Unicode()),
-                                        (b"state", amp.Unicode())]))]
+                                        (b"state", amp.Unicode())])),
+                (b"more", amp.Boolean())]
     errors = _errors()
 
 
@@ -232,18 +259,65 @@ class StopAgent(amp.Command):
 
 
 class AgentInfo(amp.Command):
-    """State of one user's agent: state, address (empty when stopped), pid."""
+    """One user's agent: state (and why it failed), address (empty when
+    stopped), pid, start time, resident memory, last activity."""
     arguments = [(b"username", amp.Unicode())]
     response = [(b"username", amp.Unicode()),
                 (b"state", amp.Unicode()),
+                (b"reason", amp.Unicode()),
                 (b"host", amp.Unicode()),
                 (b"port", amp.Integer()),
                 (b"pid", amp.Integer()),
-                (b"started", amp.Float())]
+                (b"started", amp.Float()),
+                (b"memory", amp.Integer()),
+                (b"last_activity", amp.Float())]
     errors = _errors(InvalidUsername, UnknownUser)
+
+
+class ListSessions(amp.Command):
+    """A user's live sessions (never their tokens)."""
+    arguments = [(b"username", amp.Unicode())]
+    response = [(b"sessions", amp.AmpList([(b"created", amp.Float()),
+                                           (b"last_seen", amp.Float()),
+                                           (b"client", amp.Unicode())]))]
+    errors = _errors(InvalidUsername, UnknownUser)
+
+
+class RevokeSessions(amp.Command):
+    """End every session of a user (``pixelated-ctl logout NAME``)."""
+    arguments = [(b"username", amp.Unicode())]
+    response = [(b"count", amp.Integer())]
+    errors = _errors(InvalidUsername, UnknownUser)
+
+
+class Stats(amp.Command):
+    """Counts and the memory of running agents."""
+    arguments = []
+    response = [(b"users", amp.Integer()),
+                (b"sessions", amp.Integer()),
+                (b"running", amp.Integer()),
+                (b"memory", amp.Integer()),
+                (b"agents", amp.AmpList([(b"username", amp.Unicode()),
+                                         (b"memory", amp.Integer()),
+                                         (b"started", amp.Float())]))]
+    errors = _errors()
+
+
+class ImportLegacy(amp.Command):
+    """Import users of an original pixelated-dispatcher root, a page of user
+    directories at a time (sorted by name, after ``after``). Safe to repeat."""
+    arguments = [(b"root", amp.Unicode()),
+                 (b"after", amp.Unicode(optional=True)),
+                 (b"limit", amp.Integer(optional=True))]
+    response = [(b"entries", amp.AmpList([(b"username", amp.Unicode()),
+                                          (b"outcome", amp.Unicode()),
+                                          (b"detail", amp.Unicode())])),
+                (b"more", amp.Boolean())]
+    errors = _errors(BadRequest)
 
 
 PROXY_COMMANDS = (Authenticate, ResolveSession, EndSession, EnsureAgent, LocateAgent,
                   ReportActivity, Subscribe)
 PUSHED_COMMANDS = (SessionEnded, SessionsRevoked, AgentStopped)
-ADMIN_COMMANDS = (AddUser, RemoveUser, ListUsers, StartAgent, StopAgent, AgentInfo)
+ADMIN_COMMANDS = (AddUser, SetPassword, RemoveUser, ResetData, ListUsers, StartAgent,
+                  StopAgent, AgentInfo, ListSessions, RevokeSessions, Stats, ImportLegacy)

@@ -10,7 +10,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pixelated_dispatcher import protocol as p
-from pixelated_dispatcher.manager.amp_server import ManagerAMP, PeerPolicy
+from pixelated_dispatcher.manager.amp_server import ManagerAMP
+from pixelated_dispatcher.manager.peer_policy import PeerPolicy
+from pixelated_dispatcher.manager.announcements import Announcer
+from pixelated_dispatcher.manager.service import AgentDetails
 from pixelated_dispatcher.manager.supervisor import AgentStatus
 from pixelated_dispatcher.manager.providers.interface import RunningAgent
 
@@ -27,6 +30,7 @@ class RecordingManager:
     def __init__(self):
         self.calls = []
         self.failure = None
+        self.announcements = Announcer()
 
     def _answer(self, name, value, **kwargs):
         self.calls.append((name, kwargs))
@@ -53,11 +57,28 @@ class RecordingManager:
     def add_user(self, username, password):
         return self._answer("add_user", None, username=username, password=password)
 
-    def remove_user(self, username):
-        return self._answer("remove_user", None, username=username)
+    def remove_user(self, username, purge):
+        return self._answer("remove_user", None, username=username, purge=purge)
 
-    def list_users(self):
-        return self._answer("list_users", [("alice", "running"), ("bob", "stopped")])
+    def list_users(self, after, limit):
+        users = [("user%04d" % n, "stopped") for n in range(1200)]
+        page = [u for u in users if u[0] > after][:limit]
+        return self._answer("list_users", page, after=after, limit=limit)
+
+    def report_activity(self, usernames):
+        self.calls.append(("report_activity", {"usernames": usernames}))
+
+    def set_password(self, username, password):
+        return self._answer("set_password", None, username=username, password=password)
+
+    def revoke_sessions(self, username):
+        return self._answer("revoke_sessions", 3, username=username)
+
+    def list_sessions(self, username):
+        return self._answer("list_sessions", [(1.0, 2.0, "192.0.2.1")], username=username)
+
+    def stats(self):
+        return self._answer("stats", (10, 4, {"alice": (1000, 5.0), "bob": (2000, 6.0)}))
 
     def start_agent(self, username):
         return self.ensure_agent(username)
@@ -67,8 +88,8 @@ class RecordingManager:
 
     def agent_info(self, username):
         agent = RunningAgent(username, p.AgentAddress("127.0.0.1", 4242), 99, 1.5)
-        return self._answer("agent_info", AgentStatus(username, "running", agent),
-                            username=username)
+        return self._answer("agent_info", AgentDetails(AgentStatus(username, "running", agent),
+                                                       123456, 7.5), username=username)
 
 
 class _DenyAdmin(PeerPolicy):
@@ -81,7 +102,7 @@ class ContractTests(SynchronousTestCase):
     def connect(self, policy=None):
         self.manager = RecordingManager()
         client, server, pump = connectedServerAndClient(
-            lambda: ManagerAMP(self.manager, policy or PeerPolicy()), amp.AMP)
+            lambda: ManagerAMP(self.manager, policy or PeerPolicy.everybody()), amp.AMP)
         self.client, self.pump = client, pump
 
     def call(self, command, **kwargs):
@@ -117,10 +138,62 @@ class ContractTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.call(p.EnsureAgent, username="alice")),
                          {"host": "127.0.0.1", "port": 4242})
         info = self.successResultOf(self.call(p.AgentInfo, username="alice"))
-        self.assertEqual((info["state"], info["pid"], info["port"]), ("running", 99, 4242))
-        users = self.successResultOf(self.call(p.ListUsers))["users"]
-        self.assertEqual(users, [{"username": "alice", "state": "running"},
-                                 {"username": "bob", "state": "stopped"}])
+        self.assertEqual((info["state"], info["pid"], info["port"], info["memory"],
+                          info["last_activity"]), ("running", 99, 4242, 123456, 7.5))
+        stats = self.successResultOf(self.call(p.Stats))
+        self.assertEqual((stats["users"], stats["sessions"], stats["running"], stats["memory"]),
+                         (10, 4, 2, 3000))
+
+    def test_list_users_comes_in_pages_under_the_amp_value_limit(self):
+        self.connect()
+        names, after, pages = [], None, 0
+        while True:
+            kwargs = {"after": after} if after else {}
+            page = self.successResultOf(self.call(p.ListUsers, **kwargs))
+            names += [user["username"] for user in page["users"]]
+            pages += 1
+            if not page["more"]:
+                break
+            after = names[-1]
+        self.assertEqual(names, ["user%04d" % n for n in range(1200)])
+        self.assertEqual(pages, 3)
+
+    def test_subscribed_connection_receives_invalidations_others_do_not(self):
+        self.connect()
+        heard = []
+
+        class Listener(amp.CommandLocator):
+            @p.SessionEnded.responder
+            def ended(self, token_digest):
+                heard.append(("ended", token_digest))
+                return {}
+
+            @p.SessionsRevoked.responder
+            def revoked(self, username):
+                heard.append(("revoked", username))
+                return {}
+
+            @p.AgentStopped.responder
+            def stopped(self, username):
+                heard.append(("stopped", username))
+                return {}
+        self.client.locator = Listener()
+        self.manager.announcements.session_ended(p.token_digest("tok"))
+        self.pump.flush()
+        self.assertEqual(heard, [])
+        self.successResultOf(self.call(p.Subscribe))
+        self.manager.announcements.session_ended(p.token_digest("tok"))
+        self.manager.announcements.sessions_revoked("alice")
+        self.manager.announcements.agent_stopped("bob")
+        self.pump.flush()
+        self.assertEqual(heard, [("ended", p.token_digest("tok")), ("revoked", "alice"),
+                                 ("stopped", "bob")])
+
+    def test_activity_reports_reach_the_manager(self):
+        self.connect()
+        names = ["user%d" % n for n in range(1000)]
+        self.successResultOf(self.call(p.ReportActivity, usernames=names))
+        self.assertEqual(self.manager.calls, [("report_activity", {"usernames": names})])
 
     def test_declared_errors_arrive_by_name_with_their_message(self):
         self.connect()

@@ -12,7 +12,8 @@ from twisted.internet.endpoints import UNIXServerEndpoint
 from pixelated_dispatcher.manager.amp_server import ManagerAMPFactory
 from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
 from pixelated_dispatcher.manager.providers.process import ProcessProvider
-from pixelated_dispatcher.manager.service import Manager
+from pixelated_dispatcher.manager.peer_policy import PeerPolicy
+from pixelated_dispatcher.manager.service import Manager, ManagerSettings
 from pixelated_dispatcher.manager.tap import DEFAULT_AGENT_COMMAND
 from pixelated_dispatcher.proxy.manager_client import AMPManagerClient
 
@@ -26,13 +27,14 @@ def start_real_manager(test, provider=None):
     test.addCleanup(shutil.rmtree, directory, True)
     provider = provider or ProcessProvider(reactor, DEFAULT_AGENT_COMMAND, start_timeout=30,
                                            stop_grace=2)
-    manager = Manager(reactor, os.path.join(directory, "state"), provider, "example.org",
-                      FAST_FOR_TESTS)
+    manager = Manager(reactor, os.path.join(directory, "state"), provider,
+                      ManagerSettings(leap_provider="example.org", hash_parameters=FAST_FOR_TESTS))
     manager.startService()
     test.addCleanup(manager.stopService)
     yield manager.ready()
     path = os.path.join(directory, "manager.sock")
-    port = yield UNIXServerEndpoint(reactor, path, mode=0o660).listen(ManagerAMPFactory(manager))
+    port = yield UNIXServerEndpoint(reactor, path, mode=0o660).listen(
+        ManagerAMPFactory(manager, PeerPolicy()))
     test.addCleanup(port.stopListening)
     return manager, path
 

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from pixelated_dispatcher import protocol as p
 from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
 from pixelated_dispatcher.manager.providers.fake import FakeProvider
-from pixelated_dispatcher.manager.service import Manager
+from pixelated_dispatcher.manager.service import Manager, ManagerSettings
 
 
 class ManagerTests(TestCase):
@@ -29,8 +29,10 @@ class ManagerTests(TestCase):
         yield self.manager.add_user("bob", "bob's password")
 
     @inlineCallbacks
-    def start_manager(self, provider):
-        manager = Manager(reactor, self.state_dir, provider, "example.org", FAST_FOR_TESTS)
+    def start_manager(self, provider, **settings):
+        manager = Manager(reactor, self.state_dir, provider,
+                          ManagerSettings(leap_provider="example.org",
+                                          hash_parameters=FAST_FOR_TESTS, **settings))
         manager.startService()
         self.addCleanup(lambda: manager.running and self.finish_starts(manager.stopService()))
         yield manager.ready()
@@ -141,7 +143,7 @@ class ManagerTests(TestCase):
         failure = yield self.assertFailure(self.finish_starts(self.manager.ensure_agent("alice")),
                                            p.AgentStartFailed)
         self.assertIn("no such mailbox", str(failure))
-        status = yield self.manager.agent_info("alice")
+        status = (yield self.manager.agent_info("alice")).status
         self.assertEqual((status.state, status.reason),
                          ("failed", "exited with status 3: no such mailbox"))
         yield self.finish_starts(self.manager.ensure_agent("alice"))

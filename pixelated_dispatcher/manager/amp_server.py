@@ -5,52 +5,26 @@ AMP close the connection (failing every other call in flight), so anything
 that is not one of the contract's errors becomes ``InternalError`` here, after
 being logged with its traceback.
 
-The peer's Unix credentials are read once per connection (``SO_PEERCRED``)
-and every command is checked by :class:`PeerPolicy` in one place.
+Each connection learns its peer's credentials once (``peer_policy``), and
+every command passes the one :class:`PeerPolicy` check before any domain
+code runs. A connection that sends ``Subscribe`` receives the manager's
+invalidations (``SessionEnded``, ``SessionsRevoked``, ``AgentStopped``).
 """
-import socket
-import struct
 from functools import wraps
 from typing import Optional
 
-import attr
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
+from zope.interface import implementer
 
 from .. import protocol as p
+from .announcements import IAnnouncementListener
+from .peer_policy import PeerCredentials, PeerPolicy, peer_credentials
 from .service import Manager
 
 log = Logger()
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class PeerCredentials:
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_credentials(transport) -> Optional[PeerCredentials]:
-    """The credentials of the process at the other end of a Unix socket."""
-    try:
-        raw = transport.getHandle().getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (AttributeError, OSError):
-        return None
-    return PeerCredentials(*struct.unpack("3i", raw))
-
-
-class PeerPolicy:
-    """Who may use which command.
-
-    For now whoever can open the socket (mode 0660: root and the socket's
-    group) may use every command; the manager issue narrows this per peer.
-    """
-
-    def allows(self, peer: Optional[PeerCredentials], command) -> bool:
-        return True
 
 
 def _translated(command):
@@ -75,14 +49,25 @@ def _translate_unexpected(failure, command):
     raise p.InternalError("internal error in the manager (see its log)")
 
 
+def _address(address):
+    return {"host": address.host, "port": address.port}
+
+
+def _empty(_):
+    return {}
+
+
 class ManagerLocator(amp.CommandLocator):
     """Answers the commands of one connection."""
 
     def __init__(self, manager: Manager, policy: PeerPolicy,
-                 peer: Optional[PeerCredentials]) -> None:
+                 peer: Optional[PeerCredentials], connection=None) -> None:
         self.manager = manager
         self.policy = policy
         self.peer = peer
+        self.connection = connection
+
+    # -- proxy --
 
     @_translated(p.Authenticate)
     def authenticate(self, username, password, client):
@@ -105,18 +90,44 @@ class ManagerLocator(amp.CommandLocator):
     def locate_agent(self, username):
         return self.manager.locate_agent(username).addCallback(_address)
 
+    @_translated(p.ReportActivity)
+    def report_activity(self, usernames):
+        self.manager.report_activity(usernames)
+        return {}
+
+    @_translated(p.Subscribe)
+    def subscribe(self):
+        if self.connection is None:
+            raise p.InternalError("this connection cannot receive announcements")
+        self.manager.announcements.subscribe(self.connection)
+        return {}
+
+    # -- administration --
+
     @_translated(p.AddUser)
     def add_user(self, username, password):
-        return self.manager.add_user(username, password).addCallback(lambda _: {})
+        return self.manager.add_user(username, password).addCallback(_empty)
+
+    @_translated(p.SetPassword)
+    def set_password(self, username, password):
+        return self.manager.set_password(username, password).addCallback(_empty)
 
     @_translated(p.RemoveUser)
-    def remove_user(self, username):
-        return self.manager.remove_user(username).addCallback(lambda _: {})
+    def remove_user(self, username, purge=False):
+        return self.manager.remove_user(username, bool(purge)).addCallback(_empty)
+
+    @_translated(p.ResetData)
+    def reset_data(self, username):
+        return self.manager.reset_data(username).addCallback(_empty)
 
     @_translated(p.ListUsers)
-    def list_users(self):
-        return self.manager.list_users().addCallback(
-            lambda users: {"users": [{"username": u, "state": s} for u, s in users]})
+    def list_users(self, after=None, limit=None):
+        limit = p.LIST_PAGE if limit is None else max(1, min(limit, p.LIST_PAGE))
+
+        def answer(users):
+            return {"users": [{"username": u, "state": s} for u, s in users[:limit]],
+                    "more": len(users) > limit}
+        return self.manager.list_users(after or "", limit + 1).addCallback(answer)
 
     @_translated(p.StartAgent)
     def start_agent(self, username):
@@ -124,24 +135,54 @@ class ManagerLocator(amp.CommandLocator):
 
     @_translated(p.StopAgent)
     def stop_agent(self, username):
-        return self.manager.stop_agent(username).addCallback(lambda _: {})
+        return self.manager.stop_agent(username).addCallback(_empty)
 
     @_translated(p.AgentInfo)
     def agent_info(self, username):
-        def answer(status):
-            agent = status.agent
+        def answer(details):
+            status, agent = details.status, details.status.agent
             return {"username": status.username, "state": status.state,
+                    "reason": status.reason,
                     "host": agent.address.host if agent else "",
                     "port": agent.address.port if agent else 0,
                     "pid": agent.pid if agent else 0,
-                    "started": agent.started if agent else 0.0}
+                    "started": agent.started if agent else 0.0,
+                    "memory": details.memory,
+                    "last_activity": details.last_activity}
         return self.manager.agent_info(username).addCallback(answer)
 
+    @_translated(p.ListSessions)
+    def list_sessions(self, username):
+        return self.manager.list_sessions(username).addCallback(lambda sessions: {
+            "sessions": [{"created": c, "last_seen": s, "client": client}
+                         for c, s, client in sessions[:500]]})
 
-def _address(address):
-    return {"host": address.host, "port": address.port}
+    @_translated(p.RevokeSessions)
+    def revoke_sessions(self, username):
+        return self.manager.revoke_sessions(username).addCallback(lambda n: {"count": n})
+
+    @_translated(p.Stats)
+    def stats(self):
+        def answer(result):
+            users, sessions, agents = result
+            return {"users": users, "sessions": sessions, "running": len(agents),
+                    "memory": sum(memory for memory, _ in agents.values()),
+                    "agents": [{"username": name, "memory": memory, "started": started}
+                               for name, (memory, started) in sorted(agents.items())[:1000]]}
+        return self.manager.stats().addCallback(answer)
+
+    @_translated(p.ImportLegacy)
+    def import_legacy(self, root, after=None, limit=None):
+        limit = 100 if limit is None else max(1, min(limit, 200))
+
+        def answer(result):
+            entries, more = result
+            return {"entries": [{"username": u, "outcome": o, "detail": d[:300]}
+                                for u, o, d in entries], "more": more}
+        return self.manager.import_legacy(root, after or "", limit).addCallback(answer)
 
 
+@implementer(IAnnouncementListener)
 class ManagerAMP(amp.AMP):
     """One connection to the manager socket."""
 
@@ -153,14 +194,35 @@ class ManagerAMP(amp.AMP):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.locator = ManagerLocator(self._manager, self._policy,
-                                      peer_credentials(self.transport))
+                                      peer_credentials(self.transport), self)
+
+    def connectionLost(self, reason) -> None:
+        self._manager.announcements.unsubscribe(self)
+        super().connectionLost(reason)
+
+    # IAnnouncementListener: push to the subscribed proxy, never wait for it.
+
+    def session_ended(self, token_digest: str) -> None:
+        self._push(p.SessionEnded, token_digest=token_digest)
+
+    def sessions_revoked(self, username: str) -> None:
+        self._push(p.SessionsRevoked, username=username)
+
+    def agent_stopped(self, username: str) -> None:
+        self._push(p.AgentStopped, username=username)
+
+    def _push(self, command, **kwargs) -> None:
+        d = self.callRemote(command, **kwargs)
+        d.addErrback(lambda failure: log.warn("could not push {command}: {error}",
+                                              command=command.__name__,
+                                              error=failure.getErrorMessage()))
 
 
 class ManagerAMPFactory(Factory):
 
-    def __init__(self, manager: Manager, policy: Optional[PeerPolicy] = None) -> None:
+    def __init__(self, manager: Manager, policy: PeerPolicy) -> None:
         self._manager = manager
-        self._policy = policy or PeerPolicy()
+        self._policy = policy
 
     def buildProtocol(self, addr):
         return ManagerAMP(self._manager, self._policy)

@@ -34,6 +34,14 @@ MIGRATIONS: List[str] = [
     );
     CREATE INDEX sessions_by_user ON sessions(username);
     """,
+    # 2: a Unix uid (and gid) per user for their agent; kept when a user is
+    # removed without --purge, so that a re-added user finds their files.
+    """
+    CREATE TABLE agent_accounts (
+        uid      INTEGER PRIMARY KEY,
+        username TEXT NOT NULL UNIQUE
+    );
+    """,
 ]
 
 

@@ -9,6 +9,8 @@ Hashing uses a dedicated, small thread pool: argon2 releases the GIL, and a
 pool no larger than the spare cores keeps the reactor responsive while many
 logins arrive at once (see twisted-notes §7).
 """
+import hashlib
+import hmac
 import os
 from typing import Optional
 
@@ -32,6 +34,31 @@ PRODUCTION = HashParameters()
 
 #: Cheap parameters for tests that are about behaviour, not cost.
 FAST_FOR_TESTS = HashParameters(time_cost=1, memory_cost_kib=256, parallelism=1)
+
+
+#: Prefix of hashes imported from the original pixelated-dispatcher:
+#: ``$legacy-scrypt$<salt>$<hex of scrypt(password, salt, N=16384, r=8, p=1, 64 bytes)>``
+#: where ``salt`` is used as its ASCII bytes, as the original did. They are
+#: verified with :func:`hashlib.scrypt` and replaced by argon2id at the first
+#: successful login.
+LEGACY_SCRYPT = "$legacy-scrypt$"
+
+
+def legacy_scrypt_hash(salt: str, hex_digest: str) -> str:
+    """The stored form of an original dispatcher's ``[auth]`` salt and hash."""
+    if "$" in salt or not salt:
+        raise ValueError("unusable salt")
+    bytes.fromhex(hex_digest)
+    if len(hex_digest) != 128:
+        raise ValueError("hashed_password must be 128 hex digits")
+    return LEGACY_SCRYPT + salt + "$" + hex_digest.lower()
+
+
+def _verify_legacy_scrypt(encoded: str, password: str) -> bool:
+    salt, expected = encoded[len(LEGACY_SCRYPT):].split("$", 1)
+    computed = hashlib.scrypt(password.encode("utf-8"), salt=salt.encode("ascii"),
+                              n=16384, r=8, p=1, dklen=64, maxmem=64 * 1024 * 1024)
+    return hmac.compare_digest(computed.hex(), expected)
 
 
 def _default_pool_size() -> int:
@@ -77,6 +104,8 @@ class PasswordHasher:
         return deferToThreadPool(self._reactor, self._pool, self._verify, encoded, password)
 
     def needs_rehash(self, encoded: str) -> bool:
+        if encoded.startswith(LEGACY_SCRYPT):
+            return True
         return self._hasher.check_needs_rehash(encoded)
 
     def _verify(self, encoded: Optional[str], password: str) -> bool:
@@ -86,6 +115,11 @@ class PasswordHasher:
             encoded, password, known = self._dummy_hash, password, False
         else:
             known = True
+        if encoded.startswith(LEGACY_SCRYPT):
+            try:
+                return _verify_legacy_scrypt(encoded, password)
+            except (ValueError, UnicodeError):
+                return False
         try:
             return self._hasher.verify(encoded, password) and known
         except argon2.exceptions.VerificationError:

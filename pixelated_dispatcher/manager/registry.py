@@ -3,7 +3,7 @@
 Every name is checked against the one user name rule before it reaches the
 database; every password is hashed or verified in the hashing pool.
 """
-import time
+import sqlite3
 from typing import List, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -43,10 +43,8 @@ class UserRegistry:
                 connection.execute(
                     "INSERT INTO users (username, password_hash, created) VALUES (?, ?, ?)",
                     (username, encoded, created))
-            except Exception as error:
-                if "UNIQUE" in str(error):
-                    raise UserExists("user %s exists already" % (username,))
-                raise
+            except sqlite3.IntegrityError:
+                raise UserExists("user %s exists already" % (username,))
         yield self._database.run(insert)
 
     @inlineCallbacks
@@ -80,10 +78,32 @@ class UserRegistry:
         if not (yield self.exists(username)):
             raise UnknownUser("no user named %s" % (username,))
 
-    def usernames(self) -> "Deferred[List[str]]":
+    def usernames(self, after: str = "", limit: int = -1) -> "Deferred[List[str]]":
+        """User names in order, the first ``limit`` (all: -1) after ``after``."""
         return self._database.run(
-            lambda c: [row[0] for row in
-                       c.execute("SELECT username FROM users ORDER BY username")])
+            lambda c: [row[0] for row in c.execute(
+                "SELECT username FROM users WHERE username > ? ORDER BY username LIMIT ?",
+                (after, limit))])
+
+    def count(self) -> "Deferred[int]":
+        return self._database.run(lambda c: c.execute("SELECT COUNT(*) FROM users").fetchone()[0])
+
+    def stored_hash(self, username: str) -> "Deferred[Optional[str]]":
+        return self._database.run(lambda c: _hash_of(c, username))
+
+    def add_with_hash(self, username: str, encoded: str) -> Deferred:
+        """Add a user whose password hash comes from elsewhere (``import-legacy``)."""
+        _checked(username)
+        created = self._clock.seconds()
+
+        def insert(connection):
+            try:
+                connection.execute(
+                    "INSERT INTO users (username, password_hash, created) VALUES (?, ?, ?)",
+                    (username, encoded, created))
+            except sqlite3.IntegrityError:
+                raise UserExists("user %s exists already" % (username,))
+        return self._database.run(insert)
 
     @inlineCallbacks
     def verify(self, username: str, password: str):

@@ -2,20 +2,30 @@
 
 :class:`Manager` answers every question of the AMP contract in domain terms
 (it raises the contract's errors but knows nothing of AMP); ``amp_server``
-translates. It owns the database thread, the hashing pool and the supervisor,
-starts them in order and stops them in reverse.
+translates. It owns the database thread, the hashing pool, the supervisor
+and the idle culler, starts them in order and stops them in reverse.
 """
 import os
-from typing import List, Tuple
+import shutil
+from typing import Dict, List, Optional, Tuple
 
-from twisted.application.service import Service
+import attr
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from ..protocol import AgentAddress, AgentNotRunning, InvalidCredentials
+from ..protocol import (AgentAddress, AgentNotRunning, BadRequest, InvalidCredentials,
+                        UserExists, rate_limited, token_digest)
+from .agent_accounts import AgentAccounts, UidRange
+from .agent_usage import resident_memory
+from .announcements import Announcer
 from .credentials import CredentialsVault
+from .culler import IdleCuller
 from .database import Database
+from .legacy_import import LegacyUser, read_legacy_root
+from .login_limits import LoginLimiter
 from .passwords import PRODUCTION, HashParameters, PasswordHasher
 from .providers.interface import IAgentProvider
 from .registry import UserRegistry
@@ -23,37 +33,79 @@ from .sessions import SessionStore
 from .supervisor import STOPPED, AgentStatus, AgentSupervisor
 
 
-class Manager(Service):
+@attr.s(frozen=True, auto_attribs=True)
+class ManagerSettings:
+    """Everything an operator can tune (see the tap's options)."""
+    leap_provider: str = "localhost"
+    hash_parameters: HashParameters = PRODUCTION
+    session_idle_timeout: float = 24 * 3600
+    session_max_age: float = 7 * 24 * 3600
+    idle_timeout: float = 2 * 3600
+    max_agents: int = 0
+    max_concurrent_starts: int = 0
+    login_free_failures: int = 5
+    login_backoff_base: float = 1.0
+    login_backoff_max: float = 900.0
+    #: uids for agents; None: agents run as the manager's own user
+    agent_uids: Optional[UidRange] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AgentDetails:
+    """What ``pixelated-ctl info`` shows."""
+    status: AgentStatus
+    memory: int
+    last_activity: float
+
+
+class Manager(MultiService):
     """Users, sessions and agents of one state directory."""
 
     log = Logger()
 
     def __init__(self, reactor, state_dir: str, provider: IAgentProvider,
-                 leap_provider: str, hash_parameters: HashParameters = PRODUCTION) -> None:
+                 settings: ManagerSettings = ManagerSettings()) -> None:
+        super().__init__()
         self._reactor = reactor
         self.state_dir = state_dir
+        self.settings = settings
         self._database = Database(reactor, os.path.join(state_dir, "dispatcher.sqlite"))
-        self._hasher = PasswordHasher(reactor, hash_parameters)
+        self._hasher = PasswordHasher(reactor, settings.hash_parameters)
         self._file_pool = ThreadPool(minthreads=0, maxthreads=2, name="files")
-        self._vault = CredentialsVault(leap_provider)
+        self._vault = CredentialsVault(settings.leap_provider)
+        self.announcements = Announcer()
+        self.limiter = LoginLimiter(reactor, settings.login_free_failures,
+                                    settings.login_backoff_base, settings.login_backoff_max)
         self.users = UserRegistry(self._database, self._hasher, reactor)
-        self.sessions = SessionStore(self._database, reactor)
-        self.supervisor = AgentSupervisor(reactor, provider, os.path.join(state_dir, "users"),
-                                          self._vault.line_for, self._file_pool)
+        self.sessions = SessionStore(self._database, reactor, settings.session_idle_timeout,
+                                     settings.session_max_age)
+        self.accounts = AgentAccounts(self._database, settings.agent_uids) \
+            if settings.agent_uids else None
+        self.supervisor = AgentSupervisor(
+            reactor, provider, os.path.join(state_dir, "users"), self._vault.line_for,
+            self._file_pool, settings.max_agents, settings.max_concurrent_starts)
+        self.supervisor.on_exit(lambda username, reason: self.announcements.agent_stopped(username))
+        self.culler = IdleCuller(reactor, self.supervisor, settings.idle_timeout)
         self._ready: Deferred = Deferred()
 
     # --- lifecycle ------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
         self._hasher.start()
         self._file_pool.start()
         d = self._database.start()
         d.addCallback(lambda _: self.supervisor.recover())
-        d.addCallback(lambda _: self.log.info("manager ready, state in {dir}", dir=self.state_dir))
-        d.addCallback(lambda _: self._ready.callback(None))
+        d.addCallback(self._started)
         d.addErrback(self._failed_to_start)
+
+    def _started(self, _) -> None:
+        # Children (the culler's timer) start only once agents are recovered.
+        self.culler.service().setServiceParent(self)
+        super().startService()
+        self.log.info("manager ready, state in {dir}", dir=self.state_dir)
+        self._ready.callback(None)
 
     def _failed_to_start(self, failure) -> None:
         self.log.failure("manager could not start", failure)
@@ -63,7 +115,7 @@ class Manager(Service):
 
     @inlineCallbacks
     def stopService(self):
-        super().stopService()
+        yield super().stopService()
         try:
             yield self.supervisor.close()
         finally:
@@ -73,19 +125,29 @@ class Manager(Service):
 
     def ready(self) -> Deferred:
         """Fires once the database is open and agents are recovered."""
-        d = Deferred()
+        d: Deferred = Deferred()
         self._ready.addBoth(lambda result: (d.callback(result), result)[1])
         return d
+
+    def _in_files_thread(self, function, *args) -> Deferred:
+        return deferToThreadPool(self._reactor, self._file_pool, function, *args)
 
     # --- proxy questions -----------------------------------------------------
 
     @inlineCallbacks
     def authenticate(self, username: str, password: str, client: str):
         yield self.ready()
+        wait = self.limiter.wait_for(username, client)
+        if wait > 0:
+            self.log.warn("login of {username!r} from {client} refused: rate limited",
+                          username=username[:64], client=client)
+            raise rate_limited(int(wait) + 1)
         if not (yield self.users.verify(username, password)):
+            self.limiter.failed(username, client)
             self.log.info("failed login for {username!r} from {client}",
                           username=username[:64], client=client)
             raise InvalidCredentials("invalid username or password")
+        self.limiter.succeeded(username, client)
         self._vault.remember(username, password)
         token = yield self.sessions.create(username, client)
         self.log.info("{username} logged in from {client}", username=username, client=client)
@@ -103,17 +165,18 @@ class Manager(Service):
         forget the password."""
         yield self.ready()
         username = yield self.sessions.end(token)
+        self.announcements.session_ended(token_digest(token))
         self.log.info("{username} logged out", username=username)
         if (yield self.sessions.count(username)) == 0:
             self._vault.forget(username)
-            yield self.supervisor.stop(username)
+            yield self.supervisor.stop(username, reason="logout")
         return username
 
     @inlineCallbacks
-    def ensure_agent(self, username: str):
+    def ensure_agent(self, username: str, reason: str = "request"):
         yield self.ready()
         yield self.users.require(username)
-        address = yield self.supervisor.ensure(username)
+        address = yield self.supervisor.ensure(username, reason)
         return address
 
     @inlineCallbacks
@@ -125,6 +188,9 @@ class Manager(Service):
             raise AgentNotRunning("the agent of %s is not running" % (username,))
         return agent.address
 
+    def report_activity(self, usernames: List[str]) -> None:
+        self.culler.activity(usernames)
+
     # --- administration --------------------------------------------------------
 
     @inlineCallbacks
@@ -134,21 +200,61 @@ class Manager(Service):
         self.log.info("added user {username}", username=username)
 
     @inlineCallbacks
-    def remove_user(self, username: str):
-        """Remove the user, end their sessions and stop their agent. Their
-        data directory stays on disk."""
+    def set_password(self, username: str, password: str):
+        """Change the password and end every session (a stolen session must
+        not outlive a password change)."""
         yield self.ready()
-        yield self.users.require(username)
-        yield self.supervisor.stop(username)
-        yield self.users.remove(username)
-        self._vault.forget(username)
-        self.log.info("removed user {username}", username=username)
+        yield self.users.set_password(username, password)
+        yield self._revoke(username)
+        self.log.info("changed the password of {username}", username=username)
 
     @inlineCallbacks
-    def list_users(self):
+    def revoke_sessions(self, username: str):
+        yield self.ready()
+        yield self.users.require(username)
+        count = yield self._revoke(username)
+        self.log.info("ended {count} sessions of {username}", count=count, username=username)
+        return count
+
+    @inlineCallbacks
+    def _revoke(self, username: str):
+        count = yield self.sessions.end_all(username)
+        self._vault.forget(username)
+        self.announcements.sessions_revoked(username)
+        return count
+
+    @inlineCallbacks
+    def remove_user(self, username: str, purge: bool = False):
+        """Remove the user, end their sessions and stop their agent. Their
+        data directory stays on disk unless ``purge``."""
+        yield self.ready()
+        yield self.users.require(username)
+        yield self.supervisor.stop(username, reason="user removed")
+        yield self.users.remove(username)
+        self._vault.forget(username)
+        self.announcements.sessions_revoked(username)
+        if purge:
+            yield self._in_files_thread(shutil.rmtree,
+                                        os.path.join(self.state_dir, "users", username), True)
+            if self.accounts is not None:
+                yield self.accounts.release(username)
+        self.log.info("removed user {username}{purged}", username=username,
+                      purged=" and their data" if purge else "")
+
+    @inlineCallbacks
+    def reset_data(self, username: str):
+        """Stop the agent and empty the user's data directory."""
+        yield self.ready()
+        yield self.users.require(username)
+        yield self.supervisor.stop(username, reason="data reset")
+        yield self._in_files_thread(_empty_directory, self.supervisor.data_dir(username))
+        self.log.info("emptied the data of {username}", username=username)
+
+    @inlineCallbacks
+    def list_users(self, after: str = "", limit: int = -1):
         """``[(username, agent state)]`` sorted by name."""
         yield self.ready()
-        names = yield self.users.usernames()
+        names = yield self.users.usernames(after, limit)
         result: List[Tuple[str, str]] = [(name, self.supervisor.state(name)) for name in names]
         return result
 
@@ -158,14 +264,101 @@ class Manager(Service):
         yield self.users.require(username)
         if self.supervisor.state(username) == STOPPED:
             raise AgentNotRunning("the agent of %s is not running" % (username,))
-        yield self.supervisor.stop(username)
+        yield self.supervisor.stop(username, reason="operator")
+
+    def start_agent(self, username: str) -> "Deferred[AgentAddress]":
+        return self.ensure_agent(username, reason="operator")
 
     @inlineCallbacks
     def agent_info(self, username: str):
         yield self.ready()
         yield self.users.require(username)
         status: AgentStatus = self.supervisor.status(username)
-        return status
+        memory = 0
+        if status.agent is not None:
+            memory = yield self._in_files_thread(resident_memory, status.agent.pid)
+        return AgentDetails(status, memory, self.culler.last_activity(username) or 0.0)
 
-    def start_agent(self, username: str) -> "Deferred[AgentAddress]":
-        return self.ensure_agent(username)
+    @inlineCallbacks
+    def list_sessions(self, username: str):
+        yield self.ready()
+        yield self.users.require(username)
+        sessions = yield self.sessions.of_user(username)
+        return sessions
+
+    @inlineCallbacks
+    def stats(self):
+        """``(users, sessions, {username: (memory, started)})``."""
+        yield self.ready()
+        users = yield self.users.count()
+        sessions = yield self.sessions.count()
+        running = self.supervisor.running()
+        memory = yield self._in_files_thread(
+            lambda: {name: resident_memory(agent.pid) for name, agent in running.items()})
+        agents: Dict[str, Tuple[int, float]] = {
+            name: (memory[name], agent.started) for name, agent in running.items()}
+        return users, sessions, agents
+
+    @inlineCallbacks
+    def import_legacy(self, root: str, after: str = "", limit: int = 100):
+        """Import a page of an original dispatcher's users; see legacy_import.
+
+        Returns ``([(username, outcome, detail)], more)``; outcome is
+        ``imported`` or ``skipped``.
+        """
+        yield self.ready()
+        if not os.path.isabs(root):
+            raise BadRequest("give the legacy root as an absolute path, not %r" % (root,))
+        try:
+            found: List[LegacyUser] = yield self._in_files_thread(read_legacy_root, root)
+        except OSError as error:
+            raise BadRequest("cannot read %s: %s" % (root, error.strerror or error))
+        page = [user for user in found if user.username > after]
+        more = limit >= 0 and len(page) > limit
+        page = page[:limit] if limit >= 0 else page
+        report = []
+        for user in page:
+            outcome = yield self._import_one(user)
+            report.append((user.username,) + outcome)
+        return report, more
+
+    @inlineCallbacks
+    def _import_one(self, user: LegacyUser):
+        if user.problem:
+            return "skipped", user.problem
+        try:
+            yield self.users.add_with_hash(user.username, user.password_hash)
+        except UserExists:
+            stored = yield self.users.stored_hash(user.username)
+            if stored == user.password_hash:
+                return "skipped", "imported already"
+            return "skipped", "a user of that name exists already"
+        detail = "no data directory"
+        if user.data_dir:
+            target = self.supervisor.data_dir(user.username)
+            detail = yield self._in_files_thread(_move_data, user.data_dir, target)
+        self.log.info("imported legacy user {username}: {detail}", username=user.username,
+                      detail=detail)
+        return "imported", detail
+
+
+def _empty_directory(path: str) -> None:
+    if not os.path.isdir(path):
+        return
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+def _move_data(source: str, target: str) -> str:
+    """Move the old data directory into place; never overwrite data."""
+    if os.path.exists(target) and os.listdir(target):
+        return "data left in %s: %s is not empty" % (source, target)
+    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+    if os.path.isdir(target):
+        os.rmdir(target)
+    shutil.move(source, target)
+    os.chmod(target, 0o700)
+    return "data moved from %s" % (source,)

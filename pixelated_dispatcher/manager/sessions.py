@@ -7,7 +7,7 @@ without use, or ``max_age`` seconds after login, whichever comes first.
 """
 import hashlib
 import secrets
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 
@@ -100,6 +100,14 @@ class SessionStore:
         return self._database.run(
             lambda c: c.execute("SELECT COUNT(*) FROM sessions WHERE username = ?",
                                 (username,)).fetchone()[0])
+
+    def of_user(self, username: str) -> "Deferred[List[Tuple[float, float, str]]]":
+        """``(created, last_seen, client)`` of the user's live sessions, oldest first."""
+        now = self._clock.seconds()
+        return self._database.run(lambda c: c.execute(
+            "SELECT created, last_seen, client FROM sessions WHERE username = ?"
+            " AND created >= ? AND last_seen >= ? ORDER BY created",
+            (username, now - self.max_age, now - self.idle_timeout)).fetchall())
 
     def purge_expired(self) -> "Deferred[int]":
         """Delete expired sessions; fires with how many."""

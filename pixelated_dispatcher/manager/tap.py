@@ -1,7 +1,8 @@
 """``twistd pixelated-manager``: options, and the wiring of the manager's services.
 
 Only wiring lives here: the domain is in ``service.Manager``, the socket
-protocol in ``amp_server``, agents in ``providers``.
+protocol in ``amp_server``, who may do what in ``peer_policy``, agents in
+``providers``.
 """
 import os
 import shlex
@@ -10,13 +11,17 @@ import socket
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.logger import Logger
 from twisted.python import usage
 
+from .agent_accounts import UidRange
 from .amp_server import ManagerAMPFactory
 from .passwords import PRODUCTION
-from .service import Manager
-
+from .peer_policy import PeerPolicy, group_id
 from .providers.process import DEMO_AGENT_COMMAND as DEFAULT_AGENT_COMMAND
+from .service import Manager, ManagerSettings
+
+log = Logger()
 
 PROVIDERS = ("process", "docker")
 
@@ -33,6 +38,16 @@ def _docker_parameters(exclude):
     return [option for option in DOCKER_OPT_PARAMETERS if option[0] not in exclude]
 
 
+def _non_negative(kind):
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 class Options(usage.Options):
     optParameters = [
         ["socket", None, "/run/pixelated/manager.sock",
@@ -46,8 +61,33 @@ class Options(usage.Options):
         ["leap-provider", None, None,
          "LEAP provider host name given to agents (default: this machine's domain)."],
         ["agent-start-timeout", None, 60.0,
-         "Seconds an agent has to answer HTTP after its start.", float],
-        ["agent-stop-grace", None, 10.0, "Seconds between SIGTERM and SIGKILL.", float],
+         "Seconds an agent has to answer HTTP after its start.", _non_negative(float)],
+        ["agent-stop-grace", None, 10.0, "Seconds between SIGTERM and SIGKILL.",
+         _non_negative(float)],
+        ["agent-uid-range", None, "200000-299999",
+         "Unix uids for agents of the process provider (one per user; gid = uid)."
+         " Used when the manager runs as root."],
+        ["proxy-group", None, "pixelated-proxy",
+         "Group of the socket; its members may use the proxy commands."],
+        ["admin-group", None, "pixelated-admin",
+         "Members of this group (and root) may use every command."],
+        ["idle-timeout", None, 7200.0,
+         "Stop agents unused for this many seconds (0: never).", _non_negative(float)],
+        ["max-agents", None, 0, "At most this many agents at once (0: no limit).",
+         _non_negative(int)],
+        ["max-concurrent-starts", None, 0,
+         "At most this many agent starts at once; others queue (0: no limit).",
+         _non_negative(int)],
+        ["session-idle-timeout", None, 86400.0,
+         "End sessions unused for this many seconds.", _non_negative(float)],
+        ["session-max-age", None, 604800.0,
+         "End sessions this many seconds after login.", _non_negative(float)],
+        ["login-free-failures", None, 5,
+         "Failed logins per user name or client before the backoff starts.",
+         _non_negative(int)],
+        ["login-backoff-max", None, 900.0,
+         "Longest wait (seconds) imposed after repeated failed logins.",
+         _non_negative(float)],
     ]
     optParameters += _docker_parameters(exclude={option[0] for option in optParameters})
 
@@ -64,10 +104,27 @@ class Options(usage.Options):
             if self["provider"] == "process" and not any("{port}" in w for w in words):
                 raise usage.UsageError("--agent-command needs a {port} placeholder: the"
                                        " process provider tells the agent where to listen")
+        try:
+            self["agent-uid-range"] = UidRange.parse(self["agent-uid-range"])
+        except ValueError as error:
+            raise usage.UsageError("--agent-uid-range: %s" % error)
         if self["leap-provider"] is None:
             self["leap-provider"] = _default_leap_provider()
         self["state-dir"] = os.path.abspath(self["state-dir"])
         self["socket"] = os.path.abspath(self["socket"])
+
+
+def settings_from(options, hash_parameters=PRODUCTION) -> ManagerSettings:
+    return ManagerSettings(
+        leap_provider=options["leap-provider"], hash_parameters=hash_parameters,
+        session_idle_timeout=options["session-idle-timeout"],
+        session_max_age=options["session-max-age"],
+        idle_timeout=options["idle-timeout"], max_agents=options["max-agents"],
+        max_concurrent_starts=options["max-concurrent-starts"],
+        login_free_failures=options["login-free-failures"],
+        login_backoff_max=options["login-backoff-max"],
+        agent_uids=options["agent-uid-range"]
+        if options["provider"] == "process" and os.getuid() == 0 else None)
 
 
 def make_provider(reactor, options):
@@ -80,18 +137,41 @@ def make_provider(reactor, options):
                            stop_grace=options["agent-stop-grace"])
 
 
+class _ManagerSocket(StreamServerEndpointService):
+    """The AMP listener; gives the socket and its directory to the proxy group."""
+
+    def __init__(self, reactor, path: str, factory, group: str) -> None:
+        super().__init__(UNIXServerEndpoint(reactor, path, mode=0o660, wantPID=True), factory)
+        self._raiseSynchronously = True
+        self._path = path
+        self._group = group
+
+    def privilegedStartService(self) -> None:
+        directory = os.path.dirname(self._path)
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        os.chmod(directory, 0o750)
+        super().privilegedStartService()
+        gid = group_id(self._group)
+        if gid is None:
+            log.warn("group {group} does not exist: the socket keeps the manager's group",
+                     group=self._group)
+            return
+        for path in (directory, self._path):
+            os.chown(path, -1, gid)
+
+
 def makeService(options, reactor=None, hash_parameters=PRODUCTION):
     if reactor is None:
         from twisted.internet import reactor
     top = MultiService()
-    manager = Manager(reactor, options["state-dir"], make_provider(reactor, options),
-                      options["leap-provider"], hash_parameters)
+    provider = make_provider(reactor, options)
+    manager = Manager(reactor, options["state-dir"], provider,
+                      settings_from(options, hash_parameters))
+    if manager.accounts is not None and hasattr(provider, "accounts"):
+        provider.accounts = manager.accounts.account_for
     manager.setServiceParent(top)
-    socket_dir = os.path.dirname(options["socket"])
-    if not os.path.isdir(socket_dir):
-        os.makedirs(socket_dir, mode=0o750)
-    endpoint = UNIXServerEndpoint(reactor, options["socket"], mode=0o660, wantPID=True)
-    listener = StreamServerEndpointService(endpoint, ManagerAMPFactory(manager))
-    listener._raiseSynchronously = True
+    policy = PeerPolicy.for_groups(options["admin-group"], options["proxy-group"])
+    listener = _ManagerSocket(reactor, options["socket"], ManagerAMPFactory(manager, policy),
+                              options["proxy-group"])
     listener.setServiceParent(top)
     return top

@@ -1,0 +1,55 @@
+"""Invalidations the manager pushes to subscribed proxies.
+
+A proxy may cache sessions and agent addresses only because the manager
+tells it at once when one of them stops being true. Listeners are the AMP
+connections that sent ``Subscribe``; a listener that fails is logged and
+skipped, never allowed to break the manager's own work.
+"""
+from typing import List
+
+from twisted.logger import Logger
+from zope.interface import Interface
+
+
+class IAnnouncementListener(Interface):
+
+    def session_ended(token_digest):
+        """One session ended; ``token_digest`` is the hex SHA-256 of its token."""
+
+    def sessions_revoked(username):
+        """Every session of ``username`` ended."""
+
+    def agent_stopped(username):
+        """The agent of ``username`` is gone."""
+
+
+class Announcer:
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._listeners: List[IAnnouncementListener] = []
+
+    def subscribe(self, listener: IAnnouncementListener) -> None:
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: IAnnouncementListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def session_ended(self, token_digest: str) -> None:
+        self._tell("session_ended", token_digest)
+
+    def sessions_revoked(self, username: str) -> None:
+        self._tell("sessions_revoked", username)
+
+    def agent_stopped(self, username: str) -> None:
+        self._tell("agent_stopped", username)
+
+    def _tell(self, method: str, value: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                getattr(listener, method)(value)
+            except Exception:
+                self.log.failure("could not tell {listener} {method}", listener=listener,
+                                 method=method)

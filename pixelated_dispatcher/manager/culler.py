@@ -1,0 +1,61 @@
+"""Idle culling: stop agents nobody has used for ``timeout`` seconds.
+
+The proxy reports which users were active, in batches (``ReportActivity``);
+an agent counts as used from its start and at every report naming its user.
+A check runs every ``interval`` seconds, so an agent idle for ``timeout`` is
+stopped at most ``interval`` later. An agent in use is never culled, because
+the proxy reports more often than ``timeout``.
+"""
+from typing import Dict, Iterable, Optional
+
+from twisted.application.internet import TimerService
+from twisted.logger import Logger
+
+from .supervisor import AgentSupervisor
+
+
+class IdleCuller:
+    log = Logger()
+
+    def __init__(self, clock, supervisor: AgentSupervisor, timeout: float) -> None:
+        self._clock = clock
+        self._supervisor = supervisor
+        self.timeout = timeout
+        self._last_activity: Dict[str, float] = {}
+        supervisor.on_exit(lambda username, reason: self._last_activity.pop(username, None))
+
+    def activity(self, usernames: Iterable[str]) -> None:
+        now = self._clock.seconds()
+        running = self._supervisor.running()
+        for username in usernames:
+            if username in running:
+                self._last_activity[username] = now
+
+    def last_activity(self, username: str) -> Optional[float]:
+        """When the agent was last used (its start counts), or None when not running."""
+        agent = self._supervisor.running().get(username)
+        if agent is None:
+            return None
+        return max(self._last_activity.get(username, 0.0), agent.started)
+
+    def cull(self) -> int:
+        """Stop every agent idle for longer than the timeout; returns how many."""
+        if not self.timeout:
+            return 0
+        now = self._clock.seconds()
+        culled = 0
+        for username in list(self._supervisor.running()):
+            last = self.last_activity(username)
+            if last is not None and now - last > self.timeout:
+                self.log.info("agent of {username}: idle for {idle:.0f} s",
+                              username=username, idle=now - last)
+                self._supervisor.stop(username, reason="idle for %d s" % (now - last))
+                culled += 1
+        return culled
+
+    def service(self) -> TimerService:
+        """A service running :meth:`cull` periodically."""
+        interval = max(1.0, min(60.0, self.timeout / 4.0)) if self.timeout else 3600.0
+        service = TimerService(interval, self.cull)
+        service.clock = self._clock
+        return service
