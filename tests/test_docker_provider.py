@@ -149,6 +149,17 @@ class DockerProviderTests(SynchronousTestCase):
         self.assertNotIn(old, self.engine.containers)
         self.assertEqual(self.container().stdin, CREDENTIALS)
 
+    def test_stale_container_and_missing_image_together(self):
+        self.engine = FakeDockerEngine(images=[IMAGE], registry=[IMAGE])
+        old = self.successResultOf(self.engine.create_container(
+            "pixelated-agent-alice", {"Image": IMAGE}))
+        del self.engine.images[IMAGE]            # e.g. removed by an image prune
+        provider = self.provider()
+        self.started(provider)
+        self.assertNotIn(old, self.engine.containers)
+        self.assertIn(IMAGE, self.engine.images)
+        self.assertEqual(self.engine.calls.count("pull_image"), 1)
+
     def test_concurrent_starts_share_one_container(self):
         provider = self.provider()
         self.probe.silent.add(32768)

@@ -384,17 +384,28 @@ class DockerProvider:
                 await self._guard.ensure(self._engine)
             except LoopbackGuardFailed as error:
                 raise AgentStartError(str(error))
-        await self._ensure_image()
         name = self.settings.container_name(username)
-        await self._remove_quietly(name)
         self._prepare_data_dir(data_dir)
         config = self.settings.container_config(username, data_dir)
-        try:
-            container_id = await self._engine.create_container(name, config)
-        except Conflict:
-            # a container of that name appeared meanwhile (another manager?): once more
-            await self._remove_quietly(name)
-            container_id = await self._engine.create_container(name, config)
+        # optimistic: the image is usually there and the name usually free, so
+        # create first and fix up only when the engine says otherwise
+        pulled = removed = False
+        while True:
+            try:
+                container_id = await self._engine.create_container(name, config)
+                break
+            except NoSuchImage:
+                if pulled:
+                    raise
+                await self._ensure_image()
+                pulled = True
+            except Conflict:
+                if removed:
+                    raise
+                removed = True
+                # a stale container of that name (an agent that ended while no
+                # manager watched, or whose engine went away): a fresh one
+                await self._remove_quietly(name)
         watch = self._start_watch[container_id] = _StartWatch(username)
         try:
             try:
