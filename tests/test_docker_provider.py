@@ -114,6 +114,18 @@ class DockerProviderTests(SynchronousTestCase):
         self.assertEqual(provider.running(), {"alice": agent})
         self.assertGreater(agent.pid, 0)
 
+    def test_per_user_uids_from_the_manager(self):
+        provider = self.provider()
+        uids = {"alice": 200001, "bob": 200002}
+        provider.accounts = lambda username: succeed((uids[username], uids[username]))
+        self.started(provider, "alice")
+        self.started(provider, "bob")
+        for username, uid in uids.items():
+            self.assertEqual(self.container(username).config["User"], "%d:%d" % (uid, uid))
+            if os.geteuid() == 0:
+                status = os.stat(self.data_dir(username))
+                self.assertEqual((status.st_uid, status.st_gid), (uid, uid))
+
     def test_two_users_two_containers_two_data_dirs(self):
         provider = self.provider()
         alice = self.started(provider, "alice")

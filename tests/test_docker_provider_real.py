@@ -18,7 +18,7 @@ import uuid
 
 import treq
 from twisted.internet import reactor, task
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
@@ -160,6 +160,18 @@ class ContainerTests(RealDockerTestCase):
         self.assertEqual(set(usage), {"alice", "bob"})
         for used in usage.values():
             self.assertTrue(0 < used < 64 * 1024 * 1024, usage)
+
+    async def test_each_user_runs_under_the_uid_the_manager_gives(self):
+        provider = self.provider()
+        uids = {"alice": 200001, "bob": 200002}
+        provider.accounts = lambda username: succeed((uids[username], uids[username]))
+        for username, uid in uids.items():
+            data = self.data_dir(username)
+            agent = await provider.start(username, data, credentials(username, "pw"))
+            code, echo = await get(agent.address.port, "/cgi-bin/echo")
+            self.assertIn("uid=%d\ngid=%d\n" % (uid, uid), echo)
+            self.assertEqual(os.stat(os.path.join(data, "starts")).st_uid, uid,
+                             "the agent wrote its data as its own uid")
 
     async def test_docker_kill_is_noticed_and_the_next_start_works(self):
         provider = self.provider()

@@ -88,9 +88,6 @@ class DockerAgentSettings:
     def container_port(self) -> str:
         return "%d/tcp" % (self.port,)
 
-    def uid_gid(self):
-        uid, gid = self.user.split(":")
-        return int(uid), int(gid)
 
     def command_for(self, username: str) -> Optional[List[str]]:
         if self.command is None:
@@ -98,11 +95,12 @@ class DockerAgentSettings:
         return [word.format(port=self.port, data_dir=self.data_mount, username=username)
                 for word in shlex.split(self.command)]
 
-    def container_config(self, username: str, data_dir: str) -> dict:
-        """The body of ``POST /containers/create`` for ``username``'s agent."""
+    def container_config(self, username: str, data_dir: str, user: Optional[str] = None) -> dict:
+        """The body of ``POST /containers/create`` for ``username``'s agent
+        (``user``: its ``UID:GID``, by default :attr:`user`)."""
         config = {
             "Image": self.image,
-            "User": self.user,
+            "User": user or self.user,
             "Env": ["%s=%s" % item for item in sorted(self.environment.items())],
             "Labels": {LABEL: self.instance, USER_LABEL: username},
             "ExposedPorts": {self.container_port(): {}},
@@ -255,6 +253,9 @@ class DockerProvider:
         self.settings = settings
         self._probe = probe or (lambda host, port: http_answers(reactor, host, port))
         self._guard = loopback_guard
+        #: set by the manager when it gives every user an own uid:
+        #: ``accounts(username) -> Deferred[(uid, gid)]``; else ``settings.user``
+        self.accounts: Optional[Callable[[str], Deferred]] = None
         self._agents: Dict[str, _Agent] = {}
         self._by_id: Dict[str, str] = {}
         self._starting: Dict[str, _Shared] = {}
@@ -385,8 +386,11 @@ class DockerProvider:
             except LoopbackGuardFailed as error:
                 raise AgentStartError(str(error))
         name = self.settings.container_name(username)
-        self._prepare_data_dir(data_dir)
-        config = self.settings.container_config(username, data_dir)
+        user = self.settings.user
+        if self.accounts is not None:
+            user = "%d:%d" % tuple(await self.accounts(username))
+        self._prepare_data_dir(data_dir, user)
+        config = self.settings.container_config(username, data_dir, user)
         # optimistic: the image is usually there and the name usually free, so
         # create first and fix up only when the engine says otherwise
         pulled = removed = False
@@ -505,11 +509,11 @@ class DockerProvider:
             raise
         self.log.info("pulled {image}", image=image)
 
-    def _prepare_data_dir(self, data_dir: str) -> None:
-        """The agent runs as ``--agent-user``: give it its data directory."""
+    def _prepare_data_dir(self, data_dir: str, user: str) -> None:
+        """The agent runs as ``user`` (``UID:GID``): give it its data directory."""
         if os.geteuid() != 0:
             return
-        uid, gid = self.settings.uid_gid()
+        uid, gid = (int(part) for part in user.split(":"))
         status = os.stat(data_dir)
         if (status.st_uid, status.st_gid) != (uid, gid):
             os.chown(data_dir, uid, gid)
