@@ -8,7 +8,10 @@ import argparse
 import datetime
 import errno
 import getpass
+import json
+import os
 import sys
+import time
 from typing import List, Optional, Sequence
 
 from twisted.internet import task
@@ -41,17 +44,34 @@ def _parser() -> argparse.ArgumentParser:
                         help="the manager's socket (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    add = commands.add_parser("add", help="add a user (asks for the password)")
-    add.add_argument("name")
-    add.add_argument("--password-stdin", action="store_true",
-                     help="read the password as one line from standard input")
-    for name, text in [("remove", "remove a user (their data stays on disk)"),
-                       ("start", "start a user's agent"),
-                       ("stop", "stop a user's agent"),
-                       ("info", "show a user's agent")]:
-        commands.add_parser(name, help=text).add_argument("name")
-    commands.add_parser("list", help="list users and the state of their agents")
-    commands.add_parser("running", help="list running agents")
+
+    def command(name: str, text: str, user: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        if user:
+            sub.add_argument("name", help="user name")
+        return sub
+
+    for name, text in [("add", "add a user (asks for the password)"),
+                       ("passwd", "set a user's password and end their sessions")]:
+        command(name, text).add_argument(
+            "--password-stdin", action="store_true",
+            help="read the password as one line from standard input")
+    command("remove", "remove a user; their data stays on disk unless --purge").add_argument(
+        "--purge", action="store_true", help="also delete the user's data")
+    command("reset-data", "stop a user's agent and delete their data")
+    command("start", "start a user's agent")
+    command("stop", "stop a user's agent")
+    command("info", "show a user's agent: state, address, uptime, memory, last activity")
+    command("sessions", "list a user's sessions")
+    command("logout", "end every session of a user")
+    for name, text in [("list", "list users and the state of their agents"),
+                       ("running", "list running agents"),
+                       ("stats", "count users, sessions and agents; agents' memory")]:
+        command(name, text, user=False).add_argument(
+            "--json", action="store_true", help="machine-readable output")
+    command("import-legacy", "import the users of an original pixelated-dispatcher",
+            user=False).add_argument("root", help="its root directory, e.g."
+                                     " /var/lib/pixelated/dispatcher")
     return parser
 
 
@@ -98,8 +118,10 @@ def _explain(error: Exception, socket_path: str, name: Optional[str]) -> CtlErro
     for kind, message in messages.items():
         if isinstance(error, kind):
             return CtlError(message)
-    if isinstance(error, p.InvalidUsername):
+    if isinstance(error, (p.InvalidUsername, p.BadRequest)):
         return CtlError(str(error))
+    if isinstance(error, p.CapacityReached):
+        return CtlError("the agent of %s could not be started: %s" % (name, error))
     if isinstance(error, p.AgentStartFailed):
         return CtlError("the agent of %s could not be started: %s" % (name, error))
     if isinstance(error, amp.UnknownRemoteError):
@@ -124,46 +146,125 @@ async def run(reactor, arguments, password: Optional[str], out) -> None:
         connection.transport.loseConnection()
 
 
+def _when(timestamp: float) -> str:
+    if not timestamp:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp).isoformat(" ", "seconds")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    days, rest = divmod(seconds, 86400)
+    text = "%d:%02d:%02d" % (rest // 3600, rest % 3600 // 60, rest % 60)
+    return ("%dd " % days if days else "") + text
+
+
+def _mib(count: int) -> str:
+    return "%.1f MiB" % (count / 1048576.0)
+
+
+async def _all_users(call) -> List[dict]:
+    users: List[dict] = []
+    after = None
+    while True:
+        page = await call(p.ListUsers, **({"after": after} if after else {}))
+        users += page["users"]
+        if not page["more"] or not page["users"]:
+            return users
+        after = users[-1]["username"]
+
+
 async def _command(connection, arguments, password, out) -> None:
     call = connection.callRemote
     command = arguments.command
+    name = getattr(arguments, "name", None)
+    say = lambda text: print(text, file=out)  # noqa: E731
     if command == "add":
-        await call(p.AddUser, username=arguments.name, password=password)
-        print("added user %s" % arguments.name, file=out)
+        await call(p.AddUser, username=name, password=password)
+        say("added user %s" % name)
+    elif command == "passwd":
+        await call(p.SetPassword, username=name, password=password)
+        say("changed the password of %s and ended their sessions" % name)
     elif command == "remove":
-        await call(p.RemoveUser, username=arguments.name)
-        print("removed user %s (their data stays on disk)" % arguments.name, file=out)
+        await call(p.RemoveUser, username=name, purge=arguments.purge)
+        say("removed user %s%s" % (name, " and their data" if arguments.purge
+                                   else " (their data stays on disk)"))
+    elif command == "reset-data":
+        await call(p.ResetData, username=name)
+        say("deleted the data of %s" % name)
     elif command == "start":
-        answer = await call(p.StartAgent, username=arguments.name)
-        print("agent of %s running at %s:%d" % (arguments.name, answer["host"], answer["port"]),
-              file=out)
+        answer = await call(p.StartAgent, username=name)
+        say("agent of %s running at %s:%d" % (name, answer["host"], answer["port"]))
     elif command == "stop":
-        await call(p.StopAgent, username=arguments.name)
-        print("stopped agent of %s" % arguments.name, file=out)
-    elif command == "list":
-        users = (await call(p.ListUsers))["users"]
-        rows = [("USER", "AGENT")] + [(u["username"], u["state"]) for u in users]
-        print("\n".join(columns(rows)), file=out)
-    elif command == "running":
-        users = (await call(p.ListUsers))["users"]
-        for user in users:
-            if user["state"] == "running":
-                print(user["username"], file=out)
+        await call(p.StopAgent, username=name)
+        say("stopped agent of %s" % name)
+    elif command in ("list", "running"):
+        users = await _all_users(call)
+        if command == "running":
+            users = [user for user in users if user["state"] == "running"]
+        if arguments.json:
+            say(json.dumps([{"username": u["username"], "state": u["state"]} for u in users]))
+        elif command == "running":
+            for user in users:
+                say(user["username"])
+        else:
+            say("\n".join(columns([("USER", "AGENT")] +
+                                  [(u["username"], u["state"]) for u in users])))
     elif command == "info":
-        info = await call(p.AgentInfo, username=arguments.name)
+        info = await call(p.AgentInfo, username=name)
         rows = [("user", info["username"]), ("state", info["state"])]
+        if info["reason"]:
+            rows.append(("reason", info["reason"]))
         if info["port"]:
-            started = datetime.datetime.fromtimestamp(info["started"]).isoformat(" ", "seconds")
             rows += [("address", "%s:%d" % (info["host"], info["port"])),
                      ("pid", str(info["pid"]) if info["pid"] else "-"),
-                     ("started", started)]
-        print("\n".join(columns(rows)), file=out)
+                     ("started", _when(info["started"])),
+                     ("uptime", _duration(time.time() - info["started"])),
+                     ("memory", _mib(info["memory"])),
+                     ("last activity", _when(info["last_activity"]))]
+        say("\n".join(columns(rows)))
+    elif command == "sessions":
+        sessions = (await call(p.ListSessions, username=name))["sessions"]
+        say("\n".join(columns([("LOGIN", "LAST SEEN", "CLIENT")] + [
+            (_when(s["created"]), _when(s["last_seen"]), s["client"] or "-")
+            for s in sessions])))
+    elif command == "logout":
+        count = (await call(p.RevokeSessions, username=name))["count"]
+        say("ended %d session%s of %s" % (count, "" if count == 1 else "s", name))
+    elif command == "stats":
+        stats = await call(p.Stats)
+        if arguments.json:
+            say(json.dumps({key: stats[key] for key in ("users", "sessions", "running", "memory")}
+                           | {"agents": stats["agents"]}))
+            return
+        say("\n".join(columns([("users", str(stats["users"])),
+                               ("sessions", str(stats["sessions"])),
+                               ("running agents", str(stats["running"])),
+                               ("agents' memory", _mib(stats["memory"]))])))
+        if stats["agents"]:
+            say("")
+            say("\n".join(columns([("USER", "MEMORY", "UPTIME")] + [
+                (a["username"], _mib(a["memory"]), _duration(time.time() - a["started"]))
+                for a in stats["agents"]])))
+    elif command == "import-legacy":
+        root = os.path.abspath(arguments.root)
+        after, counts = None, {"imported": 0, "skipped": 0}
+        while True:
+            page = await call(p.ImportLegacy, root=root, **({"after": after} if after else {}))
+            for entry in page["entries"]:
+                counts[entry["outcome"]] = counts.get(entry["outcome"], 0) + 1
+                say("%-8s %s: %s" % (entry["outcome"], entry["username"], entry["detail"]))
+            if not page["more"] or not page["entries"]:
+                break
+            after = page["entries"][-1]["username"]
+        say("%d imported, %d skipped" % (counts["imported"], counts["skipped"]))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     arguments = _parser().parse_args(argv)
     try:
-        password = read_password(arguments.password_stdin) if arguments.command == "add" else None
+        password = (read_password(arguments.password_stdin)
+                    if arguments.command in ("add", "passwd") else None)
     except (CtlError, KeyboardInterrupt, EOFError) as error:
         print("pixelated-ctl: %s" % (error if isinstance(error, CtlError) else "aborted"),
               file=sys.stderr)

@@ -1,6 +1,7 @@
 """The whole dispatcher as an operator runs it: both twistd plugins as real
 processes, real TLS, the real pixelated-ctl, the demo agent as real processes,
 and an HTTPS client acting as two browsers."""
+import json
 import os
 import re
 import shutil
@@ -240,3 +241,108 @@ class RestartTests(_DispatcherCase):
         self.assertTrue(wait_until(lambda: not demo_agents_alive(self.directory), timeout=10),
                         demo_agents_alive(self.directory))
         self.dispatcher.start_manager()
+
+
+class AdministrationTests(_DispatcherCase):
+
+    def add_and_log_in(self, name):
+        self.dispatcher.add_user(name, "pw of " + name)
+        browser = self.browser()
+        self.assertEqual(browser.log_in(name, "pw of " + name).status, 303)
+        self.assertIn("Mailbox of " + name, browser.get("/").text)
+        return browser
+
+    def ok(self, *args, password=None):
+        result = self.dispatcher.ctl(*args, password=password)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    def test_passwd_ends_sessions_at_once_and_only_the_new_password_works(self):
+        browser = self.add_and_log_in("henry")
+        self.ok("passwd", "henry", "--password-stdin", password="new pw")
+        self.assertTrue(wait_until(lambda: browser.get("/").status == 303, timeout=1.5))
+        self.assertNotEqual(self.browser().log_in("henry", "pw of henry").status, 303)
+        self.assertEqual(self.browser().log_in("henry", "new pw").status, 303)
+
+    def test_logout_name_revokes_every_session_and_sessions_lists_them(self):
+        first, second = self.add_and_log_in("ivy"), self.browser()
+        second.log_in("ivy", "pw of ivy")
+        listing = self.ok("sessions", "ivy").splitlines()
+        self.assertEqual(listing[0].split(), ["LOGIN", "LAST", "SEEN", "CLIENT"])
+        self.assertEqual(len(listing), 3)
+        self.assertIn("127.0.0.1", listing[1])
+        self.assertIn("ended 2 sessions of ivy", self.ok("logout", "ivy"))
+        for browser in (first, second):
+            self.assertTrue(wait_until(lambda: browser.get("/").status == 303, timeout=1.5))
+
+    def test_info_and_stats_report_uptime_and_memory(self):
+        self.add_and_log_in("jack")
+        info = dict(line.split(None, 1) for line in self.ok("info", "jack").splitlines()
+                    if line and not line.startswith("last"))
+        self.assertEqual(info["state"], "running")
+        self.assertTrue(info["memory"].endswith("MiB") and float(info["memory"].split()[0]) > 1)
+        self.assertRegex(info["uptime"], r"^\d+:\d\d:\d\d$")
+        stats = json.loads(self.ok("stats", "--json"))
+        self.assertGreaterEqual(stats["running"], 1)
+        self.assertIn("jack", [agent["username"] for agent in stats["agents"]])
+        self.assertGreater(stats["memory"], 1024 * 1024)
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertIn({"username": "jack", "state": "running"}, listed)
+
+    def test_remove_purge_and_reset_data_delete_the_data(self):
+        self.add_and_log_in("kate")
+        data = os.path.join(self.dispatcher.state_dir, "users", "kate", "data")
+        self.assertTrue(os.listdir(data), "the demo agent keeps a visit counter there")
+        self.ok("reset-data", "kate")
+        self.assertEqual(os.listdir(data), [])
+        self.ok("remove", "kate")
+        self.assertTrue(os.path.isdir(data), "plain remove keeps the data")
+        self.dispatcher.add_user("kate", "again")
+        self.ok("remove", "kate", "--purge")
+        self.assertFalse(os.path.exists(os.path.dirname(data)))
+
+
+class LegacyImportTests(_DispatcherCase):
+
+    def make_legacy_user(self, root, name, password, salt="3139303037363439"):
+        import hashlib
+        directory = os.path.join(root, name)
+        os.makedirs(os.path.join(directory, "data"))
+        digest = hashlib.scrypt(password.encode(), salt=salt.encode(), n=16384, r=8, p=1,
+                                dklen=64).hex()
+        with open(os.path.join(directory, "user.cfg"), "w") as f:
+            f.write("[auth]\nsalt = %s\nhashed_password = %s\n" % (salt, digest))
+        with open(os.path.join(directory, "data", "mail.txt"), "w") as f:
+            f.write("old mail of " + name)
+
+    def test_legacy_users_log_in_with_their_old_passwords_and_keep_their_data(self):
+        root = os.path.join(self.directory, "legacy")
+        self.make_legacy_user(root, "olduser", "old secret")
+        self.make_legacy_user(root, "other", "other secret", salt="3331")
+        os.makedirs(os.path.join(root, "providers", "keys"))
+        os.makedirs(os.path.join(root, "Bad Name"))
+        os.makedirs(os.path.join(root, "nocfg"))
+        first = self.dispatcher.ctl("import-legacy", root)
+        self.assertEqual(first.returncode, 0, first.stderr)
+        self.assertIn("imported olduser: data moved", first.stdout)
+        self.assertIn("skipped  Bad Name: the name breaks the user name rule", first.stdout)
+        self.assertIn("skipped  nocfg: no user.cfg", first.stdout)
+        self.assertNotIn("providers", first.stdout)
+        self.assertIn("2 imported, 2 skipped", first.stdout)
+        again = self.dispatcher.ctl("import-legacy", root)
+        self.assertIn("skipped  olduser: imported already", again.stdout)
+        self.assertIn("0 imported, 4 skipped", again.stdout)
+        browser = self.browser()
+        self.assertNotEqual(browser.log_in("olduser", "wrong").status, 303)
+        self.assertEqual(browser.log_in("olduser", "old secret").status, 303)
+        self.assertIn("Mailbox of olduser", browser.get("/").text)
+        data = os.path.join(self.dispatcher.state_dir, "users", "olduser", "data")
+        with open(os.path.join(data, "mail.txt")) as f:
+            self.assertEqual(f.read(), "old mail of olduser")
+        # the first login replaced the old scrypt hash with argon2id
+        import sqlite3
+        with sqlite3.connect(os.path.join(self.dispatcher.state_dir, "dispatcher.sqlite")) as db:
+            (stored,) = db.execute("SELECT password_hash FROM users WHERE username = 'olduser'"
+                                   ).fetchone()
+        self.assertTrue(stored.startswith("$argon2id$"), stored)
+        self.assertEqual(self.browser().log_in("olduser", "old secret").status, 303)
