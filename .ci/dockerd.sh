@@ -10,7 +10,7 @@
 # $PIXELATED_DOCKERD_DIR (default /var/tmp/pixelated-dockerd), so it never
 # touches a system dockerd's /var/run/docker.sock or /var/lib/docker.
 # tests/dockerd.py finds it there without DOCKER_HOST. Needs root.
-set -u
+# (no "set -u": this file may be sourced into an interactive shell)
 
 dir=${PIXELATED_DOCKERD_DIR:-/var/tmp/pixelated-dockerd}
 dockerd=${DOCKERD:-/usr/sbin/dockerd}
@@ -89,5 +89,6 @@ case "${1:-start}" in
     status) _pd_answers && echo "DOCKER_HOST=$host" ;;
     *)      echo "usage: $0 start|stop|status" >&2; false ;;
 esac
+_pd_status=$?
 # 'return' when sourced, 'exit' when run
-return $? 2>/dev/null || exit $?
+return $_pd_status 2>/dev/null || exit $_pd_status

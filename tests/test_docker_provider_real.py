@@ -21,7 +21,8 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
 
 from pixelated_dispatcher.manager.providers.docker import (
     LABEL, ContainerEngineUnavailable, DockerAgentSettings, DockerProvider)
@@ -391,3 +392,53 @@ class RestartTests(RealDockerTestCase):
         del bob
 
 
+
+
+@coroutine_tests
+class DaemonRestartTests(RealDockerTestCase):
+    """The real thing: the private dockerd of .ci/dockerd.sh stops and starts.
+
+    It disturbs anything else using that daemon, so it runs in CI (which owns
+    it) or when PIXELATED_TEST_RESTART_DOCKERD=yes.
+    """
+    timeout = 120
+
+    def setUp(self):
+        super().setUp()
+        private = "unix://" + os.path.join(dockerd.PRIVATE_DIR, "docker.sock")
+        if dockerd.in_ci():
+            self.assertEqual(self.host, private, "CI must use the private dockerd")
+        elif os.environ.get("PIXELATED_TEST_RESTART_DOCKERD") != "yes":
+            raise SkipTest("restarts the shared dockerd: runs in CI or with"
+                           " PIXELATED_TEST_RESTART_DOCKERD=yes")
+        elif self.host != private:
+            raise SkipTest("only the private dockerd of .ci/dockerd.sh is restarted")
+
+    async def dockerd_sh(self, mode):
+        out, err, code = await getProcessOutputAndValue(
+            "/bin/bash", [dockerd.DOCKERD_SH, mode], env=dict(os.environ), reactor=reactor)
+        self.assertEqual(code, 0, (out + err).decode())
+
+    async def test_daemon_restart_is_noticed_and_survived(self):
+        provider = self.provider()
+        await provider.recover()
+        await provider.start("alice", self.data_dir("alice"), credentials("alice", "pw"))
+        self.addCleanup(lambda: ensureDeferred(self.dockerd_sh("start")))
+
+        await self.dockerd_sh("stop")
+        await eventually(lambda: self.exits, what="alice's end being noticed")
+        self.assertEqual([u for u, _ in self.exits], ["alice"])
+        self.assertEqual(provider.running(), {})
+        error = await self.assertFailure(
+            provider.start("bob", self.data_dir("bob"), credentials("bob", "pw")),
+            ContainerEngineUnavailable)
+        self.assertIn("container engine unavailable", str(error))
+
+        await self.dockerd_sh("start")
+        await eventually(provider.engine_available, timeout=20, what="reconnection")
+        bob = await provider.start("bob", self.data_dir("bob"), credentials("bob", "pw"))
+        code, page = await get(bob.address.port)
+        self.assertEqual((code, page.strip()), (200, "Mailbox of bob"))
+        await eventually(lambda: self.gone(self.container_name("alice")),
+                         what="alice's dead container being removed")
+        self.assertEqual(set(provider.running()), {"bob"})
