@@ -180,3 +180,54 @@ class ManagerTests(TestCase):
         d = self.manager.stopService()
         yield self.finish_starts(d)
         self.assertEqual(self.provider.running(), {})
+
+    @inlineCallbacks
+    def test_metrics_count_logins_starts_failures_and_states(self):
+        from prometheus_client import generate_latest
+        yield self.assertFailure(self.manager.authenticate("alice", "wrong", "192.0.2.9"),
+                                 p.InvalidCredentials)
+        yield self.manager.authenticate("alice", "alice's password", "192.0.2.9")
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        self.provider.fail_next_start("bob", "the agent did not answer HTTP within 60 s")
+        yield self.assertFailure(self.finish_starts(self.manager.ensure_agent("bob")),
+                                 p.AgentStartFailed)
+        text = generate_latest(self.manager.metrics.registry).decode()
+        for line in ['pixelated_logins_total{outcome="failed"} 1.0',
+                     'pixelated_logins_total{outcome="ok"} 1.0',
+                     'pixelated_agent_starts_total 1.0',
+                     'pixelated_agent_start_failures_total{kind="timeout"} 1.0',
+                     'pixelated_agents{state="running"} 1.0',
+                     'pixelated_agents{state="failed"} 1.0',
+                     'pixelated_agent_start_seconds_count 1.0']:
+            self.assertIn(line, text)
+        self.assertNotIn("alice", text)
+
+    @inlineCallbacks
+    def test_repeated_failures_are_rate_limited_even_with_the_right_password(self):
+        for _ in range(5):
+            yield self.assertFailure(self.manager.authenticate("alice", "bad", "192.0.2.7"),
+                                     p.InvalidCredentials)
+        failure = yield self.assertFailure(
+            self.manager.authenticate("alice", "alice's password", "192.0.2.7"), p.RateLimited)
+        self.assertGreaterEqual(p.retry_after(failure), 1)
+
+    @inlineCallbacks
+    def test_pushes_tell_subscribers_about_logouts_revocations_and_stopped_agents(self):
+        heard = []
+
+        class Listener:
+            def session_ended(self, digest):
+                heard.append(("ended", digest))
+
+            def sessions_revoked(self, username):
+                heard.append(("revoked", username))
+
+            def agent_stopped(self, username):
+                heard.append(("stopped", username))
+        self.manager.announcements.subscribe(Listener())
+        token = yield self.manager.authenticate("alice", "alice's password", "192.0.2.1")
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        yield self.finish_starts(self.manager.end_session(token))
+        yield self.manager.revoke_sessions("bob")
+        self.assertEqual(heard, [("ended", p.token_digest(token)), ("stopped", "alice"),
+                                 ("revoked", "bob")])

@@ -11,14 +11,17 @@ from typing import Dict, Iterable, Optional
 from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
+from .metrics import ManagerMetrics
 from .supervisor import AgentSupervisor
 
 
 class IdleCuller:
     log = Logger()
 
-    def __init__(self, clock, supervisor: AgentSupervisor, timeout: float) -> None:
+    def __init__(self, clock, supervisor: AgentSupervisor, timeout: float,
+                 metrics: Optional[ManagerMetrics] = None) -> None:
         self._clock = clock
+        self._metrics = metrics
         self._supervisor = supervisor
         self.timeout = timeout
         self._last_activity: Dict[str, float] = {}
@@ -49,7 +52,10 @@ class IdleCuller:
             if last is not None and now - last > self.timeout:
                 self.log.info("agent of {username}: idle for {idle:.0f} s",
                               username=username, idle=now - last)
-                self._supervisor.stop(username, reason="idle for %d s" % (now - last))
+                d = self._supervisor.stop(username, reason="idle for %d s" % (now - last))
+                d.addErrback(lambda f: self.log.failure("culling failed", f))
+                if self._metrics is not None:
+                    self._metrics.culled()
                 culled += 1
         return culled
 

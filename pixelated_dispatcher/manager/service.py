@@ -26,6 +26,7 @@ from .culler import IdleCuller
 from .database import Database
 from .legacy_import import LegacyUser, read_legacy_root
 from .login_limits import LoginLimiter
+from .metrics import ManagerMetrics
 from .passwords import PRODUCTION, HashParameters, PasswordHasher
 from .providers.interface import IAgentProvider
 from .registry import UserRegistry
@@ -81,11 +82,12 @@ class Manager(MultiService):
                                      settings.session_max_age)
         self.accounts = AgentAccounts(self._database, settings.agent_uids) \
             if settings.agent_uids else None
+        self.metrics = ManagerMetrics()
         self.supervisor = AgentSupervisor(
             reactor, provider, os.path.join(state_dir, "users"), self._vault.line_for,
-            self._file_pool, settings.max_agents, settings.max_concurrent_starts)
+            self._file_pool, settings.max_agents, settings.max_concurrent_starts, self.metrics)
         self.supervisor.on_exit(lambda username, reason: self.announcements.agent_stopped(username))
-        self.culler = IdleCuller(reactor, self.supervisor, settings.idle_timeout)
+        self.culler = IdleCuller(reactor, self.supervisor, settings.idle_timeout, self.metrics)
         self._ready: Deferred = Deferred()
 
     # --- lifecycle ------------------------------------------------------------
@@ -141,13 +143,16 @@ class Manager(MultiService):
         if wait > 0:
             self.log.warn("login of {username!r} from {client} refused: rate limited",
                           username=username[:64], client=client)
+            self.metrics.login("rate_limited")
             raise rate_limited(int(wait) + 1)
         if not (yield self.users.verify(username, password)):
             self.limiter.failed(username, client)
+            self.metrics.login("failed")
             self.log.info("failed login for {username!r} from {client}",
                           username=username[:64], client=client)
             raise InvalidCredentials("invalid username or password")
         self.limiter.succeeded(username, client)
+        self.metrics.login("ok")
         self._vault.remember(username, password)
         token = yield self.sessions.create(username, client)
         self.log.info("{username} logged in from {client}", username=username, client=client)

@@ -18,6 +18,7 @@ beyond it a start fails with ``CapacityReached``), and at most
 in a first-come, first-served queue.
 """
 import os
+import time
 from typing import Callable, Dict, List, Optional
 
 import attr
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..protocol import AgentAddress, AgentStartFailed, CapacityReached
+from .metrics import ManagerMetrics
 from .providers.interface import AgentStartError, IAgentProvider, RunningAgent
 
 STOPPED = "stopped"
@@ -83,7 +85,8 @@ class AgentSupervisor:
 
     def __init__(self, reactor, provider: IAgentProvider, data_root: str,
                  credentials: Callable[[str], bytes], file_pool,
-                 max_agents: int = 0, max_concurrent_starts: int = 0) -> None:
+                 max_agents: int = 0, max_concurrent_starts: int = 0,
+                 metrics: Optional[ManagerMetrics] = None) -> None:
         self._reactor = reactor
         self._provider = provider
         self._data_root = data_root
@@ -96,6 +99,9 @@ class AgentSupervisor:
         self._stopping: Dict[str, _Fanout] = {}
         self._failures: Dict[str, str] = {}
         self._exit_listeners: List[Callable[[str, str], None]] = []
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch_states(self.counts)
         provider.on_exit(self._agent_exited)
 
     def data_dir(self, username: str) -> str:
@@ -134,6 +140,12 @@ class AgentSupervisor:
     def running(self) -> Dict[str, RunningAgent]:
         return dict(self._provider.running())
 
+    def counts(self) -> Dict[str, int]:
+        """How many agents are in each state (stopped ones are not counted)."""
+        return {RUNNING: len(set(self._provider.running()) - set(self._stopping)),
+                STARTING: len(self._starting), STOPPING: len(self._stopping),
+                FAILED: len(self._failures)}
+
     def ensure(self, username: str, reason: str = "request") -> "Deferred[AgentAddress]":
         """The address of the user's agent, started first if needed.
 
@@ -152,6 +164,8 @@ class AgentSupervisor:
         if self.max_agents and busy >= self.max_agents:
             self.log.warn("agent of {username}: not started, capacity of {max} agents reached",
                           username=username, max=self.max_agents)
+            if self._metrics is not None:
+                self._metrics.start_failed("capacity")
             return maybeDeferred(_raise, CapacityReached(
                 "capacity reached: %d agents run already; retry after 60 seconds"
                 % self.max_agents))
@@ -186,6 +200,7 @@ class AgentSupervisor:
         self._failures.pop(username, None)
         self.log.info("agent of {username}: starting ({reason})", username=username,
                       reason=reason)
+        began = time.monotonic()
         data_dir = self.data_dir(username)
         yield deferToThreadPool(self._reactor, self._file_pool, _make_private_dir, data_dir)
         try:
@@ -194,7 +209,11 @@ class AgentSupervisor:
             self._failures[username] = str(error)
             self.log.warn("agent of {username}: failed to start: {reason}",
                           username=username, reason=str(error))
+            if self._metrics is not None:
+                self._metrics.start_failed(str(error))
             raise AgentStartFailed(str(error))
+        if self._metrics is not None:
+            self._metrics.started(time.monotonic() - began)
         self.log.info("agent of {username}: running at {host}:{port}", username=username,
                       host=agent.address.host, port=agent.address.port)
         return agent.address

@@ -9,10 +9,12 @@ import shlex
 import socket
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
 from .agent_accounts import UidRange
 from .amp_server import ManagerAMPFactory
@@ -85,6 +87,9 @@ class Options(usage.Options):
         ["login-free-failures", None, 5,
          "Failed logins per user name or client before the backoff starts.",
          _non_negative(int)],
+        ["metrics", None, None,
+         "Serve Prometheus metrics on this endpoint, e.g. tcp:9101:interface=127.0.0.1"
+         " (default: off)."],
         ["login-backoff-max", None, 900.0,
          "Longest wait (seconds) imposed after repeated failed logins.",
          _non_negative(float)],
@@ -174,4 +179,7 @@ def makeService(options, reactor=None, hash_parameters=PRODUCTION):
     listener = _ManagerSocket(reactor, options["socket"], ManagerAMPFactory(manager, policy),
                               options["proxy-group"])
     listener.setServiceParent(top)
+    if options["metrics"]:
+        metrics = strports.service(options["metrics"], Site(manager.metrics.resource()))
+        metrics.setServiceParent(top)
     return top
