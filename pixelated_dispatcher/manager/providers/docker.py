@@ -6,11 +6,12 @@ and ``org.pixelated.dispatcher.user=<username>``, so that a restarted manager
 finds its agents again (:meth:`DockerProvider.recover`) and leaves everybody
 else's containers alone.
 
-A start: make sure the image is there (pull it otherwise, progress to the
-log); remove a stale container of that name; create the container (memory and
-pids limits, every capability dropped, ``no-new-privileges``, a non-root user,
-the user's data directory bound at the data mount, the agent port published on
-127.0.0.1 with an ephemeral host port, no restart policy); start it; write the
+A start: create the container (memory and pids limits, every capability
+dropped, ``no-new-privileges``, a non-root user, the user's data directory
+bound at the data mount, the agent port published on 127.0.0.1 with an
+ephemeral host port, no restart policy), pulling the image first if the engine
+does not have it (progress to the log) and removing a stale container of that
+name if there is one; start it; write the
 credentials line on its stdin through attach and close stdin; read the host
 port back with inspect; wait until the agent answers HTTP there. Whatever fails
 on the way removes the container and fails the start with a clear
