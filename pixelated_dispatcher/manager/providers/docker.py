@@ -11,12 +11,11 @@ dropped, ``no-new-privileges``, a non-root user, the user's data directory
 bound at the data mount, the agent port published on 127.0.0.1 with an
 ephemeral host port, no restart policy), pulling the image first if the engine
 does not have it (progress to the log) and removing a stale container of that
-name if there is one; start it; write the
-credentials line on its stdin through attach and close stdin; read the host
-port back with inspect; wait until the agent answers HTTP there. Whatever fails
-on the way removes the container and fails the start with a clear
-:class:`AgentStartError` (with the last lines of the container's log when the
-agent itself failed).
+name if there is one; start it; write the credentials line on its stdin
+through attach and close stdin; read the host port back with inspect; wait
+until the agent answers HTTP there. Whatever fails on the way removes the
+container and fails the start with a clear :class:`AgentStartError` (with the
+last lines of the container's log when the agent itself failed).
 
 While the manager runs, the provider follows the engine's ``/events`` for its
 containers: a container that dies (crash, OOM kill, ``docker kill``, a daemon
