@@ -14,17 +14,23 @@ where ``make_fixture(test_case)`` returns an object with these hooks (it
 registers its own cleanup on ``test_case``):
 
 ``provider``
-    the provider under test.
+    the provider under test; its ``close()`` stops its agents.
+``new_provider(keep_on_close) -> provider``
+    another provider on the same state (state directory, process table,
+    Docker daemon): a manager restart. The fixture cleans it up.
 ``data_dir(username) -> str``
     a data directory for that user (existing, if the provider needs it).
 ``settle(d) -> Deferred``
     ``d``, once it has had the chance to fire: the real fixture just returns
     it (trial waits); the fake advances its clock.
-``received(username) -> Deferred[dict]``
-    what the user's running agent learnt from its credentials, in the shape of
-    the demo agent's ``/whoami``.
-``kill_from_outside(username)``
-    end the running agent as an operator's ``kill -9`` would.
+``received(username, provider=None) -> Deferred[dict]``
+    what the user's agent running under ``provider`` (default: ``provider``)
+    learnt from its credentials, in the shape of the demo agent's ``/whoami``.
+``kill_from_outside(username, provider=None)``
+    end the agent running under ``provider`` as an operator's ``kill -9`` would.
+``adopted_exit_reason``
+    what ``on_exit`` says when an adopted agent ends by itself (an adopted
+    process is not the manager's child: its exit status is unknown).
 ``break_next_start(username)``
     make the next start of that user's agent fail.
 ``live_agents(username) -> int``
@@ -169,6 +175,72 @@ def make_provider_tests(fixture_factory):
             yield self.fixture.settle(stopping)
             self.assertEqual(self.provider.running(), {})
             self.assertEqual(self.fixture.live_agents("alice"), 0)
+
+        @inlineCallbacks
+        def test_agents_kept_at_close_are_recovered_by_the_next_provider(self):
+            first = self.fixture.new_provider(keep_on_close=True)
+            first_exits = _Exits(first)
+            alice, bob = yield self.fixture.settle(gatherResults([
+                first.start(name, self.fixture.data_dir(name), credentials_for(name))
+                for name in ("alice", "bob")]))
+            yield self.fixture.settle(first.close())
+            self.assertEqual(first.running(), {})
+            self.assertEqual(first_exits.calls, [])
+            self.assertEqual(self.fixture.live_agents("alice"), 1)
+            self.assertEqual(self.fixture.live_agents("bob"), 1)
+
+            second = self.fixture.new_provider(keep_on_close=False)
+            second_exits = _Exits(second)
+            adopted = yield self.fixture.settle(second.recover())
+            self.assertEqual(sorted(adopted, key=lambda a: a.username), [alice, bob])
+            self.assertEqual(second.running(), {"alice": alice, "bob": bob})
+            # the agent still knows what the login told it: no password needed again
+            received = yield self.fixture.received("alice", second)
+            self.assertTrue(received["authenticated"])
+            # a start for an adopted agent is that agent, never a second one
+            again = yield self.fixture.settle(second.start(
+                "alice", self.fixture.data_dir("alice"), credentials_for("alice")))
+            self.assertEqual(again, alice)
+            self.assertEqual(self.fixture.live_agents("alice"), 1)
+
+            # an adopted agent's end is noticed, and a stop reaches it
+            exited = second_exits.next()
+            self.fixture.kill_from_outside("bob", second)
+            ended = yield self.fixture.settle(exited)
+            self.assertEqual(ended, ("bob", self.fixture.adopted_exit_reason))
+            yield self.fixture.settle(second.stop("alice"))
+            self.assertEqual(second_exits.calls,
+                             [("bob", self.fixture.adopted_exit_reason), ("alice", "stopped")])
+            self.assertEqual(second.running(), {})
+            self.assertEqual(self.fixture.live_agents("alice"), 0)
+            self.assertEqual(self.fixture.live_agents("bob"), 0)
+
+            # nothing is left for a third provider
+            third = self.fixture.new_provider(keep_on_close=False)
+            adopted = yield self.fixture.settle(third.recover())
+            self.assertEqual(adopted, [])
+
+        @inlineCallbacks
+        def test_close_that_keeps_agents_still_ends_starts_in_flight(self):
+            first = self.fixture.new_provider(keep_on_close=True)
+            starting = first.start("alice", self.fixture.data_dir("alice"),
+                                   credentials_for("alice"))
+            closing = first.close()
+            yield self.assertFailure(self.fixture.settle(starting), AgentStartError)
+            yield self.fixture.settle(closing)
+            self.assertEqual(self.fixture.live_agents("alice"), 0)
+            second = self.fixture.new_provider(keep_on_close=False)
+            adopted = yield self.fixture.settle(second.recover())
+            self.assertEqual(adopted, [])
+
+        @inlineCallbacks
+        def test_agents_of_a_provider_that_stops_them_are_not_recovered(self):
+            yield self.fixture.settle(self.start("alice"))
+            yield self.fixture.settle(self.provider.close())
+            second = self.fixture.new_provider(keep_on_close=False)
+            adopted = yield self.fixture.settle(second.recover())
+            self.assertEqual(adopted, [])
+            self.assertEqual(second.running(), {})
 
         @inlineCallbacks
         def test_close_stops_every_agent(self):

@@ -4,7 +4,8 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from pixelated_dispatcher.manager.providers.fake import CRASH_REASON, FakeProvider
+from pixelated_dispatcher.manager.providers.fake import (
+    ADOPTED_EXIT_REASON, CRASH_REASON, FakeMachine, FakeProvider)
 from pixelated_dispatcher.manager.providers.interface import AgentStartError, RunningAgent
 from pixelated_dispatcher.protocol import AgentAddress
 
@@ -12,9 +13,20 @@ from .provider_contract import credentials_for, make_provider_tests
 
 
 class FakeFixture:
+    adopted_exit_reason = ADOPTED_EXIT_REASON
+
     def __init__(self, test_case, start_delay=0.5, stop_delay=0.2):
         self.clock = Clock()
-        self.provider = FakeProvider(self.clock, start_delay=start_delay, stop_delay=stop_delay)
+        self.machine = FakeMachine()
+        self._delays = dict(start_delay=start_delay, stop_delay=stop_delay)
+        self.providers = []
+        self.provider = self.new_provider(keep_on_close=False)
+
+    def new_provider(self, keep_on_close):
+        provider = FakeProvider(self.clock, keep_on_close=keep_on_close, machine=self.machine,
+                                **self._delays)
+        self.providers.append(provider)
+        return provider
 
     def data_dir(self, username):
         return "/nonexistent/users/%s/data" % (username,)
@@ -32,17 +44,18 @@ class FakeFixture:
             self.clock.advance(0.1)
         return d
 
-    def received(self, username):
-        return succeed(self.provider.received(username))
+    def received(self, username, provider=None):
+        return succeed((provider or self.provider).received(username))
 
-    def kill_from_outside(self, username):
-        self.provider.crash(username)
+    def kill_from_outside(self, username, provider=None):
+        (provider or self.provider).crash(username)
 
     def break_next_start(self, username):
         self.provider.fail_next_start(username)
 
     def live_agents(self, username):
-        return 1 if self.provider.alive(username) else 0
+        return (sum(1 for provider in self.providers if provider.alive(username))
+                + (1 if username in self.machine.left else 0))
 
 
 class FakeProviderContractTests(make_provider_tests(FakeFixture)):
@@ -108,3 +121,26 @@ class FakeProviderControlTests(TestCase):
         provider = FakeProvider(self.clock, recoverable=[left])
         self.assertEqual(self.successResultOf(provider.recover()), [left])
         self.assertEqual(provider.running(), {"alice": left})
+
+    def test_crash_of_an_adopted_agent_says_exited(self):
+        left = RunningAgent("alice", AgentAddress("127.0.0.1", 4567), 0, 1.0)
+        provider = FakeProvider(self.clock, recoverable=[left])
+        exits = []
+        provider.on_exit(lambda username, reason: exits.append((username, reason)))
+        provider.recover()
+        provider.crash("alice")
+        self.assertEqual(exits, [("alice", ADOPTED_EXIT_REASON)])
+
+    def test_keep_on_close_hands_running_agents_to_the_machine(self):
+        machine = FakeMachine()
+        first = FakeProvider(self.clock, keep_on_close=True, machine=machine)
+        d = first.start("alice", "/d", credentials_for("alice", "pw"))
+        self.clock.advance(0)
+        alice = self.successResultOf(d)
+        self.successResultOf(first.close())
+        self.assertEqual(machine.left, {"alice": alice})
+        second = FakeProvider(self.clock, machine=machine)
+        self.assertEqual(self.successResultOf(second.recover()), [alice])
+        self.assertEqual(machine.left, {})
+        self.assertTrue(second.received("alice")["password_received"])
+        self.assertEqual(second.launches, [])

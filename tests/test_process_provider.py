@@ -108,14 +108,30 @@ def script_command(*words: str) -> str:
 
 class ProcessFixture:
     """Real processes in a temp dir; cleanup fails the test if any agent
-    process outlives ``close()``."""
+    process outlives the ``close()`` of every provider it made.
 
-    def __init__(self, test_case, command=DEMO_AGENT_COMMAND, **options):
+    With ``state`` (the default) providers keep records and logs in
+    ``<root>/agents``, as in production; without, agents' output comes
+    through pipes and nothing outlives a provider."""
+
+    adopted_exit_reason = "exited"
+
+    def __init__(self, test_case, command=DEMO_AGENT_COMMAND, state=True, **options):
         self.root = tempfile.mkdtemp(prefix="pixelated-provider-test-")
+        self.state_dir = os.path.join(self.root, "agents") if state else None
         options.setdefault("start_timeout", 15.0)
         options.setdefault("stop_grace", 5.0)
-        self.provider = ProcessProvider(reactor, command, **options)
+        self._command, self._options = command, options
+        self.providers = []
+        self.provider = self.new_provider(keep_on_close=False)
         test_case.addCleanup(self.cleanup)
+
+    def new_provider(self, keep_on_close, **options):
+        provider = ProcessProvider(reactor, self._command, state_dir=self.state_dir,
+                                   keep_on_close=keep_on_close,
+                                   **dict(self._options, **options))
+        self.providers.append(provider)
+        return provider
 
     def data_dir(self, username: str) -> str:
         path = os.path.join(self.root, "users", username, "data")
@@ -125,13 +141,13 @@ class ProcessFixture:
     def settle(self, d):
         return d
 
-    def received(self, username: str):
-        agent = self.provider.running()[username]
+    def received(self, username: str, provider=None):
+        agent = (provider or self.provider).running()[username]
         return http_get(agent_url(agent, "/whoami")).addCallback(
             lambda result: json.loads(result[1]))
 
-    def kill_from_outside(self, username: str) -> None:
-        os.kill(self.provider.running()[username].pid, signal.SIGKILL)
+    def kill_from_outside(self, username: str, provider=None) -> None:
+        os.kill((provider or self.provider).running()[username].pid, signal.SIGKILL)
 
     def break_next_start(self, username: str) -> None:
         # the demo agent refuses to start when it cannot read its visit counter
@@ -148,7 +164,8 @@ class ProcessFixture:
             shutil.rmtree(self.root, ignore_errors=True)
             if leftovers:
                 raise AssertionError("agent processes outlived close(): %r" % (leftovers,))
-        return self.provider.close().addCallback(check)
+        closing = gatherResults([provider.close() for provider in self.providers])
+        return closing.addCallback(check)
 
 
 class ProcessProviderContractTests(make_provider_tests(ProcessFixture)):

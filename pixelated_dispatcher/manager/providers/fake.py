@@ -27,6 +27,23 @@ log = Logger()
 #: like the process provider's report of a SIGKILL
 CRASH_REASON = "killed by signal 9 (SIGKILL)"
 
+#: what an adopted agent's end is reported as (it is not the manager's child,
+#: so nobody learns its exit status), as the process provider does
+ADOPTED_EXIT_REASON = "exited"
+
+
+@attr.s(auto_attribs=True, eq=False)
+class FakeMachine:
+    """What outlives a provider: the agents a provider closed with
+    ``keep_on_close`` left running, waiting for the next provider's
+    ``recover()`` (the process table and state dir, or the Docker daemon, of
+    the real providers). Share one between two FakeProviders to model a
+    manager restart."""
+    #: user name → the agent left running
+    left: Dict[str, RunningAgent] = attr.Factory(dict)
+    #: user name → the credentials that agent got at its start (it still knows them)
+    credentials: Dict[str, bytes] = attr.Factory(dict)
+
 
 @attr.s(auto_attribs=True, eq=False)
 class _FakeAgent:
@@ -37,6 +54,8 @@ class _FakeAgent:
     pending: Optional[IDelayedCall] = None
     start_waiters: List[Deferred] = attr.Factory(list)
     stop_waiters: List[Deferred] = attr.Factory(list)
+    #: recovered from a previous manager rather than started by us
+    adopted: bool = False
 
 
 def _fire_all(waiters: List[Deferred], result) -> None:
@@ -63,11 +82,17 @@ class FakeProvider:
     :param stop_delay: seconds a stop takes.
     :param recoverable: agents that ``recover()`` adopts, as if a previous
         manager had left them running.
+    :param keep_on_close: ``close()`` leaves running agents on ``machine``
+        for the next provider's ``recover()`` (the process provider with a
+        state dir does that by default); starts in flight are stopped.
+    :param machine: shared with the provider that "restarts" this one.
     """
     clock: object
     start_delay: float = 0.0
     stop_delay: float = 0.0
     recoverable: Iterable[RunningAgent] = ()
+    keep_on_close: bool = False
+    machine: FakeMachine = attr.Factory(FakeMachine)
 
     name = "fake"
 
@@ -91,16 +116,19 @@ class FakeProvider:
         """Make the next launch for ``username`` fail with AgentStartError(message)."""
         self._failures[username] = message
 
-    def crash(self, username: str, reason: str = CRASH_REASON) -> None:
+    def crash(self, username: str, reason: Optional[str] = None) -> None:
         """The agent ends by itself (as if killed from outside).
 
-        A running agent goes away and ``on_exit`` callbacks get ``reason``; a
-        starting one fails its start instead, as a real agent that dies
-        before answering HTTP does.
+        A running agent goes away and ``on_exit`` callbacks get ``reason``
+        (default: :data:`CRASH_REASON`, or :data:`ADOPTED_EXIT_REASON` for an
+        adopted agent); a starting one fails its start instead, as a real
+        agent that dies before answering HTTP does.
         """
         agent = self._agents.get(username)
         if agent is None:
             raise KeyError("no agent of %s to crash" % (username,))
+        if reason is None:
+            reason = ADOPTED_EXIT_REASON if agent.adopted else CRASH_REASON
         if agent.running is None:
             self._cancel_pending(agent)
             self._forget(agent)
@@ -130,9 +158,14 @@ class FakeProvider:
     # -- IAgentProvider -----------------------------------------------------
 
     def recover(self) -> Deferred:
-        adopted = list(self.recoverable)
+        left, self.machine.left = self.machine.left, {}
+        for username in left:
+            if username in self.machine.credentials:
+                self.credentials[username] = self.machine.credentials.pop(username)
+        adopted = list(self.recoverable) + list(left.values())
         for running in adopted:
-            self._agents[running.username] = _FakeAgent(running.username, "", running)
+            self._agents[running.username] = _FakeAgent(running.username, "", running,
+                                                        adopted=True)
         return defer.succeed(adopted)
 
     def running(self) -> Dict[str, RunningAgent]:
@@ -181,7 +214,15 @@ class FakeProvider:
 
     def close(self) -> Deferred:
         self._closing = True
-        stops = [self.stop(username) for username in list(self._agents)]
+        stops = []
+        for username, agent in list(self._agents.items()):
+            if self.keep_on_close and agent.running is not None and not agent.stopping:
+                self._forget(agent)
+                self.machine.left[username] = agent.running
+                if username in self.credentials:
+                    self.machine.credentials[username] = self.credentials[username]
+            else:
+                stops.append(self.stop(username))
         return defer.gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
 
     # -- internals ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Run each user's agent as a local child process of the manager.
+"""Run each user's agent as a local process of the manager.
 
 This is the embedded default provider: it needs nothing installed beyond
 util-linux (Essential on Debian). What it guarantees, and why:
@@ -9,38 +9,68 @@ util-linux (Essential on Debian). What it guarantees, and why:
 * **Credentials travel only on stdin**: one JSON line, then stdin is closed.
   Never argv (``/proc/<pid>/cmdline`` is world readable), never the
   environment, never a file.
-* **No orphans**: every agent runs under ``setpriv --pdeathsig SIGKILL`` so the
-  kernel kills it if the manager dies, even by SIGKILL; and under ``setsid``
-  so it leads its own process group and a stop signals everything it forked.
+* **Agents never run as root** when the manager gives it ``accounts``: each
+  user's agent runs under its own uid and gid (``setpriv --reuid --regid
+  --clear-groups``), with no capabilities at all (inheritable and bounding
+  sets emptied) and ``no_new_privs``, so not even a set-uid program can give
+  it privileges back. Its data directory is chowned to that uid (the whole
+  tree, the first time or when the uid changed, without following symlinks)
+  and kept mode 0700, so no other user's agent can read it. Without
+  ``accounts`` (development: a manager that is not root) agents run as the
+  manager's own user.
+* **Its own process group**: every agent runs under ``setsid``, so a stop
+  signals everything it forked. The environment is minimal.
 * **Running means answering HTTP**: an agent counts as started only once it
   answers any HTTP response on its port; if it exits first, or the start
   timeout passes, it is killed and the start fails with the last lines it
   logged, so the operator sees why.
 * **Stop is polite, then firm**: SIGTERM to the group, SIGKILL after a grace
-  period, and the Deferred fires only once the process has been reaped.
+  period, and the Deferred fires only once the process has gone.
+* **Agents outlive the manager** (``state_dir`` given and ``keep_on_close``):
+  a restart or upgrade of the manager must not end the users' sessions, and
+  the password an agent got at login is not available again. So each agent
+  has a record ``<state_dir>/<user>.json`` (pid, process start time, port,
+  process group, argv), written atomically once it is spawned; its output
+  goes to ``<state_dir>/<user>.log`` (not to pipes, which would break when
+  the manager exits; rotated to ``<user>.log.1`` at a start when it is over
+  10 MiB); ``close()`` leaves running agents alone; the next manager's
+  ``recover()`` adopts an agent only if its pid is alive with the recorded
+  start time (so a reused pid is never mistaken) and it still answers HTTP on
+  its port, and kills it otherwise. An adopted agent is not the manager's
+  child: its end is noticed through a pidfd (``/proc`` polled every second
+  where ``pidfd_open`` is missing) and reported as "exited".
+* **No orphans otherwise**: without ``state_dir``, or with ``keep_on_close``
+  false, agents run under ``setpriv --pdeathsig SIGKILL``, so the kernel kills
+  them if the manager dies, even by SIGKILL, and ``close()`` stops them.
 
-Adopting agents that outlived a manager comes in a later issue; until then
-the pdeathsig guarantee means there is nothing to adopt and ``recover()``
-returns ``[]``.
+All file work (chown, records, logs) runs in the reactor's thread pool. Two
+small procfs reads (``/proc/<pid>/stat``) run on the reactor thread on
+purpose: procfs never waits for a disk, and reading the start time in the
+same call as the spawn is what makes it certain to be our process's.
 """
 import collections
+import errno
+import json
 import os
 import re
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
-from typing import Callable, Deque, Dict, List, Mapping, Optional
+import time
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import attr
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -66,6 +96,12 @@ PORT_ATTEMPTS = 3
 PROBE_TIMEOUT = 1.0
 PROBE_INTERVAL = 0.1
 
+#: how long ``recover()`` gives a recorded agent to answer HTTP
+RECOVER_PROBE_TIME = 3.0
+
+#: how long ``recover()`` waits for a killed, unanswering agent to go
+RECOVER_KILL_WAIT = 5.0
+
 #: output lines kept per agent for error messages
 LAST_LINES = 20
 
@@ -77,9 +113,27 @@ MAX_LINE = 8192
 #: (a leftover child may hold the pipes open)
 OUTPUT_DRAIN_TIME = 1.0
 
+#: an agent's log file is rotated (to ``<user>.log.1``) at a start when it is
+#: bigger than this
+LOG_LIMIT = 10 * 1024 * 1024
+
+#: how much of the end of a log file is read for an error message
+TAIL_BYTES = 64 * 1024
+
+#: how often an adopted agent is looked for in /proc where pidfds are missing
+POLL_INTERVAL = 1.0
+
+#: version of the JSON records in ``state_dir``
+RECORD_VERSION = 1
+
 _PLACEHOLDER = re.compile(r"\{(port|data_dir|username)\}")
 
 _ADDRESS_IN_USE = ("address already in use", "address in use", "eaddrinuse")
+
+_RECORD_NAME = re.compile(r"([a-z0-9_][a-z0-9._-]{0,63})\.json")
+
+#: ``accounts(username)`` fires with the ``(uid, gid)`` the user's agent runs as
+Accounts = Callable[[str], Deferred]
 
 
 def free_loopback_port() -> int:
@@ -108,6 +162,214 @@ def describe_exit(reason: Failure) -> str:
             return "killed by signal %d (%s)" % (error.signal, name)
         return "exited with status %d" % (error.exitCode,)
     return "ended (%s)" % (error,)
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """When process ``pid`` started (field 22 of ``/proc/<pid>/stat``, clock
+    ticks since boot), or None if there is no such live process (a zombie
+    counts as gone). Together with the pid it names one process for ever:
+    a reused pid has a later start time."""
+    try:
+        with open("/proc/%d/stat" % (pid,), "rb") as f:
+            data = f.read()
+        # the command name (field 2) is in parentheses and may hold anything
+        fields = data[data.rindex(b")") + 2:].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# -- file work; these run in the thread pool -----------------------------------------
+
+
+def prepare_data_dir(path: str, owner: Optional[Tuple[int, int]]) -> None:
+    """Check that ``path`` is a directory; with ``owner`` = (uid, gid), make
+    it (and, if it was not theirs yet, everything in it) theirs, mode 0700,
+    and check that they can reach it. Raises AgentStartError."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if owner is not None:
+        flags |= os.O_NOFOLLOW  # root's chown must not be sent elsewhere
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise AgentStartError("the data directory %s does not exist" % (path,))
+    except OSError as error:
+        if error.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise AgentStartError("the data directory %s is not a directory" % (path,))
+        raise AgentStartError("the data directory %s cannot be opened: %s"
+                              % (path, error.strerror))
+    try:
+        if owner is None:
+            return
+        uid, gid = owner
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            # the first start under this uid (a new user, an imported legacy
+            # directory, a changed uid): the whole tree becomes the agent's.
+            # fwalk with dir fds and lchown never follow a symlink, so the
+            # tree's content cannot redirect root's chown elsewhere.
+            for _, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
+                for name in dirs + files:
+                    try:
+                        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        pass
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    blocked = unreachable_ancestor(path, uid, gid)
+    if blocked is not None:
+        raise AgentStartError(
+            "the agent's uid %d cannot reach its data directory %s: %s lets others"
+            " neither in nor through (it needs o+x, e.g. mode 0711)" % (uid, path, blocked))
+
+
+def unreachable_ancestor(path: str, uid: int, gid: int) -> Optional[str]:
+    """The first directory above ``path`` that ``uid``/``gid`` (with no
+    supplementary groups) may not search, described; None if all may be."""
+    current = os.path.dirname(path)
+    while True:
+        st = os.stat(current)
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return "%s (mode %04o, owner %d:%d)" % (
+                current, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def make_state_dir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def open_log(state_dir: str, path: str, header: str) -> Tuple[int, int]:
+    """Open the agent's log for appending (rotating it first if it is over
+    LOG_LIMIT); fires with the fd and the offset where this start's output
+    begins."""
+    make_state_dir(state_dir)
+    try:
+        if os.lstat(path).st_size > LOG_LIMIT:
+            os.replace(path, path + ".1")
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, header.encode("utf-8"))
+        return fd, os.fstat(fd).st_size
+    except OSError:
+        os.close(fd)
+        raise
+
+
+def read_tail(path: str, offset: int) -> List[str]:
+    """The last LAST_LINES lines written to ``path`` after ``offset``."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(offset, size - TAIL_BYTES))
+            data = f.read(TAIL_BYTES)
+    except OSError:
+        return []
+    lines = []
+    for raw in data.split(b"\n"):
+        while len(raw) > MAX_LINE:
+            lines.append(raw[:MAX_LINE])
+            raw = raw[MAX_LINE:]
+        lines.append(raw)
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line.rstrip(b"\r").decode("utf-8", "replace") for line in lines[-LAST_LINES:]]
+
+
+def write_record(state_dir: str, record: dict) -> None:
+    """Replace ``<state_dir>/<user>.json`` atomically."""
+    path = os.path.join(state_dir, record["username"] + ".json")
+    tmp = os.path.join(state_dir, "." + record["username"] + ".json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def delete_record(state_dir: str, username: str, pid: Optional[int] = None) -> None:
+    """Remove ``<state_dir>/<user>.json`` (only if it names ``pid``, when given)."""
+    path = os.path.join(state_dir, username + ".json")
+    if pid is not None:
+        record = _load_record(path)
+        if record is not None and record.get("pid") != pid:
+            return
+    _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _load_record(path: str) -> Optional[dict]:
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read(64 * 1024).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _valid_record(record: Optional[dict], username: str) -> bool:
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return (record is not None and record.get("version") == RECORD_VERSION
+            and record.get("username") == username
+            and is_int(record.get("pid")) and record["pid"] > 1
+            and is_int(record.get("start_time"))
+            and is_int(record.get("pgid")) and record["pgid"] > 1
+            and is_int(record.get("port")) and 0 < record["port"] < 65536
+            and isinstance(record.get("started"), (int, float)))
+
+
+def scan_records(state_dir: str) -> List[dict]:
+    """The records of ``state_dir`` whose process still lives with its
+    recorded start time; the others (and anything unreadable) are deleted."""
+    make_state_dir(state_dir)
+    alive = []
+    for name in sorted(os.listdir(state_dir)):
+        path = os.path.join(state_dir, name)
+        if name.startswith(".") and name.endswith(".json.tmp"):
+            _unlink(path)  # a write the previous manager did not finish
+            continue
+        match = _RECORD_NAME.fullmatch(name)
+        if match is None:
+            continue
+        record = _load_record(path)
+        if not _valid_record(record, match.group(1)):
+            log.warn("discarding the unreadable agent record {path}", path=path)
+            _unlink(path)
+        elif process_start_time(record["pid"]) != record["start_time"]:
+            log.info("agent of {username} (pid {pid}) is gone; discarding its record",
+                     username=record["username"], pid=record["pid"])
+            _unlink(path)
+        else:
+            alive.append(record)
+    return alive
+
+
+# -- processes ---------------------------------------------------------------------
 
 
 class _Probe(Protocol):
@@ -146,21 +408,57 @@ class _OneProtocolFactory(Factory):
         return self._protocol
 
 
-class _AgentProcess(ProcessProtocol):
-    """One agent process: feeds it its credentials, logs its output line by
-    line, and says when it has ended."""
+class _Ending:
+    """``when_ended()`` waiters of a process, fired once."""
 
-    def __init__(self, reactor, username: str, credentials: bytes) -> None:
+    def __init__(self) -> None:
+        self._ended = False
+        self._ended_waiters: List[Deferred] = []
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def when_ended(self) -> Deferred:
+        """Fires (with None) once the process has gone."""
+        d = Deferred()
+        if self._ended:
+            d.callback(None)
+        else:
+            self._ended_waiters.append(d)
+        return d
+
+    def _fire_ended(self) -> None:
+        self._ended = True
+        waiters, self._ended_waiters = self._ended_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+
+class _AgentProcess(_Ending, ProcessProtocol):
+    """One agent process we spawned: feeds it its credentials, logs its output
+    line by line when it comes through pipes (no ``log_path``), and says when
+    it has ended."""
+
+    def __init__(self, reactor, username: str, credentials: bytes,
+                 log_path: Optional[str] = None, log_offset: int = 0) -> None:
+        _Ending.__init__(self)
         self._reactor = reactor
         self.username = username
         self._credentials = credentials
         self.pid: Optional[int] = None
+        #: the log file the output goes to (None: pipes to us)
+        self.log_path = log_path
+        self.log_offset = log_offset
         self.last_lines: Deque[str] = collections.deque(maxlen=LAST_LINES)
         self._partial: Dict[int, bytes] = {1: b"", 2: b""}
         self.exit_reason: Optional[Failure] = None
         self._drain: Optional[IDelayedCall] = None
-        self._ended = False
-        self._ended_waiters: List[Deferred] = []
+        self._finished = False
+        #: left running for the next manager: its end is no longer ours to handle
+        self.handed_over = False
+        #: what ``state_dir`` says about this process (None: nothing)
+        self.record: Optional[dict] = None
 
     # -- life cycle ------------------------------------------------------
 
@@ -172,7 +470,8 @@ class _AgentProcess(ProcessProtocol):
 
     def processExited(self, reason: Failure) -> None:
         self.exit_reason = reason
-        self._sweep_group()
+        if not self.handed_over:
+            self._sweep_group()
         # processEnded follows once the pipes close; don't wait for ever if a
         # leftover grandchild keeps them open.
         self._drain = self._reactor.callLater(OUTPUT_DRAIN_TIME, self._finish)
@@ -183,18 +482,16 @@ class _AgentProcess(ProcessProtocol):
         self._finish()
 
     def _finish(self) -> None:
-        if self._ended:
+        if self._finished:
             return
-        self._ended = True
+        self._finished = True
         if self._drain is not None and self._drain.active():
             self._drain.cancel()
         for fd, rest in self._partial.items():
             if rest:
                 self._log_line(fd, rest)
         self._partial = {1: b"", 2: b""}
-        waiters, self._ended_waiters = self._ended_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self._fire_ended()
 
     def _sweep_group(self) -> None:
         """Kill whatever the agent left behind in its process group.
@@ -210,22 +507,11 @@ class _AgentProcess(ProcessProtocol):
             pass
 
     @property
-    def ended(self) -> bool:
-        return self._ended
-
-    def when_ended(self) -> Deferred:
-        """Fires (with None; see ``exit_reason``) once the process was reaped
-        and its output read."""
-        d = Deferred()
-        if self._ended:
-            d.callback(None)
-        else:
-            self._ended_waiters.append(d)
-        return d
-
-    @property
     def exit_description(self) -> str:
         return describe_exit(self.exit_reason) if self.exit_reason else "still running"
+
+    def hand_over(self) -> None:
+        self.handed_over = True
 
     # -- signals -----------------------------------------------------------
 
@@ -271,14 +557,111 @@ class _AgentProcess(ProcessProtocol):
                    for line in self.last_lines for marker in _ADDRESS_IN_USE)
 
     def output_for_error(self) -> str:
+        where = " (log: %s)" % (self.log_path,) if self.log_path else ""
         if not self.last_lines:
-            return " It wrote no output."
-        return " Its last output:\n" + "\n".join("  " + line for line in self.last_lines)
+            return " It wrote no output%s." % (where,)
+        return (" Its last output%s:\n" % (where,)
+                + "\n".join("  " + line for line in self.last_lines))
+
+
+@implementer(IReadDescriptor)
+class _AdoptedProcess(_Ending):
+    """An agent a previous manager started: not our child, so its end is
+    seen through a pidfd (readable once it exits), or by polling /proc."""
+
+    exit_description = "exited"
+
+    def __init__(self, reactor, username: str, pid: int, start_time: int,
+                 pidfd: Optional[int]) -> None:
+        _Ending.__init__(self)
+        self._reactor = reactor
+        self.username = username
+        self.pid = pid
+        self._start_time = start_time
+        self._pidfd = pidfd
+        self._poller: Optional[LoopingCall] = None
+
+    def watch(self) -> None:
+        if self._pidfd is not None:
+            self._reactor.addReader(self)
+        else:
+            self._poller = LoopingCall(self._poll)
+            self._poller.clock = self._reactor
+            self._poller.start(POLL_INTERVAL, now=False)
+
+    def _poll(self) -> None:
+        if process_start_time(self.pid) != self._start_time:
+            self._gone()
+
+    # IReadDescriptor
+    def fileno(self) -> int:
+        return self._pidfd if self._pidfd is not None else -1
+
+    def doRead(self) -> None:
+        self._gone()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # the reactor shuts down with us still watching: not an exit
+        self._unwatch()
+
+    def logPrefix(self) -> str:
+        return "adopted agent of %s" % (self.username,)
+
+    def _gone(self) -> None:
+        if self.ended:
+            return
+        self._unwatch()
+        self._fire_ended()
+
+    def hand_over(self) -> None:
+        self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        self._poller = None
+        if self._pidfd is not None:
+            self._reactor.removeReader(self)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def signal_group(self, signum: int) -> None:
+        if self.ended:
+            return
+        # the group leader lives (we would have seen its end), so its pid is
+        # not free and the group id still names its group
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError as error:
+            log.warn("cannot signal the agent of {username} (pid {pid}): {error}",
+                     username=self.username, pid=self.pid, error=error)
+
+
+def _open_pidfd(pid: int, start_time: int) -> Tuple[bool, Optional[int]]:
+    """(whether ``pid`` still is the process that started at ``start_time``,
+    a pidfd for it or None where pidfds are not available)."""
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False, None
+        except OSError:
+            pidfd = None  # ENOSYS: a kernel older than 5.3
+    # checked after opening: if the pid had been reused before, the start
+    # time differs; if the process ends after, the pidfd still names it
+    if process_start_time(pid) != start_time:
+        if pidfd is not None:
+            os.close(pidfd)
+        return False, None
+    return True, pidfd
 
 
 @attr.s(auto_attribs=True, eq=False)
 class _Agent:
-    """The provider's record of one user's agent, from start to reaping."""
+    """The provider's record of one user's agent, from start to its end."""
     username: str
     data_dir: str
     credentials: bytes
@@ -286,10 +669,12 @@ class _Agent:
     stopping: bool = False
     #: the port of the current (or last) attempt; 0 before the first
     port: int = 0
-    process: Optional[_AgentProcess] = None
+    process: Optional[object] = None  # _AgentProcess or _AdoptedProcess
     kill_timer: Optional[IDelayedCall] = None
     start_waiters: List[Deferred] = attr.Factory(list)
     stop_waiters: List[Deferred] = attr.Factory(list)
+    #: left running at close() for the next manager
+    handed_over: bool = False
 
 
 def _fire_all(waiters: List[Deferred], result) -> None:
@@ -307,12 +692,18 @@ def _fire_all(waiters: List[Deferred], result) -> None:
 _READY, _EXITED, _TIMED_OUT = "ready", "exited", "timed out"
 
 
+def _check_state_dir(instance, attribute, value) -> None:
+    if value is not None and not os.path.isabs(value):
+        raise ValueError("state_dir must be an absolute path, not %r" % (value,))
+
+
 @implementer(IAgentProvider)
 @attr.s(auto_attribs=True, eq=False)
 class ProcessProvider:
     """Agents as local processes; see the module docstring for the guarantees.
 
-    :param reactor: provides ``IReactorProcess``, ``IReactorTime`` and TCP.
+    :param reactor: provides ``IReactorProcess``, ``IReactorTime``,
+        ``IReactorFDSet``, ``IReactorThreads`` and TCP.
     :param agent_command: a command line with ``{port}``, ``{data_dir}`` and
         ``{username}`` placeholders. It is split with :func:`shlex.split` and the
         placeholders are substituted inside each argument; no shell ever sees it.
@@ -322,21 +713,36 @@ class ProcessProvider:
     :param stop_grace: seconds between SIGTERM and SIGKILL.
     :param choose_port: picks the port for a start (tests replace it to force
         a collision).
+    :param accounts: ``accounts(username)`` → Deferred ``(uid, gid)`` the
+        user's agent runs as (the manager allocates them); None: agents run
+        as the manager's own user (development; a root manager must not).
+    :param state_dir: an absolute path of a directory the provider owns
+        (created mode 0700): agent records and logs. None: no records, output
+        through pipes into the manager's log, agents die with the manager.
+    :param keep_on_close: with a ``state_dir``, ``close()`` leaves running
+        agents for the next manager's ``recover()``; without one (or when
+        false) ``close()`` stops them.
     """
     reactor: object
     agent_command: str
-    extra_env: Optional[Mapping[str, str]] = None
+    extra_env: Optional[Dict[str, str]] = None
     start_timeout: float = 60.0
     stop_grace: float = 10.0
     choose_port: Callable[[], int] = free_loopback_port
+    accounts: Optional[Accounts] = None
+    state_dir: Optional[str] = attr.ib(default=None, validator=_check_state_dir)
+    keep_on_close: bool = True
 
     name = "process"
 
     _argv: List[str] = attr.ib(init=False)
-    _wrapper: List[str] = attr.ib(init=False)
     _agents: Dict[str, _Agent] = attr.ib(init=False, factory=dict)
     _callbacks: List[ExitCallback] = attr.ib(init=False, factory=list)
     _closing: bool = attr.ib(init=False, default=False)
+    #: per user, the last file operation queued (they run one after another)
+    _disk: Dict[str, Deferred] = attr.ib(init=False, factory=dict)
+    _setpriv: str = attr.ib(init=False)
+    _setsid: str = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -353,13 +759,33 @@ class ProcessProvider:
         if setpriv is None or setsid is None:
             raise RuntimeError("the process provider needs setpriv and setsid (util-linux)"
                                " on PATH")
-        self._wrapper = [setpriv, "--pdeathsig", "SIGKILL", "--", setsid, "--"]
+        self._setpriv, self._setsid = setpriv, setsid
+
+    @property
+    def keeps_agents(self) -> bool:
+        """Whether agents outlive this provider (and are recovered by the next)."""
+        return self.keep_on_close and self.state_dir is not None
+
+    def wrapper(self, owner: Optional[Tuple[int, int]]) -> List[str]:
+        """What runs before the agent command: setpriv, then setsid."""
+        words = [self._setpriv]
+        if not self.keeps_agents:
+            words += ["--pdeathsig", "SIGKILL"]
+        words += ["--no-new-privs"]
+        if owner is not None:
+            uid, gid = owner
+            words += ["--reuid", str(uid), "--regid", str(gid), "--clear-groups",
+                      "--inh-caps=-all", "--bounding-set=-all"]
+        return words + ["--", self._setsid, "--"]
 
     # -- IAgentProvider ------------------------------------------------------
 
     def recover(self) -> Deferred:
-        """Nothing to adopt: agents die with the manager (pdeathsig)."""
-        return defer.succeed([])
+        """Adopt the agents a previous manager left running (see the module
+        docstring); fires with the adopted RunningAgents."""
+        if self.state_dir is None:
+            return defer.succeed([])
+        return defer.ensureDeferred(self._recover())
 
     def running(self) -> Dict[str, RunningAgent]:
         return {name: agent.running for name, agent in self._agents.items()
@@ -400,9 +826,62 @@ class ProcessProvider:
         return d
 
     def close(self) -> Deferred:
+        """Stop the agents, or with ``keeps_agents`` leave the running ones
+        (records in place) for the next manager; starts in flight are stopped
+        either way. Fires once that is done and every record is on disk."""
         self._closing = True
-        stops = [self.stop(username) for username in list(self._agents)]
-        return defer.gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
+        stops = []
+        for username, agent in list(self._agents.items()):
+            if (self.keeps_agents and agent.running is not None and not agent.stopping
+                    and agent.process is not None and not agent.process.ended):
+                self._hand_over(agent)
+            else:
+                stops.append(self.stop(username))
+        d = defer.gatherResults(stops, consumeErrors=True)
+        d.addCallback(lambda _: defer.gatherResults(
+            [self._queue_disk(name, lambda: None) for name in list(self._disk)],
+            consumeErrors=True))
+        return d.addCallback(lambda _: None)
+
+    def _hand_over(self, agent: _Agent) -> None:
+        log.info("leaving the agent of {username} (pid {pid}) running for the next manager",
+                 username=agent.username, pid=agent.running.pid)
+        agent.handed_over = True
+        agent.process.hand_over()
+        self._forget(agent)
+
+    # -- file work, one operation at a time per user ----------------------------
+
+    def _in_thread(self, function, *args) -> Deferred:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
+
+    def _queue_disk(self, username: str, function, *args) -> Deferred:
+        """Run ``function(*args)`` in a thread after the user's earlier file
+        operations (a record must never be deleted before it was written).
+        Errors are logged, not raised: a missing record costs an adoption,
+        not the agent."""
+        previous = self._disk.get(username)
+        mine: Deferred = Deferred()
+        self._disk[username] = mine
+        result: Deferred = Deferred()
+
+        def finish(_) -> None:
+            if self._disk.get(username) is mine:
+                del self._disk[username]
+            mine.callback(None)  # lets the next operation run
+            result.callback(None)
+
+        def run(_) -> None:
+            d = self._in_thread(function, *args)
+            d.addErrback(lambda f: log.failure("file work for the agent of {username} failed",
+                                               f, username=username))
+            d.addBoth(finish)
+
+        if previous is None:
+            run(None)
+        else:
+            previous.addCallback(run)
+        return result
 
     # -- starting -------------------------------------------------------------
 
@@ -421,20 +900,47 @@ class ProcessProvider:
             _fire_all(agent.stop_waiters, None)
             return
         agent.credentials = b""  # delivered; keep the password no longer than needed
-        agent.running = running
-        agent.process.when_ended().addCallback(lambda _: self._running_agent_ended(agent))
+        self._now_running(agent, running)
+        if agent.process.record is not None:
+            # the next manager adopts it as this very RunningAgent
+            record = dict(agent.process.record, started=running.started)
+            self._queue_disk(agent.username, write_record, self.state_dir, record)
         log.info("agent of {username} running at {host}:{port} (pid {pid})",
                  username=agent.username, host=running.address.host,
                  port=running.address.port, pid=running.pid)
         _fire_all(agent.start_waiters, running)
 
+    def _now_running(self, agent: _Agent, running: RunningAgent) -> None:
+        agent.running = running
+        agent.process.when_ended().addCallback(lambda _: self._running_agent_ended(agent))
+
+    async def _owner(self, agent: _Agent) -> Optional[Tuple[int, int]]:
+        """The (uid, gid) the agent runs as, its data dir made theirs."""
+        owner = None
+        if self.accounts is not None:
+            try:
+                uid, gid = await defer.maybeDeferred(self.accounts, agent.username)
+            except Exception as error:
+                raise AgentStartError("no uid for the agent of %s: %s"
+                                      % (agent.username, error))
+            if not (isinstance(uid, int) and isinstance(gid, int) and uid > 0 and gid > 0):
+                raise AgentStartError("refusing to run the agent of %s as uid %r, gid %r"
+                                      % (agent.username, uid, gid))
+            owner = (uid, gid)
+        try:
+            await self._in_thread(prepare_data_dir, agent.data_dir, owner)
+        except AgentStartError as error:
+            raise AgentStartError("cannot start the agent of %s: %s" % (agent.username, error))
+        return owner
+
     async def _launch(self, agent: _Agent) -> RunningAgent:
         """Spawn the agent until it answers HTTP, trying another port if it
         lost its port to somebody else; raise AgentStartError otherwise."""
-        if not os.path.isdir(agent.data_dir):
-            raise AgentStartError("the data directory %s of %s does not exist"
-                                  % (agent.data_dir, agent.username))
         deadline = self.reactor.seconds() + self.start_timeout
+        owner = await self._owner(agent)
+        if agent.stopping:
+            raise AgentStartError("the agent of %s was stopped while it was starting"
+                                  % (agent.username,))
         for attempt in range(1, PORT_ATTEMPTS + 1):
             # Never hand out a port another of our agents holds or is about to
             # bind: two agents on one port would let one user's readiness probe
@@ -443,7 +949,8 @@ class ProcessProvider:
             port = self.choose_port()
             while port in taken:
                 port = free_loopback_port()
-            process = self._spawn(agent, port)
+            agent.port = port  # ours from now on, before any wait
+            process = await self._spawn(agent, port, owner)
             outcome = await self._until_ready(process, port, deadline)
             where = "%s:%d" % (LOOPBACK, port)
             if outcome == _READY and not agent.stopping:
@@ -453,6 +960,7 @@ class ProcessProvider:
             if outcome == _TIMED_OUT:
                 process.signal_group(signal.SIGKILL)
                 await process.when_ended()
+                await self._collect_output(process)
                 raise AgentStartError(
                     "the agent of %s did not answer HTTP on %s within %g seconds, so it"
                     " was killed.%s" % (agent.username, where, self.start_timeout,
@@ -461,6 +969,7 @@ class ProcessProvider:
             if agent.stopping:
                 raise AgentStartError("the agent of %s was stopped while it was starting"
                                       % (agent.username,))
+            await self._collect_output(process)
             if process.says_address_in_use() and attempt < PORT_ATTEMPTS:
                 log.info("agent of {username} found port {port} taken; trying another",
                          username=agent.username, port=port)
@@ -471,7 +980,14 @@ class ProcessProvider:
                    process.output_for_error()))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _spawn(self, agent: _Agent, port: int) -> _AgentProcess:
+    async def _collect_output(self, process: _AgentProcess) -> None:
+        if process.log_path is not None:
+            lines = await self._in_thread(read_tail, process.log_path, process.log_offset)
+            process.last_lines.clear()
+            process.last_lines.extend(lines)
+
+    async def _spawn(self, agent: _Agent, port: int,
+                     owner: Optional[Tuple[int, int]]) -> _AgentProcess:
         values = {"port": str(port), "data_dir": agent.data_dir, "username": agent.username}
         argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], word) for word in self._argv]
         env = {
@@ -481,20 +997,67 @@ class ProcessProvider:
             "DISPATCHER_LOGOUT_URL": "/auth/logout",
         }
         env.update(self.extra_env or {})
-        process = _AgentProcess(self.reactor, agent.username, agent.credentials)
-        command = self._wrapper + argv
+        command = self.wrapper(owner) + argv
+        log_path = log_fd = None
+        log_offset = 0
+        if self.state_dir is not None:
+            log_path = os.path.join(self.state_dir, agent.username + ".log")
+            header = "--- %s agent of %s starting on port %d%s\n" % (
+                time.strftime("%Y-%m-%dT%H:%M:%S%z"), agent.username, port,
+                " as uid %d" % (owner[0],) if owner else "")
+            try:
+                log_fd, log_offset = await self._in_thread(open_log, self.state_dir,
+                                                           log_path, header)
+            except OSError as error:
+                raise AgentStartError("cannot open the log %s of the agent of %s: %s"
+                                      % (log_path, agent.username, error))
+        if agent.stopping:
+            if log_fd is not None:
+                os.close(log_fd)
+            raise AgentStartError("the agent of %s was stopped while it was starting"
+                                  % (agent.username,))
+        process = _AgentProcess(self.reactor, agent.username, agent.credentials,
+                                log_path, log_offset)
         log.info("starting agent of {username} on port {port}: {argv}",
                  username=agent.username, port=port, argv=" ".join(map(shlex.quote, argv)))
+        child_fds = {0: "w", 1: "r", 2: "r"} if log_fd is None else {0: "w", 1: log_fd,
+                                                                    2: log_fd}
         try:
             self.reactor.spawnProcess(process, command[0], command, env=env,
-                                      path=agent.data_dir,
-                                      childFDs={0: "w", 1: "r", 2: "r"})
+                                      path=agent.data_dir, childFDs=child_fds)
         except OSError as error:
             raise AgentStartError("the agent of %s could not be spawned: %s"
                                   % (agent.username, error))
+        finally:
+            if log_fd is not None:
+                os.close(log_fd)  # the agent has its own copy
         agent.process = process
         agent.port = port
+        if self.state_dir is not None:
+            self._record(agent, process, port, owner, argv)
         return process
+
+    def _record(self, agent: _Agent, process: _AgentProcess, port: int,
+                owner: Optional[Tuple[int, int]], argv: List[str]) -> None:
+        # read now, in the spawn's reactor turn: our child cannot have been
+        # reaped yet, so this start time is surely our agent's
+        start_time = process_start_time(process.pid)
+        if start_time is None:
+            return  # gone already; the start fails on its own
+        record = {
+            "version": RECORD_VERSION, "username": agent.username, "pid": process.pid,
+            "start_time": start_time, "pgid": process.pid, "port": port,
+            "started": time.time(), "argv": argv, "data_dir": agent.data_dir,
+            "uid": owner[0] if owner else os.getuid(),
+            "gid": owner[1] if owner else os.getgid(),
+        }
+        process.record = record
+        self._queue_disk(agent.username, write_record, self.state_dir, record)
+        pid = process.pid
+        process.when_ended().addCallback(
+            lambda _: None if process.handed_over else
+            self._queue_disk(agent.username, delete_record, self.state_dir,
+                             agent.username, pid))
 
     async def _until_ready(self, process: _AgentProcess, port: int, deadline: float) -> str:
         """Whichever comes first: the agent answers HTTP, exits, or the deadline."""
@@ -544,6 +1107,74 @@ class ProcessProvider:
                     raise CancelledError()
             await deferLater(self.reactor, PROBE_INTERVAL, lambda: None)
 
+    async def _answers_within(self, port: int, seconds: float) -> bool:
+        """Whether something answers HTTP on ``port`` within ``seconds``."""
+        outcome: Deferred = Deferred()
+
+        def settle(result: bool) -> None:
+            if not outcome.called:
+                outcome.callback(result)
+        timer = self.reactor.callLater(seconds, settle, False)
+        probing = defer.ensureDeferred(
+            self._probe_until_answered(port, lambda: not outcome.called))
+        probing.addCallbacks(lambda _: settle(True),
+                             lambda failure: failure.trap(CancelledError) and None)
+        try:
+            return await outcome
+        finally:
+            if timer.active():
+                timer.cancel()
+            probing.cancel()
+
+    # -- recovering ---------------------------------------------------------------
+
+    async def _recover(self) -> List[RunningAgent]:
+        records = await self._in_thread(scan_records, self.state_dir)
+        results = await defer.gatherResults(
+            [defer.ensureDeferred(self._adopt(record)) for record in records],
+            consumeErrors=True)
+        return [running for running in results if running is not None]
+
+    async def _adopt(self, record: dict) -> Optional[RunningAgent]:
+        username, pid, port = record["username"], record["pid"], record["port"]
+        if username in self._agents:
+            return None  # recover() runs before any start; never two agents anyway
+        same, pidfd = _open_pidfd(pid, record["start_time"])
+        if not same:
+            log.info("agent of {username} (pid {pid}) is gone; discarding its record",
+                     username=username, pid=pid)
+            await self._queue_disk(username, delete_record, self.state_dir, username, pid)
+            return None
+        process = _AdoptedProcess(self.reactor, username, pid, record["start_time"], pidfd)
+        process.watch()
+        agent = _Agent(username, record.get("data_dir", ""), b"", process=process, port=port)
+        self._agents[username] = agent  # holds the port and the user while we probe
+        if await self._answers_within(port, RECOVER_PROBE_TIME) and not process.ended:
+            running = RunningAgent(username, AgentAddress(LOOPBACK, port), pid,
+                                   float(record["started"]))
+            self._now_running(agent, running)
+            process.when_ended().addCallback(
+                lambda _: self._queue_disk(username, delete_record, self.state_dir,
+                                           username, pid))
+            log.info("adopted the agent of {username} (pid {pid}) at {host}:{port}",
+                     username=username, pid=pid, host=LOOPBACK, port=port)
+            _fire_all(agent.start_waiters, running)
+            return running
+        log.warn("agent of {username} (pid {pid}) no longer answers HTTP on port {port};"
+                 " killing it", username=username, pid=pid, port=port)
+        process.signal_group(signal.SIGKILL)
+        timer = self.reactor.callLater(RECOVER_KILL_WAIT, process._gone)
+        await process.when_ended()
+        if timer.active():
+            timer.cancel()
+        self._forget(agent)
+        _fire_all(agent.start_waiters, Failure(AgentStartError(
+            "the agent of %s that the previous manager left did not answer HTTP, so it was"
+            " killed; try again" % (username,))))
+        _fire_all(agent.stop_waiters, None)
+        await self._queue_disk(username, delete_record, self.state_dir, username, pid)
+        return None
+
     # -- stopping -------------------------------------------------------------
 
     def _terminate(self, agent: _Agent) -> None:
@@ -555,7 +1186,7 @@ class ProcessProvider:
         process.signal_group(signal.SIGTERM)
         agent.kill_timer = self.reactor.callLater(self.stop_grace, self._kill, agent, process)
 
-    def _kill(self, agent: _Agent, process: _AgentProcess) -> None:
+    def _kill(self, agent: _Agent, process) -> None:
         agent.kill_timer = None
         if process.ended:
             return
@@ -565,6 +1196,8 @@ class ProcessProvider:
         process.signal_group(signal.SIGKILL)
 
     def _running_agent_ended(self, agent: _Agent) -> None:
+        if agent.handed_over:
+            return  # the next manager's business
         reason = "stopped" if agent.stopping else agent.process.exit_description
         log.info("agent of {username} ended: {reason}", username=agent.username, reason=reason)
         self._forget(agent)
