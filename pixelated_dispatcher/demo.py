@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 TWISTD = [sys.executable, "-c",
           "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
@@ -91,7 +91,8 @@ class Dispatcher:
 
     def __init__(self, directory: str, port: int = 0,
                  manager_args: Optional[List[str]] = None,
-                 proxy_args: Optional[List[str]] = None) -> None:
+                 proxy_args: Optional[List[str]] = None,
+                 proxy_twistd_args: Optional[List[str]] = None) -> None:
         self.directory = os.path.abspath(directory)
         self.port = port or free_port()
         self.url = "https://localhost:%d/" % self.port
@@ -101,14 +102,16 @@ class Dispatcher:
         self.proxy_log = os.path.join(self.directory, "proxy.log")
         self._manager_args = manager_args or []
         self._proxy_args = proxy_args or []
+        self._proxy_twistd_args = proxy_twistd_args or []
         self.manager: Optional[subprocess.Popen] = None
         self.proxy: Optional[subprocess.Popen] = None
         os.makedirs(self.directory, exist_ok=True)
         self.tls = write_self_signed_certificate(self.directory)
 
-    def _twistd(self, log: str, plugin: str, args: List[str]) -> subprocess.Popen:
+    def _twistd(self, log: str, plugin: str, args: List[str],
+                twistd_args: Sequence[str] = ()) -> subprocess.Popen:
         return subprocess.Popen(
-            TWISTD + ["-n", "--pidfile=", "--logfile=" + log, plugin] + args,
+            TWISTD + ["-n", "--pidfile=", "--logfile=" + log] + list(twistd_args) + [plugin] + args,
             stdin=subprocess.DEVNULL, start_new_session=True)
 
     def start_manager(self, timeout: float = 30) -> None:
@@ -124,7 +127,8 @@ class Dispatcher:
         listen = "ssl:%d:privateKey=%s:certKey=%s:interface=127.0.0.1" % (
             self.port, self.tls["key"].replace(":", "\\:"), self.tls["cert"].replace(":", "\\:"))
         self.proxy = self._twistd(self.proxy_log, "pixelated-proxy", [
-            "--manager-socket", self.socket, "--listen", listen] + self._proxy_args)
+            "--manager-socket", self.socket, "--listen", listen] + self._proxy_args,
+            self._proxy_twistd_args)
         _wait_for(lambda: _port_open(self.port), timeout, "pixelated-proxy", self.proxy)
 
     def start(self) -> None:

@@ -93,8 +93,10 @@ class Manager(MultiService):
     # --- lifecycle ------------------------------------------------------------
 
     def startService(self) -> None:
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
+        # Others may pass through (agents running under their own uids reach
+        # their data directories below) but not list; the database is 0600.
+        os.makedirs(self.state_dir, mode=0o711, exist_ok=True)
+        os.chmod(self.state_dir, 0o711)
         self._hasher.start()
         self._file_pool.start()
         d = self._database.start()

@@ -248,5 +248,11 @@ def _raise(error: Exception):
 
 
 def _make_private_dir(path: str) -> None:
+    """The data directory, 0700; its parents only let others pass (0711),
+    so that an agent under its own uid reaches its own data and nothing else."""
+    parent = os.path.dirname(path)
+    for directory in (os.path.dirname(parent), parent):
+        os.makedirs(directory, mode=0o711, exist_ok=True)
+        os.chmod(directory, 0o711)
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
