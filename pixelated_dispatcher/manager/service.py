@@ -39,6 +39,8 @@ class ManagerSettings:
     """Everything an operator can tune (see the tap's options)."""
     leap_provider: str = "localhost"
     hash_parameters: HashParameters = PRODUCTION
+    #: threads hashing passwords (0: one less than the CPUs, at least one)
+    hash_threads: int = 0
     session_idle_timeout: float = 24 * 3600
     session_max_age: float = 7 * 24 * 3600
     idle_timeout: float = 2 * 3600
@@ -71,7 +73,8 @@ class Manager(MultiService):
         self.state_dir = state_dir
         self.settings = settings
         self._database = Database(reactor, os.path.join(state_dir, "dispatcher.sqlite"))
-        self._hasher = PasswordHasher(reactor, settings.hash_parameters)
+        self._hasher = PasswordHasher(reactor, settings.hash_parameters,
+                                      settings.hash_threads or None)
         self._file_pool = ThreadPool(minthreads=0, maxthreads=2, name="files")
         self._vault = CredentialsVault(settings.leap_provider)
         self.announcements = Announcer()

@@ -18,7 +18,7 @@ from twisted.web.server import Site
 
 from .agent_accounts import UidRange
 from .amp_server import ManagerAMPFactory
-from .passwords import PRODUCTION
+from .passwords import PRODUCTION, HashParameters
 from .peer_policy import PeerPolicy, group_id
 from .providers.process import DEMO_AGENT_COMMAND as DEFAULT_AGENT_COMMAND
 from .service import Manager, ManagerSettings
@@ -87,6 +87,13 @@ class Options(usage.Options):
         ["login-free-failures", None, 5,
          "Failed logins per user name or client before the backoff starts.",
          _non_negative(int)],
+        ["argon2-time-cost", None, PRODUCTION.time_cost,
+         "argon2id passes for new password hashes.", _non_negative(int)],
+        ["argon2-memory", None, PRODUCTION.memory_cost_kib,
+         "argon2id memory (KiB) for new password hashes.", _non_negative(int)],
+        ["hash-threads", None, 0,
+         "Threads that hash passwords (0: one less than the CPUs, at least one).",
+         _non_negative(int)],
         ["metrics", None, None,
          "Serve Prometheus metrics on this endpoint, e.g. tcp:9101:interface=127.0.0.1"
          " (default: off)."],
@@ -113,15 +120,19 @@ class Options(usage.Options):
             self["agent-uid-range"] = UidRange.parse(self["agent-uid-range"])
         except ValueError as error:
             raise usage.UsageError("--agent-uid-range: %s" % error)
+        if self["argon2-time-cost"] < 1 or self["argon2-memory"] < 8:
+            raise usage.UsageError("argon2 needs at least one pass and 8 KiB of memory")
         if self["leap-provider"] is None:
             self["leap-provider"] = _default_leap_provider()
         self["state-dir"] = os.path.abspath(self["state-dir"])
         self["socket"] = os.path.abspath(self["socket"])
 
 
-def settings_from(options, hash_parameters=PRODUCTION) -> ManagerSettings:
+def settings_from(options) -> ManagerSettings:
     return ManagerSettings(
-        leap_provider=options["leap-provider"], hash_parameters=hash_parameters,
+        leap_provider=options["leap-provider"],
+        hash_parameters=HashParameters(options["argon2-time-cost"], options["argon2-memory"]),
+        hash_threads=options["hash-threads"],
         session_idle_timeout=options["session-idle-timeout"],
         session_max_age=options["session-max-age"],
         idle_timeout=options["idle-timeout"], max_agents=options["max-agents"],
@@ -165,13 +176,13 @@ class _ManagerSocket(StreamServerEndpointService):
             os.chown(path, -1, gid)
 
 
-def makeService(options, reactor=None, hash_parameters=PRODUCTION):
+def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     top = MultiService()
     provider = make_provider(reactor, options)
     manager = Manager(reactor, options["state-dir"], provider,
-                      settings_from(options, hash_parameters))
+                      settings_from(options))
     if manager.accounts is not None and hasattr(provider, "accounts"):
         provider.accounts = manager.accounts.account_for
     manager.setServiceParent(top)
