@@ -1,11 +1,13 @@
 """The process provider with real processes: the contract suite with the demo
 agent, and what only real processes can show (ports, /proc, signals, orphans)."""
+import errno
 import json
 import os
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -14,14 +16,15 @@ import time
 import psutil
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
+from pixelated_dispatcher.manager.providers import process as process_module
 from pixelated_dispatcher.manager.providers.interface import AgentStartError
 from pixelated_dispatcher.manager.providers.process import (
-    DEMO_AGENT_COMMAND, ProcessProvider, free_loopback_port)
+    DEMO_AGENT_COMMAND, ProcessProvider, free_loopback_port, process_start_time)
 
 from .provider_contract import credentials_for, make_provider_tests
 
@@ -365,6 +368,291 @@ class ProcessProviderTests(TestCase):
             os.kill(agent_pid, signal.SIGKILL)
         self.assertTrue(gone, "the agent outlived its SIGKILLed manager")
 
+    @inlineCallbacks
+    def test_no_uid_for_the_agent_is_a_clear_error(self):
+        def accounts(username):
+            raise LookupError("the uid range 200000-200001 is used up")
+        f = self.fixture(accounts=accounts)
+        error = yield self.assertFailure(
+            f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
+            AgentStartError)
+        self.assertIn("no uid for the agent of alice: the uid range 200000-200001 is used up",
+                      str(error))
+        self.assertEqual(f.live_agents("alice"), 0)
+
+    @inlineCallbacks
+    def test_an_agent_is_never_run_as_root(self):
+        f = self.fixture(accounts=lambda username: succeed((0, 0)))
+        error = yield self.assertFailure(
+            f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
+            AgentStartError)
+        self.assertIn("refusing to run the agent of alice as uid 0", str(error))
+
+    @inlineCallbacks
+    def test_a_missing_data_dir_is_a_clear_error(self):
+        f = self.fixture()
+        error = yield self.assertFailure(
+            f.provider.start("alice", os.path.join(f.root, "nowhere"), credentials_for("alice")),
+            AgentStartError)
+        self.assertIn("the data directory %s does not exist" % (os.path.join(f.root, "nowhere"),),
+                      str(error))
+
     def test_a_broken_command_line_is_refused_at_construction(self):
         for command in ("", "agent --port '{port}", "agent --no-port-here"):
             self.assertRaises(ValueError, ProcessProvider, reactor, command)
+
+
+class ProcessProviderPipeTests(TestCase):
+    """Without a state dir: output through pipes, agents die with the manager."""
+    timeout = 30
+
+    @inlineCallbacks
+    def test_an_agent_that_exits_at_once_fails_with_its_output(self):
+        command = shlex.join([sys.executable, "-c",
+                              "import sys; sys.stderr.write('cannot open the mailbox store\\n');"
+                              " sys.exit(3)", "{port}"])
+        f = ProcessFixture(self, command, state=False)
+        error = yield self.assertFailure(
+            f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
+            AgentStartError)
+        self.assertIn("exited with status 3", str(error))
+        self.assertIn("cannot open the mailbox store", str(error))
+
+    def test_recover_without_a_state_dir_adopts_nothing(self):
+        f = ProcessFixture(self, state=False)
+        self.assertEqual(self.successResultOf(f.provider.recover()), [])
+
+    def test_the_wrapper(self):
+        f = ProcessFixture(self, state=False)
+        setpriv, setsid = shutil.which("setpriv"), shutil.which("setsid")
+        # nothing outlives this provider: the kernel kills agents with it
+        self.assertEqual(f.provider.wrapper(None), [
+            setpriv, "--pdeathsig", "SIGKILL", "--no-new-privs", "--", setsid, "--"])
+        keeping = ProcessProvider(reactor, DEMO_AGENT_COMMAND, state_dir="/nonexistent/agents")
+        self.assertTrue(keeping.keeps_agents)
+        self.assertEqual(keeping.wrapper((200001, 200001)), [
+            setpriv, "--no-new-privs", "--reuid", "200001", "--regid", "200001",
+            "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--", setsid, "--"])
+
+    def test_state_dir_must_be_absolute(self):
+        self.assertRaises(ValueError, ProcessProvider, reactor, DEMO_AGENT_COMMAND,
+                          state_dir="relative/agents")
+
+
+#: a manager that starts alice's agent with a provider keeping agents, says so
+#: in a file, and waits to be killed
+KEEPING_MANAGER = """
+import json, os, sys
+from twisted.internet import reactor
+from pixelated_dispatcher.manager.providers.process import ProcessProvider, DEMO_AGENT_COMMAND
+state_dir, data_dir, report = sys.argv[1:]
+p = ProcessProvider(reactor, DEMO_AGENT_COMMAND, state_dir=state_dir, keep_on_close=True)
+def started(agent):
+    def written(_):
+        with open(report + '.tmp', 'w') as f:
+            json.dump({'pid': agent.pid, 'port': agent.address.port}, f)
+        os.rename(report + '.tmp', report)
+    p._queue_disk('alice', lambda: None).addCallback(written)
+credentials = json.dumps({'user': 'alice', 'password': 'pw'}).encode() + b'\\n'
+p.start('alice', data_dir, credentials).addCallback(started)
+reactor.run()
+"""
+
+
+def write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+class ProcessProviderRecoveryTests(TestCase):
+    """Records, logs and adoption with real processes."""
+    timeout = 30
+
+    def setUp(self):
+        self.f = ProcessFixture(self)
+        self.exits = []
+
+    def provider(self, keep_on_close, **options):
+        provider = self.f.new_provider(keep_on_close, **options)
+        provider.on_exit(lambda username, reason: self.exits.append((username, reason)))
+        return provider
+
+    def record_path(self, username):
+        return os.path.join(self.f.state_dir, username + ".json")
+
+    def read_record(self, username):
+        try:
+            with open(self.record_path(username)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def sleeper(self):
+        """A live process in its own session that is no agent at all."""
+        process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        return process
+
+    @inlineCallbacks
+    def test_a_running_agent_has_a_record_and_a_log(self):
+        agent = yield self.f.provider.start("alice", self.f.data_dir("alice"),
+                                            credentials_for("alice"))
+        written = yield wait_until(
+            lambda: (self.read_record("alice") or {}).get("started") == agent.started)
+        self.assertTrue(written, "no record of the running agent")
+        record = self.read_record("alice")
+        self.assertEqual(record["pid"], agent.pid)
+        self.assertEqual(record["pgid"], agent.pid)
+        self.assertEqual(record["port"], agent.address.port)
+        self.assertEqual(record["start_time"], process_start_time(agent.pid))
+        self.assertEqual(record["username"], "alice")
+        self.assertIn("pixelated_dispatcher.demo_agent", record["argv"])
+        self.assertNotIn("correct horse", json.dumps(record))
+        self.assertEqual(stat.S_IMODE(os.stat(self.f.state_dir).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(self.record_path("alice")).st_mode), 0o600)
+        # the output goes to a file, not to pipes that would break with the manager
+        log_path = os.path.join(self.f.state_dir, "alice.log")
+        for fd in (1, 2):
+            self.assertEqual(os.readlink("/proc/%d/fd/%d" % (agent.pid, fd)), log_path)
+        logged = yield wait_until(lambda: b"serving on" in open(log_path, "rb").read())
+        self.assertTrue(logged)
+        yield self.f.provider.stop("alice")
+        gone = yield wait_until(lambda: not os.path.exists(self.record_path("alice")))
+        self.assertTrue(gone, "the record outlived its agent")
+
+    @inlineCallbacks
+    def test_an_agent_that_fails_to_start_shows_its_log(self):
+        command = shlex.join([sys.executable, "-c",
+                              "import sys; sys.stderr.write('cannot open the mailbox store\\n');"
+                              " sys.exit(3)", "{port}"])
+        f = ProcessFixture(self, command)
+        error = yield self.assertFailure(
+            f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
+            AgentStartError)
+        self.assertIn("exited with status 3", str(error))
+        self.assertIn("cannot open the mailbox store", str(error))
+        self.assertIn(os.path.join(f.state_dir, "alice.log"), str(error))
+        # a second failure shows its own output only
+        error = yield self.assertFailure(
+            f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
+            AgentStartError)
+        self.assertEqual(str(error).count("cannot open the mailbox store"), 1)
+        gone = yield wait_until(lambda: os.listdir(f.state_dir) == ["alice.log"])
+        self.assertTrue(gone, "records of failed starts remain: %r" % os.listdir(f.state_dir))
+
+    @inlineCallbacks
+    def test_a_big_log_is_rotated_at_a_start(self):
+        self.patch(process_module, "LOG_LIMIT", 100)
+        os.makedirs(self.f.state_dir)
+        log_path = os.path.join(self.f.state_dir, "alice.log")
+        with open(log_path, "wb") as f:
+            f.write(b"old\n" * 50)
+        yield self.f.provider.start("alice", self.f.data_dir("alice"), credentials_for("alice"))
+        with open(log_path + ".1", "rb") as f:
+            self.assertEqual(f.read(), b"old\n" * 50)
+        with open(log_path, "rb") as f:
+            self.assertIn(b"agent of alice starting on port", f.readline())
+
+    @inlineCallbacks
+    def test_records_of_gone_or_other_processes_are_discarded(self):
+        os.makedirs(self.f.state_dir)
+        finished = subprocess.Popen(["true"])
+        finished.wait()
+        other = self.sleeper()
+        port = free_loopback_port()
+
+        def record(username, pid, start_time):
+            return {"version": 1, "username": username, "pid": pid, "pgid": pid,
+                    "start_time": start_time, "port": port, "started": 1.0,
+                    "argv": ["agent"]}
+        start_time = yield wait_until(lambda: process_start_time(other.pid))
+        write_json(self.record_path("bob"), record("bob", finished.pid, 12345))
+        # a reused pid: alive, but it started at another time
+        write_json(self.record_path("carol"), record("carol", other.pid, start_time + 1))
+        write_json(self.record_path("dave"), {"username": "dave"})
+        write_json(os.path.join(self.f.state_dir, ".erin.json.tmp"), {})
+        adopted = yield self.provider(False).recover()
+        self.assertEqual(adopted, [])
+        self.assertEqual(os.listdir(self.f.state_dir), [])
+        self.assertTrue(is_alive(other.pid), "a process with a reused pid was killed")
+
+    @inlineCallbacks
+    def test_a_recorded_agent_that_no_longer_answers_is_killed(self):
+        self.patch(process_module, "RECOVER_PROBE_TIME", 0.5)
+        os.makedirs(self.f.state_dir)
+        wedged = self.sleeper()
+        start_time = yield wait_until(lambda: process_start_time(wedged.pid))
+        write_json(self.record_path("alice"), {
+            "version": 1, "username": "alice", "pid": wedged.pid, "pgid": wedged.pid,
+            "start_time": start_time, "port": free_loopback_port(), "started": 1.0,
+            "argv": ["sleep", "60"]})
+        provider = self.provider(False)
+        adopted = yield provider.recover()
+        self.assertEqual(adopted, [])
+        self.assertEqual(provider.running(), {})
+        self.assertFalse(is_alive(wedged.pid))
+        self.assertEqual(os.listdir(self.f.state_dir), [])
+        self.assertEqual(self.exits, [])
+
+    @inlineCallbacks
+    def test_agents_outlive_a_sigkilled_manager_and_are_adopted(self):
+        report = os.path.join(self.f.root, "report.json")
+        manager = subprocess.Popen(
+            [sys.executable, "-c", KEEPING_MANAGER, self.f.state_dir,
+             self.f.data_dir("alice"), report],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(manager.wait)
+        self.addCleanup(manager.kill)
+        started = yield wait_until(lambda: os.path.exists(report), timeout=15)
+        self.assertTrue(started, "the manager did not start its agent")
+        with open(report) as f:
+            left = json.load(f)
+        manager.kill()  # SIGKILL: no cleanup code of the manager runs
+        manager.wait()
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertTrue(is_alive(left["pid"]), "the agent died with its manager")
+
+        provider = self.provider(False)
+        adopted = yield provider.recover()
+        self.assertEqual([(a.username, a.pid, a.address.port) for a in adopted],
+                         [("alice", left["pid"], left["port"])])
+        code, body = yield http_get(agent_url(adopted[0]))
+        self.assertIn(b"Mailbox of alice", body)  # its credentials are still there
+        os.kill(left["pid"], signal.SIGKILL)
+        noticed = yield wait_until(lambda: self.exits)
+        self.assertEqual(noticed, [("alice", "exited")])
+        self.assertEqual(provider.running(), {})
+        gone = yield wait_until(lambda: not os.path.exists(self.record_path("alice")))
+        self.assertTrue(gone)
+
+    @inlineCallbacks
+    def test_without_pidfds_an_adopted_agent_is_watched_in_proc(self):
+        def no_pidfds(pid, flags=0):
+            raise OSError(errno.ENOSYS, "Function not implemented")
+        self.patch(os, "pidfd_open", no_pidfds)
+        first = self.provider(True)
+        agent = yield first.start("alice", self.f.data_dir("alice"), credentials_for("alice"))
+        yield first.close()
+        second = self.provider(False)
+        adopted = yield second.recover()
+        self.assertEqual(adopted, [agent])
+        os.kill(agent.pid, signal.SIGKILL)
+        began = time.monotonic()
+        noticed = yield wait_until(lambda: self.exits)
+        self.assertEqual(noticed, [("alice", "exited")])
+        self.assertLess(time.monotonic() - began, 3)
+
+    @inlineCallbacks
+    def test_an_adopted_agent_ignoring_sigterm_is_killed_after_the_grace(self):
+        f = ProcessFixture(self, script_command("ignore-term"), stop_grace=0.5)
+        first = f.new_provider(keep_on_close=True)
+        agent = yield first.start("alice", f.data_dir("alice"), credentials_for("alice"))
+        yield first.close()
+        second = f.new_provider(keep_on_close=False)
+        yield second.recover()
+        began = time.monotonic()
+        yield second.stop("alice")
+        self.assertGreaterEqual(time.monotonic() - began, 0.5)
+        self.assertFalse(is_alive(agent.pid))
+        self.assertEqual(second.running(), {})

@@ -1,0 +1,165 @@
+"""Agents under their own uids, with real processes: what only root can show.
+
+These tests need root (CI runs them as root). Elsewhere they skip with one
+line, except with ``CI=true``, where skipping would hide that they never ran:
+there they fail.
+"""
+import json
+import os
+import stat
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
+
+from pixelated_dispatcher.manager.providers.interface import AgentStartError
+
+from .provider_contract import credentials_for
+from .test_process_provider import ProcessFixture, agent_url, http_get
+
+#: agent uids of the tests: far above any system or login account, no
+#: /etc/passwd entry (as the manager's allocation from --agent-uid-range)
+TEST_UIDS = {"alice": 3990001, "bob": 3990002}
+
+_CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def require_root(test_case) -> None:
+    if os.geteuid() == 0:
+        return
+    reason = "needs root: agents run under their own uids"
+    if _in_ci():
+        test_case.fail(reason + " (CI=true, so this is a failure, not a skip)")
+    raise SkipTest(reason)
+
+
+def proc_status(pid: int) -> dict:
+    with open("/proc/%d/status" % (pid,)) as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def accounts(username):
+    return succeed((TEST_UIDS[username], TEST_UIDS[username]))
+
+
+class IsolatedFixture(ProcessFixture):
+    """Data dirs as the supervisor makes them: ``<root>/users/<name>/data``,
+    mode 0700, owned by root, below directories others may pass through."""
+
+    def __init__(self, test_case, **options):
+        options.setdefault("accounts", accounts)
+        super().__init__(test_case, **options)
+        os.chmod(self.root, 0o711)
+
+    def data_dir(self, username: str) -> str:
+        path = os.path.join(self.root, "users", username, "data")
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=0o711)
+            os.chmod(path, 0o700)
+            os.chmod(os.path.dirname(path), 0o711)
+            os.chmod(os.path.dirname(os.path.dirname(path)), 0o711)
+        return path
+
+
+class ProcessIsolationTests(TestCase):
+    timeout = 30
+
+    def setUp(self):
+        require_root(self)
+        self.f = IsolatedFixture(self)
+
+    def start(self, username, provider=None):
+        return (provider or self.f.provider).start(
+            username, self.f.data_dir(username), credentials_for(username))
+
+    def as_agent_of(self, username, *argv):
+        """Run ``argv`` with exactly the privileges of ``username``'s agent;
+        fires with (stdout, stderr, exit status)."""
+        uid = TEST_UIDS[username]
+        command = self.f.provider.wrapper((uid, uid)) + list(argv)
+        return getProcessOutputAndValue(command[0], command[1:], env={"PATH": "/usr/bin:/bin"},
+                                        path="/", reactor=reactor)
+
+    @inlineCallbacks
+    def test_two_users_agents_run_under_two_uids_without_capabilities(self):
+        alice = yield self.start("alice")
+        bob = yield self.start("bob")
+        for agent in (alice, bob):
+            uid = str(TEST_UIDS[agent.username])
+            status = proc_status(agent.pid)
+            self.assertEqual(status["Uid"].split(), [uid] * 4)
+            self.assertEqual(status["Gid"].split(), [uid] * 4)
+            self.assertEqual(status["Groups"].strip(), "")
+            for name in _CAPABILITY_SETS:
+                self.assertEqual(int(status[name], 16), 0, "%s of %s" % (name, agent.username))
+            self.assertEqual(status["NoNewPrivs"], "1")
+            self.assertEqual(os.getpgid(agent.pid), agent.pid)
+            data = os.stat(self.f.data_dir(agent.username))
+            self.assertEqual((data.st_uid, data.st_gid), (int(uid), int(uid)))
+            self.assertEqual(stat.S_IMODE(data.st_mode), 0o700)
+            # and it can use its data: the visit counter is written there
+            code, body = yield http_get(agent_url(agent))
+            self.assertIn(b"Mailbox of " + agent.username.encode(), body)
+            visits = os.stat(os.path.join(self.f.data_dir(agent.username), "visits"))
+            self.assertEqual(visits.st_uid, int(uid))
+
+    @inlineCallbacks
+    def test_an_agent_cannot_read_another_users_data(self):
+        alice = yield self.start("alice")
+        bob = yield self.start("bob")
+        for agent in (alice, bob):
+            yield http_get(agent_url(agent))  # each writes its visits file
+        bobs = self.f.data_dir("bob")
+        out, err, code = yield self.as_agent_of("alice", "cat", os.path.join(bobs, "visits"))
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"Permission denied", err)
+        out, err, code = yield self.as_agent_of("alice", "ls", bobs)
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"Permission denied", err)
+        # while its own data is readable to it
+        out, err, code = yield self.as_agent_of(
+            "alice", "cat", os.path.join(self.f.data_dir("alice"), "visits"))
+        self.assertEqual((out, code), (b"1\n", 0))
+
+    @inlineCallbacks
+    def test_the_whole_data_tree_becomes_the_agents_without_following_symlinks(self):
+        data = self.f.data_dir("alice")
+        os.makedirs(os.path.join(data, "mail", "inbox"))
+        with open(os.path.join(data, "mail", "inbox", "1"), "w") as f:
+            f.write("imported mail")
+        outside = os.path.join(self.f.root, "not-the-agents")
+        with open(outside, "w") as f:
+            f.write("root's")
+        os.symlink(outside, os.path.join(data, "mail", "trap"))
+        yield self.start("alice")
+        uid = TEST_UIDS["alice"]
+        for path in ("mail", "mail/inbox", "mail/inbox/1", "mail/trap"):
+            self.assertEqual(os.lstat(os.path.join(data, path)).st_uid, uid, path)
+        self.assertEqual(os.stat(outside).st_uid, 0)
+
+    @inlineCallbacks
+    def test_a_data_dir_the_agent_cannot_reach_is_a_clear_error(self):
+        data = self.f.data_dir("alice")
+        os.chmod(os.path.dirname(data), 0o700)
+        error = yield self.assertFailure(self.start("alice"), AgentStartError)
+        self.assertIn("cannot reach its data directory", str(error))
+        self.assertIn(os.path.dirname(data), str(error))
+        self.assertEqual(self.f.live_agents("alice"), 0)
+
+    @inlineCallbacks
+    def test_agents_under_their_uids_are_adopted_and_stopped(self):
+        first = self.f.new_provider(keep_on_close=True)
+        alice = yield self.start("alice", first)
+        yield first.close()
+        second = self.f.new_provider(keep_on_close=False)
+        adopted = yield second.recover()
+        self.assertEqual(adopted, [alice])
+        with open(os.path.join(self.f.state_dir, "alice.json")) as f:
+            self.assertEqual(json.load(f)["uid"], TEST_UIDS["alice"])
+        yield second.stop("alice")
+        self.assertEqual(self.f.live_agents("alice"), 0)
