@@ -12,17 +12,17 @@
 # tests/dockerd.py finds it there without DOCKER_HOST. Needs root.
 # (no "set -u": this file may be sourced into an interactive shell)
 
-dir=${PIXELATED_DOCKERD_DIR:-/var/tmp/pixelated-dockerd}
-dockerd=${DOCKERD:-/usr/sbin/dockerd}
-sock="$dir/docker.sock"
-pidfile="$dir/dockerd.pid"
-log="$dir/dockerd.log"
-host="unix://$sock"
+_pd_dir=${PIXELATED_DOCKERD_DIR:-/var/tmp/pixelated-dockerd}
+_pd_dockerd=${DOCKERD:-/usr/sbin/dockerd}
+_pd_sock="$_pd_dir/docker.sock"
+_pd_pidfile="$_pd_dir/dockerd.pid"
+_pd_log="$_pd_dir/dockerd.log"
+_pd_host="unix://$_pd_sock"
 
 _pd_answers() {
     # An HTTP "OK" from /_ping over the socket, without needing the docker CLI.
-    [ -S "$sock" ] || return 1
-    python3 - "$sock" <<'PY' 2>/dev/null
+    [ -S "$_pd_sock" ] || return 1
+    python3 - "$_pd_sock" <<'PY' 2>/dev/null
 import socket, sys
 s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])
 s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
@@ -36,37 +36,37 @@ PY
 }
 
 _pd_running_pid() {
-    [ -f "$pidfile" ] || return 1
-    local pid; pid=$(cat "$pidfile" 2>/dev/null) || return 1
+    [ -f "$_pd_pidfile" ] || return 1
+    local pid; pid=$(cat "$_pd_pidfile" 2>/dev/null) || return 1
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
 }
 
 _pd_start() {
     if _pd_running_pid >/dev/null && _pd_answers; then
-        echo "DOCKER_HOST=$host"; return 0
+        echo "DOCKER_HOST=$_pd_host"; return 0
     fi
     if [ "$(id -u)" != 0 ]; then echo "dockerd.sh: must run as root" >&2; return 1; fi
-    if [ ! -x "$dockerd" ]; then echo "dockerd.sh: $dockerd not found (apt-get install docker.io)" >&2; return 1; fi
-    mkdir -p "$dir/data" "$dir/exec"
-    rm -f "$sock" "$pidfile"
+    if [ ! -x "$_pd_dockerd" ]; then echo "dockerd.sh: $_pd_dockerd not found (apt-get install docker.io)" >&2; return 1; fi
+    mkdir -p "$_pd_dir/data" "$_pd_dir/exec"
+    rm -f "$_pd_sock" "$_pd_pidfile"
     # setsid: the daemon must not die with the shell (or the CI step) that started it.
-    setsid "$dockerd" \
-        --host "$host" \
-        --data-root "$dir/data" \
-        --exec-root "$dir/exec" \
-        --pidfile "$pidfile" \
+    setsid "$_pd_dockerd" \
+        --host "$_pd_host" \
+        --data-root "$_pd_dir/data" \
+        --exec-root "$_pd_dir/exec" \
+        --pidfile "$_pd_pidfile" \
         --group root \
-        >"$log" 2>&1 </dev/null &
+        >"$_pd_log" 2>&1 </dev/null &
     local i
     for i in $(seq 1 120); do
-        if _pd_answers; then echo "DOCKER_HOST=$host"; return 0; fi
+        if _pd_answers; then echo "DOCKER_HOST=$_pd_host"; return 0; fi
         if ! kill -0 $! 2>/dev/null; then
-            echo "dockerd.sh: dockerd exited; last lines of $log:" >&2; tail -n 20 "$log" >&2; return 1
+            echo "dockerd.sh: dockerd exited; last lines of $log:" >&2; tail -n 20 "$_pd_log" >&2; return 1
         fi
         sleep 0.5
     done
-    echo "dockerd.sh: dockerd did not answer on $sock within 60 s; last lines of $log:" >&2
-    tail -n 20 "$log" >&2
+    echo "dockerd.sh: dockerd did not answer on $_pd_sock within 60 s; last lines of $log:" >&2
+    tail -n 20 "$_pd_log" >&2
     return 1
 }
 
@@ -84,9 +84,9 @@ _pd_stop() {
 }
 
 case "${1:-start}" in
-    start)  _pd_start && export DOCKER_HOST="$host" ;;
+    start)  _pd_start && export DOCKER_HOST="$_pd_host" ;;
     stop)   _pd_stop ;;
-    status) _pd_answers && echo "DOCKER_HOST=$host" ;;
+    status) _pd_answers && echo "DOCKER_HOST=$_pd_host" ;;
     *)      echo "usage: $0 start|stop|status" >&2; false ;;
 esac
 _pd_status=$?
