@@ -92,8 +92,9 @@ class NeighbourTests(RealDockerTestCase):
         inside = ["ip", "netns", "exec", self.netns]
         run(*inside, "ip", "addr", "add", self.ns_ip + "/30", "dev", self.ns_if)
         run(*inside, "ip", "link", "set", self.ns_if, "up")
-        run(*inside, "sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1",
-            "net.ipv4.conf.%s.route_localnet=1" % self.ns_if)
+        # (no sysctl binary needed: /proc/sys/net is the namespace's own)
+        run(*inside, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet;"
+            " echo 1 > /proc/sys/net/ipv4/conf/%s/route_localnet" % self.ns_if)
         # the neighbour sends 127.0.0.1 to us, as a host on our LAN could
         run(*inside, "ip", "route", "add", "127.0.0.1/32", "via", self.host_ip,
             "dev", self.ns_if)
