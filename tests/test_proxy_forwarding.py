@@ -44,6 +44,24 @@ class AgentStandIn(Resource):
             request.setHeader(b"location", b"/mails/1")
             request.setHeader(b"x-agent", b"demo")
             return b"created"
+        if request.path == b"/port":
+            return b"%d" % (request.getClientAddress().port,)
+        if request.path == b"/sized":
+            request.setHeader(b"content-length", b"1234")
+            return b"x" * 1234 if request.method != b"HEAD" else b""
+        if request.path == b"/cached":
+            request.setResponseCode(304)
+            request.setHeader(b"etag", b'"v1"')
+            return b""
+        if request.path == b"/chunked":
+            request.write(b"first,")
+            reactor.callLater(0.01, lambda: (request.write(b"second"), request.finish()))
+            return NOT_DONE_YET
+        if request.path == b"/elsewhere":
+            request.setResponseCode(302)
+            request.setHeader(b"location", b"http://127.0.0.1:%d/inbox?x=1"
+                              % (request.getHost().port,))
+            return b""
         if request.path == b"/slow":
             request.notifyFinish().addErrback(lambda f: self.slow_lost.callback(None))
             self.slow_started.callback(None)
@@ -60,6 +78,34 @@ class AgentStandIn(Resource):
         }).encode()
 
 
+XHR = {"X-Requested-With": "XMLHttpRequest"}
+NAVIGATION = {"Accept": "text/html,*/*", "Sec-Fetch-Mode": "navigate"}
+
+
+class UpgradingAgent(Protocol):
+    """An agent that accepts a WebSocket-like upgrade, then echoes upper-cased."""
+
+    def connectionMade(self) -> None:
+        self.buffer = b""
+        self.upgraded = False
+        self.factory.heads.append(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upgraded:
+            self.transport.write(data.upper())
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
+            self.factory.heads[-1] = head
+            self.upgraded = True
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n"
+                                 b"Set-Cookie: pixelated-session=stolen\r\n\r\nHELLO")
+            if rest:
+                self.transport.write(rest.upper())
+
+
 class HangsUp(Protocol):
     """An 'agent' that reads the request and closes without a word."""
 
@@ -67,7 +113,9 @@ class HangsUp(Protocol):
         self.transport.loseConnection()
 
 
-class ForwardingTests(TestCase):
+class ForwardingSetup(TestCase):
+    """A proxy site in front of an agent stand-in, both on 127.0.0.1."""
+
     timeout = 20
 
     def setUp(self) -> None:
@@ -78,7 +126,9 @@ class ForwardingTests(TestCase):
         self.manager.add_user("alice", "secret")
         self.manager.place_agent("alice", AgentAddress("127.0.0.1", agent_port))
         self.token = self.manager.open_session("alice")
-        self.proxy_port = self.listen(make_site(self.manager, reactor))
+        site = make_site(self.manager, reactor)
+        self.addCleanup(site.forwarder.close)
+        self.proxy_port = self.listen(site)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
 
     def listen(self, factory: Factory) -> int:
@@ -110,6 +160,11 @@ class ForwardingTests(TestCase):
                                       pool=self.pool, allow_redirects=False, **kwargs)
         body = yield response.content()
         return response, body
+
+
+
+class ForwardingTests(ForwardingSetup):
+    """The basics, through real sockets."""
 
     @inlineCallbacks
     def test_request_reaches_the_agent_unchanged(self) -> Any:
@@ -151,7 +206,7 @@ class ForwardingTests(TestCase):
     @inlineCallbacks
     def test_repeated_request_headers_all_arrive(self) -> Any:
         _, body = yield self.request("GET", "/echo", headers={"X-Dup": ["one", "two"]})
-        self.assertEqual(json.loads(body)["headers"]["x-dup"], ["one, two"])
+        self.assertEqual(json.loads(body)["headers"]["x-dup"], ["one", "two"])
 
     @inlineCallbacks
     def test_agent_answer_comes_back(self) -> Any:
@@ -170,22 +225,38 @@ class ForwardingTests(TestCase):
                          [b"XSRF-TOKEN=abc; Path=/", b"lang=en"])
 
     @inlineCallbacks
-    def test_agent_down_gives_502(self) -> Any:
+    def test_agent_gone_script_gets_503_and_the_agent_is_started_again(self) -> Any:
         port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
         free = port.getHost().port
         yield port.stopListening()
         self.manager.place_agent("alice", AgentAddress("127.0.0.1", free))
-        response, body = yield self.request("GET", "/inbox")
-        self.assertEqual(response.code, 502)
-        self.assertIn(b"not answering", body)
-        self.assertEqual(response.headers.getRawHeaders(b"x-frame-options"), [b"SAMEORIGIN"])
+        ensures = self.manager.ensures
+        response, body = yield self.request("GET", "/inbox", headers=XHR)
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"2"])
+        self.assertEqual(json.loads(body), {"error": "mailbox starting"})
+        self.assertGreater(self.manager.ensures, ensures)
+        self.assertIn(self.token, self.manager.sessions)  # still logged in
 
     @inlineCallbacks
-    def test_agent_hanging_up_gives_502(self) -> Any:
+    def test_agent_gone_page_load_gets_the_waiting_page(self) -> Any:
+        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        free = port.getHost().port
+        yield port.stopListening()
+        self.manager.place_agent("alice", AgentAddress("127.0.0.1", free))
+        response, body = yield self.request("GET", "/inbox?page=2", headers=NAVIGATION)
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"Starting your mailbox", body)
+        self.assertIn(b'http-equiv="refresh"', body)
+        self.assertIn(b"/auth/starting?next=/inbox%3Fpage%3D2", body)
+        self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-store"])
+
+    @inlineCallbacks
+    def test_agent_hanging_up_is_an_agent_gone(self) -> Any:
         port = self.listen(Factory.forProtocol(HangsUp))
         self.manager.place_agent("alice", AgentAddress("127.0.0.1", port))
-        response, _ = yield self.request("GET", "/inbox")
-        self.assertEqual(response.code, 502)
+        response, _ = yield self.request("GET", "/inbox", headers=XHR)
+        self.assertEqual(response.code, 503)
 
     @inlineCallbacks
     def test_browser_leaving_closes_the_agent_connection(self) -> Any:
@@ -203,4 +274,149 @@ class ForwardingTests(TestCase):
     def test_no_session_is_not_forwarded(self) -> Any:
         response, _ = yield self.request("GET", "/echo", cookie="lang=en")
         self.assertEqual(response.code, 303)
-        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/auth/login"])
+        self.assertEqual(response.headers.getRawHeaders(b"location"),
+                         [b"/auth/login?next=/echo"])
+
+
+class RawBrowser(Protocol):
+    """A browser speaking bytes, collecting every byte it gets."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred = Deferred()
+        self._waiting: List[Any] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        for marker, d in list(self._waiting):
+            if marker in self.received:
+                self._waiting.remove((marker, d))
+                d.callback(self.received)
+
+    def wait_for(self, marker: bytes, timeout: float = 5) -> Deferred:
+        d: Deferred = Deferred()
+        if marker in self.received:
+            d.callback(self.received)
+        else:
+            self._waiting.append((marker, d))
+        return d.addTimeout(timeout, reactor)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed.callback(self.received)
+
+
+class MoreForwardingTests(ForwardingSetup):
+    """HTTP/1.1 details: keep-alive, framing, redirects and upgrades."""
+
+    @inlineCallbacks
+    def raw(self, data: bytes) -> Any:
+        browser = RawBrowser()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy_port),
+                              browser)
+        self.addCleanup(browser.transport.loseConnection)
+        if data:
+            browser.transport.write(data)
+        return browser
+
+    def cookie_line(self) -> bytes:
+        return b"Cookie: pixelated-session=%s\r\n" % (self.token.encode(),)
+
+    @inlineCallbacks
+    def test_agent_connections_are_kept_alive_and_reused(self) -> Any:
+        ports = set()
+        for _ in range(5):
+            response, body = yield self.request("GET", "/port")
+            self.assertEqual(response.code, 200)
+            ports.add(body)
+        self.assertEqual(len(ports), 1, ports)
+
+    @inlineCallbacks
+    def test_head_keeps_the_length_and_sends_no_body(self) -> Any:
+        response, body = yield self.request("HEAD", "/sized")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"1234"])
+        self.assertEqual(body, b"")
+        response, body = yield self.request("GET", "/sized")
+        self.assertEqual(len(body), 1234)
+
+    @inlineCallbacks
+    def test_not_modified_has_no_body(self) -> Any:
+        response, body = yield self.request("GET", "/cached",
+                                            headers={"If-None-Match": '"v1"'})
+        self.assertEqual((response.code, body), (304, b""))
+        self.assertEqual(response.headers.getRawHeaders(b"etag"), [b'"v1"'])
+        # and the connection is still good for the next request
+        response, body = yield self.request("GET", "/sized")
+        self.assertEqual(len(body), 1234)
+
+    @inlineCallbacks
+    def test_chunked_answer_streams_through(self) -> Any:
+        response, body = yield self.request("GET", "/chunked")
+        self.assertEqual(body, b"first,second")
+
+    @inlineCallbacks
+    def test_agent_redirect_to_its_loopback_address_is_rewritten(self) -> Any:
+        response, _ = yield self.request("GET", "/elsewhere",
+                                         headers={"Host": "mail.example.org"})
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.headers.getRawHeaders(b"location"),
+                         [b"http://mail.example.org/inbox?x=1"])
+
+    @inlineCallbacks
+    def test_chunked_upload_arrives_with_its_length(self) -> Any:
+        browser = yield self.raw(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\n" + self.cookie_line() +
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        received = yield browser.wait_for(b"}")
+        body = received.split(b"\r\n\r\n", 1)[1]
+        seen = json.loads(body[body.index(b"{"):body.rindex(b"}") + 1])
+        self.assertEqual(seen["body_length"], 11)
+        self.assertEqual(seen["headers"]["content-length"], ["11"])
+        self.assertNotIn("transfer-encoding", seen["headers"])
+
+    @inlineCallbacks
+    def test_expect_100_continue(self) -> Any:
+        browser = yield self.raw(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\n" + self.cookie_line() +
+            b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        yield browser.wait_for(b"100 Continue")
+        browser.transport.write(b"hello")
+        received = yield browser.wait_for(b"body_sha256")
+        self.assertIn(b"HTTP/1.1 200", received)
+        self.assertIn(b'"body_length": 5', received)
+        self.assertNotIn(b"expect", received.split(b"HTTP/1.1 200", 1)[1].lower())
+
+    @inlineCallbacks
+    def test_websocket_upgrade_is_tunnelled_after_the_session_check(self) -> Any:
+        factory = Factory.forProtocol(UpgradingAgent)
+        factory.heads = []
+        port = self.listen(factory)
+        self.manager.place_agent("alice", AgentAddress("127.0.0.1", port))
+        browser = yield self.raw(
+            b"GET /socket HTTP/1.1\r\nHost: mail.example.org\r\n" + self.cookie_line() +
+            b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n")
+        received = yield browser.wait_for(b"HELLO")
+        head = received.split(b"\r\n\r\n", 1)[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertIn(b"sec-websocket-accept: abc", head.lower())
+        self.assertNotIn(b"stolen", head)
+        browser.transport.write(b"ping")
+        yield browser.wait_for(b"PING")
+        agent_head = factory.heads[0].lower()
+        self.assertIn(b"upgrade: websocket", agent_head)
+        self.assertIn(b"connection: upgrade", agent_head)
+        self.assertNotIn(self.token.encode().lower(), agent_head)
+
+    @inlineCallbacks
+    def test_upgrade_without_a_session_is_not_tunnelled(self) -> Any:
+        factory = Factory.forProtocol(UpgradingAgent)
+        factory.heads = []
+        port = self.listen(factory)
+        self.manager.place_agent("alice", AgentAddress("127.0.0.1", port))
+        browser = yield self.raw(
+            b"GET /socket HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n")
+        received = yield browser.wait_for(b"\r\n\r\n")
+        self.assertTrue(received.startswith(b"HTTP/1.1 303"), received)
+        self.assertEqual(factory.heads, [])

@@ -5,7 +5,9 @@ from twisted.web.http_headers import Headers
 
 from pixelated_dispatcher.proxy.cookie_policy import DISPATCHER_COOKIE_NAMES
 from pixelated_dispatcher.proxy.header_policy import (
-    keep_response_header, request_headers_for_agent, response_headers_for_browser)
+    HOP_BY_HOP, keep_response_header, request_head, request_header_pairs,
+    request_headers_for_agent, response_header_groups, response_headers_for_browser,
+    rewrite_location)
 
 OURS = sorted(DISPATCHER_COOKIE_NAMES)
 
@@ -21,7 +23,7 @@ other_names = st.binary(min_size=1, max_size=20).map(
     lambda b: bytes(TOKEN[c % len(TOKEN)] for c in b)).filter(
     lambda n: n.strip().lower() not in DISPATCHER_COOKIE_NAMES)
 values = st.binary(max_size=30).map(bytes.strip).filter(
-    lambda v: b";" not in v and b"\r" not in v and b"\n" not in v)
+    lambda v: b";" not in v and b"\r" not in v and b"\n" not in v and b"\x00" not in v)
 
 
 def agent_cookies(headers: Headers) -> list:
@@ -142,3 +144,106 @@ class ResponseHeaders(SynchronousTestCase):
         self.assertEqual(outgoing.getRawHeaders(b"content-type"), [b"text/html"])
         for hidden in (b"server", b"connection", b"transfer-encoding"):
             self.assertFalse(outgoing.hasHeader(hidden))
+
+
+# --- the whole forwarded head, for arbitrary header sets -----------------------
+
+header_names = st.one_of(
+    st.sampled_from([b"Connection", b"Keep-Alive", b"TE", b"Trailer", b"Upgrade",
+                     b"Transfer-Encoding", b"Proxy-Authorization", b"Proxy-Connection",
+                     b"Cookie", b"X-Forwarded-For", b"Forwarded", b"Host", b"Accept",
+                     b"Content-Length", b"Expect", b"X-Custom"]),
+    st.binary(min_size=1, max_size=12).map(
+        lambda b: bytes(TOKEN[c % len(TOKEN)] for c in b)))
+header_values = st.one_of(
+    st.binary(max_size=40),
+    st.lists(st.one_of(our_names.map(lambda n: n + b"=tok"), st.just(b"lang=en"),
+                       st.sampled_from([b"X-Custom", b"close", b"upgrade"])),
+             max_size=4).map(b"; ".join))
+
+
+class ForwardedHead(SynchronousTestCase):
+    """For any header set a browser (or an attacker) sends, the request head
+    the agent receives has no dispatcher cookie, no hop-by-hop header, no
+    header named in Connection, no CR/LF/NUL inside a line, and only our
+    X-Forwarded-* claims."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.tuples(header_names, header_values), max_size=12),
+           st.booleans())
+    def test_forwarded_head_is_clean(self, headers, secure):
+        incoming = Headers()
+        for name, value in headers:
+            incoming.addRawHeader(name, value)
+        listed = set()
+        for value in incoming.getRawHeaders(b"connection", []):
+            listed.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        pairs = request_header_pairs(incoming, client_ip="203.0.113.9", secure=secure)
+        head = request_head(b"GET", b"/x", pairs, None)
+        self.assertTrue(head.endswith(b"\r\n\r\n"))
+        lines = head[:-4].split(b"\r\n")
+        self.assertEqual(lines[0], b"GET /x HTTP/1.1")
+        seen = {}
+        for line in lines[1:]:
+            self.assertNotIn(b"\n", line)
+            self.assertNotIn(b"\r", line)
+            self.assertNotIn(b"\x00", line)
+            name, _, value = line.partition(b": ")
+            seen.setdefault(name, []).append(value)
+            self.assertNotIn(name, HOP_BY_HOP)
+            if name not in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                            b"host"):
+                self.assertNotIn(name, listed)
+            if name == b"cookie":
+                for pair in value.split(b";"):
+                    self.assertNotIn(pair.split(b"=", 1)[0].strip().lower(),
+                                     DISPATCHER_COOKIE_NAMES)
+        self.assertEqual(seen[b"x-forwarded-for"], [b"203.0.113.9"])
+        self.assertEqual(seen[b"x-forwarded-proto"], [b"https" if secure else b"http"])
+        self.assertNotIn(b"forwarded", seen)
+        self.assertNotIn(b"content-length", seen)
+        self.assertNotIn(b"expect", seen)
+        self.assertLessEqual(len(seen.get(b"cookie", [])), 1)
+
+    def test_upgrade_is_kept_only_for_a_tunnel(self) -> None:
+        incoming = Headers({b"Connection": [b"Upgrade"], b"Upgrade": [b"websocket"],
+                            b"Sec-WebSocket-Key": [b"k"]})
+        plain = dict(request_header_pairs(incoming, client_ip="a", secure=True))
+        tunnel = dict(request_header_pairs(incoming, client_ip="a", secure=True,
+                                           upgrade=True))
+        self.assertNotIn(b"upgrade", plain)
+        self.assertEqual((tunnel[b"upgrade"], tunnel[b"connection"]),
+                         (b"websocket", b"upgrade"))
+        self.assertEqual(tunnel[b"sec-websocket-key"], b"k")
+
+    def test_body_length_is_ours(self) -> None:
+        head = request_head(b"POST", b"/", [(b"host", b"h")], 12)
+        self.assertIn(b"\r\ncontent-length: 12\r\n", head)
+
+
+class LocationRewriting(SynchronousTestCase):
+    AGENT = (b"127.0.0.1:41001", b"localhost:41001")
+    PUBLIC = b"https://mail.example.org"
+
+    def test_agent_loopback_location_goes_to_the_public_origin(self) -> None:
+        for location, expected in [
+                (b"http://127.0.0.1:41001/inbox?x=1", b"https://mail.example.org/inbox?x=1"),
+                (b"http://localhost:41001/", b"https://mail.example.org/"),
+                (b"HTTP://127.0.0.1:41001", b"https://mail.example.org/"),
+                (b"http://user@127.0.0.1:41001/a", b"https://mail.example.org/a")]:
+            self.assertEqual(rewrite_location(location, self.AGENT, self.PUBLIC), expected)
+
+    def test_other_locations_are_kept(self) -> None:
+        for location in (b"/inbox", b"https://example.com/x", b"http://127.0.0.1:41002/",
+                         b"inbox", b"//127.0.0.1:41001/x"):
+            self.assertEqual(rewrite_location(location, self.AGENT, self.PUBLIC), location)
+
+    def test_groups_keep_every_set_cookie_and_rewrite_location(self) -> None:
+        groups = response_header_groups([
+            (b"set-cookie", b"a=1"), (b"set-cookie", b"pixelated-session=x"),
+            (b"set-cookie", b"b=2"), (b"location", b"http://127.0.0.1:41001/y"),
+            (b"connection", b"x-hop"), (b"x-hop", b"1"), (b"keep-alive", b"5"),
+            (b"server", b"agent")],
+            agent_authorities=self.AGENT, public_origin=self.PUBLIC)
+        self.assertEqual(groups, {b"set-cookie": [b"a=1", b"b=2"],
+                                  b"location": [b"https://mail.example.org/y"]})

@@ -24,7 +24,7 @@ class RecordingForwarder:
     def __init__(self) -> None:
         self.forwarded: List[Tuple[bytes, object]] = []
 
-    def forward(self, request, address) -> None:
+    def forward(self, request, address, agent_gone) -> None:
         self.forwarded.append((request.uri, address))
         request.setResponseCode(200)
         request.write(b"agent %s:%d" % (address.host.encode(), address.port))
@@ -152,7 +152,7 @@ class LoginPage(SynchronousTestCase):
     def test_right_password_opens_a_session_and_goes_home(self) -> None:
         response, _ = self.browser().login("alice", "correct horse")
         self.assertEqual(response.code, 303)
-        self.assertEqual(header(response, b"location"), b"/")
+        self.assertEqual(header(response, b"location"), b"/auth/starting")
         session = set_cookies(response)["pixelated-session"]
         for attribute in ("HttpOnly", "SameSite=lax", "Path=/"):
             self.assertIn(attribute, session)
@@ -266,7 +266,7 @@ class LogoutPage(SynchronousTestCase):
         self.assertIn("Max-Age=0", expired)
         # The browser is logged out: its next request goes to the login form.
         after, _ = self.browser.get("/inbox")
-        self.assertEqual(header(after, b"location"), b"/auth/login")
+        self.assertEqual(header(after, b"location"), b"/auth/login?next=/inbox")
 
     def test_logout_without_csrf_token_is_refused(self) -> None:
         response, _ = self.browser.post("/auth/logout", {})

@@ -41,7 +41,7 @@ class SessionGateTests(SynchronousTestCase):
     def test_anonymous_browser_goes_to_login(self) -> None:
         response, _ = Browser(self, self.root).get("/inbox?page=2")
         self.assertEqual(response.code, 303)
-        self.assertEqual(header(response, b"location"), b"/auth/login")
+        self.assertEqual(header(response, b"location"), b"/auth/login?next=/inbox%3Fpage%3D2")
         self.assertEqual(self.forwarder.forwarded, [])
 
     def test_anonymous_script_gets_401(self) -> None:
@@ -98,6 +98,7 @@ class SessionGateTests(SynchronousTestCase):
     def test_removed_user_is_sent_to_login(self) -> None:
         alice = self.logged_in("alice", "a-secret")
         del self.manager.users["alice"]
+        self.manager.revoke_sessions("alice")  # as the manager does on removal
         response, _ = alice.get("/")
         self.assertEqual(header(response, b"location"), b"/auth/login")
         self.assertEqual(self.forwarder.forwarded, [])

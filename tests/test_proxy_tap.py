@@ -99,7 +99,7 @@ class RunningProxyTests(TestCase):
 
         port = free_port()
         options = tap.Options()
-        options.parseOptions(["--manager-socket", socket_path,
+        options.parseOptions(["--manager-socket", socket_path, "--allow-root",
                               "--listen", "tcp:%d:interface=127.0.0.1" % (port,)])
         service = tap.makeService(options, reactor)
         service.privilegedStartService()

@@ -1,183 +1,320 @@
 """Sending a browser's request to its user's agent and the answer back.
 
 :class:`IForwarder` is the seam: the session gate decides *whom* a request
-belongs to and hands it to a forwarder with the agent's address. Today's
-forwarder is built on ``twisted.web.proxy.ReverseProxyResource`` (a new
-HTTP/1.0 connection per request, request body buffered); the streaming
-keep-alive client that replaces it only has to provide the same interface.
+belongs to and hands it to a forwarder with the agent's address.
+:class:`StreamingForwarder` is the one in use. It keeps the server side a
+plain ``twisted.web`` resource tree and replaces the client side of
+``twisted.web.proxy.ReverseProxyResource`` with :mod:`.agent_client`:
 
-Known flaws of the stock resource fixed here, because they are cheap:
+* HTTP/1.1 to the agent over kept-alive, pooled connections (the stock
+  resource opens a new HTTP/1.0 connection per request);
+* the request body goes from the file ``twisted.web`` spooled it into
+  (memory up to 100 kB, a temporary file above) to the agent with
+  back-pressure, never read whole into memory;
+* the response streams back with back-pressure: a slow browser pauses the
+  agent's connection instead of filling the proxy's memory;
+* headers pass through :mod:`.header_policy` in both directions (repeated
+  headers and several ``Set-Cookie`` kept, hop-by-hop dropped,
+  ``X-Forwarded-*`` set, the dispatcher's cookies kept away, ``Location``
+  pointing at the agent's loopback address moved to the public origin);
+* ``HEAD``, ``204``/``304`` and chunked answers are framed correctly
+  (``twisted.web`` re-chunks bodies of unknown length);
+* when the browser leaves, the agent connection is dropped at once;
+* an agent that cannot be reached before it answered is reported to the
+  caller (the session gate turns that into the "starting your mailbox"
+  page or a 503), one that fails mid-answer cuts the browser's connection so
+  the browser sees a truncated response rather than a wrong one.
 
-* the browser's ``Host`` is kept (the stock one rewrites it to the agent's
-  loopback address) and ``X-Forwarded-*`` are set, through
-  :mod:`.header_policy`, which also keeps the dispatcher's cookies away from
-  the agent in both directions and drops hop-by-hop headers;
-* repeated request headers are joined instead of keeping only the last;
-* an agent that cannot be reached, or closes without answering, gets the
-  browser a 502 page instead of a bare 501;
-* when the browser goes away, the connection to the agent is closed at once
-  (and a late answer is not written to a dead request);
-* ``getChild`` builds children of the same class, keeping subclass overrides.
+``Upgrade`` requests (WebSocket) go over a connection of their own; when the
+agent answers ``101``, the browser's connection becomes a byte tunnel to the
+agent (:meth:`.channel.ProxyChannel.become_tunnel`), with the ``101`` head
+filtered by the same header policy.
 """
-import warnings
-from typing import Any, Dict, Optional
-from urllib.parse import quote as urlquote
+from typing import Any, Callable, List, Optional, Tuple
 
-import attr
-from twisted.internet.interfaces import IConnector, IReactorTCP
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.server import NOT_DONE_YET
 from zope.interface import Interface, implementer
 
 from ..protocol import AgentAddress
 from . import pages
+from .agent_client import AgentConnection, AgentPool, IExchange
 from .browser_connection import client_ip
-from .header_policy import keep_response_header, request_headers_for_agent
-
-with warnings.catch_warnings():
-    # HTTPClient, which the stock proxy is built on, is deprecated since
-    # Twisted 24.7; that is the very reason this module keeps it replaceable.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from twisted.web.proxy import (ProxyClient, ProxyClientFactory,
-                                   ReverseProxyResource)
+from .header_policy import request_head, request_header_pairs, response_header_groups
 
 log = Logger()
+
+#: Methods that may be sent again on a fresh connection when a kept-alive
+#: one turns out to have been closed by the agent before it answered.
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"])
+
+#: Methods whose requests carry a body (``Content-Length: 0`` when empty).
+BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
+
+AgentGone = Callable[[IRequest], None]
 
 
 class IForwarder(Interface):
     """Something that passes one browser request on to an agent."""
 
-    def forward(request, address):
+    def forward(request, address, agent_gone):
         """Send ``request`` to the agent at ``address`` (an
         :class:`~pixelated_dispatcher.protocol.AgentAddress`) and write the
-        agent's answer, or an error page, to ``request``, finishing it.
-        Returns nothing; the request is the forwarder's from now on."""
+        agent's answer to ``request``, finishing it. If the agent cannot be
+        reached (refused, closed without answering), call
+        ``agent_gone(request)`` instead, which answers the request."""
 
 
-class AgentProxyClient(ProxyClient):
-    """One HTTP/1.0 exchange with an agent, filtered by the header policy."""
+def public_origin(request: IRequest) -> bytes:
+    """``https://host[:port]`` as the browser addressed the proxy."""
+    host = request.getHeader(b"host") or b"localhost"
+    return (b"https://" if request.isSecure() else b"http://") + host
 
-    factory: "AgentProxyClientFactory"
-    _answered = False
 
-    def connectionMade(self) -> None:
-        if self.factory.client_gone:
-            self.transport.abortConnection()
+def body_of(request: IRequest) -> Tuple[Any, Optional[int]]:
+    """The spooled request body and its length (None: the request has none)."""
+    headers = request.requestHeaders
+    if not (headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
+            or request.method in BODY_METHODS):
+        return None, None
+    content = request.content
+    if content is None:
+        return None, 0
+    content.seek(0, 2)
+    length = content.tell()
+    content.seek(0, 0)
+    return content, length
+
+
+@implementer(IExchange)
+class Exchange:
+    """One browser request forwarded to one agent."""
+
+    __slots__ = ("_forwarder", "_request", "_address", "_head", "_body", "_length",
+                 "_agent_gone", "_connection", "_gone", "_retried", "_producing")
+
+    def __init__(self, forwarder: "StreamingForwarder", request: IRequest,
+                 address: Tuple[str, int], head: bytes, body: Any,
+                 length: Optional[int], agent_gone: AgentGone) -> None:
+        self._forwarder = forwarder
+        self._request = request
+        self._address = address
+        self._head = head
+        self._body = body
+        self._length = length
+        self._agent_gone = agent_gone
+        self._connection: Optional[AgentConnection] = None
+        self._gone = False
+        self._retried = False
+        self._producing = False
+
+    def start(self) -> None:
+        self._request.notifyFinish().addErrback(self._browser_gone)
+        connection = self._forwarder.pool.idle_connection(self._address)
+        if connection is not None:
+            self._send(connection)
+        else:
+            self._connect()
+
+    def _connect(self) -> None:
+        self._forwarder.pool.connect(self._address).addCallbacks(
+            self._send, self._connect_failed)
+
+    def _send(self, connection: AgentConnection) -> None:
+        if self._gone:
+            connection.abort()
             return
-        super().connectionMade()
+        self._connection = connection
+        if self._body is not None:
+            self._body.seek(0, 0)
+        connection.send(self, self._head, self._body, self._length or 0,
+                        self._request.method == b"HEAD")
 
-    def handleStatus(self, version: bytes, code: bytes, message: bytes) -> None:
-        self._answered = True
-        super().handleStatus(version, code, message)
-
-    def handleHeader(self, key: bytes, value: bytes) -> None:
-        if keep_response_header(key, value):
-            super().handleHeader(key, value)
-
-    def handleResponsePart(self, buffer: bytes) -> None:
-        if not (self._finished or self.factory.client_gone):
-            super().handleResponsePart(buffer)
-
-    def handleResponseEnd(self) -> None:
-        if self._finished:
+    def _connect_failed(self, reason: Failure) -> None:
+        if self._gone:
             return
-        if self.factory.client_gone:
-            self._finished = True
-            self.transport.abortConnection()
+        self._unreachable(reason)
+
+    def _unreachable(self, reason: Failure) -> None:
+        log.info("Agent at {host}:{port} unreachable: {why}", host=self._address[0],
+                 port=self._address[1], why=reason.getErrorMessage())
+        self._forwarder.pool.forget_agent(self._address)
+        self._agent_gone(self._request)
+
+    def _browser_gone(self, reason: Failure) -> None:
+        self._gone = True
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.exchange is self:
+            connection.abort()
+
+    # --- IExchange -------------------------------------------------------------
+
+    def response_head(self, code: int, reason: bytes,
+                      headers: List[Tuple[bytes, bytes]], length: Optional[int]) -> None:
+        request = self._request
+        if self._gone:
             return
-        if not self._answered:
-            self._finished = True
-            log.warn("Agent at {rest} closed the connection without answering",
-                     rest=self.rest)
-            pages.agent_unreachable(self.father)
-            self.transport.loseConnection()
+        request.setResponseCode(code, reason or None)
+        request.defaultContentType = None
+        groups = response_header_groups(
+            headers, agent_authorities=self._forwarder.authorities(self._address),
+            public_origin=public_origin(request) if b"location" in
+            [name for name, _ in headers] else None)
+        set_raw = request.responseHeaders.setRawHeaders
+        for name, values in groups.items():
+            set_raw(name, values)
+        if length is None:
+            request.responseHeaders.removeHeader(b"content-length")
+        request.registerProducer(self._connection, True)
+        self._producing = True
+
+    def response_data(self, data: bytes) -> None:
+        if not self._gone:
+            self._request.write(data)
+
+    def response_done(self) -> None:
+        if self._gone:
             return
-        super().handleResponseEnd()
+        request = self._request
+        if self._producing:
+            self._producing = False
+            request.unregisterProducer()
+        self._connection = None
+        request.finish()
 
-
-class AgentProxyClientFactory(ProxyClientFactory):
-    """Connects to the agent for one request; follows the browser's fate."""
-
-    protocol = AgentProxyClient
-
-    def __init__(self, command: bytes, rest: bytes, version: bytes,
-                 headers: Dict[bytes, bytes], data: bytes, father: IRequest) -> None:
-        super().__init__(command, rest, version, headers, data, father)
-        self.client_gone = False
-        self.connector: Optional[IConnector] = None
-        self._agent_client: Optional[AgentProxyClient] = None
-        father.notifyFinish().addErrback(self._browser_went_away)
-
-    def buildProtocol(self, addr: Any) -> AgentProxyClient:
-        client = super().buildProtocol(addr)
-        client.factory = self
-        self._agent_client = client
-        return client
-
-    def _browser_went_away(self, reason: Failure) -> None:
-        self.client_gone = True
-        client = self._agent_client
-        if client is not None and client.transport is not None:
-            client.transport.abortConnection()
-        elif self.connector is not None:
-            try:
-                self.connector.stopConnecting()
-            except Exception:  # not connecting any more: nothing to stop
-                pass
-
-    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        if self.client_gone:
+    def exchange_failed(self, reason: Failure, answered: bool) -> None:
+        if self._gone:
             return
-        log.warn("Cannot reach agent at {rest}: {reason}",
-                 rest=self.rest, reason=reason.getErrorMessage())
-        pages.agent_unreachable(self.father)
+        request = self._request
+        connection, self._connection = self._connection, None
+        if self._producing:
+            self._producing = False
+            request.unregisterProducer()
+        if not answered:
+            if (connection is not None and connection.reused and not self._retried
+                    and (request.method in IDEMPOTENT or self._length is None)):
+                # A kept-alive connection the agent had closed meanwhile.
+                self._retried = True
+                self._connect()
+                return
+            self._unreachable(reason)
+            return
+        log.warn("Agent at {host}:{port} failed mid-answer: {why}",
+                 host=self._address[0], port=self._address[1],
+                 why=reason.getErrorMessage())
+        # The head is out: the only honest thing left is to cut the response.
+        transport = getattr(request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
 
 
-class AgentProxyResource(ReverseProxyResource):
-    """``ReverseProxyResource`` with the fixes listed in the module docstring.
+def wants_upgrade(request: IRequest) -> bool:
+    """Whether the browser asks to switch protocols (WebSocket) on a channel
+    that can become a tunnel."""
+    if not request.requestHeaders.hasHeader(b"upgrade"):
+        return False
+    tokens = b",".join(request.requestHeaders.getRawHeaders(b"connection", [])).lower()
+    return (b"upgrade" in [t.strip() for t in tokens.split(b",")]
+            and hasattr(request.channel, "become_tunnel"))
 
-    ``path`` is the request path as the agent should see it; the query string
-    is taken from each request.
-    """
 
-    proxyClientFactoryClass = AgentProxyClientFactory
-    connect_timeout = 10
+class UpgradeExchange(Exchange):
+    """A request asking to switch protocols: on ``101`` the browser's
+    connection and a dedicated agent connection are spliced together."""
 
-    def getChild(self, path: bytes, request: IRequest) -> "AgentProxyResource":
-        return self.__class__(
-            self.host, self.port,
-            self.path + b"/" + urlquote(path, safe="").encode("ascii"),
-            self.reactor)
+    __slots__ = ()
 
-    def render(self, request: IRequest) -> Any:
-        headers = request_headers_for_agent(
-            request.requestHeaders, client_ip=client_ip(request),
-            secure=request.isSecure())
-        request.content.seek(0, 0)
-        body = request.content.read()
-        flat = {name.lower(): b", ".join(values)
-                for name, values in headers.getAllRawHeaders()}
-        if body or request.requestHeaders.hasHeader(b"content-length") \
-                or request.requestHeaders.hasHeader(b"transfer-encoding"):
-            flat[b"content-length"] = b"%d" % (len(body),)
-        query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
-        rest = self.path + (b"?" + query if query else b"")
-        factory = self.proxyClientFactoryClass(
-            request.method, rest, request.clientproto, flat, body, request)
-        factory.connector = self.reactor.connectTCP(
-            self.host, self.port, factory, timeout=self.connect_timeout)
-        return NOT_DONE_YET
+    def start(self) -> None:
+        self._request.notifyFinish().addErrback(self._browser_gone)
+        self._connect()  # never a pooled connection: it will not come back
+
+    def _send(self, connection: AgentConnection) -> None:
+        if self._gone:
+            connection.abort()
+            return
+        self._connection = connection
+        connection.send(self, self._head, None, 0, False, upgrade=True)
+
+    def response_done(self) -> None:
+        # Not switched: an ordinary answer; the connection is not pooled.
+        super().response_done()
+
+    def switched(self, headers: List[Tuple[bytes, bytes]], rest: bytes) -> None:
+        request = self._request
+        connection = self._connection
+        if self._gone or connection is None:
+            return
+        groups = response_header_groups(
+            headers, agent_authorities=self._forwarder.authorities(self._address),
+            public_origin=public_origin(request))
+        upgrade = [v for n, v in headers if n == b"upgrade"][-1:] or [b"websocket"]
+        lines = [b"HTTP/1.1 101 Switching Protocols", b"Connection: Upgrade",
+                 b"Upgrade: " + upgrade[0]]
+        for name, values in groups.items():
+            lines.extend(name + b": " + value for value in values)
+        channel = request.channel
+        transport = channel.transport
+        transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        if rest:
+            transport.write(rest)
+        agent = connection.transport
+
+        def browser_lost(reason: Any) -> None:
+            self._gone = True
+            connection.abort()
+        channel.become_tunnel(agent.write, browser_lost)
+
+    def tunnel_data(self, data: bytes) -> None:
+        if not self._gone:
+            self._request.channel.transport.write(data)
+
+    def tunnel_closed(self) -> None:
+        if not self._gone:
+            self._gone = True
+            self._request.channel.transport.loseConnection()
 
 
 @implementer(IForwarder)
-@attr.s(auto_attribs=True)
-class ReverseProxyForwarder:
-    """Forwards each request over a new connection with :class:`AgentProxyResource`."""
+class StreamingForwarder:
+    """Forwards requests over a pool of kept-alive HTTP/1.1 connections."""
 
-    reactor: IReactorTCP
+    def __init__(self, reactor: Any, pool: Optional[AgentPool] = None) -> None:
+        self.reactor = reactor
+        self.pool = pool if pool is not None else AgentPool(reactor)
+        self._authorities: dict = {}
 
-    def forward(self, request: IRequest, address: AgentAddress) -> None:
-        path = request.uri.split(b"?", 1)[0]
-        AgentProxyResource(address.host, address.port, path, self.reactor).render(request)
+    def authorities(self, address: Tuple[str, int]) -> Tuple[bytes, ...]:
+        """How an agent at ``address`` may name itself in a ``Location``."""
+        found = self._authorities.get(address)
+        if found is None:
+            host, port = address
+            names = {host, "localhost", "127.0.0.1", "[::1]"}
+            found = tuple(("%s:%d" % (name, port)).encode("ascii") for name in names)
+            if port == 80:
+                found += tuple(name.encode("ascii") for name in names)
+            self._authorities[address] = found
+        return found
+
+    def forward(self, request: IRequest, address: AgentAddress,
+                agent_gone: AgentGone) -> None:
+        upgrade = wants_upgrade(request)
+        body, length = body_of(request)
+        pairs = request_header_pairs(request.requestHeaders, client_ip=client_ip(request),
+                                     secure=request.isSecure(), upgrade=upgrade)
+        head = request_head(request.method, request.uri, pairs, length)
+        if upgrade:
+            UpgradeExchange(self, request, (address.host, address.port), head, body,
+                            length, agent_gone).start()
+        else:
+            Exchange(self, request, (address.host, address.port), head, body, length,
+                     agent_gone).start()
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def default_agent_gone(request: IRequest) -> None:
+    """Without a session gate to restart it: a plain 502."""
+    pages.agent_unreachable(request)
+

@@ -1,8 +1,7 @@
 """One header policy for traffic between browsers and agents, both directions.
 
-Whatever forwards requests (today a ``ReverseProxyResource`` subclass, later a
-streaming client) asks this module what to send, so the rules live in one
-place:
+The forwarder (:mod:`.forwarding`) and the Upgrade tunnel (:mod:`.tunnel`)
+ask this module what to send, so the rules live in one place:
 
 * hop-by-hop headers belong to one connection and are never passed on;
 * ``X-Forwarded-For``, ``-Proto`` and ``-Host`` describe the browser's
@@ -12,7 +11,8 @@ place:
   or clear them (:mod:`.cookie_policy`);
 * the agent does not get to announce its server software either.
 """
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
 
@@ -51,29 +51,81 @@ def cookie_header_for_agent(values: Iterable[bytes]) -> List[bytes]:
     return [merged] if merged else []
 
 
-def request_headers_for_agent(incoming: Headers, *, client_ip: str,
-                              secure: bool) -> Headers:
-    """The headers an agent receives for a browser request.
+_ALWAYS_DROPPED = HOP_BY_HOP | FORWARDING_CLAIMS | BODY_FRAMING | frozenset([b"cookie"])
+
+#: What may stand in a header value that we write ourselves.
+_UNSAFE_VALUE_BYTES = b"\x00\r\n"
+
+
+def _safe(value: bytes) -> bytes:
+    """A header value with CR, LF and NUL removed (defence in depth: the
+    channel refuses requests carrying them already)."""
+    if len(value.translate(None, _UNSAFE_VALUE_BYTES)) != len(value):
+        return value.translate(None, _UNSAFE_VALUE_BYTES)
+    return value
+
+
+def request_header_pairs(incoming: Headers, *, client_ip: str, secure: bool,
+                         upgrade: bool = False) -> List[Tuple[bytes, bytes]]:
+    """The headers an agent receives for a browser request, as
+    ``(lower-case name, value)`` pairs; repeated headers stay repeated.
 
     ``Host`` is kept as the browser sent it (agents build links from it);
-    ``X-Forwarded-Host`` repeats it for frameworks that look there.
+    ``X-Forwarded-Host`` repeats it for frameworks that look there. With
+    ``upgrade`` (a WebSocket handshake being tunnelled), ``Upgrade`` and
+    ``Connection: upgrade`` are passed on, as the handshake needs them.
     """
-    dropped = HOP_BY_HOP | FORWARDING_CLAIMS | BODY_FRAMING | _connection_tokens(incoming)
-    outgoing = Headers()
+    listed = _connection_tokens(incoming)
+    dropped = _ALWAYS_DROPPED | listed if listed else _ALWAYS_DROPPED
+    pairs: List[Tuple[bytes, bytes]] = []
+    cookies: List[bytes] = []
+    host: Optional[bytes] = None
+    upgrade_to: List[bytes] = []
     for name, values in incoming.getAllRawHeaders():
         lower = name.lower()
-        if lower in dropped or lower == b"cookie":
+        if lower in dropped:
+            if lower == b"cookie":
+                cookies.extend(values)
+            elif lower == b"upgrade":
+                upgrade_to.extend(values)
             continue
-        outgoing.setRawHeaders(lower, list(values))
-    cookies = cookie_header_for_agent(incoming.getRawHeaders(b"cookie", []))
+        if lower == b"host":
+            host = values[-1]
+        for value in values:
+            pairs.append((lower, _safe(value)))
     if cookies:
-        outgoing.setRawHeaders(b"cookie", cookies)
-    outgoing.setRawHeaders(b"x-forwarded-for", [client_ip.encode("ascii", "replace")])
-    outgoing.setRawHeaders(b"x-forwarded-proto", [b"https" if secure else b"http"])
-    host = incoming.getRawHeaders(b"host")
-    if host:
-        outgoing.setRawHeaders(b"x-forwarded-host", [host[-1]])
+        for value in cookie_header_for_agent(cookies):
+            pairs.append((b"cookie", _safe(value)))
+    if upgrade and upgrade_to:
+        pairs.append((b"connection", b"upgrade"))
+        pairs.append((b"upgrade", _safe(upgrade_to[-1])))
+    pairs.append((b"x-forwarded-for", _safe(client_ip.encode("ascii", "replace"))))
+    pairs.append((b"x-forwarded-proto", b"https" if secure else b"http"))
+    if host is not None:
+        pairs.append((b"x-forwarded-host", _safe(host)))
+    return pairs
+
+
+def request_headers_for_agent(incoming: Headers, *, client_ip: str,
+                              secure: bool) -> Headers:
+    """:func:`request_header_pairs` as ``Headers``."""
+    outgoing = Headers()
+    for name, value in request_header_pairs(incoming, client_ip=client_ip, secure=secure):
+        outgoing.addRawHeader(name, value)
     return outgoing
+
+
+def request_head(method: bytes, target: bytes,
+                 pairs: Sequence[Tuple[bytes, bytes]],
+                 body_length: Optional[int]) -> bytes:
+    """The bytes of an HTTP/1.1 request head to an agent (keep-alive)."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in pairs:
+        parts += [name, b": ", value, b"\r\n"]
+    if body_length is not None:
+        parts += [b"content-length: ", b"%d" % (body_length,), b"\r\n"]
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def keep_response_header(name: bytes, value: bytes) -> bool:
@@ -84,6 +136,54 @@ def keep_response_header(name: bytes, value: bytes) -> bool:
     if lower == b"set-cookie" and is_dispatcher_set_cookie(value):
         return False
     return True
+
+
+def rewrite_location(location: bytes, agent_authorities: Iterable[bytes],
+                     public_origin: bytes) -> bytes:
+    """``Location`` as the browser should see it: an absolute URL pointing at
+    the agent's own loopback address (``agent_authorities``, e.g.
+    ``127.0.0.1:41001`` and ``localhost:41001``) is moved to the proxy's
+    public origin (``https://mail.example.org``); anything else is kept."""
+    lowered = location.lower()
+    if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
+        return location
+    try:
+        parts = urlsplit(location.decode("latin-1"))
+    except ValueError:
+        return location
+    authority = parts.netloc.rsplit("@", 1)[-1].lower().encode("latin-1")
+    if authority not in agent_authorities:
+        return location
+    rest = location[len(parts.scheme) + 3 + len(parts.netloc):]
+    return public_origin + (rest if rest.startswith((b"/", b"?", b"#")) else b"/" + rest)
+
+
+def response_header_groups(pairs: Iterable[Tuple[bytes, bytes]], *,
+                           agent_authorities: Iterable[bytes] = (),
+                           public_origin: Optional[bytes] = None,
+                           ) -> Dict[bytes, List[bytes]]:
+    """The headers of an agent's response that may reach the browser, grouped
+    by (lower-case) name in the agent's order; ``Location`` rewritten with
+    :func:`rewrite_location` when ``public_origin`` is given."""
+    groups: Dict[bytes, List[bytes]] = {}
+    listed: Optional[frozenset] = None
+    for name, value in pairs:
+        if name == b"connection":
+            tokens = frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+            listed = tokens if listed is None else listed | tokens
+    for name, value in pairs:
+        if name in HOP_BY_HOP or name == b"server" or (listed and name in listed):
+            continue
+        if name == b"set-cookie" and is_dispatcher_set_cookie(value):
+            continue
+        if name == b"location" and public_origin is not None:
+            value = rewrite_location(value, agent_authorities, public_origin)
+        values = groups.get(name)
+        if values is None:
+            groups[name] = [value]
+        else:
+            values.append(value)
+    return groups
 
 
 def response_headers_for_browser(incoming: Headers) -> Headers:

@@ -4,10 +4,21 @@ They only translate between HTML forms and the manager: the manager checks
 passwords, rate-limits and owns the sessions; these resources check the form's
 CSRF token (double submit: the hidden ``csrf_token`` field must equal this
 browser's CSRF cookie), turn answers into cookies and pages, and keep every
-failure to log in indistinguishable ("Invalid username or password").
+failure to log in indistinguishable ("Invalid username or password"; a
+rate-limited attempt gets the same words plus how long to wait).
+
+A form posted from another site is refused with 403 before anything else:
+``Origin`` (when sent) must be this site and ``Sec-Fetch-Site`` (when sent)
+must not be ``cross-site``. The logout also accepts the Pixelated user
+agent's own double submit: its logout button posts ``csrftoken`` equal to
+its ``XSRF-TOKEN`` cookie.
+
+After a login the agent is started at once and the browser goes to the
+waiting page (``/auth/starting``), which sends it on to the page it first
+asked for (``next``, local paths only) as soon as the agent is ready.
 """
 import hmac
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
@@ -16,13 +27,20 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..protocol import DispatcherError, InvalidCredentials, InvalidSession
+from ..protocol import (DispatcherError, InvalidCredentials, InvalidSession,
+                        RateLimited, retry_after)
 from ..usernames import is_valid_username
 from . import pages
 from .cookie_policy import (csrf_token, ensure_csrf_cookie, expire_session_cookie,
                             session_token, set_session_cookie)
 from .browser_connection import Disconnection, client_ip
-from .manager_interface import IManager, ManagerUnavailable
+from .manager_cache import ManagerCache
+from .manager_interface import ManagerUnavailable
+from .next_path import requested_next, with_next
+
+#: The Pixelated user agent's CSRF cookie and form field.
+AGENT_CSRF_COOKIE = b"XSRF-TOKEN"
+AGENT_CSRF_FIELD = b"csrftoken"
 
 log = Logger()
 
@@ -42,13 +60,40 @@ def form_field(request: IRequest, name: bytes) -> Optional[str]:
         return None
 
 
+def _equal(expected: Optional[bytes], submitted: Optional[str]) -> bool:
+    if not expected or not submitted:
+        return False
+    return hmac.compare_digest(expected, submitted.encode("utf-8"))
+
+
+def same_origin(request: IRequest) -> bool:
+    """Whether nothing in the request says it comes from another site."""
+    fetch_site = (request.getHeader(b"sec-fetch-site") or b"").strip().lower()
+    if fetch_site == b"cross-site":
+        return False
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return True
+    host = request.getHeader(b"host") or b""
+    scheme = b"https://" if request.isSecure() else b"http://"
+    return origin.strip().lower() == (scheme + host).lower()
+
+
 def csrf_matches(request: IRequest) -> bool:
     """Whether the form was sent by a page this browser got from us."""
-    expected = csrf_token(request)
-    submitted = form_field(request, b"csrf_token")
-    if expected is None or submitted is None:
+    if not same_origin(request):
         return False
-    return hmac.compare_digest(expected.encode("utf-8"), submitted.encode("utf-8"))
+    expected = csrf_token(request)
+    return _equal(expected.encode("utf-8") if expected else None,
+                  form_field(request, b"csrf_token"))
+
+
+def agent_csrf_matches(request: IRequest) -> bool:
+    """The Pixelated agent's double submit: field ``csrftoken`` equals the
+    ``XSRF-TOKEN`` cookie (which only pages of this origin can read)."""
+    if not same_origin(request):
+        return False
+    return _equal(request.getCookie(AGENT_CSRF_COOKIE), form_field(request, AGENT_CSRF_FIELD))
 
 
 def _method_not_allowed(request: IRequest) -> bytes:
@@ -71,12 +116,15 @@ class LoginResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, manager: IManager) -> None:
+    def __init__(self, cache: ManagerCache, banner: Optional[str] = None) -> None:
         super().__init__()
-        self._manager = manager
+        self._cache = cache
+        self._manager = cache.manager
+        self._banner = banner
 
     def render_GET(self, request: IRequest) -> bytes:
-        pages.login_form(request, ensure_csrf_cookie(request))
+        pages.login_form(request, ensure_csrf_cookie(request),
+                         next_path=requested_next(request), banner=self._banner)
         return NOT_DONE_YET
 
     render_HEAD = render_GET
@@ -86,11 +134,12 @@ class LoginResource(Resource):
             pages.csrf_refused(request)
             return NOT_DONE_YET
         csrf = ensure_csrf_cookie(request)
+        next_path = requested_next(request)
         username = form_field(request, b"username")
         password = form_field(request, b"password")
         if (username is None or password is None or not is_valid_username(username)
                 or len(password.encode("utf-8")) > MAX_PASSWORD_BYTES):
-            self._refuse(request, csrf, username)
+            self._refuse(request, csrf, username, next_path)
             return NOT_DONE_YET
         gone = Disconnection.watch(request)
         d = maybeDeferred(self._manager.authenticate, username, password,
@@ -105,13 +154,23 @@ class LoginResource(Resource):
                 log.failure("Cannot put the manager's session token in a cookie")
                 pages.internal_error(request)
                 return
-            pages.redirect(request, b"/")
+            log.info("{username} logged in", username=username)
+            # Start the agent now; the waiting page follows its progress.
+            self._cache.ensure(username).addErrback(lambda f: None)
+            pages.redirect(request, with_next(pages.STARTING_PATH, next_path))
 
         def refused(failure: Failure) -> None:
             if gone.happened:
                 return
             if failure.check(InvalidCredentials):
-                self._refuse(request, csrf, username)
+                self._refuse(request, csrf, username, next_path)
+            elif failure.check(RateLimited):
+                wait = retry_after(failure.value)
+                log.warn("Login refused, rate limited: {error}", error=failure.getErrorMessage())
+                self._refuse(request, csrf, username, next_path, code=429,
+                             hint="Too many attempts. Please wait %d second%s before "
+                                  "trying again." % (wait, "" if wait == 1 else "s"),
+                             headers=[(b"retry-after", b"%d" % (wait,))])
             elif failure.check(ManagerUnavailable, DispatcherError):
                 _manager_trouble(request, failure, "logging in")
             else:
@@ -122,11 +181,14 @@ class LoginResource(Resource):
         d.addErrback(lambda f: log.failure("Failed to answer a login", f))
         return NOT_DONE_YET
 
-    def _refuse(self, request: IRequest, csrf: str, username: Optional[str]) -> None:
+    def _refuse(self, request: IRequest, csrf: str, username: Optional[str],
+                next_path: bytes, code: int = 401, hint: Optional[str] = None,
+                headers: Any = ()) -> None:
         """The one answer to every failed login: the form, one neutral message."""
         shown = username if username is not None and is_valid_username(username) else ""
-        pages.login_form(request, csrf, code=401, message=pages.INVALID_LOGIN,
-                         username=shown)
+        pages.login_form(request, csrf, code=code, message=pages.INVALID_LOGIN,
+                         username=shown, next_path=next_path, banner=self._banner,
+                         hint=hint, headers=headers)
 
     def render(self, request: IRequest) -> bytes:
         if request.method not in (b"GET", b"HEAD", b"POST"):
@@ -140,9 +202,10 @@ class LogoutResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, manager: IManager) -> None:
+    def __init__(self, cache: ManagerCache) -> None:
         super().__init__()
-        self._manager = manager
+        self._cache = cache
+        self._manager = cache.manager
 
     def render_GET(self, request: IRequest) -> bytes:
         if session_token(request) is None:
@@ -154,7 +217,7 @@ class LogoutResource(Resource):
     render_HEAD = render_GET
 
     def render_POST(self, request: IRequest) -> bytes:
-        if not csrf_matches(request):
+        if not (csrf_matches(request) or agent_csrf_matches(request)):
             pages.csrf_refused(request)
             return NOT_DONE_YET
         token = session_token(request)
@@ -162,6 +225,7 @@ class LogoutResource(Resource):
             self._logged_out(request)
             return NOT_DONE_YET
         gone = Disconnection.watch(request)
+        self._cache.forget_session(token)
         d = maybeDeferred(self._manager.end_session, token)
 
         def ended(username: str) -> None:

@@ -9,12 +9,21 @@ call whose connection drops before the answer fails too, both with
 page. Errors the manager declares (``InvalidCredentials``, ``InvalidSession``,
 ``AgentStartFailed``, ...) arrive as the classes of
 :mod:`pixelated_dispatcher.protocol`.
+
+Every connection starts with ``Subscribe``; the manager then pushes
+``SessionEnded``, ``SessionsRevoked`` and ``AgentStopped`` on it, which
+:class:`PushedInvalidations` (the connection's command locator) hands to the
+subscribed listeners. When the connection drops, listeners are told to
+``reset`` (a push may have been missed), and ``subscribed`` again once the
+next connection has subscribed. Activity reports are split into batches well
+under AMP's 64 KiB value limit.
 """
 import random
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Type
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList,
+                                    TimeoutError, succeed)
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectionClosed, ConnectionLost
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -23,9 +32,14 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..protocol import (AgentAddress, Authenticate, EndSession, EnsureAgent,
-                        ResolveSession)
+from twisted.logger import Logger
+
+from ..protocol import (AgentAddress, AgentStopped, Authenticate, EndSession,
+                        EnsureAgent, ReportActivity, ResolveSession, SessionEnded,
+                        SessionsRevoked, Subscribe)
 from .manager_interface import IManager, ManagerUnavailable
+
+log = Logger()
 
 DEFAULT_SOCKET = "/run/pixelated/manager.sock"
 
@@ -39,7 +53,82 @@ CALL_TIMEOUTS: Dict[Type[amp.Command], float] = {
     ResolveSession: 15.0,
     EndSession: 60.0,
     EnsureAgent: 120.0,
+    ReportActivity: 30.0,
+    Subscribe: 10.0,
 }
+
+#: Bytes of user names per ``ReportActivity`` (AMP allows 65,535 per value;
+#: ``ListOf`` adds two bytes per name).
+ACTIVITY_BATCH_BYTES = 48 * 1024
+
+
+def activity_batches(usernames: Any) -> List[List[str]]:
+    """``usernames`` split into lists whose encoding stays under
+    :data:`ACTIVITY_BATCH_BYTES`."""
+    batches: List[List[str]] = []
+    current: List[str] = []
+    size = 0
+    for name in sorted(set(usernames)):
+        cost = len(name.encode("utf-8")) + 2
+        if current and size + cost > ACTIVITY_BATCH_BYTES:
+            batches.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += cost
+    if current:
+        batches.append(current)
+    return batches
+
+
+class PushedInvalidations(amp.CommandLocator):
+    """Answers what the manager pushes by telling the listeners."""
+
+    def __init__(self, listeners: List[Any]) -> None:
+        self._listeners = listeners
+
+    def _tell(self, method: str, *args: Any) -> dict:
+        for listener in list(self._listeners):
+            try:
+                getattr(listener, method)(*args)
+            except Exception:
+                log.failure("A listener failed on {method}", method=method)
+        return {}
+
+    @SessionEnded.responder
+    def session_ended(self, token_digest: str) -> dict:
+        return self._tell("session_ended", token_digest)
+
+    @SessionsRevoked.responder
+    def sessions_revoked(self, username: str) -> dict:
+        return self._tell("sessions_revoked", username)
+
+    @AgentStopped.responder
+    def agent_stopped(self, username: str) -> dict:
+        return self._tell("agent_stopped", username)
+
+
+class _ManagerConnection(amp.AMP):
+    """The proxy's end of the manager socket."""
+
+    def __init__(self, client: "AMPManagerClient") -> None:
+        super().__init__(locator=PushedInvalidations(client.listeners))
+        self._client = client
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._client._connection_lost(self)
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, client: "AMPManagerClient") -> None:
+        self._client = client
+
+    def buildProtocol(self, addr: Any) -> amp.AMP:
+        protocol = _ManagerConnection(self._client)
+        protocol.factory = self
+        return protocol
 
 
 def default_retry_policy() -> Callable[[int], float]:
@@ -70,11 +159,55 @@ class AMPManagerClient:
         self._connect_timeout = connect_timeout
         self._call_timeouts = dict(CALL_TIMEOUTS)
         self._call_timeouts.update(call_timeouts or {})
-        factory = protocol_factory or Factory.forProtocol(amp.AMP)
+        self.listeners: List[Any] = []
+        self.subscribed = False
+        self._subscription_waiters: List[Deferred] = []
+        factory = protocol_factory or _ConnectionFactory(self)
         factory.noisy = False  # ClientService logs each attempt already
         self.service = ClientService(
             endpoint, factory,
-            retryPolicy=retry_policy or default_retry_policy(), clock=clock)
+            retryPolicy=retry_policy or default_retry_policy(), clock=clock,
+            prepareConnection=self._prepare)
+
+    # --- subscription -----------------------------------------------------------
+
+    def _prepare(self, protocol: amp.AMP) -> Deferred:
+        """Subscribe each new connection before calls use it; a manager that
+        does not know ``Subscribe`` leaves the proxy unsubscribed (its caches
+        then keep entries for less than a second), not unusable."""
+        d = protocol.callRemote(Subscribe)
+        d.addTimeout(self._call_timeouts[Subscribe], self._clock)
+
+        def subscribed(_: Any) -> None:
+            if getattr(protocol, "_lost", False):
+                return
+            self.subscribed = True
+            for listener in list(self.listeners):
+                listener.subscribed()
+            waiters, self._subscription_waiters = self._subscription_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+        def refused(failure: Failure) -> None:
+            log.warn("The manager refused Subscribe ({error}); caching briefly only",
+                     error=failure.getErrorMessage())
+            waiters, self._subscription_waiters = self._subscription_waiters, []
+            for waiter in waiters:
+                waiter.errback(ManagerUnavailable(
+                    "the manager refused Subscribe: %s" % (failure.getErrorMessage(),)))
+        return d.addCallbacks(subscribed, refused)
+
+    def _connection_lost(self, protocol: amp.AMP) -> None:
+        protocol._lost = True  # type: ignore[attr-defined]
+        was = self.subscribed
+        self.subscribed = False
+        for listener in list(self.listeners):
+            try:
+                listener.reset()
+            except Exception:
+                log.failure("A listener failed on reset")
+        if was:
+            log.info("Connection to the manager lost; caches dropped")
 
     @classmethod
     def for_socket(cls, reactor: Any, path: str, **kwargs: Any) -> "AMPManagerClient":
@@ -133,3 +266,30 @@ class AMPManagerClient:
     def ensure_agent(self, username: str) -> Deferred:
         return self._call(EnsureAgent, username=username).addCallback(
             lambda r: AgentAddress(host=r["host"], port=r["port"]))
+
+    def report_activity(self, usernames: Any) -> Deferred:
+        batches = activity_batches(usernames)
+        if not batches:
+            return succeed(None)
+        calls = [self._call(ReportActivity, usernames=batch) for batch in batches]
+        d = DeferredList(calls, fireOnOneErrback=True, consumeErrors=True)
+
+        def first_error(failure: Failure) -> Failure:
+            return failure.value.subFailure
+        return d.addCallbacks(lambda _: None, first_error)
+
+    def subscribe(self, listener: Any) -> Deferred:
+        if listener not in self.listeners:
+            self.listeners.append(listener)
+        if self.subscribed:
+            listener.subscribed()
+            return succeed(None)
+        waiter = Deferred()
+        self._subscription_waiters.append(waiter)
+        # Make sure a connection is being attempted, and report its failure.
+        self._connection().addErrback(
+            lambda f: None if waiter.called else (
+                self._subscription_waiters.remove(waiter)
+                if waiter in self._subscription_waiters else None,
+                waiter.errback(f)))
+        return waiter

@@ -18,6 +18,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.template import (Element, Tag, XMLFile, flatten, renderer,
                                   tags)
 
+from .next_path import with_next
+
 LOGIN_PATH = b"/auth/login"
 LOGOUT_PATH = b"/auth/logout"
 INVALID_LOGIN = "Invalid username or password"
@@ -41,10 +43,16 @@ class Page(Element):
 
     loader = XMLFile(_TEMPLATE)
 
-    def __init__(self, title: str, content: Iterable[object]) -> None:
+    def __init__(self, title: str, content: Iterable[object],
+                 head: Iterable[object] = ()) -> None:
         super().__init__()
         self._title = title
         self._content = list(content)
+        self._head = list(head)
+
+    @renderer
+    def head_extra(self, request: object, tag: Tag) -> List[object]:
+        return self._head
 
     @renderer
     def page_title(self, request: object, tag: Tag) -> Tag:
@@ -99,10 +107,11 @@ def _finish(request: IRequest, code: int, content_type: bytes, body: bytes, *,
 
 def write_page(request: IRequest, code: int, title: str, content: Iterable[object],
                *, no_store: bool = False,
-               headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
+               headers: Iterable[Tuple[bytes, bytes]] = (),
+               head: Iterable[object] = ()) -> None:
     """Write a whole HTML page and finish the request."""
     _finish(request, code, b"text/html; charset=utf-8",
-            _flatten(Page(title, content)), no_store=no_store, headers=headers)
+            _flatten(Page(title, content, head)), no_store=no_store, headers=headers)
 
 
 def write_json(request: IRequest, code: int, document: dict, *,
@@ -126,14 +135,34 @@ def _csrf_field(token: str) -> Tag:
     return tags.input(type="hidden", name="csrf_token", value=token)
 
 
+def banner_content(text: Optional[str]) -> List[object]:
+    """The operator's banner (``--banner FILE``): plain text, one paragraph
+    per blank-line-separated block, escaped like everything else."""
+    if not text or not text.strip():
+        return []
+    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    return [tags.div(*[tags.p(p) for p in paragraphs], class_="banner",
+                     role="note", **{"aria-label": "Notice"})]
+
+
 def login_form(request: IRequest, csrf_token: str, *, code: int = 200,
-               message: Optional[str] = None, username: str = "") -> None:
-    """The login form, optionally with a message above it."""
-    content: List[object] = []
+               message: Optional[str] = None, username: str = "",
+               next_path: bytes = b"/", banner: Optional[str] = None,
+               hint: Optional[str] = None,
+               headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
+    """The login form, optionally with the operator's banner, a message and
+    a hint (how long to wait) above it. Works without JavaScript."""
+    content: List[object] = banner_content(banner)
     if message:
-        content.append(tags.p(message, class_="message", role="alert"))
+        content.append(tags.p(message, class_="message", role="alert", id="login-error"))
+    if hint:
+        content.append(tags.p(hint, class_="hint", role="status"))
+    next_field = []
+    if next_path != b"/":
+        next_field = [tags.input(type="hidden", name="next",
+                                 value=next_path.decode("ascii"))]
     content.append(tags.form(
-        _csrf_field(csrf_token),
+        _csrf_field(csrf_token), *next_field,
         tags.label("Username", for_="username"),
         tags.input(type="text", id="username", name="username", value=username,
                    autocomplete="username", autocapitalize="none",
@@ -142,8 +171,9 @@ def login_form(request: IRequest, csrf_token: str, *, code: int = 200,
         tags.input(type="password", id="password", name="password",
                    autocomplete="current-password", required="required"),
         tags.button("Log in", type="submit"),
-        method="post", action=LOGIN_PATH.decode("ascii")))
-    write_page(request, code, "Log in", content, no_store=True)
+        method="post", action=LOGIN_PATH.decode("ascii"),
+        **({"aria-describedby": "login-error"} if message else {})))
+    write_page(request, code, "Log in", content, no_store=True, headers=headers)
 
 
 def logout_form(request: IRequest, csrf_token: str) -> None:
@@ -171,17 +201,77 @@ def csrf_refused(request: IRequest) -> None:
     ], no_store=True)
 
 
-def not_logged_in(request: IRequest) -> None:
-    """No valid session: browsers go to the login form, scripts get 401."""
+def not_logged_in(request: IRequest, next_path: bytes = b"/") -> None:
+    """No valid session: browsers go to the login form (which remembers the
+    page asked for), scripts get 401."""
     if is_script_request(request):
         write_json(request, 401, {"error": "not logged in",
                                   "login": LOGIN_PATH.decode("ascii")})
     else:
-        redirect(request, LOGIN_PATH)
+        redirect(request, with_next(LOGIN_PATH, next_path))
 
 
 MANAGER_RETRY_AFTER = b"5"
 AGENT_RETRY_AFTER = b"10"
+STARTING_RETRY_AFTER = b"2"
+CAPACITY_RETRY_AFTER = b"60"
+STARTING_PATH = b"/auth/starting"
+#: Seconds between reloads of the waiting page.
+WAITING_REFRESH = 1
+
+
+def is_navigation(request: IRequest) -> bool:
+    """Whether a browser is loading a page (rather than a script fetching
+    data or an image): ``Sec-Fetch-Mode: navigate``, or, from browsers that
+    do not send it, an ``Accept`` that asks for HTML."""
+    if is_script_request(request):
+        return False
+    mode = request.getHeader(b"sec-fetch-mode")
+    if mode is not None:
+        return mode.strip().lower() == b"navigate"
+    return b"text/html" in (request.getHeader(b"accept") or b"")
+
+
+def waiting(request: IRequest, next_path: bytes) -> None:
+    """200: "starting your mailbox", reloading itself every second (meta
+    refresh, no JavaScript) until the agent is ready."""
+    again = with_next(STARTING_PATH, next_path).decode("ascii")
+    write_page(request, 200, "Starting your mailbox", [
+        tags.p("Your mailbox is being started. This page reloads by itself; "
+               "it usually takes a few seconds.", role="status"),
+        tags.p(tags.a("Reload now", href=again)),
+    ], no_store=True, head=[
+        tags.meta(**{"http-equiv": "refresh",
+                     "content": "%d;url=%s" % (WAITING_REFRESH, again)})])
+
+
+def agent_starting(request: IRequest, next_path: bytes) -> None:
+    """The agent is being started: scripts get 503 with Retry-After,
+    browsers the waiting page."""
+    if is_script_request(request) or not is_navigation(request):
+        headers = [(b"retry-after", STARTING_RETRY_AFTER)]
+        if is_script_request(request):
+            write_json(request, 503, {"error": "mailbox starting"}, headers=headers)
+        else:
+            write_page(request, 503, "Starting your mailbox", [
+                tags.p("Your mailbox is being started. Please try again in a "
+                       "few seconds.")], no_store=True, headers=headers)
+        return
+    waiting(request, next_path)
+
+
+def capacity_reached(request: IRequest) -> None:
+    """503: no more mailboxes can run right now."""
+    headers = [(b"retry-after", CAPACITY_RETRY_AFTER)]
+    if is_script_request(request):
+        write_json(request, 503, {"error": "capacity reached"}, headers=headers)
+        return
+    write_page(request, 503, "Please try again later", [
+        tags.p("Too many mailboxes are open right now, so yours cannot be "
+               "started at the moment. Please try again in a minute."),
+        tags.p(tags.a("Try again", href="/"), " or ",
+               tags.a("go back to the login page", href=LOGIN_PATH.decode("ascii")), "."),
+    ], no_store=True, headers=headers)
 
 
 def manager_unavailable(request: IRequest) -> None:
@@ -207,13 +297,17 @@ def agent_start_failed(request: IRequest) -> None:
     write_page(request, 503, "Mailbox unavailable", [
         tags.p("Your mailbox could not be started. Please try again in a "
                "little while; if this keeps happening, contact your administrator."),
-        tags.p(tags.a("Try again", href="/"), " or ",
-               tags.a("log out", href=LOGOUT_PATH.decode("ascii")), "."),
+        tags.p(tags.a("Try again", href="/"), ", ",
+               tags.a("log out", href=LOGOUT_PATH.decode("ascii")), " or ",
+               tags.a("go back to the login page", href=LOGIN_PATH.decode("ascii")), "."),
     ], no_store=True, headers=headers)
 
 
 def agent_unreachable(request: IRequest) -> None:
     """502: the agent is supposed to run but does not answer."""
+    if is_script_request(request):
+        write_json(request, 502, {"error": "mailbox not answering"})
+        return
     write_page(request, 502, "Mailbox not answering", [
         tags.p("Your mailbox is not answering right now. Please reload the "
                "page in a moment."),

@@ -1,29 +1,84 @@
 """Every path that is not the proxy's own: the session decides whose agent
 gets the request.
 
-cookie → ``resolve_session`` → user name → ``ensure_agent`` → address →
-forwarder. Without a valid session, browsers are sent to the login form and
-scripts get 401; when the manager or the agent cannot help, the user gets a
-page saying so instead of a hanging request.
-"""
-from typing import Any
+cookie → session (cache, else ``resolve_session``) → user name → agent
+address (cache, else one shared ``ensure_agent``) → forwarder. Without a
+valid session, browsers are sent to the login form (remembering the page)
+and scripts get 401. When the agent is not known to run, the gate waits a
+moment (:data:`START_GRACE`) for the manager; if the agent is still starting
+after that, a browser loading a page goes to the "starting your mailbox"
+page, a script gets 503 with ``Retry-After``, and anything else keeps
+waiting. When an agent is gone (crashed, culled) the same happens, and the
+agent is started again; the session stays valid throughout.
 
-from twisted.internet.defer import maybeDeferred
+:class:`StartingPage` is that waiting page (``/auth/starting?next=PATH``).
+"""
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..protocol import (AgentAddress, AgentStartFailed, DispatcherError,
-                        InvalidSession, InvalidUsername, UnknownUser)
+from ..protocol import (AgentAddress, AgentStartFailed, CapacityReached,
+                        DispatcherError, InvalidSession, InvalidUsername,
+                        UnknownUser)
 from . import pages
 from .browser_connection import Disconnection
 from .cookie_policy import expire_session_cookie, session_token
 from .forwarding import IForwarder
-from .manager_interface import IManager, ManagerUnavailable
+from .manager_cache import ManagerCache
+from .manager_interface import ManagerUnavailable
+from .next_path import local_path, requested_next, with_next
 
 log = Logger()
+
+#: Seconds a page load or a script waits for an agent that is not known to
+#: run before it gets the waiting page or a 503 (a running agent is found
+#: in a millisecond; a start takes longer).
+START_GRACE = 1.0
+
+
+def answer_failure(request: IRequest, failure: Failure, cache: ManagerCache,
+                   token: Optional[str], next_path: bytes) -> None:
+    """The page for what went wrong while finding a session or an agent."""
+    if failure.check(InvalidSession, UnknownUser, InvalidUsername):
+        # Expired, revoked, or its user was removed: start over.
+        if token is not None:
+            cache.forget_session(token)
+        expire_session_cookie(request)
+        pages.not_logged_in(request, next_path)
+    elif failure.check(CapacityReached):
+        log.warn("Agent not started, capacity reached: {error}",
+                 error=failure.getErrorMessage())
+        pages.capacity_reached(request)
+    elif failure.check(AgentStartFailed):
+        log.warn("Agent could not be started: {error}", error=failure.getErrorMessage())
+        pages.agent_start_failed(request)
+    elif failure.check(ManagerUnavailable):
+        log.warn("Manager unavailable: {error}", error=failure.getErrorMessage())
+        pages.manager_unavailable(request)
+    elif failure.check(DispatcherError):
+        log.failure("Manager error", failure)
+        pages.manager_unavailable(request)
+    else:
+        log.failure("Unexpected error while forwarding", failure)
+        pages.internal_error(request)
+
+
+def _last_resort(request: IRequest, gone: Disconnection) -> Callable[[Failure], None]:
+    def answer(failure: Failure) -> None:
+        log.failure("Failed to answer a request", failure)
+        if not (gone.happened or request.finished
+                or getattr(request, "startedWriting", False)):
+            pages.internal_error(request)
+    return answer
+
+
+def _ignore(failure: Failure) -> None:
+    """A start failure is kept by the cache for the waiting page."""
 
 
 class SessionGate(Resource):
@@ -31,10 +86,13 @@ class SessionGate(Resource):
 
     isLeaf = True
 
-    def __init__(self, manager: IManager, forwarder: IForwarder) -> None:
+    def __init__(self, cache: ManagerCache, forwarder: IForwarder, clock: Any,
+                 start_grace: float = START_GRACE) -> None:
         super().__init__()
-        self._manager = manager
+        self._cache = cache
         self._forwarder = forwarder
+        self._clock = clock
+        self._start_grace = start_grace
 
     def render(self, request: IRequest) -> Any:
         if not request.uri.startswith(b"/"):
@@ -44,43 +102,134 @@ class SessionGate(Resource):
             return NOT_DONE_YET
         token = session_token(request)
         if token is None:
-            pages.not_logged_in(request)
+            pages.not_logged_in(request, local_path(request.uri))
+            return NOT_DONE_YET
+        username = self._cache.cached_user(token)
+        if username is not None:
+            self._for_user(request, token, username)
             return NOT_DONE_YET
         gone = Disconnection.watch(request)
-        d = maybeDeferred(self._manager.resolve_session, token)
-        d.addCallback(self._manager.ensure_agent)
+        d = self._cache.resolve(token)
 
-        def forward(address: AgentAddress) -> None:
+        def found(username: str) -> None:
             if not gone.happened:
-                self._forwarder.forward(request, address)
+                self._for_user(request, token, username)
 
         def failed(failure: Failure) -> None:
-            if gone.happened:
-                return
-            if failure.check(InvalidSession, UnknownUser, InvalidUsername):
-                # Expired, revoked, or its user was removed: start over.
-                expire_session_cookie(request)
-                pages.not_logged_in(request)
-            elif failure.check(AgentStartFailed):
-                log.warn("Agent could not be started: {error}",
-                         error=failure.getErrorMessage())
-                pages.agent_start_failed(request)
-            elif failure.check(ManagerUnavailable):
-                log.warn("Manager unavailable: {error}", error=failure.getErrorMessage())
-                pages.manager_unavailable(request)
-            elif failure.check(DispatcherError):
-                log.failure("Manager error while opening a session", failure)
-                pages.manager_unavailable(request)
-            else:
-                log.failure("Unexpected error while forwarding", failure)
-                pages.internal_error(request)
+            if not gone.happened:
+                answer_failure(request, failure, self._cache, token, local_path(request.uri))
 
-        def last_resort(failure: Failure) -> None:
-            log.failure("Failed to answer a request", failure)
-            if not (gone.happened or request.finished
-                    or getattr(request, "startedWriting", False)):
-                pages.internal_error(request)
-
-        d.addCallbacks(forward, failed)
-        d.addErrback(last_resort)
+        d.addCallbacks(found, failed)
+        d.addErrback(_last_resort(request, gone))
         return NOT_DONE_YET
+
+    def _for_user(self, request: IRequest, token: str, username: str) -> None:
+        self._cache.touch(username)
+        address = self._cache.cached_address(username)
+        if address is not None:
+            self._forward(request, username, address)
+        else:
+            self._start_then_forward(request, token, username)
+
+    def _forward(self, request: IRequest, username: str, address: AgentAddress) -> None:
+        self._forwarder.forward(request, address,
+                                lambda request: self._agent_gone(request, username))
+
+    def _start_then_forward(self, request: IRequest, token: str, username: str) -> None:
+        gone = Disconnection.watch(request)
+        d = self._cache.ensure(username)
+        answered = []
+        timer = None
+        if not d.called and (pages.is_script_request(request)
+                             or (pages.is_navigation(request)
+                                 and request.method in (b"GET", b"HEAD"))):
+            def too_slow() -> None:
+                answered.append(True)
+                if not gone.happened:
+                    pages.agent_starting(request, local_path(request.uri))
+            timer = self._clock.callLater(self._start_grace, too_slow)
+
+        def ready(address: AgentAddress) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if not (answered or gone.happened):
+                self._forward(request, username, address)
+
+        def failed(failure: Failure) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if not (answered or gone.happened):
+                self._cache.start_failure(username)  # shown here, not again
+                answer_failure(request, failure, self._cache, token, local_path(request.uri))
+
+        d.addCallbacks(ready, failed)
+        d.addErrback(_last_resort(request, gone))
+
+    def _agent_gone(self, request: IRequest, username: str) -> None:
+        """The agent did not answer at its address: start it again; the
+        browser waits on the waiting page, scripts are told to retry."""
+        self._cache.forget_address(username)
+        self._cache.ensure(username).addErrback(_ignore)
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        pages.agent_starting(request, local_path(request.uri))
+
+
+class StartingPage(Resource):
+    """``/auth/starting?next=PATH``: wait for the agent, then go to PATH."""
+
+    isLeaf = True
+
+    def __init__(self, cache: ManagerCache) -> None:
+        super().__init__()
+        self._cache = cache
+
+    def render_GET(self, request: IRequest) -> Any:
+        next_path = requested_next(request)
+        token = session_token(request)
+        if token is None:
+            pages.redirect(request, with_next(pages.LOGIN_PATH, next_path))
+            return NOT_DONE_YET
+        gone = Disconnection.watch(request)
+        d = self._cache.resolve(token)
+
+        def found(username: str) -> Optional[Deferred]:
+            if gone.happened:
+                return None
+            if self._cache.cached_address(username) is not None:
+                pages.redirect(request, next_path)
+                return None
+            failure = self._cache.start_failure(username)
+            if failure is not None:
+                answer_failure(request, failure, self._cache, token, next_path)
+                return None
+            started = self._cache.ensure(username)
+            if started.called:
+                started.addCallbacks(lambda _: pages.redirect(request, next_path),
+                                     lambda f: self._failed(request, f, username, token,
+                                                            next_path))
+            else:
+                started.addErrback(_ignore)
+                pages.waiting(request, next_path)
+            return None
+
+        def failed(failure: Failure) -> None:
+            if not gone.happened:
+                answer_failure(request, failure, self._cache, token, next_path)
+
+        d.addCallbacks(found, failed)
+        d.addErrback(_last_resort(request, gone))
+        return NOT_DONE_YET
+
+    render_HEAD = render_GET
+
+    def _failed(self, request: IRequest, failure: Failure, username: str,
+                token: str, next_path: bytes) -> None:
+        self._cache.start_failure(username)
+        answer_failure(request, failure, self._cache, token, next_path)
+
+    def render(self, request: IRequest) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            pages.method_not_allowed(request, [b"GET", b"HEAD"])
+            return NOT_DONE_YET
+        return super().render(request)

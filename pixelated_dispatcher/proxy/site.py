@@ -1,22 +1,27 @@
 """The proxy's web site: which resource answers which path, and the headers
 that describe the proxy itself.
 
-``/auth/login`` and ``/auth/logout`` are the proxy's own; every other path
-belongs to the logged-in user's agent (:class:`.session_gate.SessionGate`).
+``/auth/login``, ``/auth/logout`` and ``/auth/starting`` (the waiting page)
+are the proxy's own; every other path belongs to the logged-in user's agent
+(:class:`.session_gate.SessionGate`). Connections are
+:class:`.channel.ProxyChannel`: malformed or ambiguous requests are refused
+with 400 before any of this runs.
 The site does not say which server software it runs (``Server`` is removed),
 and over TLS every response tells the browser to stay on HTTPS (HSTS).
 """
-from typing import Optional
+from typing import Any, Optional
 
-from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.task import Clock
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
-from .forwarding import IForwarder, ReverseProxyForwarder
+from .channel import ProxyChannel
+from .forwarding import IForwarder, StreamingForwarder
 from .login import LoginResource, LogoutResource
+from .manager_cache import ManagerCache
 from .manager_interface import IManager
-from .session_gate import SessionGate
+from .session_gate import SessionGate, StartingPage
 
 #: One year; without includeSubDomains, which is the operator's decision.
 HSTS = b"max-age=31536000"
@@ -25,11 +30,13 @@ HSTS = b"max-age=31536000"
 class DispatcherRoot(Resource):
     """Routes requests; exactly ``/auth/login`` and ``/auth/logout`` are ours."""
 
-    def __init__(self, login: IResource, logout: IResource, agents: IResource) -> None:
+    def __init__(self, login: IResource, logout: IResource, agents: IResource,
+                 starting: Optional[IResource] = None) -> None:
         super().__init__()
         self._login = login
         self._logout = logout
         self._agents = agents
+        self._starting = starting
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         # Traversal always starts here, after twisted.web has set its defaults
@@ -42,24 +49,41 @@ class DispatcherRoot(Resource):
                 return self._login
             if request.postpath[0] == b"logout":
                 return self._logout
+            if request.postpath[0] == b"starting" and self._starting is not None:
+                return self._starting
         return self._agents
 
     def render(self, request: IRequest) -> bytes:
         return self._agents.render(request)
 
 
-def make_root(manager: IManager, forwarder: IForwarder) -> DispatcherRoot:
-    """The resource tree of the proxy."""
-    return DispatcherRoot(LoginResource(manager), LogoutResource(manager),
-                          SessionGate(manager, forwarder))
+def make_root(manager: IManager, forwarder: IForwarder, *, clock: Any = None,
+              cache: Optional[ManagerCache] = None,
+              banner: Optional[str] = None) -> DispatcherRoot:
+    """The resource tree of the proxy. ``clock`` times the wait for a
+    starting agent (a ``Clock`` that never advances when not given)."""
+    clock = clock if clock is not None else Clock()
+    if cache is None:
+        cache = ManagerCache(manager, clock)
+    root = DispatcherRoot(LoginResource(cache, banner), LogoutResource(cache),
+                          SessionGate(cache, forwarder, clock), StartingPage(cache))
+    root.cache = cache
+    return root
 
 
-def make_site(manager: IManager, reactor: IReactorTCP,
-              forwarder: Optional[IForwarder] = None) -> Site:
+def make_site(manager: IManager, reactor: Any,
+              forwarder: Optional[IForwarder] = None,
+              banner: Optional[str] = None) -> Site:
     """The proxy's site, served on every ``--listen`` endpoint (TLS or not is
-    decided per request, so one site serves them all)."""
+    decided per request, so one site serves them all). ``site.cache`` is the
+    :class:`ManagerCache` to start and stop with the service;
+    ``site.forwarder`` the forwarder."""
     if forwarder is None:
-        forwarder = ReverseProxyForwarder(reactor)
-    site = Site(make_root(manager, forwarder))
+        forwarder = StreamingForwarder(reactor)
+    root = make_root(manager, forwarder, clock=reactor, banner=banner)
+    site = Site(root)
+    site.protocol = ProxyChannel
     site.displayTracebacks = False
+    site.cache = root.cache
+    site.forwarder = forwarder
     return site

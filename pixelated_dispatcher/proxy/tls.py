@@ -8,8 +8,16 @@ it. We read the same keys (``port``, ``privateKey``, ``certKey``,
 escapes the next character, so ``\\:`` is a colon in a path) and build
 ``CertificateOptions`` ourselves with TLS 1.2 as the minimum and only
 ECDHE/DHE key exchange with AEAD ciphers (TLS 1.3 suites are all of that
-kind). Everything else (``tcp:``, ``unix:``, ``systemd:``, ...) goes to
-``serverFromString`` unchanged.
+kind). Any other description (``tcp:``, ``unix:``, ``systemd:``, ...) that
+names ``privateKey`` (and ``certKey``...) gets the same TLS from us, wrapped
+around the plain endpoint (``TLSMemoryBIOFactory``), so a socket-activated
+``systemd:`` listener is TLS 1.2+ too; without those keys it goes to
+``serverFromString`` unchanged (plain HTTP, e.g. behind another proxy).
+
+The TLS settings live in a :class:`ReloadableTLS`: :meth:`ReloadableTLS.reload`
+reads the key and certificate files again (in a thread) and new connections
+use them, while connections already open keep theirs (``SIGHUP`` in the
+tap); a reload that fails keeps the old certificate and says why.
 
 The key and certificates are read while the options are parsed, so a
 missing, unreadable or broken file stops ``twistd`` with one clear sentence
@@ -21,8 +29,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import attr
 from twisted.internet import ssl
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 
@@ -33,6 +45,9 @@ CIPHERS = ("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
 _SSL_KEYS = frozenset(["port", "privateKey", "certKey", "extraCertChain",
                        "dhParameters", "interface", "backlog"])
+_TLS_KEYS = frozenset(["privateKey", "certKey", "extraCertChain", "dhParameters"])
+
+log = Logger()
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
@@ -111,12 +126,48 @@ def tls_options(private_key: str, certificate: str,
     return options
 
 
+class ReloadableTLS:
+    """An (old-style) TLS context factory whose key and certificate can be
+    replaced while serving: each new connection asks for the context of the
+    moment; connections already open keep the one they got."""
+
+    def __init__(self, private_key: str, certificate: str,
+                 extra_chain: Optional[str] = None,
+                 dh_parameters: Optional[str] = None) -> None:
+        self.files = (private_key, certificate, extra_chain, dh_parameters)
+        self.options = tls_options(*self.files)
+
+    @property
+    def extraCertChain(self) -> Any:
+        return self.options.extraCertChain
+
+    def getContext(self) -> Any:
+        return self.options.getContext()
+
+    def reload(self) -> Deferred:
+        """Read the files again (off the reactor thread) and use them for new
+        connections; on any problem keep the current ones and log why.
+        Fires with True when the new files are in use."""
+        d = deferToThread(tls_options, *self.files)
+
+        def loaded(options: ssl.CertificateOptions) -> bool:
+            self.options = options
+            log.info("TLS certificate {certificate} reloaded", certificate=self.files[1])
+            return True
+
+        def failed(failure: Any) -> bool:
+            log.error("TLS certificate not reloaded, keeping the current one: {error}",
+                      error=failure.getErrorMessage())
+            return False
+        return d.addCallbacks(loaded, failed)
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class TLSListener:
     """A parsed ``ssl:`` description with its key and certificate loaded."""
 
     port: int
-    options: ssl.CertificateOptions
+    options: ReloadableTLS
     interface: str = ""
     backlog: int = 50
 
@@ -124,15 +175,39 @@ class TLSListener:
         return SSL4ServerEndpoint(reactor, self.port, self.options,
                                   backlog=self.backlog, interface=self.interface)
 
+    @property
+    def tls(self) -> Optional[ReloadableTLS]:
+        return self.options
+
+
+@attr.s(frozen=True, eq=False)
+class TLSWrappedEndpoint:
+    """Our TLS around any plain stream server endpoint."""
+
+    inner = attr.ib()
+    options = attr.ib()
+
+    def listen(self, factory: Any) -> Deferred:
+        return self.inner.listen(TLSMemoryBIOFactory(self.options, False, factory))
+
 
 @attr.s(frozen=True, auto_attribs=True)
 class PlainListener:
-    """Any other description, left to Twisted's ``serverFromString``."""
+    """Any other description, left to Twisted's ``serverFromString``; with
+    ``options`` (its description named a key), wrapped in our TLS."""
 
     description: str
+    options: Optional[ReloadableTLS] = None
 
     def endpoint(self, reactor: Any) -> IStreamServerEndpoint:
-        return serverFromString(reactor, self.description)
+        inner = serverFromString(reactor, self.description)
+        if self.options is None:
+            return inner
+        return TLSWrappedEndpoint(inner, self.options)
+
+    @property
+    def tls(self) -> Optional[ReloadableTLS]:
+        return self.options
 
 
 def _int(value: str, what: str, description: str) -> int:
@@ -159,8 +234,8 @@ def parse_ssl(description: str) -> TLSListener:
     if port is None:
         raise UsageError("--listen %s has no port" % (description,))
     private_key = kwargs.get("privateKey", "server.pem")
-    options = tls_options(private_key, kwargs.get("certKey", private_key),
-                          kwargs.get("extraCertChain"), kwargs.get("dhParameters"))
+    options = ReloadableTLS(private_key, kwargs.get("certKey", private_key),
+                            kwargs.get("extraCertChain"), kwargs.get("dhParameters"))
     return TLSListener(port=_int(port, "port", description), options=options,
                        interface=kwargs.get("interface", ""),
                        backlog=_int(kwargs.get("backlog", "50"), "backlog", description))
@@ -173,12 +248,34 @@ def parse_listen(description: str) -> Any:
     kind = description.split(":", 1)[0].strip().lower()
     if kind == "ssl":
         return parse_ssl(description)
+    options = None
+    args, kwargs = split_description(description)
+    if _TLS_KEYS & set(kwargs):
+        if "privateKey" not in kwargs:
+            raise UsageError("--listen %s: give privateKey= (and certKey=) for TLS"
+                             % (description,))
+        options = ReloadableTLS(kwargs["privateKey"],
+                                kwargs.get("certKey", kwargs["privateKey"]),
+                                kwargs.get("extraCertChain"), kwargs.get("dhParameters"))
+        description = join_description(
+            args, {k: v for k, v in kwargs.items() if k not in _TLS_KEYS})
     try:
         # Endpoint constructors only store the reactor: this checks the syntax.
         serverFromString(None, description)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise UsageError("invalid --listen %s: %s" % (description, e))
-    return PlainListener(description)
+    return PlainListener(description, options)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def join_description(args: List[str], kwargs: Dict[str, str]) -> str:
+    """The inverse of :func:`split_description`."""
+    fields = [_escape(a) for a in args]
+    fields += ["%s=%s" % (_escape(k), _escape(v)) for k, v in kwargs.items()]
+    return ":".join(fields)
 
 
 def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
