@@ -24,7 +24,7 @@ from twisted.web.client import HTTPConnectionPool
 from pixelated_dispatcher.manager.providers import process as process_module
 from pixelated_dispatcher.manager.providers.interface import AgentStartError
 from pixelated_dispatcher.manager.providers.process import (
-    DEMO_AGENT_COMMAND, ProcessProvider, free_loopback_port, process_start_time)
+    AGENT_MARKER, DEMO_AGENT_COMMAND, ProcessProvider, free_loopback_port, process_start_time)
 
 from .provider_contract import credentials_for, make_provider_tests
 
@@ -226,6 +226,8 @@ class ProcessProviderTests(TestCase):
             b"HOME": data_dir.encode(),
             b"DISPATCHER_LOGOUT_URL": b"/auth/logout",
             b"FEEDBACK_URL": b"https://example.org/tickets",
+            # lets a restarted manager find agents it has no record of
+            AGENT_MARKER.encode(): f.state_dir.encode(),
         })
         # it leads its own session and process group, so a stop reaches its children
         self.assertEqual(os.getsid(agent.pid), agent.pid)
@@ -625,6 +627,32 @@ class ProcessProviderRecoveryTests(TestCase):
         self.assertEqual(provider.running(), {})
         gone = yield wait_until(lambda: not os.path.exists(self.record_path("alice")))
         self.assertTrue(gone)
+
+    @inlineCallbacks
+    def test_agents_nobody_has_a_record_of_are_killed(self):
+        f = ProcessFixture(self, script_command("child"))
+        first = f.new_provider(keep_on_close=True)
+        agent = yield first.start("alice", f.data_dir("alice"), credentials_for("alice"))
+        yield first.close()
+        with open(os.path.join(f.data_dir("alice"), "child.pid")) as pid_file:
+            child = int(pid_file.read())
+
+        def marked(state_dir):
+            # as an agent whose manager died before it wrote the record
+            process = subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,
+                env={"PATH": os.defpath, AGENT_MARKER: state_dir})
+            self.addCleanup(process.wait)
+            self.addCleanup(process.kill)
+            return process
+        orphan = marked(f.state_dir)
+        elsewhere = marked(f.state_dir + "-of-another-dispatcher")
+        second = f.new_provider(keep_on_close=False)
+        adopted = yield second.recover()
+        self.assertEqual(adopted, [agent])
+        self.assertFalse(is_alive(orphan.pid), "an agent without a record survived")
+        self.assertTrue(is_alive(child), "the child of an adopted agent was killed")
+        self.assertTrue(is_alive(elsewhere.pid), "another dispatcher's agent was killed")
 
     @inlineCallbacks
     def test_without_pidfds_an_adopted_agent_is_watched_in_proc(self):

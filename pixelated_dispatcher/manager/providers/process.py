@@ -126,6 +126,11 @@ POLL_INTERVAL = 1.0
 #: version of the JSON records in ``state_dir``
 RECORD_VERSION = 1
 
+#: in the environment of every agent of a provider with a state dir (value:
+#: the state dir), so that ``recover()`` finds agents that have no record
+#: (a manager killed between a spawn and the record's write) and kills them
+AGENT_MARKER = "PIXELATED_DISPATCHER_AGENTS"
+
 _PLACEHOLDER = re.compile(r"\{(port|data_dir|username)\}")
 
 _ADDRESS_IN_USE = ("address already in use", "address in use", "eaddrinuse")
@@ -367,6 +372,67 @@ def scan_records(state_dir: str) -> List[dict]:
         else:
             alive.append(record)
     return alive
+
+
+def _process_group(pid: int) -> Optional[int]:
+    try:
+        with open("/proc/%d/stat" % (pid,), "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def marked_processes(state_dir: str) -> Dict[int, Tuple[int, int]]:
+    """``{pid: (process group, start time)}`` of the live processes whose
+    environment says they are agents (or their children) of ``state_dir``.
+    Processes whose environment we may not read are not seen (a manager that
+    is not root sees only its own user's)."""
+    marker = ("%s=%s" % (AGENT_MARKER, state_dir)).encode("utf-8")
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            with open("/proc/%d/environ" % (pid,), "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if marker not in environ.split(b"\0"):
+            continue
+        start_time, pgid = process_start_time(pid), _process_group(pid)
+        if start_time is not None and pgid is not None:
+            found[pid] = (pgid, start_time)
+    return found
+
+
+def kill_orphans(state_dir: str, adopted_groups: List[int]) -> List[int]:
+    """SIGKILL every agent process of ``state_dir`` outside ``adopted_groups``
+    (agents nobody has a record of); wait up to RECOVER_KILL_WAIT for them to
+    go. Fires with their pids."""
+    orphans = {pid: start_time for pid, (pgid, start_time) in marked_processes(state_dir).items()
+               if pgid not in adopted_groups and pid != os.getpid()}
+    for pid, start_time in orphans.items():
+        log.warn("killing agent process {pid}: no manager knows it (no record)", pid=pid)
+        same, pidfd = _open_pidfd(pid, start_time)
+        if not same:
+            continue
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+    deadline = time.monotonic() + RECOVER_KILL_WAIT
+    while time.monotonic() < deadline and any(
+            process_start_time(pid) == start_time for pid, start_time in orphans.items()):
+        time.sleep(0.02)
+    return sorted(orphans)
 
 
 # -- processes ---------------------------------------------------------------------
@@ -997,6 +1063,8 @@ class ProcessProvider:
             "DISPATCHER_LOGOUT_URL": "/auth/logout",
         }
         env.update(self.extra_env or {})
+        if self.state_dir is not None:
+            env[AGENT_MARKER] = self.state_dir
         command = self.wrapper(owner) + argv
         log_path = log_fd = None
         log_offset = 0
@@ -1133,7 +1201,10 @@ class ProcessProvider:
         results = await defer.gatherResults(
             [defer.ensureDeferred(self._adopt(record)) for record in records],
             consumeErrors=True)
-        return [running for running in results if running is not None]
+        adopted = [running for running in results if running is not None]
+        # then whatever runs without a record: never two agents for one user
+        await self._in_thread(kill_orphans, self.state_dir, [a.pid for a in adopted])
+        return adopted
 
     async def _adopt(self, record: dict) -> Optional[RunningAgent]:
         username, pid, port = record["username"], record["pid"], record["port"]
