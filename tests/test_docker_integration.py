@@ -47,7 +47,8 @@ class DockerStack:
         test.addCleanup(shutil.rmtree, self.directory, True)
         test.addCleanup(dockerd.remove_labelled, host,
                         "org.pixelated.dispatcher=%s" % self.instance)
-        self.dispatcher = Dispatcher(self.directory, manager_args=[
+        # the tests run as root; the proxy refuses that unless told it is a test
+        self.dispatcher = Dispatcher(self.directory, proxy_args=["--allow-root"], manager_args=[
             "--provider", "docker", "--docker-host", host, "--docker-instance", self.instance,
             "--agent-image", image, "--agent-memory", "64m", "--agent-start-timeout", "20",
             "--agent-stop-grace", "2", "--docker-loopback-guard", "off",
