@@ -557,6 +557,20 @@ class ProcessProviderRecoveryTests(TestCase):
             self.assertIn(b"agent of alice starting on port", f.readline())
 
     @inlineCallbacks
+    def test_a_log_growing_big_while_the_agent_runs_is_trimmed(self):
+        self.patch(process_module, "LOG_LIMIT", 1000)
+        self.patch(process_module, "LOG_CHECK_INTERVAL", 0.1)
+        yield self.f.provider.start("alice", self.f.data_dir("alice"), credentials_for("alice"))
+        log_path = os.path.join(self.f.state_dir, "alice.log")
+        with open(log_path, "ab") as f:
+            f.write(b"chatter\n" * 200)
+        trimmed = yield wait_until(lambda: os.path.exists(log_path + ".1"))
+        self.assertTrue(trimmed, "the log was not trimmed")
+        self.assertLess(os.path.getsize(log_path), 1000)
+        with open(log_path + ".1", "rb") as f:
+            self.assertIn(b"chatter\n" * 200, f.read())
+
+    @inlineCallbacks
     def test_records_of_gone_or_other_processes_are_discarded(self):
         os.makedirs(self.f.state_dir)
         finished = subprocess.Popen(["true"])

@@ -114,8 +114,10 @@ MAX_LINE = 8192
 OUTPUT_DRAIN_TIME = 1.0
 
 #: an agent's log file is rotated (to ``<user>.log.1``) at a start when it is
-#: bigger than this
+#: bigger than this, and copied there and emptied when it grows bigger while
+#: the agent runs (looked at every LOG_CHECK_INTERVAL seconds)
 LOG_LIMIT = 10 * 1024 * 1024
+LOG_CHECK_INTERVAL = 600.0
 
 #: how much of the end of a log file is read for an error message
 TAIL_BYTES = 64 * 1024
@@ -276,6 +278,23 @@ def open_log(state_dir: str, path: str, header: str) -> Tuple[int, int]:
     except OSError:
         os.close(fd)
         raise
+
+
+def trim_logs(paths: List[str]) -> None:
+    """Copy each log over LOG_LIMIT to ``.1`` and empty it. The agent keeps
+    appending (O_APPEND) at the new end; what it writes during the copy is
+    lost, as with logrotate's copytruncate."""
+    for path in paths:
+        try:
+            if os.lstat(path).st_size <= LOG_LIMIT:
+                continue
+            tmp = path + ".1.tmp"
+            with open(path, "rb") as source, open(tmp, "wb") as copy:
+                shutil.copyfileobj(source, copy)
+            os.replace(tmp, path + ".1")
+            os.truncate(path, 0)
+        except OSError as error:
+            log.warn("cannot trim the agent log {path}: {error}", path=path, error=error)
 
 
 def read_tail(path: str, offset: int) -> List[str]:
@@ -807,6 +826,7 @@ class ProcessProvider:
     _closing: bool = attr.ib(init=False, default=False)
     #: per user, the last file operation queued (they run one after another)
     _disk: Dict[str, Deferred] = attr.ib(init=False, factory=dict)
+    _log_trimmer: Optional[LoopingCall] = attr.ib(init=False, default=None)
     _setpriv: str = attr.ib(init=False)
     _setsid: str = attr.ib(init=False)
 
@@ -896,6 +916,8 @@ class ProcessProvider:
         (records in place) for the next manager; starts in flight are stopped
         either way. Fires once that is done and every record is on disk."""
         self._closing = True
+        if self._log_trimmer is not None and self._log_trimmer.running:
+            self._log_trimmer.stop()
         stops = []
         for username, agent in list(self._agents.items()):
             if (self.keeps_agents and agent.running is not None and not agent.stopping
@@ -1103,7 +1125,19 @@ class ProcessProvider:
         agent.port = port
         if self.state_dir is not None:
             self._record(agent, process, port, owner, argv)
+            self._trim_logs_from_now_on()
         return process
+
+    def _trim_logs_from_now_on(self) -> None:
+        if self._log_trimmer is None:
+            self._log_trimmer = LoopingCall(self._trim_logs)
+            self._log_trimmer.clock = self.reactor
+            self._log_trimmer.start(LOG_CHECK_INTERVAL, now=False)
+
+    def _trim_logs(self) -> Deferred:
+        paths = [os.path.join(self.state_dir, username + ".log") for username in self._agents]
+        return self._in_thread(trim_logs, paths).addErrback(
+            lambda f: log.failure("trimming agent logs failed", f))
 
     def _record(self, agent: _Agent, process: _AgentProcess, port: int,
                 owner: Optional[Tuple[int, int]], argv: List[str]) -> None:
@@ -1202,6 +1236,8 @@ class ProcessProvider:
             [defer.ensureDeferred(self._adopt(record)) for record in records],
             consumeErrors=True)
         adopted = [running for running in results if running is not None]
+        if adopted and not self._closing:
+            self._trim_logs_from_now_on()
         # then whatever runs without a record: never two agents for one user
         await self._in_thread(kill_orphans, self.state_dir, [a.pid for a in adopted])
         return adopted
