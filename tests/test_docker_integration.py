@@ -289,3 +289,20 @@ class EngineOutageTests(SynchronousTestCase):
         page = agent_page(browser)
         self.assertEqual((page.status, page.text.strip()), (200, "Mailbox of carol"),
                          stack.logs())
+
+    def test_manager_started_while_the_engine_is_away_serves_and_recovers(self):
+        relay_dir = tempfile.mkdtemp(prefix="pxrelay-")
+        self.addCleanup(shutil.rmtree, relay_dir, True)
+        relay = EngineRelay(self.host, os.path.join(relay_dir, "docker.sock"))
+        self.addCleanup(relay.down)
+        stack = DockerStack(self, self.image, self.host,
+                            extra_manager_args=["--docker-host", relay.host])
+        stack.dispatcher.add_user("dave", "dave password 4")   # the manager serves
+        result = stack.dispatcher.ctl("start", "dave")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("container engine unavailable", result.stderr)
+
+        relay.up()
+        wait_until(lambda: stack.dispatcher.ctl("start", "dave").returncode == 0, 15,
+                   "a start once the engine is there", stack)
+        self.assertEqual(stack.info("dave").get("state"), "running")
