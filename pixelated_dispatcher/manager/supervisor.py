@@ -160,7 +160,8 @@ class AgentSupervisor:
         agent = self._provider.running().get(username)
         if agent is not None:
             return succeed(agent.address)
-        busy = len(self._provider.running()) + len(self._starting)
+        # Agents being stopped still hold their memory: they count.
+        busy = len(set(self._provider.running()) | set(self._stopping)) + len(self._starting)
         if self.max_agents and busy >= self.max_agents:
             self.log.warn("agent of {username}: not started, capacity of {max} agents reached",
                           username=username, max=self.max_agents)
