@@ -106,6 +106,9 @@ class Dispatcher:
         self.manager: Optional[subprocess.Popen] = None
         self.proxy: Optional[subprocess.Popen] = None
         os.makedirs(self.directory, exist_ok=True)
+        # Agents run under uids of their own when the manager is root: they
+        # must pass through (not list) this directory to reach their data.
+        os.chmod(self.directory, 0o711)
         self.tls = write_self_signed_certificate(self.directory)
 
     def _twistd(self, log: str, plugin: str, args: List[str],
