@@ -143,6 +143,8 @@ class AgentConnection(Protocol):
         self._reset()
 
     def connectionMade(self) -> None:
+        from .channel import widen_buffers
+        widen_buffers(self.transport)
         d, self.connected_deferred = self.connected_deferred, None
         if d is not None:
             d.callback(self)

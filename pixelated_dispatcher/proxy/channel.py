@@ -35,6 +35,25 @@ _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: Control characters other than horizontal tab, and DEL.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: First letters (lower case) of the headers counted below.
+_FRAMING_INITIALS = frozenset(b"cth")
+
+
+#: Bytes read per ``recv`` and buffered for writing before the producer
+#: (the agent connection) is paused: large enough that a big download is not
+#: paused and resumed every 64 KiB, small enough to bound memory per browser.
+TRANSPORT_BUFFER = 512 * 1024
+
+
+def widen_buffers(transport: Any) -> None:
+    """Let a TCP transport (or the TCP under a TLS one) read and buffer
+    :data:`TRANSPORT_BUFFER` bytes at a time."""
+    while transport is not None:
+        if hasattr(transport, "SEND_LIMIT") and hasattr(transport, "bufferSize"):
+            transport.bufferSize = TRANSPORT_BUFFER
+            transport.SEND_LIMIT = TRANSPORT_BUFFER
+            return
+        transport = getattr(transport, "transport", None)
 
 
 class ProxyChannel(HTTPChannel):
@@ -45,6 +64,34 @@ class ProxyChannel(HTTPChannel):
     #: Request line plus all headers.
     totalHeadersSize = 16384
     maxHeaders = 100
+
+    _px_secure = None
+    _px_host_address = None
+    _px_peer_address = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        widen_buffers(self.transport)
+
+    # These do not change during a connection; twisted.web asks several
+    # times per request (an interface adaptation, a getsockname call).
+    def isSecure(self) -> bool:
+        secure = self._px_secure
+        if secure is None:
+            secure = self._px_secure = super().isSecure()
+        return secure
+
+    def getHost(self) -> Any:
+        address = self._px_host_address
+        if address is None:
+            address = self._px_host_address = super().getHost()
+        return address
+
+    def getPeer(self) -> Any:
+        address = self._px_peer_address
+        if address is None:
+            address = self._px_peer_address = super().getPeer()
+        return address
 
     _px_in_head = False
     _px_refused = False
@@ -59,11 +106,26 @@ class ProxyChannel(HTTPChannel):
             return
         super().dataReceived(data)
 
+    def rawDataReceived(self, data: bytes) -> None:
+        # Pipelined requests that arrive in one segment with the one being
+        # handled: keep them for later, as Twisted 26 does (22.4 would hand
+        # them to a body decoder that is gone).
+        if self._handlingRequest:
+            self._dataBuffer.append(data)
+            return
+        super().rawDataReceived(data)
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self._px_refuse()
 
     def lineReceived(self, line: bytes) -> None:
         if self._px_refused:
+            return
+        if self._handlingRequest:
+            # A pipelined request while one is being handled (Twisted 22.4
+            # keeps parsing lines here; 26 buffers): keep it for later.
+            self._dataBuffer.append(line + b"\r\n")
+            self.setRawMode()
             return
         if self._px_in_head:
             if not line:
@@ -83,12 +145,15 @@ class ProxyChannel(HTTPChannel):
         super().lineReceived(line)
 
     def _px_header_ok(self, line: bytes) -> bool:
-        name, colon, value = line.partition(b":")
-        if not colon or _HEADER_NAME.fullmatch(name) is None:
+        colon = line.find(b":")
+        if colon <= 0 or _HEADER_NAME.fullmatch(line, 0, colon) is None:
             return False  # also catches folded lines (leading space or tab)
-        if _BAD_VALUE.search(value) is not None:
+        if _BAD_VALUE.search(line, colon) is not None:
             return False
-        lower = name.lower()
+        if line[0] | 0x20 not in _FRAMING_INITIALS:
+            return True
+        lower = line[:colon].lower()
+        value = line[colon + 1:]
         if lower == b"content-length":
             self._px_length += 1
             value = value.strip(b" \t")

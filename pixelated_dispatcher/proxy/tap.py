@@ -56,6 +56,8 @@ class Options(usage.Options):
          "Plain-HTTP endpoint that only redirects to HTTPS, e.g. tcp:80."],
         ["banner", None, None,
          "Text file shown above the login form (plain text; blank lines separate paragraphs)."],
+        ["access-log", None, None,
+         "File for an access log, a line per request (default: none)."],
     ]
     optFlags = [
         ["allow-root", None, "Serve even while running as root (development only)."],
@@ -157,7 +159,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         from twisted.internet import reactor as global_reactor
         reactor = global_reactor
     manager = AMPManagerClient.for_socket(reactor, options["manager-socket"])
-    site = make_site(manager, reactor, banner=options.get("banner-text"))
+    site = make_site(manager, reactor, banner=options.get("banner-text"),
+                     access_log=options["access-log"])
     listeners: List[Any] = options.get("listeners") or [
         parse_listen(d) for d in options["listen"] or [DEFAULT_LISTEN]]
     proxy = ProxyService(reactor, site, listeners, allow_root=bool(options["allow-root"]))
