@@ -27,15 +27,49 @@ may use the real reactor (sockets, processes).
 """
 from typing import Any, Callable
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from pixelated_dispatcher.protocol import (AgentAddress, InvalidCredentials,
-                                           InvalidSession)
+                                           InvalidSession, token_digest)
 from pixelated_dispatcher.proxy.manager_interface import IManager
 
 Fixture = Any
+
+
+class RecordingListener:
+    """An ``IInvalidationListener`` that writes down what it hears."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def subscribed(self) -> None:
+        self.events.append(("subscribed",))
+
+    def reset(self) -> None:
+        self.events.append(("reset",))
+
+    def session_ended(self, digest: str) -> None:
+        self.events.append(("session_ended", digest))
+
+    def sessions_revoked(self, username: str) -> None:
+        self.events.append(("sessions_revoked", username))
+
+    def agent_stopped(self, username: str) -> None:
+        self.events.append(("agent_stopped", username))
+
+
+@inlineCallbacks
+def heard(listener: RecordingListener, event: tuple, timeout: float = 10.0) -> Any:
+    """Wait (on the real reactor) until ``listener`` heard ``event``."""
+    waited = 0.0
+    while event not in listener.events and waited < timeout:
+        yield deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+    return event in listener.events
 
 
 def manager_contract_tests(make_fixture: Callable[[TestCase], Any]) -> type:
@@ -146,5 +180,49 @@ def manager_contract_tests(make_fixture: Callable[[TestCase], Any]) -> type:
             alice = yield self.manager.ensure_agent("alice")
             bob = yield self.manager.ensure_agent("bob")
             self.assertNotEqual(alice, bob)
+
+        @inlineCallbacks
+        def test_activity_reports_are_accepted(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            yield self.manager.ensure_agent("alice")
+            yield self.manager.report_activity(["alice"])
+            yield self.manager.report_activity([])
+
+        @inlineCallbacks
+        def test_activity_report_beyond_one_amp_value(self) -> Any:
+            # Names of users that do not exist are ignored, and the client
+            # splits a report that would not fit in one AMP value (64 KiB).
+            yield self.add_user("alice", "a-secret")
+            names = ["user-%06d" % i for i in range(7000)] + ["alice"]
+            yield self.manager.report_activity(names)
+
+        @inlineCallbacks
+        def test_subscriber_is_told_it_is_subscribed(self) -> Any:
+            listener = RecordingListener()
+            yield self.manager.subscribe(listener)
+            self.assertIn(("subscribed",), listener.events)
+
+        @inlineCallbacks
+        def test_subscriber_hears_a_session_end(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            listener = RecordingListener()
+            yield self.manager.subscribe(listener)
+            token = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            other = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            yield self.manager.end_session(token)
+            self.assertTrue((yield heard(listener, ("session_ended", token_digest(token)))),
+                            listener.events)
+            self.assertNotIn(("session_ended", token_digest(other)), listener.events)
+
+        @inlineCallbacks
+        def test_subscriber_hears_the_agent_stop_after_the_last_logout(self) -> Any:
+            yield self.add_user("alice", "a-secret")
+            listener = RecordingListener()
+            yield self.manager.subscribe(listener)
+            token = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            yield self.manager.ensure_agent("alice")
+            yield self.manager.end_session(token)
+            self.assertTrue((yield heard(listener, ("agent_stopped", "alice"))),
+                            listener.events)
 
     return IManagerContract

@@ -15,9 +15,13 @@ from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from twisted.trial.unittest import TestCase
 
-from pixelated_dispatcher.protocol import (AgentAddress, AgentStartFailed,
+import copy
+
+from pixelated_dispatcher.protocol import (AgentAddress, AgentStartFailed, AgentStopped,
                                            Authenticate, EndSession, EnsureAgent,
-                                           InvalidCredentials, ResolveSession)
+                                           InvalidCredentials, ReportActivity,
+                                           ResolveSession, SessionEnded,
+                                           SessionsRevoked, Subscribe)
 from pixelated_dispatcher.proxy.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.manager_client import AMPManagerClient
 from pixelated_dispatcher.proxy.manager_interface import ManagerUnavailable
@@ -25,11 +29,51 @@ from pixelated_dispatcher.proxy.manager_interface import ManagerUnavailable
 from .manager_contract import manager_contract_tests
 
 
+class PushToConnection:
+    """A FakeManager listener that pushes to one subscribed AMP connection,
+    as the real manager does."""
+
+    def __init__(self, connection: amp.AMP) -> None:
+        self.connection = connection
+
+    def _push(self, command: type, **arguments: Any) -> None:
+        if self.connection.transport is not None:
+            self.connection.callRemote(command, **arguments).addErrback(lambda f: None)
+
+    def subscribed(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def session_ended(self, digest: str) -> None:
+        self._push(SessionEnded, token_digest=digest)
+
+    def sessions_revoked(self, username: str) -> None:
+        self._push(SessionsRevoked, username=username)
+
+    def agent_stopped(self, username: str) -> None:
+        self._push(AgentStopped, username=username)
+
+
 class FakeManagerResponder(amp.CommandLocator):
-    """The proxy commands of the manager's AMP server, answered by a FakeManager."""
+    """The proxy commands of the manager's AMP server, answered by a FakeManager
+    (one copy per connection: ``connection`` is set by ManagerSocket)."""
+
+    connection: Optional[amp.AMP] = None
 
     def __init__(self, manager: FakeManager) -> None:
         self.manager = manager
+
+    @Subscribe.responder
+    def subscribe(self) -> Deferred:
+        pusher = PushToConnection(self.connection)
+        self.connection.pusher = pusher
+        return self.manager.subscribe(pusher).addCallback(lambda _: {})
+
+    @ReportActivity.responder
+    def report_activity(self, usernames: List[str]) -> Deferred:
+        return self.manager.report_activity(usernames).addCallback(lambda _: {})
 
     @Authenticate.responder
     def authenticate(self, username: str, password: str, client: str) -> Deferred:
@@ -60,6 +104,9 @@ class _ServerAMP(amp.AMP):
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         self.factory.connections.remove(self)
+        pusher = getattr(self, "pusher", None)
+        if pusher is not None and pusher in self.factory.locator.manager.listeners:
+            self.factory.locator.manager.listeners.remove(pusher)
 
 
 class ManagerSocket(Factory):
@@ -72,7 +119,9 @@ class ManagerSocket(Factory):
         self.port: Optional[Any] = None
 
     def buildProtocol(self, addr: Any) -> _ServerAMP:
-        protocol = _ServerAMP(locator=self.locator)
+        locator = copy.copy(self.locator)
+        protocol = _ServerAMP(locator=locator)
+        locator.connection = protocol
         protocol.factory = self
         return protocol
 

@@ -186,14 +186,15 @@ class AMPManagerClient:
                 listener.subscribed()
             waiters, self._subscription_waiters = self._subscription_waiters, []
             for waiter in waiters:
-                waiter.callback(None)
+                # Not from inside ClientService's state machine (see _connection).
+                self._clock.callLater(0, waiter.callback, None)
 
         def refused(failure: Failure) -> None:
             log.warn("The manager refused Subscribe ({error}); caching briefly only",
                      error=failure.getErrorMessage())
             waiters, self._subscription_waiters = self._subscription_waiters, []
             for waiter in waiters:
-                waiter.errback(ManagerUnavailable(
+                self._clock.callLater(0, waiter.errback, ManagerUnavailable(
                     "the manager refused Subscribe: %s" % (failure.getErrorMessage(),)))
         return d.addCallbacks(subscribed, refused)
 

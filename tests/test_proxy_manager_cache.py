@@ -1,0 +1,193 @@
+"""The proxy's memory of the manager's answers: kept while pushes flow,
+dropped at once on a push, after a reconnect, and never longer than a second
+without a subscription; agent starts shared; activity reported in batches."""
+import os
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from pixelated_dispatcher.protocol import AgentAddress, InvalidSession, token_digest
+from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.proxy.manager_cache import (SUBSCRIBED_TTL, UNSUBSCRIBED_TTL,
+                                                      ManagerCache)
+from pixelated_dispatcher.proxy.manager_client import (ACTIVITY_BATCH_BYTES,
+                                                       activity_batches)
+
+from .test_proxy_manager_client import (fast_retries, start_client, start_manager,
+                                        temporary_directory)
+
+ALICE = AgentAddress("127.0.0.1", 41001)
+
+
+class CacheTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.manager = FakeManager()
+        self.manager.add_user("alice", "secret")
+        self.manager.add_user("bob", "secret")
+        self.manager.place_agent("alice", ALICE)
+        self.cache = ManagerCache(self.manager, self.clock)
+        self.cache.start()
+        self.token = self.manager.open_session("alice")
+
+    def resolve(self, token: str) -> Any:
+        return self.successResultOf(self.cache.resolve(token))
+
+    def test_session_answers_are_kept_while_subscribed(self) -> None:
+        self.assertTrue(self.cache.is_subscribed)
+        self.assertEqual(self.resolve(self.token), "alice")
+        self.clock.advance(SUBSCRIBED_TTL - 1)
+        self.assertEqual(self.cache.cached_user(self.token), "alice")
+        self.assertEqual(self.manager.resolves, 1)
+        self.clock.advance(2)
+        self.assertIsNone(self.cache.cached_user(self.token))
+
+    def test_session_end_push_drops_the_session_at_once(self) -> None:
+        self.resolve(self.token)
+        self.successResultOf(self.manager.end_session(self.token))
+        self.assertIsNone(self.cache.cached_user(self.token))
+        self.failureResultOf(self.cache.resolve(self.token), InvalidSession)
+
+    def test_revocation_of_all_sessions_of_a_user(self) -> None:
+        other = self.manager.open_session("alice")
+        bobs = self.manager.open_session("bob")
+        for token in (self.token, other, bobs):
+            self.resolve(token)
+        self.manager.revoke_sessions("alice")
+        self.assertIsNone(self.cache.cached_user(self.token))
+        self.assertIsNone(self.cache.cached_user(other))
+        self.assertEqual(self.cache.cached_user(bobs), "bob")
+
+    def test_without_subscription_nothing_is_kept_a_second(self) -> None:
+        self.manager.disconnect()  # the connection dropped: reset
+        self.assertFalse(self.cache.is_subscribed)
+        self.resolve(self.token)
+        self.assertEqual(self.cache.cached_user(self.token), "alice")
+        self.clock.advance(UNSUBSCRIBED_TTL)
+        self.assertIsNone(self.cache.cached_user(self.token))
+        self.assertLessEqual(UNSUBSCRIBED_TTL, 1.0)
+
+    def test_reset_drops_everything(self) -> None:
+        self.resolve(self.token)
+        self.successResultOf(self.cache.ensure("alice"))
+        self.manager.disconnect()
+        self.assertIsNone(self.cache.cached_user(self.token))
+        self.assertIsNone(self.cache.cached_address("alice"))
+
+    def test_an_answer_overtaken_by_a_push_is_not_kept(self) -> None:
+        pending = Deferred()
+        self.manager.resolve_session = lambda token: pending
+        d = self.cache.resolve(self.token)
+        self.cache.session_ended(token_digest("some other token"))
+        pending.callback("alice")
+        self.assertEqual(self.successResultOf(d), "alice")
+        self.assertIsNone(self.cache.cached_user(self.token))
+
+    def test_agent_addresses_are_kept_until_the_agent_stops(self) -> None:
+        self.assertEqual(self.successResultOf(self.cache.ensure("alice")), ALICE)
+        self.assertEqual(self.cache.cached_address("alice"), ALICE)
+        self.manager.stop_agent("alice")
+        self.assertIsNone(self.cache.cached_address("alice"))
+
+    def test_concurrent_starts_share_one_call(self) -> None:
+        self.manager.slow_start("alice")
+        first, second = self.cache.ensure("alice"), self.cache.ensure("alice")
+        self.assertTrue(self.cache.starting("alice"))
+        self.assertEqual(self.manager.ensures, 1)
+        self.manager.finish_start("alice")
+        self.assertEqual(self.successResultOf(first), ALICE)
+        self.assertEqual(self.successResultOf(second), ALICE)
+        self.assertFalse(self.cache.starting("alice"))
+
+    def test_a_start_failure_is_kept_once_for_the_waiting_page(self) -> None:
+        self.manager.fail_agent_start("alice", "broken")
+        self.failureResultOf(self.cache.ensure("alice"))
+        self.assertIsNotNone(self.cache.start_failure("alice"))
+        self.assertIsNone(self.cache.start_failure("alice"))
+
+    def test_activity_is_reported_every_interval(self) -> None:
+        self.cache.touch("alice")
+        self.cache.touch("bob")
+        self.cache.touch("alice")
+        self.clock.advance(30)
+        self.assertEqual(self.manager.activity, [["alice", "bob"]])
+        self.clock.advance(30)
+        self.assertEqual(self.manager.activity, [["alice", "bob"]])  # nothing new
+
+    def test_activity_that_could_not_be_reported_is_sent_later(self) -> None:
+        self.cache.touch("alice")
+        self.manager.reachable = False
+        self.clock.advance(30)
+        self.manager.reachable = True
+        self.clock.advance(30)
+        self.assertEqual(self.manager.activity, [["alice"]])
+
+    def test_stop_sends_the_last_report(self) -> None:
+        self.cache.touch("bob")
+        self.successResultOf(self.cache.stop())
+        self.assertEqual(self.manager.activity, [["bob"]])
+
+
+class ActivityBatches(SynchronousTestCase):
+    def test_batches_stay_under_one_amp_value(self) -> None:
+        names = ["user-%06d" % i for i in range(20000)]
+        batches = activity_batches(names)
+        self.assertGreater(len(batches), 1)
+        self.assertEqual(sorted(n for b in batches for n in b), sorted(names))
+        for batch in batches:
+            self.assertLessEqual(sum(len(n) + 2 for n in batch), ACTIVITY_BATCH_BYTES)
+            self.assertLess(ACTIVITY_BATCH_BYTES, 65535)
+
+    def test_no_names_no_batch(self) -> None:
+        self.assertEqual(activity_batches([]), [])
+
+
+class CacheOverAMP(TestCase):
+    """Through the real client and a Unix socket: a revocation stops working
+    well within a second, and a reconnect drops the cache."""
+
+    timeout = 20
+
+    @inlineCallbacks
+    def test_revoked_session_stops_working_within_a_second(self) -> Any:
+        path = os.path.join(temporary_directory(self), "manager.sock")
+        fake = FakeManager()
+        fake.add_user("alice", "secret")
+        start_manager(self, path, fake)
+        client = start_client(self, path)
+        cache = ManagerCache(client, reactor)
+        yield client.subscribe(cache)
+        self.addCleanup(cache.stop)
+        token = fake.open_session("alice")
+        self.assertEqual((yield cache.resolve(token)), "alice")
+        started = time.monotonic()
+        fake.revoke_sessions("alice")
+        while cache.cached_user(token) is not None:
+            yield deferLater(reactor, 0.005, lambda: None)
+        self.assertLess(time.monotonic() - started, 1.0)
+        yield self.assertFailure(cache.resolve(token), InvalidSession)
+
+    @inlineCallbacks
+    def test_reconnect_drops_the_cache_and_subscribes_again(self) -> Any:
+        path = os.path.join(temporary_directory(self), "manager.sock")
+        fake = FakeManager()
+        fake.add_user("alice", "secret")
+        server = start_manager(self, path, fake)
+        client = start_client(self, path, retry_policy=fast_retries)
+        cache = ManagerCache(client, reactor)
+        yield client.subscribe(cache)
+        token = fake.open_session("alice")
+        yield cache.resolve(token)
+        yield server.stop()
+        self.assertIsNone(cache.cached_user(token))
+        self.assertFalse(cache.is_subscribed)
+        server.start()
+        deadline = time.monotonic() + 5
+        while not cache.is_subscribed and time.monotonic() < deadline:
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertTrue(cache.is_subscribed)
+        self.assertEqual((yield cache.resolve(token)), "alice")
