@@ -7,6 +7,8 @@ there they fail.
 import json
 import os
 import stat
+import subprocess
+import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
@@ -16,7 +18,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from pixelated_dispatcher.manager.providers.interface import AgentStartError
 
 from .provider_contract import credentials_for
-from .test_process_provider import ProcessFixture, agent_url, http_get
+from .test_process_provider import (
+    ProcessFixture, agent_url, http_get, is_alive, wait_until)
 
 #: agent uids of the tests: far above any system or login account, no
 #: /etc/passwd entry (as the manager's allocation from --agent-uid-range)
@@ -81,7 +84,7 @@ class ProcessIsolationTests(TestCase):
         """Run ``argv`` with exactly the privileges of ``username``'s agent;
         fires with (stdout, stderr, exit status)."""
         uid = TEST_UIDS[username]
-        command = self.f.provider.wrapper((uid, uid)) + list(argv)
+        command = self.f.provider.wrapper((uid, uid), "/") + list(argv)
         return getProcessOutputAndValue(command[0], command[1:], env={"PATH": "/usr/bin:/bin"},
                                         path="/", reactor=reactor)
 
@@ -163,3 +166,86 @@ class ProcessIsolationTests(TestCase):
             self.assertEqual(json.load(f)["uid"], TEST_UIDS["alice"])
         yield second.stop("alice")
         self.assertEqual(self.f.live_agents("alice"), 0)
+
+    @inlineCallbacks
+    def test_an_agent_whose_record_has_no_pid_yet_is_killed(self):
+        # the manager was killed between writing the record and completing it
+        uid = TEST_UIDS["alice"]
+        os.makedirs(self.f.state_dir)
+        with open(os.path.join(self.f.state_dir, "alice.json"), "w") as f:
+            json.dump({"version": 1, "username": "alice", "pid": None, "start_time": None,
+                       "pgid": None, "port": 1, "started": 1.0, "argv": ["agent"],
+                       "uid": uid, "gid": uid}, f)
+        # no marker in its environment: found by its uid
+        orphan = subprocess.Popen(self.f.provider.wrapper((uid, uid), "/") + ["sleep", "60"],
+                                  env={"PATH": "/usr/bin:/bin"})
+        self.addCleanup(orphan.wait)
+        self.addCleanup(orphan.kill)
+        running = yield wait_until(lambda: proc_status(orphan.pid)["Uid"].split()[0] == str(uid))
+        self.assertTrue(running)
+        adopted = yield self.f.new_provider(keep_on_close=False).recover()
+        self.assertEqual(adopted, [])
+        self.assertFalse(is_alive(orphan.pid), "an agent without a complete record survived")
+        self.assertEqual(os.listdir(self.f.state_dir), [])
+
+
+#: a manager's life with the process provider, run under a bounded capability
+#: set: first start (the data dir becomes the agent's), shutdown that keeps
+#: the agent, a restart that adopts it, a stop, and a second start (the data
+#: dir is the agent's already and the manager may not even read it)
+BOUNDED_MANAGER = """
+import json, sys
+from twisted.internet import defer, task
+from pixelated_dispatcher.manager.providers.process import ProcessProvider, DEMO_AGENT_COMMAND
+state_dir, data_dir, uid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+credentials = json.dumps({'user': 'alice', 'password': 'pw'}).encode() + b'\\n'
+def provider(reactor, keep):
+    return ProcessProvider(reactor, DEMO_AGENT_COMMAND, state_dir=state_dir,
+                           keep_on_close=keep, accounts=lambda name: (uid, uid),
+                           start_timeout=15, stop_grace=5)
+async def main(reactor):
+    report = {}
+    first = provider(reactor, True)
+    agent = await first.start('alice', data_dir, credentials)
+    report['first'] = agent.pid
+    with open('/proc/%d/status' % agent.pid) as f:
+        report['caps'] = [line.split()[1] for line in f if line.startswith('Cap')]
+    await first.close()
+    second = provider(reactor, False)
+    adopted = await second.recover()
+    report['adopted'] = [a.pid for a in adopted]
+    await second.stop('alice')
+    again = await second.start('alice', data_dir, credentials)
+    report['again'] = again.pid
+    await second.close()
+    print(json.dumps(report))
+task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+"""
+
+#: what the process provider needs of root's privileges, and nothing more
+MANAGER_CAPABILITIES = ("setuid", "setgid", "setpcap", "chown", "kill")
+
+
+class BoundedManagerTests(TestCase):
+    timeout = 60
+
+    def setUp(self):
+        require_root(self)
+        self.f = IsolatedFixture(self)
+
+    @inlineCallbacks
+    def test_the_provider_needs_only_its_documented_capabilities(self):
+        bounding = "-all," + ",".join("+" + name for name in MANAGER_CAPABILITIES)
+        uid = TEST_UIDS["alice"]
+        out, err, code = yield getProcessOutputAndValue(
+            "setpriv", ["--bounding-set=" + bounding, "--inh-caps=-all", "--",
+                        sys.executable, "-c", BOUNDED_MANAGER, self.f.state_dir,
+                        self.f.data_dir("alice"), str(uid)],
+            env=dict(os.environ), path="/", reactor=reactor)
+        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
+        report = json.loads(out.decode().strip().splitlines()[-1])
+        # without CAP_SETPCAP, setpriv would quietly leave the bounding set full
+        self.assertEqual(report["caps"], ["0" * 16] * 5)
+        self.assertEqual(report["adopted"], [report["first"]])
+        self.assertNotEqual(report["again"], report["first"])
+        self.assertEqual(os.stat(self.f.data_dir("alice")).st_uid, uid)

@@ -383,12 +383,14 @@ class ProcessProviderTests(TestCase):
         self.assertEqual(f.live_agents("alice"), 0)
 
     @inlineCallbacks
-    def test_an_agent_is_never_run_as_root(self):
-        f = self.fixture(accounts=lambda username: succeed((0, 0)))
-        error = yield self.assertFailure(
-            f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
-            AgentStartError)
-        self.assertIn("refusing to run the agent of alice as uid 0", str(error))
+    def test_an_agent_never_runs_as_root_a_system_account_or_nobody(self):
+        for ids in ((0, 0), (999, 999), (65534, 65534), (200000, 0)):
+            f = self.fixture(accounts=lambda username: succeed(ids))
+            error = yield self.assertFailure(
+                f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
+                AgentStartError)
+            self.assertIn("refusing to run the agent of alice as uid %d, gid %d" % ids,
+                          str(error))
 
     @inlineCallbacks
     def test_a_missing_data_dir_is_a_clear_error(self):
@@ -400,7 +402,8 @@ class ProcessProviderTests(TestCase):
                       str(error))
 
     def test_a_broken_command_line_is_refused_at_construction(self):
-        for command in ("", "agent --port '{port}", "agent --no-port-here"):
+        for command in ("", "agent --port '{port}", "agent --no-port-here",
+                        "DEBUG=1 agent --port {port}"):
             self.assertRaises(ValueError, ProcessProvider, reactor, command)
 
 
@@ -426,15 +429,17 @@ class ProcessProviderPipeTests(TestCase):
 
     def test_the_wrapper(self):
         f = ProcessFixture(self, state=False)
-        setpriv, setsid = shutil.which("setpriv"), shutil.which("setsid")
+        setpriv, setsid, env = (shutil.which(name) for name in ("setpriv", "setsid", "env"))
         # nothing outlives this provider: the kernel kills agents with it
-        self.assertEqual(f.provider.wrapper(None), [
-            setpriv, "--pdeathsig", "SIGKILL", "--no-new-privs", "--", setsid, "--"])
+        self.assertEqual(f.provider.wrapper(None, "/data"), [
+            setpriv, "--pdeathsig", "SIGKILL", "--no-new-privs",
+            "--", setsid, "--", env, "--chdir=/data", "--"])
         keeping = ProcessProvider(reactor, DEMO_AGENT_COMMAND, state_dir="/nonexistent/agents")
         self.assertTrue(keeping.keeps_agents)
-        self.assertEqual(keeping.wrapper((200001, 200001)), [
+        self.assertEqual(keeping.wrapper((200001, 200001), "/data"), [
             setpriv, "--no-new-privs", "--reuid", "200001", "--regid", "200001",
-            "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--", setsid, "--"])
+            "--clear-groups", "--inh-caps=-all", "--bounding-set=-all",
+            "--", setsid, "--", env, "--chdir=/data", "--"])
 
     def test_state_dir_must_be_absolute(self):
         self.assertRaises(ValueError, ProcessProvider, reactor, DEMO_AGENT_COMMAND,
@@ -509,6 +514,7 @@ class ProcessProviderRecoveryTests(TestCase):
         self.assertEqual(record["port"], agent.address.port)
         self.assertEqual(record["start_time"], process_start_time(agent.pid))
         self.assertEqual(record["username"], "alice")
+        self.assertEqual((record["uid"], record["gid"]), (os.getuid(), os.getgid()))
         self.assertIn("pixelated_dispatcher.demo_agent", record["argv"])
         self.assertNotIn("correct horse", json.dumps(record))
         self.assertEqual(stat.S_IMODE(os.stat(self.f.state_dir).st_mode), 0o700)
@@ -581,7 +587,7 @@ class ProcessProviderRecoveryTests(TestCase):
         def record(username, pid, start_time):
             return {"version": 1, "username": username, "pid": pid, "pgid": pid,
                     "start_time": start_time, "port": port, "started": 1.0,
-                    "argv": ["agent"]}
+                    "argv": ["agent"], "uid": os.getuid(), "gid": os.getgid()}
         start_time = yield wait_until(lambda: process_start_time(other.pid))
         write_json(self.record_path("bob"), record("bob", finished.pid, 12345))
         # a reused pid: alive, but it started at another time
@@ -602,7 +608,7 @@ class ProcessProviderRecoveryTests(TestCase):
         write_json(self.record_path("alice"), {
             "version": 1, "username": "alice", "pid": wedged.pid, "pgid": wedged.pid,
             "start_time": start_time, "port": free_loopback_port(), "started": 1.0,
-            "argv": ["sleep", "60"]})
+            "argv": ["sleep", "60"], "uid": os.getuid(), "gid": os.getgid()})
         provider = self.provider(False)
         adopted = yield provider.recover()
         self.assertEqual(adopted, [])
@@ -641,6 +647,20 @@ class ProcessProviderRecoveryTests(TestCase):
         self.assertEqual(provider.running(), {})
         gone = yield wait_until(lambda: not os.path.exists(self.record_path("alice")))
         self.assertTrue(gone)
+
+    @inlineCallbacks
+    def test_an_agent_whose_port_is_held_by_another_uid_is_not_adopted(self):
+        self.patch(process_module, "RECOVER_PROBE_TIME", 0.5)
+        first = self.provider(True)
+        agent = yield first.start("alice", self.f.data_dir("alice"), credentials_for("alice"))
+        yield first.close()
+        # as if the agent had lost its port and another user's program had taken it
+        record = self.read_record("alice")
+        write_json(self.record_path("alice"), dict(record, uid=3990099))
+        adopted = yield self.provider(False).recover()
+        self.assertEqual(adopted, [])
+        self.assertFalse(is_alive(agent.pid))
+        self.assertEqual(os.listdir(self.f.state_dir), ["alice.log"])
 
     @inlineCallbacks
     def test_agents_nobody_has_a_record_of_are_killed(self):

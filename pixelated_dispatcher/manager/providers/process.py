@@ -58,6 +58,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 from typing import Callable, Deque, Dict, List, Optional, Tuple
@@ -128,6 +129,11 @@ POLL_INTERVAL = 1.0
 #: version of the JSON records in ``state_dir``
 RECORD_VERSION = 1
 
+#: agents never run under a uid below this (system accounts) nor as nobody,
+#: and ``recover()`` never kills processes of such uids
+MIN_AGENT_UID = 1000
+NOBODY = 65534
+
 #: in the environment of every agent of a provider with a state dir (value:
 #: the state dir), so that ``recover()`` finds agents that have no record
 #: (a manager killed between a spawn and the record's write) and kills them
@@ -194,44 +200,66 @@ def process_start_time(pid: int) -> Optional[int]:
 def prepare_data_dir(path: str, owner: Optional[Tuple[int, int]]) -> None:
     """Check that ``path`` is a directory; with ``owner`` = (uid, gid), make
     it (and, if it was not theirs yet, everything in it) theirs, mode 0700,
-    and check that they can reach it. Raises AgentStartError."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    if owner is not None:
-        flags |= os.O_NOFOLLOW  # root's chown must not be sent elsewhere
+    and check that they can reach it. Raises AgentStartError.
+
+    Only what is not the agent's yet is opened: once the directory is the
+    agent's (mode 0700), the manager needs no right to read it, so it can run
+    without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH.
+    """
     try:
-        fd = os.open(path, flags)
+        st = os.lstat(path) if owner is not None else os.stat(path)
     except FileNotFoundError:
         raise AgentStartError("the data directory %s does not exist" % (path,))
     except OSError as error:
-        if error.errno in (errno.ENOTDIR, errno.ELOOP):
-            raise AgentStartError("the data directory %s is not a directory" % (path,))
-        raise AgentStartError("the data directory %s cannot be opened: %s"
+        raise AgentStartError("the data directory %s cannot be used: %s"
                               % (path, error.strerror))
-    try:
-        if owner is None:
-            return
-        uid, gid = owner
-        st = os.fstat(fd)
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            # the first start under this uid (a new user, an imported legacy
-            # directory, a changed uid): the whole tree becomes the agent's.
-            # fwalk with dir fds and lchown never follow a symlink, so the
-            # tree's content cannot redirect root's chown elsewhere.
-            for _, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
-                for name in dirs + files:
-                    try:
-                        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        pass
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
+    if not stat.S_ISDIR(st.st_mode):
+        raise AgentStartError("the data directory %s is not a directory" % (path,))
+    if owner is None:
+        return
+    uid, gid = owner
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        _give_tree(path, uid, gid)
+    elif stat.S_IMODE(st.st_mode) != 0o700:
+        try:
+            os.chmod(path, 0o700)  # its parent is the manager's: no symlink swap here
+        except PermissionError:
+            log.warn("the agent of uid {uid} made its data directory {path} mode {mode:04o};"
+                     " without CAP_FOWNER the manager cannot make it 0700 again",
+                     uid=uid, path=path, mode=stat.S_IMODE(st.st_mode))
     blocked = unreachable_ancestor(path, uid, gid)
     if blocked is not None:
         raise AgentStartError(
             "the agent's uid %d cannot reach its data directory %s: %s lets others"
             " neither in nor through (it needs o+x, e.g. mode 0711)" % (uid, path, blocked))
+
+
+def _give_tree(path: str, uid: int, gid: int) -> None:
+    """Make ``path`` and everything in it ``uid``:``gid``, ``path`` mode 0700.
+
+    The first start under this uid (a new user, an imported legacy
+    directory, a changed uid). fwalk with directory fds and lchown never
+    follow a symlink, so the tree's content cannot redirect root's chown.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o700)  # while it is not the agent's yet: no CAP_FOWNER needed
+        problems: List[OSError] = []
+        for _, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False,
+                                               onerror=problems.append):
+            for name in dirs + files:
+                try:
+                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                except OSError as error:
+                    problems.append(error)
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+    if problems:
+        log.warn("{count} entries below {path} could not be given to uid {uid}, e.g. {error}",
+                 count=len(problems), path=path, uid=uid, error=problems[0])
 
 
 def unreachable_ancestor(path: str, uid: int, gid: int) -> Optional[str]:
@@ -260,11 +288,10 @@ def make_state_dir(path: str) -> None:
     os.chmod(path, 0o700)
 
 
-def open_log(state_dir: str, path: str, header: str) -> Tuple[int, int]:
+def open_log(path: str, header: str) -> Tuple[int, int]:
     """Open the agent's log for appending (rotating it first if it is over
     LOG_LIMIT); fires with the fd and the offset where this start's output
     begins."""
-    make_state_dir(state_dir)
     try:
         if os.lstat(path).st_size > LOG_LIMIT:
             os.replace(path, path + ".1")
@@ -329,12 +356,21 @@ def write_record(state_dir: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def prepare_spawn(state_dir: str, record: dict, log_path: str,
+                  header: str) -> Tuple[int, int]:
+    """Write the record of a spawn about to happen, and open the log."""
+    make_state_dir(state_dir)
+    write_record(state_dir, record)
+    return open_log(log_path, header)
+
+
 def delete_record(state_dir: str, username: str, pid: Optional[int] = None) -> None:
-    """Remove ``<state_dir>/<user>.json`` (only if it names ``pid``, when given)."""
+    """Remove ``<state_dir>/<user>.json`` (only if it names ``pid`` or no
+    pid yet, when ``pid`` is given)."""
     path = os.path.join(state_dir, username + ".json")
     if pid is not None:
         record = _load_record(path)
-        if record is not None and record.get("pid") != pid:
+        if record is not None and record.get("pid") not in (pid, None):
             return
     _unlink(path)
 
@@ -355,23 +391,33 @@ def _load_record(path: str) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _valid_record(record: Optional[dict], username: str) -> bool:
-    def is_int(value):
-        return isinstance(value, int) and not isinstance(value, bool)
-    return (record is not None and record.get("version") == RECORD_VERSION
+    """A record of a spawned agent (or, with ``pid`` None, of a spawn about
+    to happen)."""
+    if not (record is not None and record.get("version") == RECORD_VERSION
             and record.get("username") == username
-            and is_int(record.get("pid")) and record["pid"] > 1
-            and is_int(record.get("start_time"))
-            and is_int(record.get("pgid")) and record["pgid"] > 1
-            and is_int(record.get("port")) and 0 < record["port"] < 65536
-            and isinstance(record.get("started"), (int, float)))
+            and _is_int(record.get("uid")) and _is_int(record.get("gid"))
+            and _is_int(record.get("port")) and 0 < record["port"] < 65536
+            and isinstance(record.get("started"), (int, float))):
+        return False
+    if record.get("pid") is None:
+        return True
+    return (_is_int(record.get("pid")) and record["pid"] > 1
+            and _is_int(record.get("start_time"))
+            and _is_int(record.get("pgid")) and record["pgid"] > 1)
 
 
-def scan_records(state_dir: str) -> List[dict]:
+def scan_records(state_dir: str) -> Tuple[List[dict], List[int]]:
     """The records of ``state_dir`` whose process still lives with its
-    recorded start time; the others (and anything unreadable) are deleted."""
+    recorded start time, and the uids of all the records read; the records of
+    gone processes (and anything unreadable) are deleted."""
     make_state_dir(state_dir)
     alive = []
+    uids = set()
     for name in sorted(os.listdir(state_dir)):
         path = os.path.join(state_dir, name)
         if name.startswith(".") and name.endswith(".json.tmp"):
@@ -384,56 +430,90 @@ def scan_records(state_dir: str) -> List[dict]:
         if not _valid_record(record, match.group(1)):
             log.warn("discarding the unreadable agent record {path}", path=path)
             _unlink(path)
+            continue
+        uids.add(record["uid"])
+        if record["pid"] is None:
+            log.warn("the previous manager was starting the agent of {username} when it"
+                     " ended", username=record["username"])
+            _unlink(path)
         elif process_start_time(record["pid"]) != record["start_time"]:
             log.info("agent of {username} (pid {pid}) is gone; discarding its record",
                      username=record["username"], pid=record["pid"])
             _unlink(path)
         else:
             alive.append(record)
-    return alive
+    return alive, sorted(uids)
 
 
-def _process_group(pid: int) -> Optional[int]:
+def _stat_fields(pid: int) -> Optional[List[bytes]]:
+    """Fields 3 onwards of ``/proc/<pid>/stat`` (state first)."""
     try:
         with open("/proc/%d/stat" % (pid,), "rb") as f:
             data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[2])
-    except (OSError, ValueError, IndexError):
+        return data[data.rindex(b")") + 2:].split()
+    except (OSError, ValueError):
         return None
 
 
-def marked_processes(state_dir: str) -> Dict[int, Tuple[int, int]]:
-    """``{pid: (process group, start time)}`` of the live processes whose
-    environment says they are agents (or their children) of ``state_dir``.
-    Processes whose environment we may not read are not seen (a manager that
-    is not root sees only its own user's)."""
+def _real_uid(pid: int) -> Optional[int]:
+    try:
+        with open("/proc/%d/status" % (pid,), "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _agent_uid(uid: int) -> bool:
+    """Whether ``uid`` may be an agent's own uid (not root, a system account
+    or nobody)."""
+    return uid >= MIN_AGENT_UID and uid != NOBODY
+
+
+def _has_marker(pid: int, marker: bytes) -> bool:
+    try:
+        with open("/proc/%d/environ" % (pid,), "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False  # another uid's, and no CAP_SYS_PTRACE: the uid check sees it
+
+
+def agent_processes(state_dir: str, uids: List[int]) -> Dict[int, Tuple[int, int]]:
+    """``{pid: (process group, start time)}`` of the live processes that are
+    agents of ``state_dir`` (or their children): those running as one of the
+    agents' ``uids`` (unique per user; world-readable in /proc), and those
+    whose environment carries the marker (readable for our own uid: the
+    agents of a manager without ``accounts``)."""
     marker = ("%s=%s" % (AGENT_MARKER, state_dir)).encode("utf-8")
+    private = {uid for uid in uids if _agent_uid(uid) and uid != os.getuid()}
     found = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
+        if not name.isdigit() or int(name) == os.getpid():
             continue
         pid = int(name)
-        try:
-            with open("/proc/%d/environ" % (pid,), "rb") as f:
-                environ = f.read()
-        except OSError:
+        fields = _stat_fields(pid)
+        if fields is None or fields[0] in (b"Z", b"X"):
             continue
-        if marker not in environ.split(b"\0"):
-            continue
-        start_time, pgid = process_start_time(pid), _process_group(pid)
-        if start_time is not None and pgid is not None:
-            found[pid] = (pgid, start_time)
+        if _real_uid(pid) in private or _has_marker(pid, marker):
+            try:
+                found[pid] = (int(fields[2]), int(fields[19]))
+            except (ValueError, IndexError):
+                pass
     return found
 
 
-def kill_orphans(state_dir: str, adopted_groups: List[int]) -> List[int]:
-    """SIGKILL every agent process of ``state_dir`` outside ``adopted_groups``
-    (agents nobody has a record of); wait up to RECOVER_KILL_WAIT for them to
-    go. Fires with their pids."""
-    orphans = {pid: start_time for pid, (pgid, start_time) in marked_processes(state_dir).items()
-               if pgid not in adopted_groups and pid != os.getpid()}
+def kill_orphans(state_dir: str, uids: List[int], adopted_groups: List[int]) -> List[int]:
+    """SIGKILL every agent process of ``state_dir`` (see
+    :func:`agent_processes`) outside ``adopted_groups``: agents nobody has a
+    record of, and what their dead leaders left. Waits up to
+    RECOVER_KILL_WAIT for them to go; fires with their pids."""
+    orphans = {pid: start_time
+               for pid, (pgid, start_time) in agent_processes(state_dir, uids).items()
+               if pgid not in adopted_groups}
     for pid, start_time in orphans.items():
-        log.warn("killing agent process {pid}: no manager knows it (no record)", pid=pid)
+        log.warn("killing agent process {pid}: no manager knows it", pid=pid)
         same, pidfd = _open_pidfd(pid, start_time)
         if not same:
             continue
@@ -452,6 +532,30 @@ def kill_orphans(state_dir: str, adopted_groups: List[int]) -> List[int]:
             process_start_time(pid) == start_time for pid, start_time in orphans.items()):
         time.sleep(0.02)
     return sorted(orphans)
+
+
+def listener_uids(port: int) -> List[int]:
+    """The uids owning a TCP socket that listens on ``port`` on 127.0.0.1 (or
+    on every address), from the world-readable /proc/net/tcp and tcp6."""
+    uids = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 8 or fields[3] != "0A":  # LISTEN
+                continue
+            address, _, port_hex = fields[1].partition(":")
+            if int(port_hex, 16) != port:
+                continue
+            if len(address) == 8 and socket.inet_ntoa(
+                    struct.pack("=I", int(address, 16))) not in (LOOPBACK, "0.0.0.0"):
+                continue
+            uids.add(int(fields[7]))
+    return sorted(uids)
 
 
 # -- processes ---------------------------------------------------------------------
@@ -829,6 +933,7 @@ class ProcessProvider:
     _log_trimmer: Optional[LoopingCall] = attr.ib(init=False, default=None)
     _setpriv: str = attr.ib(init=False)
     _setsid: str = attr.ib(init=False)
+    _env: str = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -841,19 +946,24 @@ class ProcessProvider:
         if not any("{port}" in word for word in self._argv):
             raise ValueError("the agent command %r has no {port} placeholder, so the agent"
                              " cannot know where to listen" % (self.agent_command,))
-        setpriv, setsid = shutil.which("setpriv"), shutil.which("setsid")
-        if setpriv is None or setsid is None:
+        if "=" in self._argv[0]:
+            raise ValueError("the agent command %r must start with the program, not with an"
+                             " assignment" % (self.agent_command,))
+        setpriv, setsid, env = (shutil.which(name) for name in ("setpriv", "setsid", "env"))
+        if setpriv is None or setsid is None or env is None:
             raise RuntimeError("the process provider needs setpriv and setsid (util-linux)"
-                               " on PATH")
-        self._setpriv, self._setsid = setpriv, setsid
+                               " and env (coreutils) on PATH")
+        self._setpriv, self._setsid, self._env = setpriv, setsid, env
 
     @property
     def keeps_agents(self) -> bool:
         """Whether agents outlive this provider (and are recovered by the next)."""
         return self.keep_on_close and self.state_dir is not None
 
-    def wrapper(self, owner: Optional[Tuple[int, int]]) -> List[str]:
-        """What runs before the agent command: setpriv, then setsid."""
+    def wrapper(self, owner: Optional[Tuple[int, int]], cwd: str) -> List[str]:
+        """What runs before the agent command: setpriv, setsid, and ``env``
+        to enter ``cwd`` as the agent (root entering an agent's 0700 data
+        directory would need CAP_DAC_READ_SEARCH)."""
         words = [self._setpriv]
         if not self.keeps_agents:
             words += ["--pdeathsig", "SIGKILL"]
@@ -862,7 +972,7 @@ class ProcessProvider:
             uid, gid = owner
             words += ["--reuid", str(uid), "--regid", str(gid), "--clear-groups",
                       "--inh-caps=-all", "--bounding-set=-all"]
-        return words + ["--", self._setsid, "--"]
+        return words + ["--", self._setsid, "--", self._env, "--chdir=" + cwd, "--"]
 
     # -- IAgentProvider ------------------------------------------------------
 
@@ -943,27 +1053,31 @@ class ProcessProvider:
     def _in_thread(self, function, *args) -> Deferred:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
 
-    def _queue_disk(self, username: str, function, *args) -> Deferred:
+    def _queue_disk(self, username: str, function, *args, quiet: bool = True) -> Deferred:
         """Run ``function(*args)`` in a thread after the user's earlier file
-        operations (a record must never be deleted before it was written).
-        Errors are logged, not raised: a missing record costs an adoption,
-        not the agent."""
+        operations (a record must never be deleted before it was written);
+        fires with its result. With ``quiet``, errors are logged, not raised:
+        a missing record costs an adoption, not the agent."""
         previous = self._disk.get(username)
         mine: Deferred = Deferred()
         self._disk[username] = mine
         result: Deferred = Deferred()
 
-        def finish(_) -> None:
+        def finish(outcome) -> None:
             if self._disk.get(username) is mine:
                 del self._disk[username]
             mine.callback(None)  # lets the next operation run
-            result.callback(None)
+            if isinstance(outcome, Failure) and quiet:
+                log.failure("file work for the agent of {username} failed", outcome,
+                            username=username)
+                outcome = None
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
 
         def run(_) -> None:
-            d = self._in_thread(function, *args)
-            d.addErrback(lambda f: log.failure("file work for the agent of {username} failed",
-                                               f, username=username))
-            d.addBoth(finish)
+            self._in_thread(function, *args).addBoth(finish)
 
         if previous is None:
             run(None)
@@ -1011,9 +1125,11 @@ class ProcessProvider:
             except Exception as error:
                 raise AgentStartError("no uid for the agent of %s: %s"
                                       % (agent.username, error))
-            if not (isinstance(uid, int) and isinstance(gid, int) and uid > 0 and gid > 0):
-                raise AgentStartError("refusing to run the agent of %s as uid %r, gid %r"
-                                      % (agent.username, uid, gid))
+            if not (_is_int(uid) and _is_int(gid) and _agent_uid(uid) and _agent_uid(gid)):
+                raise AgentStartError(
+                    "refusing to run the agent of %s as uid %r, gid %r: an agent's ids are"
+                    " its own, from %d up, never root's, a system account's or nobody's"
+                    % (agent.username, uid, gid, MIN_AGENT_UID))
             owner = (uid, gid)
         try:
             await self._in_thread(prepare_data_dir, agent.data_dir, owner)
@@ -1087,7 +1203,14 @@ class ProcessProvider:
         env.update(self.extra_env or {})
         if self.state_dir is not None:
             env[AGENT_MARKER] = self.state_dir
-        command = self.wrapper(owner) + argv
+        command = self.wrapper(owner, agent.data_dir) + argv
+        record = {
+            "version": RECORD_VERSION, "username": agent.username, "pid": None,
+            "start_time": None, "pgid": None, "port": port, "started": time.time(),
+            "argv": argv, "data_dir": agent.data_dir,
+            "uid": owner[0] if owner else os.getuid(),
+            "gid": owner[1] if owner else os.getgid(),
+        }
         log_path = log_fd = None
         log_offset = 0
         if self.state_dir is not None:
@@ -1096,35 +1219,42 @@ class ProcessProvider:
                 time.strftime("%Y-%m-%dT%H:%M:%S%z"), agent.username, port,
                 " as uid %d" % (owner[0],) if owner else "")
             try:
-                log_fd, log_offset = await self._in_thread(open_log, self.state_dir,
-                                                           log_path, header)
+                # the record is on disk before the agent exists: a manager
+                # killed right after the spawn leaves no agent nobody knows of
+                log_fd, log_offset = await self._queue_disk(
+                    agent.username, prepare_spawn, self.state_dir, record, log_path, header,
+                    quiet=False)
             except OSError as error:
-                raise AgentStartError("cannot open the log %s of the agent of %s: %s"
-                                      % (log_path, agent.username, error))
-        if agent.stopping:
-            if log_fd is not None:
-                os.close(log_fd)
-            raise AgentStartError("the agent of %s was stopped while it was starting"
-                                  % (agent.username,))
+                raise AgentStartError("cannot write the record or the log of the agent of %s"
+                                      " in %s: %s" % (agent.username, self.state_dir, error))
         process = _AgentProcess(self.reactor, agent.username, agent.credentials,
                                 log_path, log_offset)
-        log.info("starting agent of {username} on port {port}: {argv}",
-                 username=agent.username, port=port, argv=" ".join(map(shlex.quote, argv)))
         child_fds = {0: "w", 1: "r", 2: "r"} if log_fd is None else {0: "w", 1: log_fd,
                                                                     2: log_fd}
         try:
-            self.reactor.spawnProcess(process, command[0], command, env=env,
-                                      path=agent.data_dir, childFDs=child_fds)
-        except OSError as error:
-            raise AgentStartError("the agent of %s could not be spawned: %s"
-                                  % (agent.username, error))
+            if agent.stopping:
+                raise AgentStartError("the agent of %s was stopped while it was starting"
+                                      % (agent.username,))
+            log.info("starting agent of {username} on port {port}: {argv}",
+                     username=agent.username, port=port,
+                     argv=" ".join(map(shlex.quote, argv)))
+            try:
+                self.reactor.spawnProcess(process, command[0], command, env=env,
+                                          path="/", childFDs=child_fds)
+            except OSError as error:
+                raise AgentStartError("the agent of %s could not be spawned: %s"
+                                      % (agent.username, error))
+        except AgentStartError:
+            if self.state_dir is not None:
+                self._queue_disk(agent.username, delete_record, self.state_dir, agent.username)
+            raise
         finally:
             if log_fd is not None:
                 os.close(log_fd)  # the agent has its own copy
         agent.process = process
         agent.port = port
         if self.state_dir is not None:
-            self._record(agent, process, port, owner, argv)
+            self._record(agent, process, record)
             self._trim_logs_from_now_on()
         return process
 
@@ -1139,27 +1269,20 @@ class ProcessProvider:
         return self._in_thread(trim_logs, paths).addErrback(
             lambda f: log.failure("trimming agent logs failed", f))
 
-    def _record(self, agent: _Agent, process: _AgentProcess, port: int,
-                owner: Optional[Tuple[int, int]], argv: List[str]) -> None:
-        # read now, in the spawn's reactor turn: our child cannot have been
-        # reaped yet, so this start time is surely our agent's
-        start_time = process_start_time(process.pid)
-        if start_time is None:
-            return  # gone already; the start fails on its own
-        record = {
-            "version": RECORD_VERSION, "username": agent.username, "pid": process.pid,
-            "start_time": start_time, "pgid": process.pid, "port": port,
-            "started": time.time(), "argv": argv, "data_dir": agent.data_dir,
-            "uid": owner[0] if owner else os.getuid(),
-            "gid": owner[1] if owner else os.getgid(),
-        }
-        process.record = record
-        self._queue_disk(agent.username, write_record, self.state_dir, record)
+    def _record(self, agent: _Agent, process: _AgentProcess, intent: dict) -> None:
+        """Complete the record with the pid, and delete it when the process ends."""
         pid = process.pid
         process.when_ended().addCallback(
             lambda _: None if process.handed_over else
             self._queue_disk(agent.username, delete_record, self.state_dir,
                              agent.username, pid))
+        # read now, in the spawn's reactor turn: our child cannot have been
+        # reaped yet, so this start time is surely our agent's
+        start_time = process_start_time(pid)
+        if start_time is None:
+            return  # gone already; the start fails on its own, the record goes
+        process.record = dict(intent, pid=pid, start_time=start_time, pgid=pid)
+        self._queue_disk(agent.username, write_record, self.state_dir, process.record)
 
     async def _until_ready(self, process: _AgentProcess, port: int, deadline: float) -> str:
         """Whichever comes first: the agent answers HTTP, exits, or the deadline."""
@@ -1231,7 +1354,7 @@ class ProcessProvider:
     # -- recovering ---------------------------------------------------------------
 
     async def _recover(self) -> List[RunningAgent]:
-        records = await self._in_thread(scan_records, self.state_dir)
+        records, uids = await self._in_thread(scan_records, self.state_dir)
         results = await defer.gatherResults(
             [defer.ensureDeferred(self._adopt(record)) for record in records],
             consumeErrors=True)
@@ -1239,7 +1362,7 @@ class ProcessProvider:
         if adopted and not self._closing:
             self._trim_logs_from_now_on()
         # then whatever runs without a record: never two agents for one user
-        await self._in_thread(kill_orphans, self.state_dir, [a.pid for a in adopted])
+        await self._in_thread(kill_orphans, self.state_dir, uids, [a.pid for a in adopted])
         return adopted
 
     async def _adopt(self, record: dict) -> Optional[RunningAgent]:
@@ -1256,7 +1379,14 @@ class ProcessProvider:
         process.watch()
         agent = _Agent(username, record.get("data_dir", ""), b"", process=process, port=port)
         self._agents[username] = agent  # holds the port and the user while we probe
-        if await self._answers_within(port, RECOVER_PROBE_TIME) and not process.ended:
+        answers = await self._answers_within(port, RECOVER_PROBE_TIME)
+        # and it is the agent that answers, not a stranger on its old port
+        owners = await self._in_thread(listener_uids, port) if answers else []
+        if answers and record["uid"] not in owners:
+            log.warn("port {port} of the agent of {username} is held by uid {owners}, not by"
+                     " the agent's uid {uid}", port=port, username=username, owners=owners,
+                     uid=record["uid"])
+        if answers and record["uid"] in owners and not process.ended:
             running = RunningAgent(username, AgentAddress(LOOPBACK, port), pid,
                                    float(record["started"]))
             self._now_running(agent, running)
