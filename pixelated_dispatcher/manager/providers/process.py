@@ -1,7 +1,7 @@
 """Run each user's agent as a local process of the manager.
 
 This is the embedded default provider: it needs nothing installed beyond
-util-linux (Essential on Debian). What it guarantees, and why:
+util-linux and coreutils (Essential on Debian). What it guarantees, and why:
 
 * **The manager picks the port** (bind ``127.0.0.1:0``, read it back, release
   it) and passes it on the command line; an agent that loses the race for it
@@ -11,15 +11,16 @@ util-linux (Essential on Debian). What it guarantees, and why:
   environment, never a file.
 * **Agents never run as root** when the manager gives it ``accounts``: each
   user's agent runs under its own uid and gid (``setpriv --reuid --regid
-  --clear-groups``), with no capabilities at all (inheritable and bounding
-  sets emptied) and ``no_new_privs``, so not even a set-uid program can give
-  it privileges back. Its data directory is chowned to that uid (the whole
-  tree, the first time or when the uid changed, without following symlinks)
-  and kept mode 0700, so no other user's agent can read it. Without
+  --clear-groups``; never root's, a system account's or nobody's), with no
+  capabilities at all (inheritable and bounding sets emptied) and
+  ``no_new_privs``, so not even a set-uid program gives it privileges back.
+  Its data directory is made the agent's (the whole tree, the first time or
+  when the uid changed, never following a symlink) and mode 0700, so no other
+  user's agent can read it; it enters it as itself (``env --chdir``). Without
   ``accounts`` (development: a manager that is not root) agents run as the
   manager's own user.
-* **Its own process group**: every agent runs under ``setsid``, so a stop
-  signals everything it forked. The environment is minimal.
+* **Its own process group and a minimal environment**: every agent runs
+  under ``setsid``, so a stop signals everything it forked.
 * **Running means answering HTTP**: an agent counts as started only once it
   answers any HTTP response on its port; if it exits first, or the start
   timeout passes, it is killed and the start fails with the last lines it
@@ -29,24 +30,36 @@ util-linux (Essential on Debian). What it guarantees, and why:
 * **Agents outlive the manager** (``state_dir`` given and ``keep_on_close``):
   a restart or upgrade of the manager must not end the users' sessions, and
   the password an agent got at login is not available again. So each agent
-  has a record ``<state_dir>/<user>.json`` (pid, process start time, port,
-  process group, argv), written atomically once it is spawned; its output
-  goes to ``<state_dir>/<user>.log`` (not to pipes, which would break when
-  the manager exits; rotated to ``<user>.log.1`` at a start when it is over
-  10 MiB); ``close()`` leaves running agents alone; the next manager's
-  ``recover()`` adopts an agent only if its pid is alive with the recorded
-  start time (so a reused pid is never mistaken) and it still answers HTTP on
-  its port, and kills it otherwise. An adopted agent is not the manager's
-  child: its end is noticed through a pidfd (``/proc`` polled every second
-  where ``pidfd_open`` is missing) and reported as "exited".
+  has a record ``<state_dir>/<user>.json`` (uid, port, argv; then pid,
+  process start time, process group), written atomically before the spawn
+  and completed right after it; its output goes to ``<state_dir>/<user>.log``
+  (not to pipes, which would break when the manager exits), which never grows
+  much over 10 MiB (rotated to ``<user>.log.1``). ``close()`` leaves running
+  agents alone. The next manager's ``recover()`` adopts an agent only if its
+  pid is alive with the recorded start time (a reused pid is never mistaken),
+  it answers HTTP on its port, and that port's listener is the agent's uid;
+  it kills the others, and every process of an agent's uid (or, for agents
+  of the manager's own uid, with our marker in its environment) outside an
+  adopted agent's group: an agent whose manager died between spawn and record
+  is never left next to a second one. An adopted agent is not the manager's
+  child: its end is seen through a pidfd (``/proc`` polled every second where
+  ``pidfd_open`` is missing) and reported as "exited".
 * **No orphans otherwise**: without ``state_dir``, or with ``keep_on_close``
   false, agents run under ``setpriv --pdeathsig SIGKILL``, so the kernel kills
   them if the manager dies, even by SIGKILL, and ``close()`` stops them.
 
-All file work (chown, records, logs) runs in the reactor's thread pool. Two
-small procfs reads (``/proc/<pid>/stat``) run on the reactor thread on
-purpose: procfs never waits for a disk, and reading the start time in the
-same call as the spawn is what makes it certain to be our process's.
+What it needs of root: CAP_SETUID and CAP_SETGID (setpriv), CAP_SETPCAP (to
+empty the agents' bounding set; without it setpriv quietly leaves it as it
+is), CAP_CHOWN (data directories) and CAP_KILL (agents of other uids).
+``tests/test_process_isolation.py`` runs a manager bounded to exactly these.
+CAP_FOWNER only serves to make a data directory 0700 again after its agent
+changed the mode; CAP_DAC_READ_SEARCH only to give a first-time tree whose
+subdirectories are closed to root.
+
+All file work (chown, records, logs) runs in the reactor's thread pool. Small
+procfs reads (``/proc/<pid>/stat``) run on the reactor thread on purpose:
+procfs never waits for a disk, and reading the start time in the same call
+as the spawn is what makes it certain to be our process's.
 """
 import collections
 import errno
