@@ -31,12 +31,13 @@ import attr
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IOpenSSLContextFactory, IStreamServerEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
+from zope.interface import implementer
 
 #: Forward secrecy and authenticated encryption only (TLS 1.2; TLS 1.3 has
 #: nothing else). DHE suites are used only when ``dhParameters`` are given.
@@ -126,6 +127,7 @@ def tls_options(private_key: str, certificate: str,
     return options
 
 
+@implementer(IOpenSSLContextFactory)
 class ReloadableTLS:
     """An (old-style) TLS context factory whose key and certificate can be
     replaced while serving: each new connection asks for the context of the
