@@ -1,0 +1,194 @@
+"""Bodies stream through the proxy instead of piling up in it: a 1 GiB
+download and a 256 MiB upload through a real ``twistd pixelated-proxy``
+process grow its peak resident memory by less than 64 MiB, and arrive intact.
+
+The proxy runs against the stand-in manager of the benchmarks
+(``bench/proxy_bench_manager.py``) and a real demo agent, over plain HTTP
+on 127.0.0.1 (TLS would only add CPU time, not memory).
+"""
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.parse
+
+from pixelated_dispatcher.demo import TWISTD, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CREDENTIALS = b'{"leap_provider_hostname": "example.org", "user": "bench", "password": "x"}\n'
+LIMIT = 64 * 2 ** 20
+PATTERN = bytes(range(256)) * 256
+
+
+def status_kib(pid: int, field: str) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def wait_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError("exited with %s" % process.returncode)
+            time.sleep(0.05)
+    raise RuntimeError("nothing listens on %d" % port)
+
+
+def read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError("connection closed during the head: %r" % data)
+        data += chunk
+    return data
+
+
+class StreamingMemory(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.directory = tempfile.mkdtemp(prefix="pxd-mem-")
+        cls.processes = []
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        try:
+            agent_port = free_port()
+            data = os.path.join(cls.directory, "data")
+            os.mkdir(data)
+            agent = cls.start([sys.executable, "-m", "pixelated_dispatcher.demo_agent",
+                               "--port", str(agent_port), "--data-dir", data,
+                               "--username", "bench"], stdin=subprocess.PIPE, env=env)
+            agent.stdin.write(CREDENTIALS)
+            agent.stdin.close()
+            wait_port(agent_port, agent)
+            sock = os.path.join(cls.directory, "m.sock")
+            cls.start([sys.executable, os.path.join(ROOT, "bench", "proxy_bench_manager.py"),
+                       sock, "bench", "bench-password", str(agent_port)], env=env)
+            deadline = time.monotonic() + 20
+            while not os.path.exists(sock) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cls.port = free_port()
+            cls.proxy = cls.start(TWISTD + [
+                "-n", "--pidfile=", "--logfile=" + os.path.join(cls.directory, "proxy.log"),
+                "pixelated-proxy", "--manager-socket", sock, "--allow-root",
+                "--listen", "tcp:%d:interface=127.0.0.1" % cls.port], env=env)
+            wait_port(cls.port, cls.proxy)
+            cls.cookie = cls.log_in()
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def start(cls, args, **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(args, start_new_session=True, **kwargs)
+        cls.processes.append(process)
+        return process
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        for process in reversed(cls.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in cls.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(cls.directory, ignore_errors=True)
+
+    @classmethod
+    def log_in(cls) -> str:
+        import http.client
+        import re
+        connection = http.client.HTTPConnection("127.0.0.1", cls.port, timeout=30)
+        connection.request("GET", "/auth/login")
+        response = connection.getresponse()
+        page = response.read().decode()
+        csrf_cookie = response.getheader("Set-Cookie").split(";", 1)[0]
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        connection.request("POST", "/auth/login", body=urllib.parse.urlencode(
+            {"username": "bench", "password": "bench-password", "csrf_token": token}),
+            headers={"Content-Type": "application/x-www-form-urlencoded",
+                     "Cookie": csrf_cookie})
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 303, response.status
+        return [c.split(";", 1)[0] for c in response.headers.get_all("Set-Cookie")
+                if "session" in c][0]
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        self.addCleanup(sock.close)
+        return sock
+
+    def baseline(self) -> int:
+        sock = self.connect()
+        sock.sendall(b"GET /blob?size=1048576 HTTP/1.1\r\nHost: x\r\nCookie: %s\r\n"
+                     b"Connection: close\r\n\r\n" % self.cookie.encode())
+        while sock.recv(1 << 20):
+            pass
+        return status_kib(self.proxy.pid, "VmRSS") * 1024
+
+    def grown(self, before: int) -> int:
+        grown = status_kib(self.proxy.pid, "VmHWM") * 1024 - before
+        sys.stderr.write("[%s: proxy RSS %.1f MiB before, peak %.1f MiB more] "
+                         % (self.id().rsplit(".", 1)[-1], before / 2 ** 20, grown / 2 ** 20))
+        return grown
+
+    def test_one_gib_download(self) -> None:
+        before = self.baseline()
+        size = 2 ** 30
+        sock = self.connect()
+        sock.sendall(b"GET /blob?size=%d HTTP/1.1\r\nHost: x\r\nCookie: %s\r\n\r\n"
+                     % (size, self.cookie.encode()))
+        data = read_head(sock)
+        head, body = data.split(b"\r\n\r\n", 1)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        self.assertIn(b"Content-Length: %d" % size, head)
+        received = len(body)
+        digest = hashlib.sha256(body)
+        buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
+        while received < size:
+            n = sock.recv_into(buffer)
+            self.assertTrue(n, "closed after %d bytes" % received)
+            if received < (1 << 20):
+                digest.update(view[:n])
+            received += n
+        self.assertEqual(received, size)
+        grown = self.grown(before)
+        self.assertLess(grown, LIMIT, "peak RSS grew by %d MiB" % (grown >> 20))
+
+    def test_256_mib_upload(self) -> None:
+        before = self.baseline()
+        size = 256 * 2 ** 20
+        sock = self.connect()
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nCookie: %s\r\n"
+                     b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+                     % (self.cookie.encode(), size))
+        digest = hashlib.sha256()
+        chunk = PATTERN * 16  # 1 MiB
+        for _ in range(size // len(chunk)):
+            sock.sendall(chunk)
+            digest.update(chunk)
+        data = read_head(sock)
+        while not data.rstrip().endswith(b"}"):
+            data += sock.recv(65536)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data[:300])
+        self.assertIn(b'"bytes": %d' % size, data)
+        self.assertIn(digest.hexdigest().encode(), data)
+        grown = self.grown(before)
+        self.assertLess(grown, LIMIT, "peak RSS grew by %d MiB" % (grown >> 20))
