@@ -393,6 +393,14 @@ class ProcessProviderTests(TestCase):
                           str(error))
 
     @inlineCallbacks
+    def test_an_invalid_user_name_is_refused(self):
+        f = self.fixture()
+        error = yield self.assertFailure(
+            f.provider.start("../alice", f.data_dir("alice"), credentials_for("alice")),
+            AgentStartError)
+        self.assertIn("invalid user name '../alice'", str(error))
+
+    @inlineCallbacks
     def test_a_missing_data_dir_is_a_clear_error(self):
         f = self.fixture()
         error = yield self.assertFailure(

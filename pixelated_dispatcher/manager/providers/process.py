@@ -90,6 +90,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ...protocol import AgentAddress
+from ...usernames import is_valid_username
 from .interface import AgentStartError, ExitCallback, IAgentProvider, RunningAgent
 
 log = Logger()
@@ -1004,6 +1005,10 @@ class ProcessProvider:
         self._callbacks.append(callback)
 
     def start(self, username: str, data_dir: str, credentials: bytes) -> Deferred:
+        if not is_valid_username(username):
+            # it names files in state_dir: never let it name another place
+            return defer.fail(AgentStartError("not starting an agent for the invalid user"
+                                              " name %r" % (username,)))
         if self._closing:
             return defer.fail(AgentStartError(
                 "not starting the agent of %s: the manager is shutting down" % (username,)))
