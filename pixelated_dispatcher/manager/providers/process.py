@@ -62,7 +62,6 @@ procfs never waits for a disk, and reading the start time in the same call
 as the spawn is what makes it certain to be our process's.
 """
 import collections
-import errno
 import json
 import os
 import re
