@@ -697,6 +697,17 @@ class ProcessProviderRecoveryTests(TestCase):
         self.assertTrue(is_alive(elsewhere.pid), "another dispatcher's agent was killed")
 
     @inlineCallbacks
+    def test_a_second_recover_changes_nothing(self):
+        first = self.provider(True)
+        agent = yield first.start("alice", self.f.data_dir("alice"), credentials_for("alice"))
+        yield first.close()
+        second = self.provider(False)
+        self.assertEqual((yield second.recover()), [agent])
+        self.assertEqual((yield second.recover()), [])
+        self.assertEqual(second.running(), {"alice": agent})
+        self.assertTrue(is_alive(agent.pid))
+
+    @inlineCallbacks
     def test_without_pidfds_an_adopted_agent_is_watched_in_proc(self):
         def no_pidfds(pid, flags=0):
             raise OSError(errno.ENOSYS, "Function not implemented")

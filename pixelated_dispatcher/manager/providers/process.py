@@ -1379,7 +1379,9 @@ class ProcessProvider:
         if adopted and not self._closing:
             self._trim_logs_from_now_on()
         # then whatever runs without a record: never two agents for one user
-        await self._in_thread(kill_orphans, self.state_dir, uids, [a.pid for a in adopted])
+        known = [agent.process.pid for agent in self._agents.values()
+                 if agent.process is not None and agent.process.pid is not None]
+        await self._in_thread(kill_orphans, self.state_dir, uids, known)
         return adopted
 
     async def _adopt(self, record: dict) -> Optional[RunningAgent]:
