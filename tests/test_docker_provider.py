@@ -387,10 +387,35 @@ class DockerProviderTests(SynchronousTestCase):
         self.started(provider)
         self.successResultOf(provider.close())
         self.assertEqual(len(self.engine.containers), 1)
+        self.assertEqual(provider.running(), {}, "they are the next manager's now")
         self.engine.crash(self.container().id, exit_code=1)
         self.assertEqual(self.exits, [])
         self.clock.pump([5] * 5)
         self.assertEqual(self.engine.calls.count("follow_events"), 1)
+
+    def test_close_can_stop_the_agents_instead(self):
+        provider = DockerProvider(self.clock, self.engine, DockerAgentSettings(),
+                                  probe=self.probe, keep_on_close=False)
+        provider.on_exit(lambda username, reason: self.exits.append((username, reason)))
+        self.successResultOf(provider.recover())
+        self.started(provider, "alice")
+        self.successResultOf(provider.close())
+        self.assertEqual(self.engine.containers, {})
+        self.assertEqual(self.exits, [("alice", "stopped")])
+
+    def test_close_ends_starts_in_flight(self):
+        provider = self.recovered()
+        self.probe.silent.add(32768)
+        starting = self.start(provider)
+        closing = provider.close()
+        self.clock.advance(0.1)
+        error = self.failureResultOf(starting, AgentStartError).value
+        self.assertEqual(str(error), "the manager is shutting down")
+        self.successResultOf(closing)
+        self.assertEqual(self.engine.containers, {}, "its container is removed")
+        self.assertEqual(provider.running(), {})
+        self.assertIsInstance(self.failureResultOf(self.start(provider, "bob")).value,
+                              AgentStartError)
 
     def test_memory_usage_per_agent(self):
         provider = self.recovered()

@@ -218,11 +218,17 @@ def http_answers(reactor, host: str, port: int, timeout: float = 2.0) -> Deferre
 
 
 def _started_at(text: str) -> float:
-    """Docker's ``2026-11-28T10:32:50.559951769Z`` as a POSIX time (0 when unknown)."""
+    """Docker's ``2026-11-28T10:32:50.559951769Z`` as a POSIX time, to the
+    microsecond (0 when unknown). The same container always gives the same
+    value, so an adopted agent equals the one that was started."""
     try:
-        return float(timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")))
+        whole = timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
     except (TypeError, ValueError):
         return 0.0
+    fraction = text[19:].rstrip("Z")
+    if fraction.startswith(".") and fraction[1:7].isdigit():
+        return whole + int(fraction[1:7].ljust(6, "0")) / 1e6
+    return float(whole)
 
 
 def _host_port(info: dict, container_port: str) -> Optional[int]:
@@ -247,8 +253,13 @@ class DockerProvider:
     def __init__(self, reactor, engine: IDockerEngine,
                  settings: DockerAgentSettings = DockerAgentSettings(),
                  probe: Optional[Callable[[str, int], Deferred]] = None,
-                 loopback_guard=None) -> None:
+                 loopback_guard=None, keep_on_close: bool = True) -> None:
+        """
+        :param keep_on_close: ``close()`` leaves the agents running for the
+            next manager to adopt (the default); if false it stops them.
+        """
         self._reactor = reactor
+        self.keep_on_close = keep_on_close
         self._engine = engine
         self.settings = settings
         self._probe = probe or (lambda host, port: http_answers(reactor, host, port))
@@ -313,13 +324,29 @@ class DockerProvider:
         self._callbacks.append(callback)
 
     def close(self) -> Deferred:
-        """Leave the containers running for the next manager; stop following."""
+        """The manager stops: starts in flight end (their containers are
+        removed), then the running agents are left to the next manager
+        (``keep_on_close``, they are no longer this provider's) or stopped;
+        the event stream is closed. Later starts fail."""
+        return ensureDeferred(self._close())
+
+    async def _close(self) -> None:
         self._closing = True
         if self._stream is not None:
             self._stream.stop()
         if self._watcher is not None and not self._watcher.called:
             self._watcher.cancel()              # whatever it waits for: a call, a sleep
-        return self._engine.close()
+        await DeferredList([shared.wait() for shared in list(self._starting.values())],
+                           consumeErrors=True)
+        if self.keep_on_close:
+            self._agents.clear()
+            self._by_id.clear()
+        else:
+            await DeferredList([self.stop(username) for username in list(self._agents)],
+                               consumeErrors=True)
+        await DeferredList([shared.wait() for shared in list(self._stopping.values())],
+                           consumeErrors=True)
+        await self._engine.close()
 
     # -- extras for the manager (ctl stats) --
 
@@ -362,6 +389,8 @@ class DockerProvider:
     def _check_abort(self, username: str) -> None:
         if username in self._abort:
             raise AgentStartError("the agent of %s was stopped while it was starting" % username)
+        if self._closing:
+            raise AgentStartError("the manager is shutting down")
 
     async def _start(self, username: str, data_dir: str, credentials: bytes) -> RunningAgent:
         try:
@@ -413,7 +442,7 @@ class DockerProvider:
         watch = self._start_watch[container_id] = _StartWatch(username)
         try:
             try:
-                self._check_abort(username)
+                self._check_abort(username)         # a stop or close came meanwhile
                 await self._engine.start_container(container_id)
                 await self._engine.attach_stdin(container_id, credentials)
                 self._check_abort(username)
@@ -429,9 +458,10 @@ class DockerProvider:
             except BaseException:
                 await self._remove_quietly(container_id)
                 raise
+            state = info.get("State") or {}
             agent = RunningAgent(username=username, address=AgentAddress("127.0.0.1", port),
-                                 pid=int((info.get("State") or {}).get("Pid") or 0),
-                                 started=time.time())
+                                 pid=int(state.get("Pid") or 0),
+                                 started=_started_at(state.get("StartedAt", "")) or time.time())
             self._agents[username] = _Agent(container_id, agent)
             self._by_id[container_id] = username
         finally:
