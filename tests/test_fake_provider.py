@@ -144,3 +144,29 @@ class FakeProviderControlTests(TestCase):
         self.assertEqual(machine.left, {})
         self.assertTrue(second.received("alice")["password_received"])
         self.assertEqual(second.launches, [])
+
+    def test_a_killed_manager_leaves_running_agents_when_it_keeps_them(self):
+        machine = FakeMachine()
+        first = FakeProvider(self.clock, keep_on_close=True, machine=machine)
+        exits = []
+        first.on_exit(lambda username, reason: exits.append(username))
+        first.start("alice", "/d", credentials_for("alice"))
+        self.clock.advance(0)
+        alice = first.running()["alice"]
+        starting = first.start("bob", "/d", credentials_for("bob"))
+        first.die()
+        self.clock.advance(10)
+        self.assertNoResult(starting)
+        self.assertEqual((first.running(), exits), ({}, []))
+        self.assertEqual(machine.left, {"alice": alice})
+        second = FakeProvider(self.clock, machine=machine)
+        self.assertEqual(self.successResultOf(second.recover()), [alice])
+
+    def test_a_killed_manager_takes_its_agents_along_when_it_does_not_keep_them(self):
+        machine = FakeMachine()
+        first = FakeProvider(self.clock, machine=machine)
+        first.start("alice", "/d", credentials_for("alice"))
+        self.clock.advance(0)
+        first.die()
+        self.assertEqual(machine.left, {})
+        self.assertFalse(first.alive("alice"))

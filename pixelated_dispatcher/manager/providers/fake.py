@@ -138,6 +138,23 @@ class FakeProvider:
             return
         self._ended(agent, "stopped" if agent.stopping else reason)
 
+    def die(self) -> None:
+        """The manager is killed (SIGKILL, power to the process cut): no
+        callback fires, nothing more happens through this provider. With
+        ``keep_on_close`` its running agents stay on ``machine`` for the next
+        provider's ``recover()`` (the process provider's agents outlive a
+        killed manager then); without, they die with it (pdeathsig). Starts
+        in flight die either way, unanswered."""
+        for username, agent in list(self._agents.items()):
+            self._cancel_pending(agent)
+            if self.keep_on_close and agent.running is not None and not agent.stopping:
+                self.machine.left[username] = agent.running
+                if username in self.credentials:
+                    self.machine.credentials[username] = self.credentials[username]
+        self._agents.clear()
+        self._callbacks.clear()
+        self._closing = True
+
     def alive(self, username: str) -> bool:
         """Whether an agent of ``username`` exists in any state (starting,
         running, stopping): the fake's equivalent of a live process."""
