@@ -47,11 +47,16 @@ TRANSPORT_BUFFER = 512 * 1024
 
 def widen_buffers(transport: Any) -> None:
     """Let a TCP transport (or the TCP under a TLS one) read and buffer
-    :data:`TRANSPORT_BUFFER` bytes at a time."""
+    :data:`TRANSPORT_BUFFER` bytes at a time, and send small answers at once
+    (no Nagle delay)."""
     while transport is not None:
         if hasattr(transport, "SEND_LIMIT") and hasattr(transport, "bufferSize"):
             transport.bufferSize = TRANSPORT_BUFFER
             transport.SEND_LIMIT = TRANSPORT_BUFFER
+            try:
+                transport.setTcpNoDelay(True)
+            except (AttributeError, OSError):
+                pass  # not TCP (a Unix socket listener)
             return
         transport = getattr(transport, "transport", None)
 

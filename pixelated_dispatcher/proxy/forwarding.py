@@ -49,6 +49,10 @@ log = Logger()
 #: one turns out to have been closed by the agent before it answered.
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"])
 
+#: Answers up to this size are passed on without registering the agent's
+#: connection as the browser's producer (they fit in the transport buffer).
+SMALL_BODY = 64 * 1024
+
 #: Methods whose requests carry a body (``Content-Length: 0`` when empty).
 BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
 
@@ -166,8 +170,10 @@ class Exchange:
             set_raw(name, values)
         if length is None:
             request.responseHeaders.removeHeader(b"content-length")
-        request.registerProducer(self._connection, True)
-        self._producing = True
+        if length is None or length > SMALL_BODY:
+            # Back-pressure: a slow browser pauses the agent's connection.
+            request.registerProducer(self._connection, True)
+            self._producing = True
 
     def response_data(self, data: bytes) -> None:
         if not self._gone:
