@@ -92,7 +92,8 @@ class Dispatcher:
     def __init__(self, directory: str, port: int = 0,
                  manager_args: Optional[List[str]] = None,
                  proxy_args: Optional[List[str]] = None,
-                 proxy_twistd_args: Optional[List[str]] = None) -> None:
+                 proxy_twistd_args: Optional[List[str]] = None,
+                 keep_agents: bool = False) -> None:
         self.directory = os.path.abspath(directory)
         self.port = port or free_port()
         self.url = "https://localhost:%d/" % self.port
@@ -103,6 +104,8 @@ class Dispatcher:
         self._manager_args = manager_args or []
         self._proxy_args = proxy_args or []
         self._proxy_twistd_args = proxy_twistd_args or []
+        #: whether agents outlive the manager (production) or stop with it (demo)
+        self.keep_agents = keep_agents
         self.manager: Optional[subprocess.Popen] = None
         self.proxy: Optional[subprocess.Popen] = None
         os.makedirs(self.directory, exist_ok=True)
@@ -122,15 +125,19 @@ class Dispatcher:
             os.unlink(self.socket)
         self.manager = self._twistd(self.manager_log, "pixelated-manager", [
             "--socket", self.socket, "--state-dir", self.state_dir,
-            "--provider", "process"] + self._manager_args)
+            "--provider", "process"] + self._manager_args
+            + ([] if self.keep_agents else ["--stop-agents-on-exit"]))
         _wait_for(lambda: os.path.exists(self.socket), timeout, "pixelated-manager",
                   self.manager)
 
     def start_proxy(self, timeout: float = 30) -> None:
         listen = "ssl:%d:privateKey=%s:certKey=%s:interface=127.0.0.1" % (
             self.port, self.tls["key"].replace(":", "\\:"), self.tls["cert"].replace(":", "\\:"))
+        extra = list(self._proxy_args)
+        if os.getuid() == 0 and "--uid" not in self._proxy_twistd_args:
+            extra.append("--allow-root")  # a throw-away dispatcher, not a deployment
         self.proxy = self._twistd(self.proxy_log, "pixelated-proxy", [
-            "--manager-socket", self.socket, "--listen", listen] + self._proxy_args,
+            "--manager-socket", self.socket, "--listen", listen] + extra,
             self._proxy_twistd_args)
         _wait_for(lambda: _port_open(self.port), timeout, "pixelated-proxy", self.proxy)
 
@@ -166,8 +173,17 @@ class Dispatcher:
     def stop_manager(self, timeout: float = 30) -> None:
         self._stop(self.manager, timeout)
 
+    def stop_agents(self) -> None:
+        """Stop every running agent through the manager."""
+        if self.manager is None or self.manager.poll() is not None:
+            return
+        for name in self.ctl("running").stdout.split():
+            self.ctl("stop", name)
+
     def stop(self) -> None:
         self.stop_proxy()
+        if self.keep_agents:
+            self.stop_agents()
         self.stop_manager()
 
 

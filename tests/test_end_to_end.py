@@ -44,11 +44,12 @@ def demo_agents_alive(directory):
 
 
 class _DispatcherCase(unittest.TestCase):
+    keep_agents = False
 
     @classmethod
     def setUpClass(cls):
         cls.directory = tempfile.mkdtemp(prefix="pxd-e2e-")
-        cls.dispatcher = Dispatcher(cls.directory)
+        cls.dispatcher = Dispatcher(cls.directory, keep_agents=cls.keep_agents)
         try:
             cls.dispatcher.start()
         except Exception:
@@ -214,19 +215,34 @@ class TwoUsersTests(_DispatcherCase):
 
 
 class RestartTests(_DispatcherCase):
+    """As deployed: agents outlive the manager and the next one adopts them."""
+    keep_agents = True
 
-    def test_sessions_survive_a_proxy_restart_and_a_manager_restart(self):
+    def test_sessions_survive_restarts_and_the_manager_adopts_running_agents(self):
         self.dispatcher.add_user("alice", "alice's password")
         browser = self.browser()
         browser.log_in("alice", "alice's password")
         self.assertIn("Mailbox of alice", browser.get("/").text)
+        pid = agent_pid(self.dispatcher, "alice")
         self.dispatcher.stop_proxy()
         self.dispatcher.start_proxy()
         self.assertIn("Mailbox of alice", browser.get("/").text)
         self.dispatcher.stop_manager()
+        self.assertTrue(psutil.pid_exists(pid), "the agent outlives the manager")
         self.dispatcher.start_manager()
         self.assertTrue(wait_until(lambda: browser.get("/").status == 200, timeout=20))
-        self.assertIn("Mailbox of alice", browser.get("/").text)
+        page = browser.get("/").text
+        self.assertIn("Mailbox of alice", page)
+        self.assertEqual(agent_pid(self.dispatcher, "alice"), pid, "adopted, not restarted")
+        whoami = browser.get("/whoami").json()
+        self.assertTrue(whoami["password_received"], "it still has the login's credentials")
+        browser.log_out()
+        self.assertTrue(wait_until(lambda: not psutil.pid_exists(pid)),
+                        "an adopted agent stops at logout like any other")
+
+
+class ManagerStopTests(_DispatcherCase):
+    """With --stop-agents-on-exit (what make demo uses)."""
 
     def test_stopping_the_manager_leaves_no_agent_process(self):
         for name in ("frank", "grace"):

@@ -249,11 +249,14 @@ def _raise(error: Exception):
 
 
 def _make_private_dir(path: str) -> None:
-    """The data directory, 0700; its parents only let others pass (0711),
-    so that an agent under its own uid reaches its own data and nothing else."""
+    """Make the data directory (0700) if it is missing; its parents only let
+    others pass (0711), so that an agent under its own uid reaches its own
+    data and nothing else. An existing data directory is left as it is: it
+    may belong to the agent's uid, which the manager need not be able to chmod."""
     parent = os.path.dirname(path)
     for directory in (os.path.dirname(parent), parent):
         os.makedirs(directory, mode=0o711, exist_ok=True)
         os.chmod(directory, 0o711)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    if not os.path.isdir(path):
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)

@@ -102,6 +102,11 @@ class Options(usage.Options):
          _non_negative(float)],
     ]
     optParameters += _docker_parameters(exclude={option[0] for option in optParameters})
+    optFlags = [
+        ["stop-agents-on-exit", None,
+         "Stop every agent when the manager stops (default: leave them running; the next"
+         " manager adopts them, so a restart or upgrade logs nobody out)."],
+    ]
 
     def postOptions(self) -> None:
         if self["provider"] not in PROVIDERS:
@@ -150,7 +155,9 @@ def make_provider(reactor, options):
     from .providers.process import ProcessProvider
     return ProcessProvider(reactor, options["agent-command"] or DEFAULT_AGENT_COMMAND,
                            start_timeout=options["agent-start-timeout"],
-                           stop_grace=options["agent-stop-grace"])
+                           stop_grace=options["agent-stop-grace"],
+                           state_dir=os.path.join(options["state-dir"], "agents"),
+                           keep_on_close=not options["stop-agents-on-exit"])
 
 
 class _ManagerSocket(StreamServerEndpointService):
