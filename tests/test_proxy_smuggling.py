@@ -128,6 +128,34 @@ class Smuggling(CountingAgentTests):
         self.assertEqual(self.seen, [])
 
 
+class BodyLimits(CountingAgentTests):
+
+    @inlineCallbacks
+    def test_anonymous_bodies_are_small(self) -> Any:
+        received = yield self.send(
+            b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            b"Expect: 100-continue\r\n\r\n")
+        self.assertTrue(received.startswith(b"HTTP/1.1 413 "), received)
+        self.assertNotIn(b"100 Continue", received)
+
+    @inlineCallbacks
+    def test_anonymous_chunked_bodies_are_counted(self) -> Any:
+        chunk = b"%x\r\n%s\r\n" % (32768, b"x" * 32768)
+        received = yield self.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunk * 8)
+        self.assertTrue(received.startswith(b"HTTP/1.1 413 "), received[:100])
+        self.assertEqual(self.seen, [])
+
+    @inlineCallbacks
+    def test_logged_in_bodies_may_be_large(self) -> Any:
+        received = yield self.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\n%(cookie)sContent-Length: 200000\r\n"
+            b"Connection: close\r\n\r\n" + b"y" * 200000)
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received[:100])
+        self.assertIn(b'"body_length": 200000', received)
+
+
 class WellFormed(CountingAgentTests):
     """The checks do not refuse what is fine."""
 

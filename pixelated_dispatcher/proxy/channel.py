@@ -22,6 +22,14 @@ and closes the connection for:
 
 Nothing of such a request reaches the resource tree, so no agent sees it.
 
+Request bodies are spooled by ``twisted.web`` before anything is rendered,
+so their size is checked here, from the head, before a byte of body is
+accepted (and before ``100 Continue`` is sent): a request without the
+dispatcher's session cookie may carry at most :data:`MAX_ANONYMOUS_BODY`
+(the login form is tiny), one with it :data:`MAX_BODY`; above that the answer
+is ``413`` and the connection closes. Chunked bodies are counted as they
+arrive.
+
 :meth:`ProxyChannel.become_tunnel` turns the connection into a byte pipe to
 an agent once the agent accepted an ``Upgrade`` (WebSocket): a byte-level
 tunnel rather than ``twisted.web.websocket`` (Twisted 25.5+ only).
@@ -31,6 +39,8 @@ from typing import Any, Callable
 
 from twisted.web.http import HTTPChannel
 
+from .cookie_policy import SESSION_COOKIE
+
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[01]")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: Control characters other than horizontal tab, and DEL.
@@ -38,6 +48,14 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: First letters (lower case) of the headers counted below.
 _FRAMING_INITIALS = frozenset(b"cth")
 
+
+#: Largest request body of a logged-in browser (attachments, imports).
+MAX_BODY = 4 * 2 ** 30
+#: Largest request body without a session cookie (the login form).
+MAX_ANONYMOUS_BODY = 64 * 1024
+
+_TOO_LARGE = (b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n"
+              b"Content-Length: 0\r\n\r\n")
 
 #: Bytes read per ``recv`` and buffered for writing before the producer
 #: (the agent connection) is paused: large enough that a big download is not
@@ -70,6 +88,8 @@ class ProxyChannel(HTTPChannel):
     totalHeadersSize = 16384
     maxHeaders = 100
 
+    _px_body_limit = MAX_BODY
+    _px_body_seen = 0
     _px_secure = None
     _px_host_address = None
     _px_peer_address = None
@@ -115,10 +135,30 @@ class ProxyChannel(HTTPChannel):
         # Pipelined requests that arrive in one segment with the one being
         # handled: keep them for later, as Twisted 26 does (22.4 would hand
         # them to a body decoder that is gone).
+        if self._px_refused:
+            return
         if self._handlingRequest:
             self._dataBuffer.append(data)
             return
+        if self.length is None:  # chunked: count what comes
+            self._px_body_seen += len(data)
+            if self._px_body_seen > self._px_body_limit + 65536:
+                return self._px_too_large()
         super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        cookies = b";".join(request.requestHeaders.getRawHeaders(b"cookie", []))
+        self._px_body_limit = MAX_BODY if SESSION_COOKIE in cookies else MAX_ANONYMOUS_BODY
+        self._px_body_seen = 0
+        if self.length is not None and self.length > self._px_body_limit:
+            return self._px_too_large()
+        super().allHeadersReceived()
+
+    def _px_too_large(self) -> None:
+        self._px_refused = True
+        self.transport.write(_TOO_LARGE)
+        self.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._px_refuse()

@@ -71,6 +71,11 @@ def make_root(manager: IManager, forwarder: IForwarder, *, clock: Any = None,
     return root
 
 
+#: Seconds a browser connection may stay idle (or take to send a request
+#: head) before it is closed; no timeout applies while an answer is awaited.
+IDLE_TIMEOUT = 180
+
+
 class ProxySite(Site):
     """The site; writes no access log unless given a file (a line per
     request costs about a tenth of the proxy's time on small pages, and
@@ -92,7 +97,7 @@ def make_site(manager: IManager, reactor: Any,
     if forwarder is None:
         forwarder = StreamingForwarder(reactor)
     root = make_root(manager, forwarder, clock=reactor, banner=banner)
-    site = ProxySite(root, logPath=access_log)
+    site = ProxySite(root, logPath=access_log, timeout=IDLE_TIMEOUT)
     site.protocol = ProxyChannel
     site.displayTracebacks = False
     site.cache = root.cache
