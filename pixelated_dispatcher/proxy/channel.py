@@ -25,8 +25,9 @@ Nothing of such a request reaches the resource tree, so no agent sees it.
 Request bodies are spooled by ``twisted.web`` before anything is rendered,
 so their size is checked here, from the head, before a byte of body is
 accepted (and before ``100 Continue`` is sent): a request without the
-dispatcher's session cookie may carry at most :data:`MAX_ANONYMOUS_BODY`
-(the login form is tiny), one with it :data:`MAX_BODY`; above that the answer
+dispatcher's session cookie, or to the proxy's own pages (``/auth/...``),
+may carry at most :data:`MAX_ANONYMOUS_BODY` (the forms are tiny), one
+with it :data:`MAX_BODY`; above that the answer
 is ``413`` and the connection closes. Chunked bodies are counted as they
 arrive.
 
@@ -149,7 +150,9 @@ class ProxyChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         request = self.requests[-1]
         cookies = b";".join(request.requestHeaders.getRawHeaders(b"cookie", []))
-        self._px_body_limit = MAX_BODY if SESSION_COOKIE in cookies else MAX_ANONYMOUS_BODY
+        own_page = self._px_target.startswith(b"/auth/")
+        self._px_body_limit = (MAX_BODY if SESSION_COOKIE in cookies and not own_page
+                               else MAX_ANONYMOUS_BODY)
         self._px_body_seen = 0
         if self.length is not None and self.length > self._px_body_limit:
             return self._px_too_large()
@@ -184,6 +187,7 @@ class ProxyChannel(HTTPChannel):
                 return self._px_refuse()
             self._px_in_head = True
             self._px_version = line[-8:]
+            self._px_target = line.split(b" ", 2)[1]
             self._px_host = 0
             self._px_length = 0
             self._px_transfer = 0

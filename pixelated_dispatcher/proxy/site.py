@@ -14,7 +14,7 @@ from typing import Any, Optional
 from twisted.internet.task import Clock
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from .channel import ProxyChannel
 from .forwarding import IForwarder, StreamingForwarder
@@ -71,6 +71,28 @@ def make_root(manager: IManager, forwarder: IForwarder, *, clock: Any = None,
     return root
 
 
+class ProxyRequest(Request):
+    """A request whose body, when it goes to an agent, is left alone.
+
+    ``twisted.web`` parses ``POST`` bodies of type ``multipart/form-data``
+    and ``application/x-www-form-urlencoded`` into ``args`` before any
+    resource runs, reading a multipart body whole into memory; a forwarded
+    upload must stay in its spool file and reach the agent unparsed. Only
+    the proxy's own pages (``/auth/...``, whose bodies the channel limits to
+    64 KiB) get ``args``.
+    """
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if path.startswith(b"/auth/"):
+            return super().requestReceived(command, path, version)
+        self.content.seek(0, 0)
+        self.args = {}
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path = path.split(b"?", 1)[0]
+        self.process()
+
+
 #: Seconds a browser connection may stay idle (or take to send a request
 #: head) before it is closed; no timeout applies while an answer is awaited.
 IDLE_TIMEOUT = 180
@@ -98,6 +120,7 @@ def make_site(manager: IManager, reactor: Any,
         forwarder = StreamingForwarder(reactor)
     root = make_root(manager, forwarder, clock=reactor, banner=banner)
     site = ProxySite(root, logPath=access_log, timeout=IDLE_TIMEOUT)
+    site.requestFactory = ProxyRequest
     site.protocol = ProxyChannel
     site.displayTracebacks = False
     site.cache = root.cache
