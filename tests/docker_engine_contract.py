@@ -46,7 +46,7 @@ async def eventually(predicate, timeout=10.0):
 def make_docker_engine_tests(fixture):
     @coroutine_tests
     class DockerEngineContract(TestCase):
-        timeout = 60
+        timeout = 120
 
         def setUp(self):
             self.engine = fixture.engine(self)

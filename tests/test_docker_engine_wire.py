@@ -55,7 +55,7 @@ class _Script(resource.Resource):
 
 
 class ScriptedEngineTestCase(TestCase):
-    timeout = 10
+    timeout = 30
 
     def serve(self, routes, api="1.41", minimum="1.12"):
         directory = tempfile.mkdtemp(prefix="pxwire-")

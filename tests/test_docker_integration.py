@@ -52,7 +52,7 @@ class DockerStack:
         # the tests run as root; the proxy refuses that unless told it is a test
         self.dispatcher = Dispatcher(self.directory, proxy_args=["--allow-root"], manager_args=[
             "--provider", "docker", "--docker-host", host, "--docker-instance", self.instance,
-            "--agent-image", image, "--agent-memory", "64m", "--agent-start-timeout", "20",
+            "--agent-image", image, "--agent-memory", "64m", "--agent-start-timeout", "30",
             "--agent-stop-grace", "2", "--docker-loopback-guard", "off",
             "--leap-provider", LEAP_PROVIDER] + list(extra_manager_args))
         test.addCleanup(self.dispatcher.stop)
@@ -161,7 +161,7 @@ class DockerDispatcherTests(SynchronousTestCase):
         started = time.monotonic()
         wait_until(lambda: stack.info("bob").get("state") == "stopped", 10,
                    "the manager noticing the kill", stack)
-        self.assertLess(time.monotonic() - started, 5)
+        self.assertLess(time.monotonic() - started, 10)
         with open(stack.dispatcher.manager_log) as f:
             self.assertIn("was killed by signal 9 (SIGKILL, exit code 137)", f.read())
 

@@ -68,7 +68,7 @@ class MissingIptablesTests(TestCase):
 
 
 class NeighbourTests(RealDockerTestCase):
-    timeout = 60
+    timeout = 120
 
     def setUp(self):
         super().setUp()

@@ -35,7 +35,7 @@ class DockerFixture:
         test.addCleanup(dockerd.remove_labelled, self.host, "%s=%s" % (LABEL, self.instance))
         self.settings = DockerAgentSettings(image=image, instance=self.instance,
                                             memory=64 * 1024 * 1024, pids=64,
-                                            start_timeout=10, stop_grace=2)
+                                            start_timeout=30, stop_grace=2)
         self.directory = tempfile.mkdtemp(prefix="pxcontract-")
         test.addCleanup(shutil.rmtree, self.directory, True)
         self.provider = self.new_provider(keep_on_close=False)
@@ -93,4 +93,4 @@ class DockerFixture:
 
 
 class DockerProviderContractTests(make_provider_tests(DockerFixture)):
-    timeout = 60
+    timeout = 120

@@ -59,7 +59,7 @@ async def get(port, path="/"):
 
 
 class RealDockerTestCase(TestCase):
-    timeout = 60
+    timeout = 120
 
     def setUp(self):
         self.host = dockerd.engine_or_skip()
@@ -73,7 +73,7 @@ class RealDockerTestCase(TestCase):
         extra.setdefault("instance", self.instance)
         extra.setdefault("memory", 64 * 1024 * 1024)
         extra.setdefault("pids", 64)
-        extra.setdefault("start_timeout", 10)
+        extra.setdefault("start_timeout", 30)
         extra.setdefault("stop_grace", 2)
         return DockerAgentSettings(**extra)
 
@@ -181,7 +181,7 @@ class ContainerTests(RealDockerTestCase):
         agent = await provider.start("alice", data, credentials("alice", "pw"))
         dockerd.api(self.host, "POST", "/containers/%s/kill" % self.container_name("alice"))
         waited = await eventually(lambda: self.exits, what="the death being noticed")
-        self.assertLess(waited, 5)
+        self.assertLess(waited, 10)
         self.assertEqual(self.exits,
                          [("alice", "was killed by signal 9 (SIGKILL, exit code 137)")])
         self.assertEqual(provider.running(), {})

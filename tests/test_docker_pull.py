@@ -100,7 +100,7 @@ class _PlainHTTPChannel(HTTPChannel):
 
 @coroutine_tests
 class PullTests(TestCase):
-    timeout = 60
+    timeout = 120
 
     def setUp(self):
         self.host = dockerd.engine_or_skip()
@@ -152,7 +152,8 @@ class PullTests(TestCase):
         self.addCleanup(dockerd.remove_labelled, self.host,
                         "org.pixelated.dispatcher=%s" % instance)
         provider = DockerProvider(reactor, self.engine(), DockerAgentSettings(
-            image=reference, instance=instance, memory=64 * 1024 * 1024, start_timeout=10))
+            image=reference, instance=instance, memory=64 * 1024 * 1024,
+            start_timeout=30))
         self.addCleanup(provider.close)
         data = tempfile.mkdtemp(prefix="pxpull-")
         self.addCleanup(shutil.rmtree, data, True)
