@@ -3,6 +3,7 @@
 
     scale_load.py register  --socket S --first N --count K --password P [--window W]
     scale_load.py resolve   --socket S --tokens FILE --seconds T [--window W]
+    scale_load.py stop-agents --socket S [--window W]
     scale_load.py login     --port P --ca CERT --users FILE --sessions FILE ...
     scale_load.py steady    --port P --ca CERT --sessions FILE --rate R --seconds T ...
     scale_load.py recover   --port P --ca CERT --sessions FILE --since EPOCH --timeout T
@@ -124,6 +125,25 @@ async def resolve(reactor, options) -> None:
     result["unknown_token"] = miss
     connection.transport.loseConnection()
     result["tokens"] = len(tokens)
+    emit(result)
+
+
+async def stop_agents(reactor, options) -> None:
+    """Stop every running agent through the manager (``StopAgent``, pipelined)."""
+    from pixelated_dispatcher import protocol as p
+    connection = await _connect(reactor, options.socket)
+    running, after = [], None
+    for _ in range(10000):  # pages; bounded
+        page = await connection.callRemote(p.ListUsers, **({"after": after} if after else {}))
+        running += [u["username"] for u in page["users"] if u["state"] != "stopped"]
+        if not page["more"] or not page["users"]:
+            break
+        after = page["users"][-1]["username"]
+    result = await _pipelined(
+        reactor, len(running), options.max_seconds, options.window,
+        lambda i: connection.callRemote(p.StopAgent, username=running[i]))
+    connection.transport.loseConnection()
+    result["running_before"] = len(running)
     emit(result)
 
 
@@ -293,9 +313,9 @@ async def _login_many(port, ca, jobs, concurrency, timeout, offered_rate=0.0,
     async def one(index, username, password, kind):
         if offered_rate:
             await asyncio.sleep(max(0.0, started + index / offered_rate - time.perf_counter()))
-        if stop_at is not None and time.perf_counter() > stop_at:
-            return
         async with semaphore:
+            if stop_at is not None and time.perf_counter() > stop_at:
+                return  # offered too late: the window is over
             connection = Connection(port, context)
             try:
                 elapsed = await log_in(connection, username, password, timeout)
@@ -481,6 +501,10 @@ def main() -> None:
     r.add_argument("--password", required=True)
     r.add_argument("--window", type=int, default=4)
     r.add_argument("--max-seconds", type=float, default=3600)
+    a = sub.add_parser("stop-agents")
+    a.add_argument("--socket", required=True)
+    a.add_argument("--window", type=int, default=16)
+    a.add_argument("--max-seconds", type=float, default=300)
     s = sub.add_parser("resolve")
     s.add_argument("--socket", required=True)
     s.add_argument("--tokens")
@@ -515,6 +539,8 @@ def main() -> None:
         _amp_main(register, options)
     elif options.phase == "resolve":
         _amp_main(resolve, options)
+    elif options.phase == "stop-agents":
+        _amp_main(stop_agents, options)
     else:
         {"login": login, "steady": steady, "recover": recover}[options.phase](options)
 

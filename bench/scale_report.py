@@ -87,14 +87,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
 
 
 POINT_HEADERS = ("point", "users", "sessions", "agents", "manager MiB", "proxy MiB",
-                 "ctl list s", "Resolve/s")
+                 "ctl list s", "of it start", "Resolve/s")
 
 
 def point_rows(points: Sequence[dict]) -> List[Tuple]:
     return [(p["point"], p["users"], p["sessions"], p["agents"],
              None if p.get("manager_rss") is None else p["manager_rss"] / MIB,
              None if p.get("proxy_rss") is None else p["proxy_rss"] / MIB,
-             p.get("ctl_list_s"), p.get("resolve_per_s")) for p in points]
+             p.get("ctl_list_s"), p.get("ctl_start_s"), p.get("resolve_per_s"))
+            for p in points]
 
 
 def fits(points: Sequence[dict]) -> Dict[str, dict]:
