@@ -17,6 +17,9 @@ object with
 * ``manager``: the :class:`IManager` under test;
 * ``add_user(username, password)``: create a user, returning None or a
   Deferred;
+* optionally ``revoke_sessions(username)``: end every session of the user
+  as ``pixelated-ctl logout`` does (None or a Deferred); without it the
+  test of the ``SessionsRevoked`` push is skipped;
 
 and registers its own cleanups with ``test_case.addCleanup``. A fresh user's
 ``ensure_agent`` is expected to succeed with some address, so the real
@@ -30,7 +33,7 @@ from typing import Any, Callable
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
 from pixelated_dispatcher.protocol import (AgentAddress, InvalidCredentials,
@@ -213,6 +216,20 @@ def manager_contract_tests(make_fixture: Callable[[TestCase], Any]) -> type:
             self.assertTrue((yield heard(listener, ("session_ended", token_digest(token)))),
                             listener.events)
             self.assertNotIn(("session_ended", token_digest(other)), listener.events)
+
+        @inlineCallbacks
+        def test_subscriber_hears_that_all_sessions_of_a_user_ended(self) -> Any:
+            if not hasattr(self.fixture, "revoke_sessions"):
+                raise SkipTest("the fixture has no revoke_sessions hook")
+            yield self.add_user("alice", "a-secret")
+            listener = RecordingListener()
+            yield self.manager.subscribe(listener)
+            token = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
+            yield maybeDeferred(self.fixture.revoke_sessions, "alice")
+            self.assertTrue((yield heard(listener, ("sessions_revoked", "alice"))),
+                            listener.events)
+            yield self.assert_fails_with(
+                lambda: self.manager.resolve_session(token), InvalidSession)
 
         @inlineCallbacks
         def test_subscriber_hears_the_agent_stop_after_the_last_logout(self) -> Any:

@@ -16,6 +16,9 @@ class FakeManagerFixture:
     def add_user(self, username: str, password: str) -> None:
         self.manager.add_user(username, password)
 
+    def revoke_sessions(self, username: str) -> None:
+        self.manager.revoke_sessions(username)
+
 
 class FakeManagerContract(manager_contract_tests(FakeManagerFixture)):
     pass

@@ -174,6 +174,9 @@ class AMPFixture:
     def add_user(self, username: str, password: str) -> None:
         self.fake.add_user(username, password)
 
+    def revoke_sessions(self, username: str) -> None:
+        self.fake.revoke_sessions(username)
+
 
 class AMPManagerClientContract(manager_contract_tests(AMPFixture)):
     """The IManager contract holds through AMP and the client's translation."""
