@@ -420,3 +420,40 @@ class MoreForwardingTests(ForwardingSetup):
         received = yield browser.wait_for(b"\r\n\r\n")
         self.assertTrue(received.startswith(b"HTTP/1.1 303"), received)
         self.assertEqual(factory.heads, [])
+
+
+class TunnelOverTLS(ForwardingSetup):
+    """The Upgrade tunnel also works when the browser speaks TLS (the
+    channel's transport is then a TLS wrapper, not a TCP connection)."""
+
+    @inlineCallbacks
+    def test_websocket_upgrade_over_tls(self) -> Any:
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+        from pixelated_dispatcher.proxy.tls import parse_listen
+        from .test_proxy_tls import make_certificate, temporary_directory
+        key, cert = make_certificate(temporary_directory(self))
+        listener = parse_listen("ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1"
+                                % (key, cert))
+        site = make_site(self.manager, reactor)
+        self.addCleanup(site.forwarder.close)
+        tracked = WrappingFactory(site)
+        port = yield listener.endpoint(reactor).listen(tracked)
+        self.addCleanup(self.close_all, tracked, port)
+        factory = Factory.forProtocol(UpgradingAgent)
+        factory.heads = []
+        agent_port = self.listen(factory)
+        self.manager.place_agent("alice", AgentAddress("127.0.0.1", agent_port))
+        browser = RawBrowser()
+        yield connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port,
+                                                 ssl.CertificateOptions()), browser)
+        self.addCleanup(browser.transport.loseConnection)
+        browser.transport.write(
+            b"GET /socket HTTP/1.1\r\nHost: mail.example.org\r\n"
+            b"Cookie: __Host-pixelated-session=%s\r\n"
+            b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n" % (self.token.encode(),))
+        received = yield browser.wait_for(b"HELLO")
+        self.assertTrue(received.startswith(b"HTTP/1.1 101 "), received)
+        browser.transport.write(b"over tls")
+        yield browser.wait_for(b"OVER TLS")
+        self.assertIn(b"x-forwarded-proto: https", factory.heads[0].lower())
