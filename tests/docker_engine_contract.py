@@ -165,8 +165,9 @@ def make_docker_engine_tests(fixture):
         async def test_list_finds_our_label_including_stopped(self):
             running = await self.engine.create_container(self.name("r"), self.config())
             created = await self.engine.create_container(self.name("c"), self.config())
-            await self.engine.create_container(
+            other = await self.engine.create_container(
                 self.name("other"), self.config(Labels={self.label: "someone-else"}))
+            self.addCleanup(self.engine.remove_container, other)
             await self.engine.start_container(running)
             found = await self.engine.list_containers(["%s=%s" % (self.label, self.value)])
             states = {c["Id"]: c["State"] for c in found}
@@ -185,6 +186,8 @@ def make_docker_engine_tests(fixture):
             self.assertTrue(IEventStream.providedBy(stream))
             other = await self.engine.create_container(
                 self.name("other"), self.config(Labels={self.label: "someone-else"}))
+            self.addCleanup(lambda: self.engine.remove_container(other).addErrback(
+                lambda f: f.trap(NoSuchContainer)))
             await self.engine.start_container(other)
             cid = await self.engine.create_container(self.name(), self.config())
             await self.engine.start_container(cid)
