@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import unittest
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 from pixelated_dispatcher.demo import Dispatcher
 
@@ -219,7 +219,3 @@ class BrowserTests(unittest.TestCase):
         self.assertIn("Invalid username or password", mallory.text())
         mallory.shot("refused")
         self.assertFalse([c for c in mallory.driver.get_cookies() if "session" in c["name"]])
-
-
-def _unused(*_: Any) -> None:
-    pass

@@ -8,7 +8,6 @@ import signal
 import socket
 import ssl as stdlib_ssl
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -23,7 +22,6 @@ from twisted.web.server import Site
 
 from pixelated_dispatcher.demo import TWISTD
 from pixelated_dispatcher.proxy import tap
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.redirect_http import make_redirect_site
 from pixelated_dispatcher.proxy.tls import PlainListener, parse_listen
 
@@ -267,7 +265,3 @@ class RealPrivilegeDrop(TestCase):
         with open(log) as f:
             text = f.read()
         self.assertIn("refuses to serve as root", text)
-
-
-def _unused() -> None:
-    FakeManager, sys  # noqa: B018

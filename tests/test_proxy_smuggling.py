@@ -7,8 +7,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from pixelated_dispatcher.protocol import AgentAddress
-
 from .test_proxy_forwarding import ForwardingSetup, RawBrowser
 
 SESSION = b"Cookie: pixelated-session=%s\r\n"
@@ -175,6 +173,3 @@ class WellFormed(CountingAgentTests):
             b"\r\n0\r\n\r\n")
         self.assertTrue(received.startswith(b"HTTP/1.0 200 "), received[:300])
         self.assertEqual(self.seen, [b"/echo"])
-
-    def test_agent_address_is_used(self) -> None:
-        self.assertIsInstance(self.manager._agents["alice"], AgentAddress)
