@@ -126,6 +126,17 @@ class DockerProviderTests(SynchronousTestCase):
                 status = os.stat(self.data_dir(username))
                 self.assertEqual((status.st_uid, status.st_gid), (uid, uid))
 
+    def test_missing_data_directory_is_a_clear_start_error(self):
+        if os.geteuid() != 0:
+            self.skipTest("the data directory is only prepared when running as root")
+        provider = self.provider()
+        error = self.failureResultOf(
+            provider.start("alice", "/nonexistent/pixelated/alice", CREDENTIALS),
+            AgentStartError).value
+        self.assertIn("cannot give the data directory /nonexistent/pixelated/alice to the"
+                      " agent (65534:65534)", str(error))
+        self.assertEqual(self.engine.containers, {})
+
     def test_two_users_two_containers_two_data_dirs(self):
         provider = self.provider()
         alice = self.started(provider, "alice")

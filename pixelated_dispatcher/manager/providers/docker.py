@@ -544,9 +544,13 @@ class DockerProvider:
         if os.geteuid() != 0:
             return
         uid, gid = (int(part) for part in user.split(":"))
-        status = os.stat(data_dir)
-        if (status.st_uid, status.st_gid) != (uid, gid):
-            os.chown(data_dir, uid, gid)
+        try:
+            status = os.stat(data_dir)
+            if (status.st_uid, status.st_gid) != (uid, gid):
+                os.chown(data_dir, uid, gid)
+        except OSError as error:
+            raise AgentStartError("cannot give the data directory %s to the agent (%s): %s"
+                                  % (data_dir, user, error.strerror or error))
 
     # -- stopping and dying --
 
