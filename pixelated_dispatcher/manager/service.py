@@ -70,6 +70,7 @@ class Manager(MultiService):
                  settings: ManagerSettings = ManagerSettings()) -> None:
         super().__init__()
         self._reactor = reactor
+        self._provider = provider
         self.state_dir = state_dir
         self.settings = settings
         self._database = Database(reactor, os.path.join(state_dir, "dispatcher.sqlite"))
@@ -286,8 +287,19 @@ class Manager(MultiService):
         status: AgentStatus = self.supervisor.status(username)
         memory = 0
         if status.agent is not None:
-            memory = yield self._in_files_thread(resident_memory, status.agent.pid)
+            memory = (yield self._memory({username: status.agent})).get(username, 0)
         return AgentDetails(status, memory, self.culler.last_activity(username) or 0.0)
+
+    def _memory(self, agents) -> "Deferred[Dict[str, int]]":
+        """Memory of these running agents: as the provider measures it (the
+        docker provider asks the engine's stats), else the resident memory
+        of each agent's process tree."""
+        measure = getattr(self._provider, "memory_usage", None)
+        if measure is not None:
+            return measure().addCallback(
+                lambda usage: {name: usage.get(name, 0) for name in agents})
+        return self._in_files_thread(
+            lambda: {name: resident_memory(agent.pid) for name, agent in agents.items()})
 
     @inlineCallbacks
     def list_sessions(self, username: str):
@@ -303,8 +315,7 @@ class Manager(MultiService):
         users = yield self.users.count()
         sessions = yield self.sessions.count()
         running = self.supervisor.running()
-        memory = yield self._in_files_thread(
-            lambda: {name: resident_memory(agent.pid) for name, agent in running.items()})
+        memory = yield self._memory(running)
         agents: Dict[str, Tuple[int, float]] = {
             name: (memory[name], agent.started) for name, agent in running.items()}
         return users, sessions, agents

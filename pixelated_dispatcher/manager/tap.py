@@ -67,8 +67,8 @@ class Options(usage.Options):
         ["agent-stop-grace", None, 10.0, "Seconds between SIGTERM and SIGKILL.",
          _non_negative(float)],
         ["agent-uid-range", None, "200000-299999",
-         "Unix uids for agents of the process provider (one per user; gid = uid)."
-         " Used when the manager runs as root."],
+         "Unix uids for agents (one per user; gid = uid). Used when the manager runs"
+         " as root."],
         ["proxy-group", None, "pixelated-proxy",
          "Group of the socket; its members may use the proxy commands."],
         ["admin-group", None, "pixelated-admin",
@@ -144,8 +144,8 @@ def settings_from(options) -> ManagerSettings:
         max_concurrent_starts=options["max-concurrent-starts"],
         login_free_failures=options["login-free-failures"],
         login_backoff_max=options["login-backoff-max"],
-        agent_uids=options["agent-uid-range"]
-        if options["provider"] == "process" and os.getuid() == 0 else None)
+        # Root can give each user's agent (process or container) a uid of its own.
+        agent_uids=options["agent-uid-range"] if os.getuid() == 0 else None)
 
 
 def make_provider(reactor, options):
