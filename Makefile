@@ -18,7 +18,7 @@ demo: install
 	$(BIN)/python -m pixelated_dispatcher.demo
 
 check: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -rs tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .hypothesis test-artifacts
