@@ -128,6 +128,7 @@ class ForwardingSetup(TestCase):
         self.token = self.manager.open_session("alice")
         site = make_site(self.manager, reactor)
         self.addCleanup(site.forwarder.close)
+        self.site = site
         self.proxy_port = self.listen(site)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
 
@@ -403,6 +404,15 @@ class MoreForwardingTests(ForwardingSetup):
         self.assertNotIn(b"stolen", head)
         browser.transport.write(b"ping")
         yield browser.wait_for(b"PING")
+        cache = self.site.cache
+        self.assertIn("alice", cache._held)  # active while the tunnel is open
+        browser.transport.loseConnection()
+        yield browser.closed
+        for _ in range(100):
+            if "alice" not in cache._held:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertNotIn("alice", cache._held)
         agent_head = factory.heads[0].lower()
         self.assertIn(b"upgrade: websocket", agent_head)
         self.assertIn(b"connection: upgrade", agent_head)

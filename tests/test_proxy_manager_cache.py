@@ -126,6 +126,14 @@ class CacheTests(SynchronousTestCase):
         self.clock.advance(30)
         self.assertEqual(self.manager.activity, [["alice"]])
 
+    def test_held_users_are_reported_until_released(self) -> None:
+        self.cache.hold("alice")
+        self.clock.advance(30)
+        self.clock.advance(30)
+        self.cache.release("alice")
+        self.clock.advance(30)
+        self.assertEqual(self.manager.activity, [["alice"], ["alice"]])
+
     def test_stop_sends_the_last_report(self) -> None:
         self.cache.touch("bob")
         self.successResultOf(self.cache.stop())

@@ -228,7 +228,12 @@ class ProxyChannel(HTTPChannel):
         if hasattr(self, "_dataBuffer"):
             self._dataBuffer = []
         self.dataReceived = to_agent  # type: ignore[method-assign]
-        self.connectionLost = lost  # type: ignore[method-assign]
+
+        def connection_lost(reason: Any) -> None:
+            lost(reason)
+            # Let the request learn it is over (notifyFinish), as usual.
+            HTTPChannel.connectionLost(self, reason)
+        self.connectionLost = connection_lost  # type: ignore[method-assign]
         if buffered:
             to_agent(buffered)
         if self.transport is not None:

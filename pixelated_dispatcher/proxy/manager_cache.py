@@ -62,6 +62,8 @@ class ManagerCache:
         self._starts: Dict[str, List[Deferred]] = {}
         self._start_failures: Dict[str, Failure] = {}
         self._active: Set[str] = set()
+        #: users with open tunnels (WebSocket): active while they last
+        self._held: Dict[str, int] = {}
         self._reporter = LoopingCall(self.report_activity)
         self._reporter.clock = clock
         self._activity_interval = activity_interval
@@ -185,6 +187,19 @@ class ManagerCache:
         """The user's agent was just used."""
         self._active.add(username)
 
+    def hold(self, username: str) -> None:
+        """The user has a long-lived connection open (a tunnel): report them
+        as active at every interval until :meth:`release`."""
+        self._held[username] = self._held.get(username, 0) + 1
+        self._active.add(username)
+
+    def release(self, username: str) -> None:
+        left = self._held.get(username, 0) - 1
+        if left > 0:
+            self._held[username] = left
+        else:
+            self._held.pop(username, None)
+
     def report_activity(self) -> Deferred:
         """Send the users active since the last report (and prune the cache)."""
         now = self._clock.seconds()
@@ -192,7 +207,7 @@ class ManagerCache:
             self._drop_session(token)
         for username in [u for u, e in self._addresses.items() if e[1] <= now]:
             del self._addresses[username]
-        active, self._active = self._active, set()
+        active, self._active = self._active | set(self._held), set()
         if not active:
             return _fired(None)
         d = maybeDeferred(self.manager.report_activity, sorted(active))

@@ -28,7 +28,7 @@ from ..protocol import (AgentAddress, AgentStartFailed, CapacityReached,
 from . import pages
 from .browser_connection import Disconnection
 from .cookie_policy import expire_session_cookie, session_token
-from .forwarding import IForwarder
+from .forwarding import IForwarder, wants_upgrade
 from .manager_cache import ManagerCache
 from .manager_interface import ManagerUnavailable
 from .next_path import local_path, requested_next, with_next
@@ -132,6 +132,11 @@ class SessionGate(Resource):
             self._start_then_forward(request, token, username)
 
     def _forward(self, request: IRequest, username: str, address: AgentAddress) -> None:
+        if wants_upgrade(request):
+            # A WebSocket may carry the user's activity for hours without
+            # another request: count it as activity while it is open.
+            self._cache.hold(username)
+            request.notifyFinish().addBoth(lambda _: self._cache.release(username))
         self._forwarder.forward(request, address,
                                 lambda request: self._agent_gone(request, username))
 
