@@ -168,8 +168,9 @@ async def _all_users(call) -> List[dict]:
     after = None
     while True:
         page = await call(p.ListUsers, **({"after": after} if after else {}))
-        users += page["users"]
-        if not page["more"] or not page["users"]:
+        names = p.parse_user_page(page["users"])
+        users += [{"username": name, "state": state} for name, state in names]
+        if not page["more"] or not names:
             return users
         after = users[-1]["username"]
 

@@ -61,7 +61,7 @@ class RecordingManager:
         return self._answer("remove_user", None, username=username, purge=purge)
 
     def list_users(self, after, limit):
-        users = [("user%04d" % n, "stopped") for n in range(1200)]
+        users = [("user%05d" % n, "stopped") for n in range(12000)]
         page = [u for u in users if u[0] > after][:limit]
         return self._answer("list_users", page, after=after, limit=limit)
 
@@ -150,13 +150,23 @@ class ContractTests(SynchronousTestCase):
         while True:
             kwargs = {"after": after} if after else {}
             page = self.successResultOf(self.call(p.ListUsers, **kwargs))
-            names += [user["username"] for user in page["users"]]
+            self.assertLess(len(page["users"].encode()), 65535)
+            names += [name for name, state in p.parse_user_page(page["users"])]
             pages += 1
             if not page["more"]:
                 break
             after = names[-1]
-        self.assertEqual(names, ["user%04d" % n for n in range(1200)])
-        self.assertEqual(pages, 3)
+        self.assertEqual(names, ["user%05d" % n for n in range(12000)])
+        self.assertEqual(pages, 4)  # 18 bytes a line, 60,000 bytes a page
+
+    @given(st.lists(st.tuples(usernames, st.sampled_from(["running", "stopped", "failed"])),
+                    max_size=3000))
+    def test_user_pages_round_trip_and_stay_under_the_limit(self, users):
+        text, taken = p.format_user_page(users)
+        self.assertLessEqual(len(text.encode()), p.LIST_PAGE_BYTES)
+        self.assertEqual(p.parse_user_page(text), [tuple(u) for u in users[:taken]])
+        if taken < len(users):
+            self.assertGreater(len(text) + 2 + len("%s\t%s" % users[taken]), p.LIST_PAGE_BYTES)
 
     def test_subscribed_connection_receives_invalidations_others_do_not(self):
         self.connect()

@@ -54,6 +54,9 @@ class RealManagerFixture:
     def add_user(self, username, password):
         return self.real.add_user(username, password)
 
+    def revoke_sessions(self, username):
+        return self.real.revoke_sessions(username)
+
 
 class RealManagerContract(manager_contract_tests(RealManagerFixture.create)):
     """What the proxy's unit tests assume of FakeManager is true of the real manager."""

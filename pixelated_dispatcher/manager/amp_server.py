@@ -125,8 +125,8 @@ class ManagerLocator(amp.CommandLocator):
         limit = p.LIST_PAGE if limit is None else max(1, min(limit, p.LIST_PAGE))
 
         def answer(users):
-            return {"users": [{"username": u, "state": s} for u, s in users[:limit]],
-                    "more": len(users) > limit}
+            text, taken = p.format_user_page(users, limit)
+            return {"users": text, "more": len(users) > taken}
         return self.manager.list_users(after or "", limit + 1).addCallback(answer)
 
     @_translated(p.StartAgent)

@@ -164,11 +164,12 @@ class Manager(MultiService):
         self.log.info("{username} logged in from {client}", username=username, client=client)
         return token
 
-    @inlineCallbacks
-    def resolve_session(self, token: str):
-        yield self.ready()
-        username = yield self.sessions.resolve(token)
-        return username
+    def resolve_session(self, token: str) -> "Deferred[str]":
+        # The proxy asks this for every uncached request: once the manager is
+        # ready, go straight to the store.
+        if self._ready.called:
+            return self.sessions.resolve(token)
+        return self.ready().addCallback(lambda _: self.sessions.resolve(token))
 
     @inlineCallbacks
     def end_session(self, token: str):
