@@ -135,10 +135,11 @@ async def stop_agents(reactor, options) -> None:
     running, after = [], None
     for _ in range(10000):  # pages; bounded
         page = await connection.callRemote(p.ListUsers, **({"after": after} if after else {}))
-        running += [u["username"] for u in page["users"] if u["state"] != "stopped"]
-        if not page["more"] or not page["users"]:
+        users = p.parse_user_page(page["users"])
+        running += [name for name, state in users if state != "stopped"]
+        if not page["more"] or not users:
             break
-        after = page["users"][-1]["username"]
+        after = users[-1][0]
     result = await _pipelined(
         reactor, len(running), options.max_seconds, options.window,
         lambda i: connection.callRemote(p.StopAgent, username=running[i]))
