@@ -23,6 +23,7 @@ from typing import Any, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -147,9 +148,12 @@ class ProxyService(MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        d = super().stopService()
-        self.site.forwarder.close()
-        d.addBoth(lambda _: self.site.cache.stop())
+        # The last activity report goes out while the manager connection is
+        # still up; then everything stops.
+        d = maybeDeferred(self.site.cache.stop)
+        d.addErrback(lambda f: log.failure("Last activity report failed", f))
+        d.addBoth(lambda _: super(ProxyService, self).stopService())
+        d.addBoth(lambda result: (self.site.forwarder.close(), result)[1])
         return d
 
 
