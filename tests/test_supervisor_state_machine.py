@@ -1,6 +1,7 @@
-"""Any order of logins, stops, crashes, idleness and time keeps the supervisor's
-promises: one agent per user at most, never above capacity, and its state
-always agrees with the provider."""
+"""Any order of requests, stops, crashes, failed starts, idleness, time and
+manager restarts keeps the supervisor's promises: one agent per user at most,
+never above capacity, its state always agrees with the provider, and a
+restarted manager adopts exactly the agents that were running."""
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twisted.internet.defer import succeed
@@ -24,12 +25,18 @@ class SupervisorMachine(RuleBasedStateMachine):
         self._patched = supervisor_module.deferToThreadPool
         supervisor_module.deferToThreadPool = lambda reactor, pool, f, *a: succeed(None)
         self.clock = Clock()
-        self.provider = FakeProvider(self.clock, start_delay=1.0, stop_delay=0.5)
-        self.supervisor = AgentSupervisor(None, self.provider, "/nonexistent",
+        self.outcomes = []
+        self._boot(FakeProvider(self.clock, start_delay=1.0, stop_delay=0.5,
+                                keep_on_close=True))
+
+    def _boot(self, provider):
+        """A manager (supervisor and culler) over ``provider``, after recovery."""
+        self.provider = provider
+        self.supervisor = AgentSupervisor(None, provider, "/nonexistent",
                                           lambda user: b"{}\n", None,
                                           max_agents=MAX_AGENTS, max_concurrent_starts=1)
         self.culler = IdleCuller(self.clock, self.supervisor, timeout=30)
-        self.outcomes = []
+        self._watch(self.supervisor.recover())
 
     def teardown(self):
         supervisor_module.deferToThreadPool = self._patched
@@ -57,6 +64,19 @@ class SupervisorMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.25, 0.5, 1.0, 5.0, 40.0]))
     def time_passes(self, seconds):
         self.clock.advance(seconds)
+
+    @rule(killed=st.booleans())
+    def manager_restarts(self, killed):
+        """The manager stops (or is killed); the next one adopts what ran."""
+        running = set(self.provider.running())
+        if killed:
+            self.provider.die()
+        else:
+            self._watch(self.provider.close())
+            self.clock.advance(1.0)
+        self._boot(FakeProvider(self.clock, start_delay=1.0, stop_delay=0.5,
+                                keep_on_close=True, machine=self.provider.machine))
+        assert set(self.supervisor.running()) == running, (running, self.supervisor.running())
 
     @rule(users=st.lists(USERS, max_size=3))
     def activity_and_cull(self, users):
@@ -86,7 +106,7 @@ class SupervisorMachine(RuleBasedStateMachine):
             if hasattr(outcome, "check"):
                 assert outcome.check(p.AgentStartFailed, p.CapacityReached), outcome
             else:
-                assert outcome is None or isinstance(outcome, p.AgentAddress), outcome
+                assert outcome is None or isinstance(outcome, (p.AgentAddress, list)), outcome
 
 
 SupervisorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
