@@ -10,6 +10,7 @@ Without a browser these tests are skipped with one line, except in CI
 """
 import os
 import shutil
+import sys
 import tempfile
 import time
 import unittest
@@ -120,7 +121,13 @@ class BrowserTests(unittest.TestCase):
         banner = os.path.join(cls.directory, "banner.txt")
         with open(banner, "w") as f:
             f.write("Test instance: data is thrown away after the test.")
-        cls.dispatcher = Dispatcher(cls.directory, proxy_args=proxy_args + ["--banner", banner])
+        # Agents that take a moment to start, as the real one does, so that
+        # the browser meets the waiting page (a quick start skips it).
+        slow_agent = ("sh -c 'sleep 1.5; exec %s -m pixelated_dispatcher.demo_agent"
+                      " --port {port} --data-dir {data_dir} --username {username}'"
+                      % sys.executable)
+        cls.dispatcher = Dispatcher(cls.directory, proxy_args=proxy_args + ["--banner", banner],
+                                    manager_args=["--agent-command", slow_agent])
         cls.profiles: List[Profile] = []
         try:
             cls.dispatcher.start()

@@ -2,7 +2,7 @@
 memory (StubTreq) against the in-memory manager."""
 import re
 from http.cookies import SimpleCookie
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from hypothesis import given, settings, strategies as st, HealthCheck
 from treq.testing import StubTreq
@@ -40,11 +40,17 @@ class Browser:
         self.origin = ("https" if secure else "http") + "://dispatcher.example"
 
     def request(self, method: str, path: str, *, data: Optional[Dict[str, object]] = None,
-                headers: Optional[Dict[bytes, List[bytes]]] = None
+                headers: Optional[Dict[bytes, List[bytes]]] = None,
+                meanwhile: Optional[Callable[[], object]] = None
                 ) -> Tuple[IResponse, bytes]:
+        """``meanwhile`` runs after the request is sent and before the answer
+        is taken (a test moves its clock there)."""
         d = self.stub.request(method, self.origin + path, data=data, headers=headers,
                               allow_redirects=False)
         self.stub.flush()
+        if meanwhile is not None:
+            meanwhile()
+            self.stub.flush()
         response = self.test.successResultOf(d)
         body = self.stub.content(response)
         self.stub.flush()

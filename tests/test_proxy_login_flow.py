@@ -80,7 +80,8 @@ class LoginFlow(SynchronousTestCase):
         waiting_url = header(login, b"location")
         self.assertEqual(waiting_url, b"/auth/starting?next=/inbox%3Fpage%3D2")
         self.assertEqual(self.manager.ensures, 1)  # the start began at login
-        page, body = self.browser.get(waiting_url.decode())
+        page, body = self.browser.get(waiting_url.decode(),
+                                      meanwhile=lambda: self.clock.advance(1.0))
         self.assertEqual(page.code, 200)
         self.assertIn(b"Starting your mailbox", body)
         self.assertIn(b'<meta http-equiv="refresh" content="1;url=/auth/starting?next='
@@ -92,6 +93,19 @@ class LoginFlow(SynchronousTestCase):
         self.assertEqual(ready.code, 303)
         self.assertEqual(header(ready, b"location"), b"/inbox?page=2")
         self.assertEqual(self.manager.ensures, 1)
+
+    def test_a_quick_start_goes_on_without_the_waiting_page(self) -> None:
+        self.manager.slow_start("alice")
+        login, _ = self.login_with_next("/inbox")
+        waiting_url = header(login, b"location").decode()
+
+        def ready_soon() -> None:
+            self.clock.advance(0.4)
+            self.manager.finish_start("alice")
+        page, body = self.browser.get(waiting_url, meanwhile=ready_soon)
+        self.assertEqual(page.code, 303)
+        self.assertEqual(header(page, b"location"), b"/inbox")
+        self.assertNotIn(b"Starting your mailbox", body)
 
     def test_open_redirects_are_refused(self) -> None:
         login, _ = self.login_with_next("//evil.example/x")

@@ -181,13 +181,21 @@ class SessionGate(Resource):
 
 
 class StartingPage(Resource):
-    """``/auth/starting?next=PATH``: wait for the agent, then go to PATH."""
+    """``/auth/starting?next=PATH``: wait for the agent, then go to PATH.
+
+    An agent that is ready within ``grace`` seconds sends the browser on at
+    once; only a slower start shows the waiting page (which asks again every
+    second), so a quick start costs no refresh.
+    """
 
     isLeaf = True
 
-    def __init__(self, cache: ManagerCache) -> None:
+    def __init__(self, cache: ManagerCache, clock: Any = None,
+                 grace: float = START_GRACE) -> None:
         super().__init__()
         self._cache = cache
+        self._clock = clock
+        self._grace = grace
 
     def render_GET(self, request: IRequest) -> Any:
         next_path = requested_next(request)
@@ -209,13 +217,32 @@ class StartingPage(Resource):
                 answer_failure(request, failure, self._cache, token, next_path)
                 return None
             started = self._cache.ensure(username)
-            if started.called:
-                started.addCallbacks(lambda _: pages.redirect(request, next_path),
-                                     lambda f: self._failed(request, f, username, token,
-                                                            next_path))
-            else:
-                started.addErrback(_ignore)
-                pages.waiting(request, next_path)
+            answered = []
+
+            def too_slow() -> None:
+                answered.append(True)
+                if not gone.happened:
+                    pages.waiting(request, next_path)
+            timer = None
+            if not started.called:
+                if self._clock is None:
+                    too_slow()
+                else:
+                    timer = self._clock.callLater(self._grace, too_slow)
+
+            def ready(_: Any) -> None:
+                if timer is not None and timer.active():
+                    timer.cancel()
+                if not (answered or gone.happened):
+                    pages.redirect(request, next_path)
+
+            def failed(failure: Failure) -> None:
+                if timer is not None and timer.active():
+                    timer.cancel()
+                if not (answered or gone.happened):
+                    self._failed(request, failure, username, token, next_path)
+                # else: the next refresh of the waiting page reports it
+            started.addCallbacks(ready, failed)
             return None
 
         def failed(failure: Failure) -> None:

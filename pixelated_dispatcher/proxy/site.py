@@ -66,7 +66,7 @@ def make_root(manager: IManager, forwarder: IForwarder, *, clock: Any = None,
     if cache is None:
         cache = ManagerCache(manager, clock)
     root = DispatcherRoot(LoginResource(cache, banner), LogoutResource(cache),
-                          SessionGate(cache, forwarder, clock), StartingPage(cache))
+                          SessionGate(cache, forwarder, clock), StartingPage(cache, clock))
     root.cache = cache
     return root
 
