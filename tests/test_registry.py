@@ -101,7 +101,7 @@ class RegistryTests(_DatabaseCase):
         self.assertTrue((yield strong.verify("alice", "pw")))
         stored = yield self.database.run(
             lambda c: c.execute("SELECT password_hash FROM users").fetchone()[0])
-        self.assertIn("m=65536,t=3,p=1", stored)
+        self.assertIn("m=19456,t=2,p=1", stored)
         self.assertTrue((yield strong.verify("alice", "pw")))
 
 
