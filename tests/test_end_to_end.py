@@ -4,33 +4,10 @@ and an HTTPS client acting as two browsers."""
 import json
 import os
 import re
-import shutil
-import tempfile
-import time
-import unittest
 
 import psutil
 
-from pixelated_dispatcher.demo import Dispatcher
-
-from .https_browser import Browser
-
-
-def wait_until(predicate, timeout=15.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def agent_pid(dispatcher, username):
-    """The agent's pid as ``pixelated-ctl info`` reports it (None when stopped)."""
-    result = dispatcher.ctl("info", username)
-    assert result.returncode == 0, result.stderr
-    fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if " " in line)
-    return int(fields["pid"]) if fields.get("pid", "-").isdigit() else None
+from .dispatcher_case import DispatcherCase, agent_pid, wait_until
 
 
 def demo_agents_alive(directory):
@@ -43,41 +20,19 @@ def demo_agents_alive(directory):
     return found
 
 
-class _DispatcherCase(unittest.TestCase):
+class _DispatcherCase(DispatcherCase):
     keep_agents = False
+    prefix = "pxd-e2e-"
 
     @classmethod
-    def setUpClass(cls):
-        cls.directory = tempfile.mkdtemp(prefix="pxd-e2e-")
-        cls.dispatcher = Dispatcher(cls.directory, keep_agents=cls.keep_agents)
-        try:
-            cls.dispatcher.start()
-        except Exception:
-            cls.tearDownClass()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.dispatcher.stop()
-        shutil.rmtree(cls.directory, ignore_errors=True)
-
-    def browser(self):
-        return Browser(self.dispatcher.port, self.dispatcher.tls["cert"])
-
-    def logs(self):
-        texts = []
-        for path in (self.dispatcher.manager_log, self.dispatcher.proxy_log):
-            if os.path.exists(path):
-                with open(path) as f:
-                    texts.append(f.read())
-        return "\n".join(texts)
+    def dispatcher_options(cls):
+        return {"keep_agents": cls.keep_agents}
 
 
 class TwoUsersTests(_DispatcherCase):
 
     @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
+    def prepare(cls):
         cls.dispatcher.add_user("alice", "alice's password")
         cls.dispatcher.add_user("bob", "bob's password")
 

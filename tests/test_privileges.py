@@ -7,17 +7,15 @@ user, and runs the real pixelated-ctl as each kind of user.
 import grp
 import os
 import pwd
-import shutil
 import stat
 import subprocess
-import tempfile
 import unittest
 
 import psutil
 
-from pixelated_dispatcher.demo import CTL, Dispatcher
+from pixelated_dispatcher.demo import CTL
 
-from .https_browser import Browser
+from .dispatcher_case import DispatcherCase
 
 PROXY_USER, ADMIN_USER, OTHER_USER = "pxdt-proxy", "pxdt-operator", "pxdt-other"
 PROXY_GROUP, ADMIN_GROUP = "pxdt-proxies", "pxdt-admins"
@@ -53,29 +51,27 @@ def _remove_accounts():
         subprocess.run(["groupdel", group], capture_output=True)
 
 
-class PrivilegeTests(unittest.TestCase):
+class PrivilegeTests(DispatcherCase):
+    prefix = "pxd-priv-"
 
     @classmethod
     def setUpClass(cls):
         _need_root()
         _make_accounts()
-        cls.directory = tempfile.mkdtemp(prefix="pxd-priv-")
-        os.chmod(cls.directory, 0o755)  # the proxy user must reach the socket directory
-        cls.dispatcher = Dispatcher(
-            cls.directory,
-            manager_args=["--proxy-group", PROXY_GROUP, "--admin-group", ADMIN_GROUP],
-            proxy_twistd_args=["--uid", PROXY_USER, "--gid", PROXY_GROUP])
-        try:
-            cls.dispatcher.start()
-            cls.dispatcher.add_user("alice", "alice's password")
-        except Exception:
-            cls.tearDownClass()
-            raise
+        super().setUpClass()
+
+    @classmethod
+    def dispatcher_options(cls):
+        return {"manager_args": ["--proxy-group", PROXY_GROUP, "--admin-group", ADMIN_GROUP],
+                "proxy_twistd_args": ["--uid", PROXY_USER, "--gid", PROXY_GROUP]}
+
+    @classmethod
+    def prepare(cls):
+        cls.dispatcher.add_user("alice", "alice's password")
 
     @classmethod
     def tearDownClass(cls):
-        cls.dispatcher.stop()
-        shutil.rmtree(cls.directory, ignore_errors=True)
+        super().tearDownClass()
         _remove_accounts()
 
     def ctl_as(self, user, *args):
@@ -117,6 +113,6 @@ class PrivilegeTests(unittest.TestCase):
         proxy = psutil.Process(self.dispatcher.proxy.pid)
         self.assertEqual(proxy.uids().real, uid)
         self.assertEqual(proxy.uids().effective, uid)
-        browser = Browser(self.dispatcher.port, self.dispatcher.tls["cert"])
+        browser = self.browser()
         self.assertEqual(browser.log_in("alice", "alice's password").status, 303)
         self.assertIn("Mailbox of alice", browser.get("/").text)

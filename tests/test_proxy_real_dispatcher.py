@@ -9,68 +9,25 @@ as processes, TLS, the real pixelated-ctl, demo agents):
   script 503 with ``Retry-After``, and the session stays valid.
 """
 import os
-import shutil
 import signal
-import tempfile
 import time
-import unittest
 
-from pixelated_dispatcher.demo import Dispatcher
-
-from .https_browser import Browser
+from .dispatcher_case import DispatcherCase, agent_pid, wait_until as until
 
 NAVIGATION = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
 XHR = {"X-Requested-With": "XMLHttpRequest"}
 
 
-def agent_pid(dispatcher, username):
-    result = dispatcher.ctl("info", username)
-    fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if " " in line)
-    value = fields.get("pid", "-").strip()
-    return int(value) if value.isdigit() else None
-
-
-def until(predicate, timeout, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    return predicate()
-
-
-class RealDispatcherTests(unittest.TestCase):
+class RealDispatcherTests(DispatcherCase):
+    prefix = "pxd-proxy-real-"
 
     @classmethod
-    def setUpClass(cls):
-        cls.directory = tempfile.mkdtemp(prefix="pxd-proxy-real-")
-        os.chmod(cls.directory, 0o711)
-        proxy_args = ["--allow-root"] if os.geteuid() == 0 else []
-        cls.dispatcher = Dispatcher(cls.directory, proxy_args=proxy_args)
-        try:
-            cls.dispatcher.start()
-            for name in ("alice", "bob", "carol", "dave"):
-                cls.dispatcher.add_user(name, name + "'s password")
-        except Exception:
-            cls.tearDownClass()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.dispatcher.stop()
-        shutil.rmtree(cls.directory, ignore_errors=True)
-
-    def logs(self):
-        texts = []
-        for path in (self.dispatcher.manager_log, self.dispatcher.proxy_log):
-            if os.path.exists(path):
-                with open(path) as f:
-                    texts.append(f.read()[-4000:])
-        return "\n".join(texts)
+    def prepare(cls):
+        for name in ("alice", "bob", "carol", "dave"):
+            cls.dispatcher.add_user(name, name + "'s password")
 
     def logged_in(self, name):
-        browser = Browser(self.dispatcher.port, self.dispatcher.tls["cert"])
+        browser = self.browser()
         answer = browser.log_in(name, name + "'s password")
         self.assertEqual(answer.status, 303, answer.text)
         page = browser.get("/")

@@ -36,16 +36,7 @@ class UserRegistry:
         if (yield self.exists(username)):
             raise UserExists("user %s exists already" % (username,))
         encoded = yield self._hasher.hash(password)
-        created = self._clock.seconds()
-
-        def insert(connection):
-            try:
-                connection.execute(
-                    "INSERT INTO users (username, password_hash, created) VALUES (?, ?, ?)",
-                    (username, encoded, created))
-            except sqlite3.IntegrityError:
-                raise UserExists("user %s exists already" % (username,))
-        yield self._database.run(insert)
+        yield self.add_with_hash(username, encoded)
 
     @inlineCallbacks
     def remove(self, username: str):
