@@ -8,7 +8,17 @@
 #
 # Runs as root. Idempotent; every step is bounded in time; the EXIT trap
 # stops what it started and purges what it installed. Not (yet) called by
-# .ci/run. Usage: bash .ci/debian.sh [--keep-build]   (build dir: $OUT)
+# .ci/run. Usage: bash .ci/debian.sh [--keep-build] [--unit-tests] [--nspawn]
+# (build directory: $OUT)
+#
+# --unit-tests also runs the project's test suite once with Debian's
+# /usr/bin/python3, python3-twisted 22.4 and friends (python3-pytest and
+# python3-hypothesis from Debian) against the installed package.
+#
+# --nspawn also boots a Debian 12 root (debootstrap --variant=minbase, cached
+# in $NSPAWN_BASE) with systemd-nspawn --boot --ephemeral, installs the .debs
+# there, checks that both services are active under systemd and logs in
+# through the proxy (host network, 127.0.0.1:443 only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TREE=$PWD
@@ -20,10 +30,24 @@ OUT=${OUT:-/tmp/pixelated-debian}
 PORT=443                      # the proxy binds 127.0.0.1:443 with CAP_NET_BIND_SERVICE
 USERNAME=ci-debian
 PACKAGES="pixelated-dispatcher pixelated-dispatcher-manager pixelated-dispatcher-proxy python3-pixelated-dispatcher"
-KEEP_BUILD=${1:-}
+KEEP_BUILD=
+NSPAWN=
+UNIT_TESTS=
+for arg in "$@"; do
+    case $arg in
+        --keep-build) KEEP_BUILD=$arg ;;
+        --nspawn) NSPAWN=yes ;;
+        --unit-tests) UNIT_TESTS=yes ;;
+        *) echo "usage: $0 [--keep-build] [--unit-tests] [--nspawn]" >&2; exit 2 ;;
+    esac
+done
+NSPAWN_BASE=${NSPAWN_BASE:-/var/tmp/pixelated-bookworm-root}
 PIDS=()
+NSPAWN_PID=
 CREATED_SNAKEOIL=
 ADDED_PACKAGES=""   # what installing the .debs added (ours and their dependencies)
+ADDED_ACCOUNTS=""   # system accounts the packages created here (removed at the end:
+                    # tests/test_manager_tap.py fails where the group pixelated-proxy exists)
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -31,6 +55,10 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 cleanup() {
     local rc=$?
     set +e
+    if [ -n "$NSPAWN_PID" ]; then
+        kill -TERM "$NSPAWN_PID" 2>/dev/null
+        timeout 60 tail --pid="$NSPAWN_PID" -f /dev/null || kill -KILL "$NSPAWN_PID"
+    fi
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
     for pid in "${PIDS[@]}"; do timeout 15 tail --pid="$pid" -f /dev/null; kill -KILL "$pid" 2>/dev/null; done
     # Agents of the process provider run under uids 200000-299999.
@@ -38,10 +66,16 @@ cleanup() {
     if [ -n "$ADDED_PACKAGES" ]; then
         timeout 300 dpkg --purge $ADDED_PACKAGES >/dev/null 2>&1
     fi
+    if [ -n "$ADDED_ACCOUNTS" ]; then
+        case " $ADDED_ACCOUNTS " in *" user "*) deluser --system --quiet pixelated-proxy 2>/dev/null ;; esac
+        for group in $ADDED_ACCOUNTS; do
+            [ "$group" = user ] || { getent group "$group" >/dev/null && delgroup --system --quiet "$group"; }
+        done
+    fi
     if [ -n "$CREATED_SNAKEOIL" ]; then
         rm -f /etc/ssl/certs/ssl-cert-snakeoil.pem /etc/ssl/private/ssl-cert-snakeoil.key
     fi
-    [ "$rc" = 0 ] && [ "$KEEP_BUILD" != --keep-build ] && rm -rf "$OUT/src"
+    [ "$rc" = 0 ] && [ -z "$KEEP_BUILD" ] && rm -rf "$OUT/src"
     echo "== [$(( $(date +%s) - T0 ))s] done, exit status $rc"
     exit $rc
 }
@@ -71,7 +105,11 @@ done
 
 step "install the .debs (dependencies from Debian)"
 dpkg-query -W -f='${Package} ${Status}\n' | awk '/ installed$/ {print $1}' | sort >"$OUT/before"
-timeout 600 apt-get install -y -qq "$OUT"/*.deb >/dev/null
+getent passwd pixelated-proxy >/dev/null || ADDED_ACCOUNTS="user"
+for group in pixelated-proxy pixelated-admin; do
+    getent group "$group" >/dev/null || ADDED_ACCOUNTS="$ADDED_ACCOUNTS $group"
+done
+timeout 600 apt-get install -y -qq "$OUT"/*.deb ${UNIT_TESTS:+python3-pytest python3-hypothesis} >/dev/null
 ADDED_PACKAGES=$(dpkg-query -W -f='${Package} ${Status}\n' | awk '/ installed$/ {print $1}' | sort \
     | comm -13 "$OUT/before" - | paste -sd' ')
 echo "   added: $ADDED_PACKAGES"
@@ -97,6 +135,18 @@ done
 timeout 60 systemd-analyze security --offline=yes --threshold=20 \
     /lib/systemd/system/pixelated-proxy.service >/dev/null || fail "proxy exposure above 2.0"
 
+if [ -n "$UNIT_TESTS" ]; then
+    step "unit tests with /usr/bin/python3 and Debian's Twisted $(python3 -c 'import twisted; print(twisted.__version__)')"
+    # Against a clean tree; agents (other uids, minimal environment) import
+    # the installed package. The group pixelated-proxy must not exist for
+    # test_manager_tap's socket test (it chowns a socket MemoryReactor never made).
+    rm -rf "$OUT/tests-tree" && mkdir -p "$OUT/tests-tree"
+    git -C "$TREE" archive HEAD | tar -x -C "$OUT/tests-tree"
+    (cd "$OUT/tests-tree" && PYTHONPATH="$OUT/tests-tree" timeout 1200 /usr/bin/python3 -m pytest -rfEs -q \
+        -p no:cacheprovider tests 2>&1 | tail -15 || true) | tee "$OUT/unit-tests.log"
+    grep -Eq "^[0-9]+ passed" <(tail -1 "$OUT/unit-tests.log") || echo "   (see above: failures)"
+fi
+
 if [ ! -e /etc/ssl/certs/ssl-cert-snakeoil.pem ]; then
     step "ssl-cert made no snakeoil certificate on this machine: make one"
     make-ssl-cert generate-default-snakeoil
@@ -107,6 +157,34 @@ fi
 exec_start() { sed -n 's/^ExecStart=//p' "/lib/systemd/system/$1.service"; }
 unit_value() { sed -n "s/^$2=//p" "/lib/systemd/system/$1.service" | tr ' ' '\n' \
     | sed 's/^CAP_/+/' | tr 'A-Z' 'a-z' | paste -sd, ; }
+
+# Log in as $USERNAME/$PASSWORD through the proxy on 127.0.0.1:$PORT, trusting
+# exactly the certificate $1, and check that /whoami comes from that user's agent.
+https_login() {
+    local cert=$1 host form csrf code whoami
+    host=$(openssl x509 -noout -subject -in "$cert" | sed 's/.*CN *= *//')
+    JAR=$OUT/cookies
+    CURL=(curl -sS --max-time 60 --cacert "$cert" --resolve "$host:$PORT:127.0.0.1" -b "$JAR" -c "$JAR")
+    BASE="https://$host:$PORT"
+    rm -f "$JAR"
+    for _ in $(seq 100); do "${CURL[@]}" -o /dev/null "$BASE/auth/login" 2>/dev/null && break; sleep 0.2; done
+    form=$("${CURL[@]}" "$BASE/auth/login")
+    csrf=$(printf '%s' "$form" | grep -o 'name="csrf_token"[^>]*' | sed 's/.*value="\([^"]*\)".*/\1/')
+    [ -n "$csrf" ] || fail "no csrf_token on the login page"
+    code=$("${CURL[@]}" -o /dev/null -w '%{http_code}' --data-urlencode "username=$USERNAME" \
+           --data-urlencode "password=$PASSWORD" --data-urlencode "csrf_token=$csrf" "$BASE/auth/login")
+    [ "$code" = 303 ] || fail "login answered $code, not 303"
+    whoami_check
+    if "${CURL[@]}" -o /dev/null --tls-max 1.1 "$BASE/" 2>/dev/null; then fail "TLS 1.1 accepted"; fi
+    echo "   TLS 1.1 refused"
+}
+# /whoami through the proxy with the session of https_login.
+whoami_check() {
+    local whoami
+    whoami=$("${CURL[@]}" "$BASE/whoami")
+    echo "   /whoami: $whoami"
+    printf '%s' "$whoami" | grep -q "\"$USERNAME\"" || fail "the agent behind the proxy is not $USERNAME's"
+}
 
 step "start the manager as its unit does: root, bounded to CapabilityBoundingSet, no_new_privs"
 mkdir -p /run/pixelated
@@ -144,23 +222,7 @@ printf '%s\n' "$PASSWORD" | timeout 60 /usr/bin/pixelated-ctl add "$USERNAME" --
 timeout 30 /usr/bin/pixelated-ctl list
 
 step "log in through the installed proxy over HTTPS (curl, loopback)"
-HOST=$(openssl x509 -noout -subject -in /etc/ssl/certs/ssl-cert-snakeoil.pem | sed 's/.*CN *= *//')
-JAR=$OUT/cookies
-CURL=(curl -sS --max-time 60 --cacert /etc/ssl/certs/ssl-cert-snakeoil.pem
-      --resolve "$HOST:$PORT:127.0.0.1" -b "$JAR" -c "$JAR")
-BASE="https://$HOST:$PORT"
-rm -f "$JAR"
-FORM=$("${CURL[@]}" "$BASE/auth/login")
-CSRF=$(printf '%s' "$FORM" | grep -o 'name="csrf_token"[^>]*' | sed 's/.*value="\([^"]*\)".*/\1/')
-[ -n "$CSRF" ] || fail "no csrf_token on the login page"
-CODE=$("${CURL[@]}" -o /dev/null -w '%{http_code}' --data-urlencode "username=$USERNAME" \
-       --data-urlencode "password=$PASSWORD" --data-urlencode "csrf_token=$CSRF" "$BASE/auth/login")
-[ "$CODE" = 303 ] || fail "login answered $CODE, not 303"
-WHOAMI=$("${CURL[@]}" "$BASE/whoami")
-echo "   /whoami: $WHOAMI"
-printf '%s' "$WHOAMI" | grep -q "\"$USERNAME\"" || fail "the agent behind the proxy is not $USERNAME's"
-if "${CURL[@]}" -o /dev/null --tls-max 1.1 "$BASE/" 2>/dev/null; then fail "TLS 1.1 accepted"; fi
-echo "   TLS 1.1 refused"
+https_login /etc/ssl/certs/ssl-cert-snakeoil.pem
 timeout 60 /usr/bin/pixelated-ctl info "$USERNAME"
 timeout 60 /usr/bin/pixelated-ctl stop "$USERNAME"
 
@@ -185,6 +247,62 @@ fi
 if command -v twistd3 >/dev/null && grep -q pixelated <<<"$(twistd3 --help)"; then
     fail "twistd3 still lists a pixelated plugin"
 fi
+if [ -n "$NSPAWN" ]; then
+    step "nspawn: a Debian 12 root ($NSPAWN_BASE)"
+    timeout 300 apt-get install -y -qq --no-install-recommends debootstrap systemd-container >/dev/null
+    if [ ! -x "$NSPAWN_BASE/lib/systemd/systemd" ]; then
+        rm -rf "$NSPAWN_BASE.tmp"
+        timeout 900 debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus bookworm \
+            "$NSPAWN_BASE.tmp" http://deb.debian.org/debian >"$OUT/debootstrap.log" 2>&1 \
+            || { tail "$OUT/debootstrap.log"; fail "debootstrap"; }
+        mv "$NSPAWN_BASE.tmp" "$NSPAWN_BASE"
+    fi
+    step "nspawn: boot it (--ephemeral: the cached root stays clean)"
+    systemd-nspawn --boot --register=no --keep-unit --ephemeral --machine=pixelated-test \
+        -D "$NSPAWN_BASE" --bind-ro="$OUT:/debs" >"$OUT/nspawn.log" 2>&1 &
+    NSPAWN_PID=$!
+    LEADER=
+    for _ in $(seq 100); do
+        LEADER=$(ps -eo pid=,ppid=,comm= | awk -v p="$NSPAWN_PID" '$2 == p && $3 == "systemd" {print $1}')
+        [ -n "$LEADER" ] && break; sleep 0.2
+    done
+    [ -n "$LEADER" ] || { cat "$OUT/nspawn.log"; fail "the container did not boot"; }
+    inside() { nsenter -t "$LEADER" -m -u -i -n -p -- /usr/bin/env -i \
+        PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"; }
+    timeout 120 bash -c "until nsenter -t $LEADER -m -p -- /bin/systemctl is-system-running 2>/dev/null \
+        | grep -qE 'running|degraded'; do sleep 0.5; done" || fail "the container's systemd did not settle"
+    step "nspawn: install the .debs there (the operator's way: apt, systemd starts the services)"
+    # Keep it to loopback and to the process provider (no Docker in the
+    # container): the operator's edit of /etc/default, made before install.
+    echo 'OPTIONS="--provider process --idle-timeout 0"' >"/proc/$LEADER/root/etc/default/pixelated-manager"
+    echo "OPTIONS=\"--listen ssl:$PORT:interface=127.0.0.1:privateKey=/etc/ssl/private/ssl-cert-snakeoil.key:certKey=/etc/ssl/certs/ssl-cert-snakeoil.pem\"" \
+        >"/proc/$LEADER/root/etc/default/pixelated-proxy"
+    inside timeout 300 apt-get update -qq
+    inside timeout 600 apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold \
+        /debs/pixelated-dispatcher_0.1.0_all.deb /debs/pixelated-dispatcher-manager_0.1.0_all.deb \
+        /debs/pixelated-dispatcher-proxy_0.1.0_all.deb /debs/python3-pixelated-dispatcher_0.1.0_all.deb \
+        >"$OUT/nspawn-apt.log" 2>&1 || { tail -20 "$OUT/nspawn-apt.log"; fail "apt-get install in the container"; }
+    sleep 2
+    STATES=$(inside systemctl is-active pixelated-manager.service pixelated-proxy.service | paste -sd' ' || true)
+    echo "   systemctl is-active: $STATES"
+    [ "$STATES" = "active active" ] || { inside journalctl -n 60 --no-pager | cut -c1-300; fail "a service is not active"; }
+    inside systemd-analyze security pixelated-manager.service pixelated-proxy.service | grep -i "overall\|→" || true
+    printf '%s\n' "$PASSWORD" | inside timeout 60 pixelated-ctl add "$USERNAME" --password-stdin
+    https_login "/proc/$LEADER/root/etc/ssl/certs/ssl-cert-snakeoil.pem"
+    step "nspawn: systemctl restart pixelated-manager keeps the agent and the session"
+    inside systemctl restart pixelated-manager.service
+    sleep 2
+    whoami_check
+    inside pixelated-ctl info "$USERNAME"
+    step "nspawn: purge there"
+    inside timeout 300 apt-get purge -y -qq pixelated-dispatcher pixelated-dispatcher-manager \
+        pixelated-dispatcher-proxy python3-pixelated-dispatcher >/dev/null
+    [ ! -e "/proc/$LEADER/root/var/lib/pixelated" ] || fail "state survived purge in the container"
+    kill -TERM "$NSPAWN_PID"
+    timeout 60 tail --pid="$NSPAWN_PID" -f /dev/null || fail "the container did not stop"
+    NSPAWN_PID=
+fi
+
 step "purge the dependencies the .debs brought in"
 timeout 300 dpkg --purge $ADDED_PACKAGES >/dev/null
 ADDED_PACKAGES=""
