@@ -235,7 +235,8 @@ step "remove keeps the state, purge deletes it and the plugin cache entry"
 timeout 300 apt-get remove -y -qq $PACKAGES >/dev/null
 [ -n "$(ls -A /var/lib/pixelated)" ] || fail "remove deleted the state"
 ls -A /var/lib/pixelated | sed 's/^/   kept: /'
-timeout 300 dpkg --purge $(dpkg-query -W -f='${Package}\n' $PACKAGES 2>/dev/null) >/dev/null
+timeout 300 dpkg --purge $(dpkg-query -W -f='${Package} ${db:Status-Status}\n' $PACKAGES 2>/dev/null \
+    | awk '$2 != "not-installed" {print $1}') >/dev/null
 ADDED_PACKAGES=$(tr ' ' '\n' <<<"$ADDED_PACKAGES" | grep -vxF -f <(tr ' ' '\n' <<<"$PACKAGES") | paste -sd' ')
 [ ! -e /var/lib/pixelated ] || fail "/var/lib/pixelated survived purge"
 [ ! -e /etc/default/pixelated-manager ] && [ ! -e /etc/default/pixelated-proxy ] \
