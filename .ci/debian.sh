@@ -80,6 +80,7 @@ cleanup() {
     exit $rc
 }
 trap cleanup EXIT
+trap 'echo "FAIL: line $LINENO: $BASH_COMMAND" >&2' ERR
 
 step "build tools"
 timeout 300 apt-get update -qq
