@@ -230,3 +230,19 @@ class ParseListenTests(SynchronousTestCase):
         self.assertRaises(UsageError, parse_listen, "tcp:http")
         self.assertRaises(UsageError, parse_listen, "ssl:https:privateKey=%s:certKey=%s"
                           % (self.key, self.cert))
+
+
+class BacklogTests(SynchronousTestCase):
+    """A burst of new browsers must not overflow the listen queue: Twisted's
+    default of 50 drops SYNs, which then wait seconds for retransmits."""
+
+    def test_listeners_queue_1024_connections_unless_told(self) -> None:
+        from twisted.internet.testing import MemoryReactor
+
+        from pixelated_dispatcher.proxy.tls import DEFAULT_BACKLOG, parse_listen
+        self.assertEqual(DEFAULT_BACKLOG, 1024)
+        for description, expected in (("tcp:8080:interface=127.0.0.1", 1024),
+                                      ("tcp:8080:interface=127.0.0.1:backlog=64", 64)):
+            reactor = MemoryReactor()
+            parse_listen(description).endpoint(reactor).listen(object())
+            self.assertEqual(reactor.tcpServers[0][2], expected, description)

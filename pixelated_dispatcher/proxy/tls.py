@@ -164,6 +164,13 @@ class ReloadableTLS:
         return d.addCallbacks(loaded, failed)
 
 
+#: Pending connections the kernel queues for a listener unless ``backlog=``
+#: says otherwise. Twisted's default, 50, drops the SYNs of a burst of new
+#: browsers (a thousand users reconnecting after a restart), which then wait
+#: 1, 3, 7 seconds for their retransmits; the kernel caps this at somaxconn.
+DEFAULT_BACKLOG = 1024
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class TLSListener:
     """A parsed ``ssl:`` description with its key and certificate loaded."""
@@ -171,7 +178,7 @@ class TLSListener:
     port: int
     options: ReloadableTLS
     interface: str = ""
-    backlog: int = 50
+    backlog: int = DEFAULT_BACKLOG
 
     def endpoint(self, reactor: Any) -> IStreamServerEndpoint:
         return SSL4ServerEndpoint(reactor, self.port, self.options,
@@ -202,7 +209,11 @@ class PlainListener:
     options: Optional[ReloadableTLS] = None
 
     def endpoint(self, reactor: Any) -> IStreamServerEndpoint:
-        inner = serverFromString(reactor, self.description)
+        description = self.description
+        if description.split(":", 1)[0].strip().lower() in ("tcp", "tcp6") \
+                and "backlog" not in split_description(description)[1]:
+            description += ":backlog=%d" % DEFAULT_BACKLOG
+        inner = serverFromString(reactor, description)
         if self.options is None:
             return inner
         return TLSWrappedEndpoint(inner, self.options)
@@ -240,7 +251,8 @@ def parse_ssl(description: str) -> TLSListener:
                             kwargs.get("extraCertChain"), kwargs.get("dhParameters"))
     return TLSListener(port=_int(port, "port", description), options=options,
                        interface=kwargs.get("interface", ""),
-                       backlog=_int(kwargs.get("backlog", "50"), "backlog", description))
+                       backlog=_int(kwargs.get("backlog", str(DEFAULT_BACKLOG)), "backlog",
+                                    description))
 
 
 def parse_listen(description: str) -> Any:
