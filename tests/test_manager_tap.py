@@ -59,7 +59,10 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(lambda: __import__("shutil").rmtree(directory))
         options = tap.Options()
         options.parseOptions(["--socket", os.path.join(directory, "run", "manager.sock"),
-                              "--state-dir", os.path.join(directory, "state")])
+                              "--state-dir", os.path.join(directory, "state"),
+                              # a group that exists nowhere: MemoryReactor makes no
+                              # socket file that could be given to it
+                              "--proxy-group", "pxd-no-such-group"])
         reactor = MemoryReactorClock()
         service = tap.makeService(options, reactor=reactor)
         service.privilegedStartService()
