@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo check install clean
+.PHONY: demo check install clean package-test
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: install
 
 check: install
 	$(BIN)/python -m pytest -rs tests
+
+# Debian packages: build, lintian, install, log in, purge, and boot them in a
+# Debian 12 container (root; about 5 minutes; see docs/packaging.rst).
+package-test:
+	bash .ci/debian.sh --unit-tests --nspawn
 
 clean:
 	rm -rf $(VENV) *.egg-info .hypothesis test-artifacts
