@@ -103,7 +103,13 @@ class Profile:
         by_label["Username"].send_keys(username)
         by_label["Password"].send_keys(password)
         self.shot("login-filled")
+        before = self.driver.title
         self.driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        # The proxy may hold the answer up to a second while a quick agent
+        # starts; give the navigation that long (a refused login stays here).
+        deadline = time.monotonic() + 5
+        while self.driver.title == before and time.monotonic() < deadline:
+            time.sleep(0.05)
         return [self.driver.title]
 
     def quit(self) -> None:
