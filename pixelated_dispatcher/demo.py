@@ -199,7 +199,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     directory = options.dir or tempfile.mkdtemp(prefix="pixelated-demo-")
     dispatcher = Dispatcher(directory, options.port)
     password = secrets.token_urlsafe(12)
+    # Both explicitly: a shell may start us with SIGINT ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         dispatcher.start()
         dispatcher.add_user("demo", password)
@@ -219,6 +221,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     except RuntimeError as error:
         print("demo failed: %s (logs in %s)" % (error, directory), file=sys.stderr)
     finally:
+        # A second Ctrl-C (or make passing the signal on) must not cut the
+        # clean-up short and leave daemons behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping...", flush=True)
         dispatcher.stop()
         if not options.dir:
