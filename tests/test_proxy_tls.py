@@ -1,6 +1,5 @@
 """``--listen`` parsing and the TLS it gives: real handshakes against a
 listener on 127.0.0.1 with a certificate made for the test."""
-import datetime
 import os
 import shutil
 import socket
@@ -9,10 +8,6 @@ import tempfile
 import warnings
 from typing import Any, Optional, Tuple
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import SSL4ServerEndpoint
@@ -22,31 +17,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from pixelated_dispatcher.demo import write_self_signed_certificate
 from pixelated_dispatcher.proxy.tls import (PlainListener, TLSListener, parse_listen,
                                             split_description)
 
 
-def make_certificate(directory: str, name: str = "localhost") -> Tuple[str, str]:
-    """A self-signed certificate and its key as PEM files; returns their paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256()))
-    key_path = os.path.join(directory, name + ".key")
-    cert_path = os.path.join(directory, name + ".pem")
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    with open(cert_path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
+def make_certificate(directory: str) -> Tuple[str, str]:
+    """A self-signed certificate for localhost and its key as PEM files
+    (the demo's); returns the key's and the certificate's paths."""
+    paths = write_self_signed_certificate(directory)
+    return paths["key"], paths["cert"]
 
 
 def temporary_directory(test: Any) -> str:
@@ -202,7 +182,7 @@ class ParseListenTests(SynchronousTestCase):
                           "ssl:443:privateKey=%s:certKey=%s" % (self.key, garbage))
 
     def test_key_of_another_certificate_is_a_usage_error(self) -> None:
-        other_key, _ = make_certificate(self.directory, "other")
+        other_key, _ = make_certificate(temporary_directory(self))
         error = self.assertRaises(UsageError, parse_listen,
                                   "ssl:443:privateKey=%s:certKey=%s" % (other_key, self.cert))
         self.assertIn("do not match", str(error))

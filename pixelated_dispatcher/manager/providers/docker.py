@@ -47,7 +47,8 @@ from ...protocol import AgentAddress
 from ...usernames import is_valid_username
 from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, IDockerEngine,
                             NoSuchContainer, NoSuchImage, PullFailed, log_tail_lines)
-from .interface import AgentStartError, ExitCallback, IAgentProvider, RunningAgent
+from .interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
+                        notify_exit)
 from .loopback_guard import LoopbackGuardFailed
 
 #: label on every container of ours; its value is the provider's instance name
@@ -652,11 +653,7 @@ class DockerProvider:
                           container=container, error=error.message)
 
     def _notify(self, username: str, reason: str) -> None:
-        for callback in list(self._callbacks):
-            try:
-                callback(username, reason)
-            except Exception:
-                self.log.failure("exit callback failed for {username}", username=username)
+        notify_exit(self._callbacks, username, reason)
 
     # -- following the engine --
 

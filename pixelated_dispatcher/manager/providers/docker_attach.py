@@ -96,7 +96,7 @@ class AttachStdinProtocol(Protocol):
         if self._state == _ERROR:
             body = self._error_body()
             if body is not None:
-                self._fail(AttachRefused(self._status, _message(body)))
+                self._fail(AttachRefused(self._status, error_message(body)))
                 self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
@@ -140,14 +140,15 @@ class AttachStdinProtocol(Protocol):
                 "the Docker engine at %s closed the attach connection before the data"
                 " was written: %s" % (self._host, reason.getErrorMessage())))
         elif self._state == _ERROR:
-            self._fail(AttachRefused(self._status, _message(self._buffer)))
+            self._fail(AttachRefused(self._status, error_message(self._buffer)))
         else:
             self._fail(AttachConnectionFailed(
                 "the Docker engine at %s closed the attach connection before answering: %s"
                 % (self._host, reason.getErrorMessage())))
 
 
-def _message(body: bytes) -> str:
+def error_message(body: bytes) -> str:
+    """The ``message`` of a Docker error body (JSON), or the body as text."""
     try:
         parsed = json.loads(body)
         if isinstance(parsed, dict) and "message" in parsed:

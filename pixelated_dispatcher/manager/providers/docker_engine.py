@@ -207,14 +207,7 @@ def demultiplex(data: bytes) -> bytes:
     return b"".join(out)
 
 
-def _message(body: bytes) -> str:
-    try:
-        parsed = json.loads(body)
-        if isinstance(parsed, dict) and "message" in parsed:
-            return str(parsed["message"])
-    except ValueError:
-        pass
-    return body.decode("utf-8", "replace").strip() or "(no message)"
+_message = docker_attach.error_message
 
 
 # --- the real engine -----------------------------------------------------------

@@ -19,7 +19,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ...protocol import AgentAddress
-from .interface import AgentStartError, ExitCallback, IAgentProvider, RunningAgent
+from .interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
+                        notify_exit)
 
 log = Logger()
 
@@ -266,12 +267,7 @@ class FakeProvider:
     def _ended(self, agent: _FakeAgent, reason: str) -> None:
         self._cancel_pending(agent)
         self._forget(agent)
-        for callback in list(self._callbacks):
-            try:
-                callback(agent.username, reason)
-            except Exception:
-                log.failure("exit callback failed for the agent of {username}",
-                            username=agent.username)
+        notify_exit(self._callbacks, agent.username, reason)
         _fire_all(agent.stop_waiters, None)
 
     def _cancel_pending(self, agent: _FakeAgent) -> None:

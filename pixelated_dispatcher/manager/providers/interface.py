@@ -5,12 +5,15 @@ but nothing about users, passwords or sessions. The supervisor decides *when*;
 the provider decides *how*. Every provider (and its in-memory fake) passes the
 same contract tests in ``tests/provider_contract.py``.
 """
-from typing import Callable
+from typing import Callable, Iterable
 
 import attr
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from ...protocol import AgentAddress
+
+_log = Logger()
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -30,6 +33,16 @@ class AgentStartError(Exception):
 
 #: called as ``callback(username, reason)`` when an agent ends by itself or is stopped
 ExitCallback = Callable[[str, str], None]
+
+
+def notify_exit(callbacks: Iterable[ExitCallback], username: str, reason: str) -> None:
+    """Tell every ``on_exit`` callback; one that fails is logged, the others
+    still hear it."""
+    for callback in list(callbacks):
+        try:
+            callback(username, reason)
+        except Exception:
+            _log.failure("exit callback failed for the agent of {username}", username=username)
 
 
 class IAgentProvider(Interface):

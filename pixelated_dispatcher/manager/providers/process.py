@@ -90,7 +90,8 @@ from zope.interface import implementer
 
 from ...protocol import AgentAddress
 from ...usernames import is_valid_username
-from .interface import AgentStartError, ExitCallback, IAgentProvider, RunningAgent
+from .interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
+                        notify_exit)
 
 log = Logger()
 
@@ -1457,12 +1458,7 @@ class ProcessProvider:
         reason = "stopped" if agent.stopping else agent.process.exit_description
         log.info("agent of {username} ended: {reason}", username=agent.username, reason=reason)
         self._forget(agent)
-        for callback in list(self._callbacks):
-            try:
-                callback(agent.username, reason)
-            except Exception:
-                log.failure("exit callback failed for the agent of {username}",
-                            username=agent.username)
+        notify_exit(self._callbacks, agent.username, reason)
         _fire_all(agent.stop_waiters, None)
 
     def _forget(self, agent: _Agent) -> None:
