@@ -37,6 +37,7 @@ class DispatcherCase(unittest.TestCase):
     :meth:`dispatcher_options` and add users in :meth:`prepare`."""
 
     prefix = "pxd-"
+    dispatcher_class = Dispatcher
 
     @classmethod
     def dispatcher_options(cls):
@@ -49,7 +50,7 @@ class DispatcherCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.directory = tempfile.mkdtemp(prefix=cls.prefix)
-        cls.dispatcher = Dispatcher(cls.directory, **cls.dispatcher_options())
+        cls.dispatcher = cls.dispatcher_class(cls.directory, **cls.dispatcher_options())
         try:
             cls.dispatcher.start()
             cls.prepare()

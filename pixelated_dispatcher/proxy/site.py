@@ -11,10 +11,12 @@ and over TLS every response tells the browser to stay on HTTPS (HSTS).
 """
 from typing import Any, Optional
 
+from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.internet.task import Clock
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer_only
 
 from .channel import ProxyChannel
 from .forwarding import IForwarder, StreamingForwarder
@@ -98,10 +100,18 @@ class ProxyRequest(Request):
 IDLE_TIMEOUT = 180
 
 
+@implementer_only(IProtocolFactory, ILoggingContext)
 class ProxySite(Site):
     """The site; writes no access log unless given a file (a line per
     request costs about a tenth of the proxy's time on small pages, and
-    the URLs users open are theirs)."""
+    the URLs users open are theirs).
+
+    Not an ``IProtocolNegotiationFactory`` (``Site`` is): the proxy speaks
+    HTTP/1.1 only (``ProxyChannel``), so it must not offer ``h2`` by ALPN
+    when the ``h2`` package happens to be installed, and Twisted 22.4's TLS
+    would otherwise install an ALPN callback per connection, which the proxy
+    unit's ``MemoryDenyWriteExecute=yes`` forbids (see ``tls.server_context``).
+    """
 
     def log(self, request: IRequest) -> None:
         if self.logPath is not None:

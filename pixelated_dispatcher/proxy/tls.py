@@ -6,10 +6,12 @@ and offers non-forward-secret ciphers, and its string has no option against
 it. We read the same keys (``port``, ``privateKey``, ``certKey``,
 ``extraCertChain``, ``dhParameters``, ``interface``, ``backlog``; ``\\``
 escapes the next character, so ``\\:`` is a colon in a path) and build
-``CertificateOptions`` ourselves with TLS 1.2 as the minimum and only
+the OpenSSL context ourselves with TLS 1.2 as the minimum and only
 ECDHE/DHE key exchange with AEAD ciphers (TLS 1.3 suites are all of that
-kind). Any other description (``tcp:``, ``unix:``, ``systemd:``, ...) that
-names ``privateKey`` (and ``certKey``...) gets the same TLS from us, wrapped
+kind), in an OpenSSL context made without Python callbacks
+(:func:`server_context`: the unit's ``MemoryDenyWriteExecute=yes``). Any
+other description (``tcp:``, ``unix:``, ``systemd:``, ...) that names
+``privateKey`` (and ``certKey``...) gets the same TLS from us, wrapped
 around the plain endpoint (``TLSMemoryBIOFactory``), so a socket-activated
 ``systemd:`` listener is TLS 1.2+ too; without those keys it goes to
 ``serverFromString`` unchanged (plain HTTP, e.g. behind another proxy).
@@ -28,6 +30,7 @@ import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import attr
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
@@ -35,7 +38,6 @@ from twisted.internet.interfaces import IOpenSSLContextFactory, IStreamServerEnd
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 from zope.interface import implementer
 
@@ -86,10 +88,62 @@ def _read(path: str, what: str) -> bytes:
                          % (what, path, e.strerror or e))
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class ServerTLSContext:
+    """One loaded key and certificate as a ready OpenSSL context."""
+
+    context: SSL.Context
+    extraCertChain: List[Any]
+
+    def getContext(self) -> SSL.Context:
+        return self.context
+
+
+def server_context(key: crypto.PKey, certificate: crypto.X509, extra_chain: List[crypto.X509],
+                   dh_parameters: Optional[str]) -> SSL.Context:
+    """A server context with the settings of Twisted's ``CertificateOptions``
+    (TLS 1.2+, no compression, server cipher order, no resumption) minus its
+    Python callbacks.
+
+    Twisted always installs an ALPN selection callback (and 22.4 a
+    certificate verification callback too): each is an ``ffi.callback()``,
+    a trampoline in writable *and* executable memory, which the proxy unit's
+    ``MemoryDenyWriteExecute=yes`` forbids, so the proxy could not start
+    there. This context makes no callback: OpenSSL's own verification
+    (there is no client certificate to verify) and no ALPN (HTTP/1.1 only).
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_options(SSL.OP_NO_SSLv2 | SSL.OP_NO_SSLv3 | SSL.OP_NO_TLSv1
+                        | SSL.OP_NO_TLSv1_1 | SSL.OP_NO_COMPRESSION
+                        | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_SINGLE_DH_USE
+                        | SSL.OP_SINGLE_ECDH_USE | SSL.OP_NO_TICKET)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    try:
+        # pyOpenSSL 24.3+ wants cryptography's objects (and warns about its own).
+        context.use_certificate(certificate.to_cryptography())
+        context.use_privatekey(key.to_cryptography_key())
+        for extra in extra_chain:
+            context.add_extra_chain_cert(extra.to_cryptography())
+    except TypeError:  # Debian 12's pyOpenSSL 23 takes only its own
+        context.use_certificate(certificate)
+        context.use_privatekey(key)
+        for extra in extra_chain:
+            context.add_extra_chain_cert(extra)
+    context.check_privatekey()
+    context.set_verify(SSL.VERIFY_NONE)
+    context.set_session_id(b"pixelated-proxy")
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if dh_parameters is not None:
+        context.load_tmp_dh(dh_parameters.encode())
+    context.set_cipher_list(CIPHERS.encode("ascii"))
+    return context
+
+
 def tls_options(private_key: str, certificate: str,
                 extra_chain: Optional[str] = None,
-                dh_parameters: Optional[str] = None) -> ssl.CertificateOptions:
-    """Server TLS options from PEM files: TLS 1.2+, forward-secret AEAD only.
+                dh_parameters: Optional[str] = None) -> ServerTLSContext:
+    """Server TLS from PEM files: TLS 1.2+, forward-secret AEAD only.
 
     Raises ``UsageError`` naming the file for anything wrong with them.
     """
@@ -100,31 +154,22 @@ def tls_options(private_key: str, certificate: str,
     except Exception as e:
         raise UsageError("cannot load the TLS certificate %s with the private key %s: %s"
                          % (certificate, private_key, e))
-    chain = None
+    chain = []
     if extra_chain is not None:
         chain = [ssl.Certificate.loadPEM(pem).original
                  for pem in _PEM_CERTIFICATE.findall(_read(extra_chain, "certificate chain"))]
         if not chain:
             raise UsageError("the TLS certificate chain file %s holds no PEM certificate"
                              % (extra_chain,))
-    dh = None
     if dh_parameters is not None:
         _read(dh_parameters, "Diffie-Hellman parameters")
-        dh = ssl.DiffieHellmanParameters.fromFile(FilePath(dh_parameters))
-    options = ssl.CertificateOptions(
-        privateKey=key_and_cert.privateKey.original,
-        certificate=key_and_cert.original,
-        extraCertChain=chain,
-        dhParameters=dh,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
-    )
     try:
-        options.getContext()  # loads key and certificate, checks they match
-    except Exception as e:
+        context = server_context(key_and_cert.privateKey.original, key_and_cert.original,
+                                 chain, dh_parameters)
+    except SSL.Error as e:
         raise UsageError("the TLS private key %s does not fit the certificate %s (%s)"
                          % (private_key, certificate, e))
-    return options
+    return ServerTLSContext(context, chain)
 
 
 @implementer(IOpenSSLContextFactory)
@@ -152,7 +197,7 @@ class ReloadableTLS:
         Fires with True when the new files are in use."""
         d = deferToThread(tls_options, *self.files)
 
-        def loaded(options: ssl.CertificateOptions) -> bool:
+        def loaded(options: ServerTLSContext) -> bool:
             self.options = options
             log.info("TLS certificate {certificate} reloaded", certificate=self.files[1])
             return True
