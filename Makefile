@@ -20,10 +20,11 @@ demo: install
 check: install
 	$(BIN)/python -m pytest -rs tests
 
-# Debian packages: build, lintian, install, log in, purge, and boot them in a
-# Debian 12 container (root; about 5 minutes; see docs/packaging.rst).
+# Debian packages: build, lintian, the suite on Debian's Python, install, log
+# in with both providers, purge, and boot them in a Debian 12 container (root;
+# about 6 minutes; see docs/packaging.rst). .ci/run runs it after make check.
 package-test:
-	bash .ci/debian.sh --unit-tests --nspawn
+	bash .ci/debian.sh --unit-tests --docker --nspawn
 
 clean:
 	rm -rf $(VENV) *.egg-info .hypothesis test-artifacts
