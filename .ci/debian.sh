@@ -294,8 +294,9 @@ if [ -n "$DOCKER" ]; then
     USERNAME=ci-debian-docker AGENT_KIND=docker
     start_daemons "$OPTIONS --docker-host $DOCKER_HOST --agent-image $AGENT_IMAGE --docker-instance $DOCKER_INSTANCE --idle-timeout 0"
     user_logs_in
-    docker -H "$DOCKER_HOST" ps -a --filter "label=org.pixelated.dispatcher=$DOCKER_INSTANCE" \
-        --format '   container {{.Names}} {{.Status}}'
+    [ -z "$(docker -H "$DOCKER_HOST" ps -aq --filter "label=org.pixelated.dispatcher=$DOCKER_INSTANCE")" ] \
+        || fail "pixelated-ctl stop left the agent's container behind"
+    echo "   the agent's container is gone after pixelated-ctl stop"
     iptables -t raw -S PREROUTING | grep -q "pixelated-dispatcher loopback guard" \
         || fail "the manager (CAP_NET_ADMIN) did not install the loopback guard for Docker $(docker -H "$DOCKER_HOST" version -f '{{.Server.Version}}')"
     echo "   loopback guard rule present"
@@ -370,7 +371,7 @@ if [ -n "$NSPAWN" ]; then
     inside pixelated-ctl info "$USERNAME"
     step "nspawn: an upgrade (here a reinstall) restarts both services and keeps the session"
     main_pids() { inside systemctl show -p MainPID --value pixelated-manager.service pixelated-proxy.service \
-        | paste -sd' '; }
+        | grep . | paste -sd' '; }
     BEFORE=$(main_pids)
     inside timeout 300 apt-get install -y -qq --reinstall -o Dpkg::Options::=--force-confold \
         /debs/pixelated-dispatcher-manager_0.1.0_all.deb /debs/pixelated-dispatcher-proxy_0.1.0_all.deb \
