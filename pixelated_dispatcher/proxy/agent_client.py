@@ -16,13 +16,27 @@ completely sent request; anything else (the browser left, the agent said
 closed after :data:`IDLE_TIMEOUT` seconds, and at most :data:`MAX_IDLE` are
 kept per agent.
 
+A hung agent (deadlocked, stopped, swapping) accepts a connection and then
+says nothing. While an answer is due, the pool's ``agent_timeout`` (the
+proxy's ``--agent-timeout``, nginx's ``proxy_read_timeout``) bounds how long
+the agent may stay silent: from the moment the request is written until the
+response head, and between two reads of the body. Any byte from the agent
+restarts it, and so does the agent taking another piece of a large request
+body (one that stops reading an upload is just as hung). It is suspended
+while the browser's back-pressure keeps the connection paused (a slow
+browser is not the agent's fault), stops with the response, and does not
+apply to a switched (``101``) tunnel, where silence is normal. When it runs
+out, the connection is aborted (never pooled again) and the exchange fails
+with :class:`AgentTimedOut`. It costs one ``callLater`` per request and a
+timestamp per read.
+
 Only documented Twisted APIs that exist since 22.4 are used.
 """
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
@@ -40,6 +54,9 @@ IDLE_TIMEOUT = 60.0
 #: Seconds to wait for a TCP connection to an agent.
 CONNECT_TIMEOUT = 10.0
 
+#: Seconds an agent may stay silent while an answer is due (0: forever).
+AGENT_TIMEOUT = 60.0
+
 #: Request bodies up to this size are written together with the head.
 INLINE_BODY = 64 * 1024
 
@@ -48,6 +65,11 @@ NO_BODY_CODES = frozenset([204, 304])
 
 class AgentProtocolError(Exception):
     """The agent answered something that is not HTTP/1.x."""
+
+
+class AgentTimedOut(Exception):
+    """The agent stayed silent longer than the pool's ``agent_timeout``
+    while an answer was due."""
 
 
 class IExchange(Interface):
@@ -140,6 +162,11 @@ class AgentConnection(Protocol):
         self.lost = False
         self.idle_since = 0.0
         self.connected_deferred: Optional[Deferred] = None
+        #: When the agent last gave a sign of life (a read, or taking a
+        #: piece of the request body) during the current exchange.
+        self.heard_at = 0.0
+        self._seconds = pool._reactor.seconds
+        self._deadline: Optional[IDelayedCall] = None
         self._reset()
 
     def connectionMade(self) -> None:
@@ -186,10 +213,14 @@ class AgentConnection(Protocol):
             self._body_sent = False
             self._sender = FileSender()
             self._sender.CHUNK_SIZE = 65536
-            d = self._sender.beginFileTransfer(body, transport)
+            d = self._sender.beginFileTransfer(body, _BodyConsumer(self, transport))
             d.addCallbacks(self._body_done, self._body_failed)
+        self._start_deadline()
 
     def _body_done(self, _: Any) -> None:
+        # The transport asked for more, so the agent took the last piece:
+        # the wait for its answer starts now.
+        self.heard_at = self._seconds()
         self._body_sent = True
         self._sender = None
         if self.exchange is None and not self.lost:
@@ -212,6 +243,7 @@ class AgentConnection(Protocol):
         if self._tunnel:
             exchange.tunnel_data(data)
             return
+        self.heard_at = self._seconds()
         try:
             if self._in_head:
                 data = self._parse_head(data)
@@ -288,7 +320,9 @@ class AgentConnection(Protocol):
         self._answered = True
         self._keep_alive = keep_alive
         if code == 101:
-            # The agent switched protocols: from now on, raw bytes both ways.
+            # The agent switched protocols: from now on, raw bytes both ways,
+            # and an idle tunnel is normal.
+            self._stop_deadline()
             self._tunnel = True
             self._keep_alive = False
             self.exchange.switched(headers, rest)
@@ -324,6 +358,7 @@ class AgentConnection(Protocol):
         if exchange is None:
             return
         self.exchange = None
+        self._stop_deadline()
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
@@ -339,6 +374,7 @@ class AgentConnection(Protocol):
     def _fail(self, reason: Failure) -> None:
         exchange = self.exchange
         self.exchange = None
+        self._stop_deadline()
         if not self.lost:
             self.transport.abortConnection()
         if exchange is not None:
@@ -346,6 +382,7 @@ class AgentConnection(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.lost = True
+        self._stop_deadline()
         self._pool._forget(self)
         if self._sender is not None:
             self._sender.stopProducing()
@@ -364,11 +401,47 @@ class AgentConnection(Protocol):
         self.exchange = None
         exchange.exchange_failed(reason, self._answered)
 
+    # --- the agent's silence ------------------------------------------------------
+
+    def _start_deadline(self) -> None:
+        """The request is on its way: from now on the agent must keep
+        giving signs of life until the answer is complete."""
+        self._stop_deadline()
+        timeout = self._pool.agent_timeout
+        if timeout and self.exchange is not None and not self.lost:
+            self.heard_at = self._seconds()
+            self._deadline = self._pool._reactor.callLater(timeout, self._deadline_passed)
+
+    def _stop_deadline(self) -> None:
+        deadline = self._deadline
+        if deadline is not None:
+            self._deadline = None
+            deadline.cancel()
+
+    def _deadline_passed(self) -> None:
+        """Check the silence; wait on if the agent spoke meanwhile (cheaper
+        than moving the timer at every read), else give up on it."""
+        self._deadline = None
+        timeout = self._pool.agent_timeout
+        if not timeout or self.exchange is None or self.lost or self._tunnel:
+            return
+        now = self._seconds()
+        if self._paused:
+            self.heard_at = now  # the browser is the slow one
+        silent = now - self.heard_at
+        if silent < timeout:
+            self._deadline = self._pool._reactor.callLater(timeout - silent,
+                                                           self._deadline_passed)
+            return
+        self._fail(Failure(AgentTimedOut(
+            "no answer from the agent for %g s" % (timeout,))))
+
     # --- what the exchange may do ---------------------------------------------
 
     def abort(self) -> None:
         """The browser went away: drop this exchange and the connection."""
         self.exchange = None
+        self._stop_deadline()
         if not self.lost:
             self.transport.abortConnection()
 
@@ -380,10 +453,39 @@ class AgentConnection(Protocol):
     def resumeProducing(self) -> None:
         if self._paused and not self.lost:
             self._paused = False
+            # The agent's silence counts from here, not from the pause.
+            self.heard_at = self._seconds()
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         self.abort()
+
+
+@implementer(IConsumer)
+class _BodyConsumer:
+    """The agent's transport as the request body's ``FileSender`` sees it.
+
+    ``FileSender`` is a pull producer: it writes the next piece only when the
+    transport has passed the previous one to the kernel, i.e. when the agent
+    is reading. Each piece is therefore a sign of life; an agent that stops
+    reading an upload is as hung as one that stops answering."""
+
+    __slots__ = ("_connection", "_transport")
+
+    def __init__(self, connection: AgentConnection, transport: Any) -> None:
+        self._connection = connection
+        self._transport = transport
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._transport.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        connection = self._connection
+        connection.heard_at = connection._seconds()
+        self._transport.write(data)
 
 
 class _ConnectingFactory(ClientFactory):
@@ -412,8 +514,11 @@ class AgentPool:
 
     def __init__(self, reactor: Any, *, max_idle: int = MAX_IDLE,
                  idle_timeout: float = IDLE_TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 agent_timeout: float = AGENT_TIMEOUT) -> None:
         self._reactor = reactor
+        #: Seconds an agent may stay silent while an answer is due; 0: forever.
+        self.agent_timeout = agent_timeout
         self._idle: Dict[Tuple[str, int], List[AgentConnection]] = {}
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout

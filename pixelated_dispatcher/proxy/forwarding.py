@@ -23,7 +23,12 @@ plain ``twisted.web`` resource tree and replaces the client side of
 * an agent that cannot be reached before it answered is reported to the
   caller (the session gate turns that into the "starting your mailbox"
   page or a 503), one that fails mid-answer cuts the browser's connection so
-  the browser sees a truncated response rather than a wrong one.
+  the browser sees a truncated response rather than a wrong one;
+* an agent that stays silent for ``--agent-timeout`` seconds while an answer
+  is due (:mod:`.agent_client` times it) is hung, not gone: before the
+  response head the browser gets ``504`` ("did not answer in time"), after
+  it the browser's connection is cut; the agent connection is closed either
+  way, and the agent is not restarted (its other connections carry on).
 
 ``Upgrade`` requests (WebSocket) go over a connection of their own; when the
 agent answers ``101``, the browser's connection becomes a byte tunnel to the
@@ -32,6 +37,7 @@ filtered by the same header policy.
 """
 from typing import Any, Callable, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -39,8 +45,9 @@ from zope.interface import Interface, implementer
 
 from ..protocol import AgentAddress
 from . import pages
-from .agent_client import AgentConnection, AgentPool, IExchange
+from .agent_client import AGENT_TIMEOUT, AgentConnection, AgentPool, AgentTimedOut, IExchange
 from .browser_connection import client_ip
+from .cookie_policy import session_token
 from .header_policy import request_head, request_header_pairs, response_header_groups
 
 log = Logger()
@@ -74,6 +81,25 @@ def public_origin(request: IRequest) -> bytes:
     """``https://host[:port]`` as the browser addressed the proxy."""
     host = request.getHeader(b"host") or b"localhost"
     return (b"https://" if request.isSecure() else b"http://") + host
+
+
+#: How a log line names a user the session cache cannot name any more.
+UNKNOWN_USER = "(unknown user)"
+
+
+def user_of(request: IRequest) -> Deferred:
+    """Whose request this is, for a log line (a Deferred name).
+
+    The forwarder is given a request and an address, not a user. The session
+    gate found the user from the session cookie; the site's session cache
+    finds it again, asking the manager if the cached answer expired
+    meanwhile (a timeout is longer than the cache's lifetime). Only rare log
+    lines ask, so the hot path carries nothing for them."""
+    cache = getattr(getattr(request, "site", None), "cache", None)
+    token = session_token(request)
+    if cache is None or token is None:
+        return succeed(UNKNOWN_USER)
+    return cache.resolve(token).addErrback(lambda _: UNKNOWN_USER)
 
 
 def body_of(request: IRequest) -> Tuple[Any, Optional[int]]:
@@ -197,6 +223,9 @@ class Exchange:
         if self._producing:
             self._producing = False
             request.unregisterProducer()
+        if reason.check(AgentTimedOut):
+            self._timed_out(answered)
+            return
         if not answered:
             if (connection is not None and connection.reused and not self._retried
                     and (request.method in IDEMPOTENT or self._length is None)):
@@ -209,10 +238,31 @@ class Exchange:
         log.warn("Agent at {host}:{port} failed mid-answer: {why}",
                  host=self._address[0], port=self._address[1],
                  why=reason.getErrorMessage())
-        # The head is out: the only honest thing left is to cut the response.
-        transport = getattr(request.channel, "transport", None)
+        self._cut_response()
+
+    def _cut_response(self) -> None:
+        """The head is out: the only honest thing left is to cut the
+        response, so the browser sees it incomplete rather than short."""
+        transport = getattr(self._request.channel, "transport", None)
         if transport is not None:
             transport.abortConnection()
+
+    def _timed_out(self, answered: bool) -> None:
+        """The agent is hung (its connection is already closed): no retry,
+        no restart; a 504 if the browser has no head yet."""
+        request = self._request
+        facts = dict(host=self._address[0], port=self._address[1],
+                     seconds=self._forwarder.pool.agent_timeout,
+                     when="in the middle of answering" if answered else "after",
+                     method=request.method.decode("ascii", "replace"),
+                     outcome="browser connection cut" if answered else "504 to the browser")
+        user_of(request).addCallback(lambda user: log.warn(
+            "Agent of {user} at {host}:{port} sent nothing for {seconds:g} s {when} "
+            "a {method} request: {outcome}; agent connection closed", user=user, **facts))
+        if answered:
+            self._cut_response()
+        else:
+            pages.agent_timed_out(self._request)
 
 
 def wants_upgrade(request: IRequest) -> bool:
@@ -285,9 +335,13 @@ class UpgradeExchange(Exchange):
 class StreamingForwarder:
     """Forwards requests over a pool of kept-alive HTTP/1.1 connections."""
 
-    def __init__(self, reactor: Any, pool: Optional[AgentPool] = None) -> None:
+    def __init__(self, reactor: Any, pool: Optional[AgentPool] = None, *,
+                 agent_timeout: float = AGENT_TIMEOUT) -> None:
+        """``agent_timeout`` (seconds, 0: none) applies to the pool made here;
+        a given ``pool`` keeps its own."""
         self.reactor = reactor
-        self.pool = pool if pool is not None else AgentPool(reactor)
+        self.pool = (pool if pool is not None
+                     else AgentPool(reactor, agent_timeout=agent_timeout))
         self._authorities: dict = {}
 
     def authorities(self, address: Tuple[str, int]) -> Tuple[bytes, ...]:

@@ -314,6 +314,20 @@ def agent_unreachable(request: IRequest) -> None:
     ], no_store=True)
 
 
+def agent_timed_out(request: IRequest) -> None:
+    """504: the agent took the request but stayed silent too long (hung,
+    stopped, swapping). Unlike 502 it is running, so nothing is restarted;
+    the user can only try again."""
+    if is_script_request(request):
+        write_json(request, 504, {"error": "mailbox did not answer in time"})
+        return
+    write_page(request, 504, "Your mailbox did not answer in time", [
+        tags.p("Your mailbox is taking too long to answer; it may be busy. "
+               "Please reload the page in a moment."),
+        tags.p("If this keeps happening, contact your administrator."),
+    ], no_store=True)
+
+
 def bad_request(request: IRequest) -> None:
     """400: a request the proxy will not pass on."""
     write_page(request, 400, "Bad request", [tags.p("The request was malformed.")],

@@ -17,6 +17,7 @@ endpoint per ``--listen`` (all serving the same site), the optional
 A port that cannot be bound stops startup instead of leaving a proxy that
 serves nothing.
 """
+import math
 import os
 import signal
 from typing import Any, List, Optional
@@ -27,6 +28,8 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .agent_client import AGENT_TIMEOUT
+from .forwarding import StreamingForwarder
 from .manager_client import DEFAULT_SOCKET, AMPManagerClient
 from .redirect_http import make_redirect_site
 from .site import make_site
@@ -59,6 +62,10 @@ class Options(usage.Options):
          "Text file shown above the login form (plain text; blank lines separate paragraphs)."],
         ["access-log", None, None,
          "File for an access log, a line per request (default: none)."],
+        ["agent-timeout", None, "%g" % (AGENT_TIMEOUT,),
+         "Seconds an agent may stay silent while its answer is due (until the "
+         "response head, and between two reads of the body); then the browser "
+         "gets 504 (or, mid-body, a cut connection). 0 disables it."],
     ]
     optFlags = [
         ["allow-root", None, "Serve even while running as root (development only)."],
@@ -74,6 +81,7 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def postOptions(self) -> None:
+        self["agent-timeout"] = seconds_option("agent-timeout", self["agent-timeout"])
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         # Parsing loads TLS keys now, so a bad file is a usage error.
@@ -97,6 +105,19 @@ class Options(usage.Options):
                 self["banner-text"] = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise usage.UsageError("the banner file %s is not UTF-8" % (self["banner"],))
+
+
+def seconds_option(name: str, value: Any) -> float:
+    """A duration given on the command line: a finite number of seconds, 0
+    or more (0 meaning "never"), else a usage error naming the option."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise usage.UsageError("--%s takes a number of seconds, 0 or more (0 disables "
+                               "it), not %r" % (name, value))
+    return seconds
 
 
 def https_port(listeners: List[Any]) -> int:
@@ -163,8 +184,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         from twisted.internet import reactor as global_reactor
         reactor = global_reactor
     manager = AMPManagerClient.for_socket(reactor, options["manager-socket"])
-    site = make_site(manager, reactor, banner=options.get("banner-text"),
-                     access_log=options["access-log"])
+    forwarder = StreamingForwarder(reactor,
+                                   agent_timeout=float(options["agent-timeout"]))
+    site = make_site(manager, reactor, forwarder=forwarder,
+                     banner=options.get("banner-text"), access_log=options["access-log"])
     listeners: List[Any] = options.get("listeners") or [
         parse_listen(d) for d in options["listen"] or [DEFAULT_LISTEN]]
     proxy = ProxyService(reactor, site, listeners, allow_root=bool(options["allow-root"]))
