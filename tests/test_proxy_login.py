@@ -24,7 +24,7 @@ class RecordingForwarder:
     def __init__(self) -> None:
         self.forwarded: List[Tuple[bytes, object]] = []
 
-    def forward(self, request, address, agent_gone) -> None:
+    def forward(self, request, address, agent_gone, user="") -> None:
         self.forwarded.append((request.uri, address))
         request.setResponseCode(200)
         request.write(b"agent %s:%d" % (address.host.encode(), address.port))

@@ -37,7 +37,6 @@ filtered by the same header policy.
 """
 from typing import Any, Callable, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -47,7 +46,6 @@ from ..protocol import AgentAddress
 from . import pages
 from .agent_client import AGENT_TIMEOUT, AgentConnection, AgentPool, AgentTimedOut, IExchange
 from .browser_connection import client_ip
-from .cookie_policy import session_token
 from .header_policy import request_head, request_header_pairs, response_header_groups
 
 log = Logger()
@@ -69,37 +67,19 @@ AgentGone = Callable[[IRequest], None]
 class IForwarder(Interface):
     """Something that passes one browser request on to an agent."""
 
-    def forward(request, address, agent_gone):
+    def forward(request, address, agent_gone, user=""):
         """Send ``request`` to the agent at ``address`` (an
         :class:`~pixelated_dispatcher.protocol.AgentAddress`) and write the
         agent's answer to ``request``, finishing it. If the agent cannot be
         reached (refused, closed without answering), call
-        ``agent_gone(request)`` instead, which answers the request."""
+        ``agent_gone(request)`` instead, which answers the request.
+        ``user`` (whose agent it is) names it in log lines."""
 
 
 def public_origin(request: IRequest) -> bytes:
     """``https://host[:port]`` as the browser addressed the proxy."""
     host = request.getHeader(b"host") or b"localhost"
     return (b"https://" if request.isSecure() else b"http://") + host
-
-
-#: How a log line names a user the session cache cannot name any more.
-UNKNOWN_USER = "(unknown user)"
-
-
-def user_of(request: IRequest) -> Deferred:
-    """Whose request this is, for a log line (a Deferred name).
-
-    The forwarder is given a request and an address, not a user. The session
-    gate found the user from the session cookie; the site's session cache
-    finds it again, asking the manager if the cached answer expired
-    meanwhile (a timeout is longer than the cache's lifetime). Only rare log
-    lines ask, so the hot path carries nothing for them."""
-    cache = getattr(getattr(request, "site", None), "cache", None)
-    token = session_token(request)
-    if cache is None or token is None:
-        return succeed(UNKNOWN_USER)
-    return cache.resolve(token).addErrback(lambda _: UNKNOWN_USER)
 
 
 def body_of(request: IRequest) -> Tuple[Any, Optional[int]]:
@@ -122,11 +102,11 @@ class Exchange:
     """One browser request forwarded to one agent."""
 
     __slots__ = ("_forwarder", "_request", "_address", "_head", "_body", "_length",
-                 "_agent_gone", "_connection", "_gone", "_retried", "_producing")
+                 "_agent_gone", "_user", "_connection", "_gone", "_retried", "_producing")
 
     def __init__(self, forwarder: "StreamingForwarder", request: IRequest,
                  address: Tuple[str, int], head: bytes, body: Any,
-                 length: Optional[int], agent_gone: AgentGone) -> None:
+                 length: Optional[int], agent_gone: AgentGone, user: str = "") -> None:
         self._forwarder = forwarder
         self._request = request
         self._address = address
@@ -134,6 +114,7 @@ class Exchange:
         self._body = body
         self._length = length
         self._agent_gone = agent_gone
+        self._user = user
         self._connection: Optional[AgentConnection] = None
         self._gone = False
         self._retried = False
@@ -250,15 +231,14 @@ class Exchange:
     def _timed_out(self, answered: bool) -> None:
         """The agent is hung (its connection is already closed): no retry,
         no restart; a 504 if the browser has no head yet."""
-        request = self._request
-        facts = dict(host=self._address[0], port=self._address[1],
-                     seconds=self._forwarder.pool.agent_timeout,
-                     when="in the middle of answering" if answered else "after",
-                     method=request.method.decode("ascii", "replace"),
-                     outcome="browser connection cut" if answered else "504 to the browser")
-        user_of(request).addCallback(lambda user: log.warn(
-            "Agent of {user} at {host}:{port} sent nothing for {seconds:g} s {when} "
-            "a {method} request: {outcome}; agent connection closed", user=user, **facts))
+        log.warn("Agent of {user} at {host}:{port} sent nothing for {seconds:g} s {when} "
+                 "a {method} request: {outcome}; agent connection closed",
+                 user=self._user or "(unknown user)",
+                 host=self._address[0], port=self._address[1],
+                 seconds=self._forwarder.pool.agent_timeout,
+                 when="in the middle of answering" if answered else "after",
+                 method=self._request.method.decode("ascii", "replace"),
+                 outcome="browser connection cut" if answered else "504 to the browser")
         if answered:
             self._cut_response()
         else:
@@ -357,7 +337,7 @@ class StreamingForwarder:
         return found
 
     def forward(self, request: IRequest, address: AgentAddress,
-                agent_gone: AgentGone) -> None:
+                agent_gone: AgentGone, user: str = "") -> None:
         upgrade = wants_upgrade(request)
         body, length = body_of(request)
         pairs = request_header_pairs(request.requestHeaders, client_ip=client_ip(request),
@@ -365,10 +345,10 @@ class StreamingForwarder:
         head = request_head(request.method, request.uri, pairs, length)
         if upgrade:
             UpgradeExchange(self, request, (address.host, address.port), head, body,
-                            length, agent_gone).start()
+                            length, agent_gone, user).start()
         else:
             Exchange(self, request, (address.host, address.port), head, body, length,
-                     agent_gone).start()
+                     agent_gone, user).start()
 
     def close(self) -> None:
         self.pool.close()

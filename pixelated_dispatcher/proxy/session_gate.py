@@ -138,7 +138,7 @@ class SessionGate(Resource):
             self._cache.hold(username)
             request.notifyFinish().addBoth(lambda _: self._cache.release(username))
         self._forwarder.forward(request, address,
-                                lambda request: self._agent_gone(request, username))
+                                lambda request: self._agent_gone(request, username), username)
 
     def _start_then_forward(self, request: IRequest, token: str, username: str) -> None:
         gone = Disconnection.watch(request)
