@@ -340,6 +340,30 @@ class ProcessProviderTests(TestCase):
             self.assertEqual(whoami["username"], agent.username)
 
     @inlineCallbacks
+    def test_a_port_given_up_is_not_handed_to_another_user(self):
+        """A proxy may still hold alice's old address for a moment after her
+        agent stopped: bob's agent must not answer there, alice's may."""
+        offered = free_loopback_port()
+        f = self.fixture(choose_port=lambda: offered)
+        alice = yield f.provider.start("alice", f.data_dir("alice"), credentials_for("alice"))
+        self.assertEqual(alice.address.port, offered)
+        yield f.provider.stop("alice")
+        bob = yield f.provider.start("bob", f.data_dir("bob"), credentials_for("bob"))
+        self.assertNotEqual(bob.address.port, offered)
+        yield f.provider.stop("bob")
+        alice = yield f.provider.start("alice", f.data_dir("alice"), credentials_for("alice"))
+        self.assertEqual(alice.address.port, offered)
+
+    @inlineCallbacks
+    def test_after_the_quarantine_the_port_is_free_again(self):
+        offered = free_loopback_port()
+        f = self.fixture(choose_port=lambda: offered, port_quarantine=0)
+        yield f.provider.start("alice", f.data_dir("alice"), credentials_for("alice"))
+        yield f.provider.stop("alice")
+        bob = yield f.provider.start("bob", f.data_dir("bob"), credentials_for("bob"))
+        self.assertEqual(bob.address.port, offered)
+
+    @inlineCallbacks
     def test_agents_die_with_a_killed_manager(self):
         root = tempfile.mkdtemp(prefix="pixelated-provider-test-")
         self.addCleanup(shutil.rmtree, root, True)

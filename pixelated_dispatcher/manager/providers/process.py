@@ -5,7 +5,10 @@ util-linux and coreutils (Essential on Debian). What it guarantees, and why:
 
 * **The manager picks the port** (bind ``127.0.0.1:0``, read it back, release
   it) and passes it on the command line; an agent that loses the race for it
-  ("address already in use") is retried on another port a few times.
+  ("address already in use") is retried on another port a few times. A port
+  another user's agent gave up in the last ten minutes is never handed out
+  (:data:`PORT_QUARANTINE`), so a proxy's cached address of a stopped agent
+  cannot lead to someone else's.
 * **Credentials travel only on stdin**: one JSON line, then stdin is closed.
   Never argv (``/proc/<pid>/cmdline`` is world readable), never the
   environment, never a file.
@@ -73,7 +76,7 @@ import stat
 import struct
 import sys
 import time
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import attr
 from twisted.internet import defer
@@ -106,6 +109,14 @@ LOOPBACK = "127.0.0.1"
 
 #: how often a start tries another port after "address already in use"
 PORT_ATTEMPTS = 3
+
+#: Seconds during which a port an agent gave up is not handed to another
+#: user's agent. The proxy caches each user's agent address until the
+#: manager's AgentStopped push reaches it (milliseconds, and a proxy that
+#: loses the manager forgets every address): were the port reused at once,
+#: a request of the stopped agent's user could reach the new agent of
+#: someone else in between.
+PORT_QUARANTINE = 600.0
 
 #: readiness probe: one try at most this long, a new try this often
 PROBE_TIMEOUT = 1.0
@@ -935,11 +946,14 @@ class ProcessProvider:
     accounts: Optional[Accounts] = None
     state_dir: Optional[str] = attr.ib(default=None, validator=_check_state_dir)
     keep_on_close: bool = True
+    port_quarantine: float = PORT_QUARANTINE
 
     name = "process"
 
     _argv: List[str] = attr.ib(init=False)
     _agents: Dict[str, _Agent] = attr.ib(init=False, factory=dict)
+    #: port -> (user, when) of the ports agents gave up (PORT_QUARANTINE)
+    _released: Dict[int, Tuple[str, float]] = attr.ib(init=False, factory=dict)
     _callbacks: List[ExitCallback] = attr.ib(init=False, factory=list)
     _closing: bool = attr.ib(init=False, default=False)
     #: per user, the last file operation queued (they run one after another)
@@ -1167,7 +1181,9 @@ class ProcessProvider:
             # Never hand out a port another of our agents holds or is about to
             # bind: two agents on one port would let one user's readiness probe
             # be answered by the other user's agent.
+            # Nor one another user's agent gave up lately (PORT_QUARANTINE).
             taken = {a.port for a in self._agents.values() if a is not agent}
+            taken |= self._quarantined_ports(agent.username)
             port = self.choose_port()
             while port in taken:
                 port = free_loopback_port()
@@ -1464,9 +1480,20 @@ class ProcessProvider:
     def _forget(self, agent: _Agent) -> None:
         if self._agents.get(agent.username) is agent:
             del self._agents[agent.username]
+        if agent.port:
+            self._released[agent.port] = (agent.username, self.reactor.seconds())
         if agent.kill_timer is not None and agent.kill_timer.active():
             agent.kill_timer.cancel()
         agent.kill_timer = None
+
+    def _quarantined_ports(self, username: str) -> Set[int]:
+        """Ports that agents of users other than ``username`` gave up less
+        than ``port_quarantine`` seconds ago (older entries are dropped)."""
+        since = self.reactor.seconds() - self.port_quarantine
+        for port, (_, when) in list(self._released.items()):
+            if when <= since:
+                del self._released[port]
+        return {port for port, (user, _) in self._released.items() if user != username}
 
     @staticmethod
     def _wait(waiters: List[Deferred]) -> Deferred:
