@@ -140,10 +140,15 @@ class EndSession(amp.Command):
 
 
 class EnsureAgent(amp.Command):
-    """Start the user's agent unless it runs; answer once it serves HTTP."""
+    """Start the user's agent unless it runs; answer once it serves HTTP.
+
+    ``InvalidSession``: the agent must start but needs the password of its
+    logged-in user, which the manager lost (it restarted): the user's
+    sessions were ended, the browser must log in again."""
     arguments = [(b"username", amp.Unicode())]
     response = [(b"host", amp.Unicode()), (b"port", amp.Integer())]
-    errors = _errors(InvalidUsername, UnknownUser, AgentStartFailed, CapacityReached)
+    errors = _errors(InvalidUsername, UnknownUser, AgentStartFailed, CapacityReached,
+                     InvalidSession)
 
 
 class LocateAgent(amp.Command):

@@ -213,6 +213,28 @@ class ManagerStopTests(_DispatcherCase):
                         demo_agents_alive(self.directory))
         self.dispatcher.start_manager()
 
+    def test_after_a_restart_without_agents_the_user_logs_in_again(self):
+        """The session survived (SQLite) but the password did not (memory):
+        an agent started now would get an empty one, so the browser is sent
+        to the login form instead, and the next login starts it properly."""
+        self.dispatcher.add_user("heidi", "heidi's password")
+        browser = self.browser()
+        browser.log_in("heidi", "heidi's password")
+        self.assertTrue(browser.get("/whoami").json()["password_received"])
+        self.dispatcher.stop_manager()
+        self.dispatcher.start_manager()
+
+        def sent_to_login():
+            page = browser.get("/", headers={"Accept": "text/html"})
+            return page.status in (302, 303) and page.header("Location") or None
+        location = wait_until(sent_to_login, timeout=20)
+        self.assertTrue(location and location.startswith("/auth/login"), location)
+        self.assertFalse([k for k in browser.cookies if "session" in k], browser.cookies)
+        self.assertEqual(browser.log_in("heidi", "heidi's password").status, 303)
+        whoami = browser.get("/whoami").json()
+        self.assertEqual(whoami["username"], "heidi")
+        self.assertTrue(whoami["password_received"], "started with the new login's password")
+
 
 class AdministrationTests(_DispatcherCase):
 

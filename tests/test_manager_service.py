@@ -13,7 +13,10 @@ from twisted.trial.unittest import TestCase
 from pixelated_dispatcher import protocol as p
 from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
 from pixelated_dispatcher.manager.providers.fake import FakeProvider
+from pixelated_dispatcher.manager.providers.interface import RunningAgent
 from pixelated_dispatcher.manager.service import Manager, ManagerSettings
+
+from .manager_contract import RecordingListener
 
 
 class ManagerTests(TestCase):
@@ -173,6 +176,51 @@ class ManagerTests(TestCase):
         self.assertEqual([u for u, _ in (yield manager.list_users())], ["alice", "bob"])
         self.assertEqual(os.stat(os.path.join(self.state_dir, "dispatcher.sqlite")).st_mode
                          & 0o777, 0o600)
+
+    @inlineCallbacks
+    def restarted_without_agents(self):
+        """Alice logged in, then the manager restarted and her agent did not
+        survive (a reboot): the new manager has her session, not her password."""
+        token = yield self.manager.authenticate("alice", "alice's password", "192.0.2.1")
+        yield self.finish_starts(self.manager.ensure_agent("alice"))
+        yield self.finish_starts(self.manager.stopService())
+        self.provider = FakeProvider(self.clock, start_delay=1.0)
+        manager = yield self.start_manager(self.provider)
+        return token, manager
+
+    @inlineCallbacks
+    def test_after_a_restart_an_agent_to_start_asks_for_the_password_again(self):
+        token, manager = yield self.restarted_without_agents()
+        listener = RecordingListener()
+        manager.announcements.subscribe(listener)
+        yield self.assertFailure(self.finish_starts(manager.ensure_agent("alice")),
+                                 p.InvalidSession)
+        self.assertEqual(self.provider.launches, [])  # no agent with an empty password
+        yield self.assertFailure(manager.resolve_session(token), p.InvalidSession)
+        # the proxies drop the session at once
+        self.assertIn(("sessions_revoked", "alice"), listener.events)
+        yield manager.authenticate("alice", "alice's password", "192.0.2.1")
+        yield self.finish_starts(manager.ensure_agent("alice"))
+        self.assertEqual(self.provider.received("alice")["password_received"], True)
+
+    @inlineCallbacks
+    def test_after_a_restart_an_operator_start_needs_no_login(self):
+        token, manager = yield self.restarted_without_agents()
+        yield self.finish_starts(manager.start_agent("alice"))
+        self.assertEqual(self.provider.launches, ["alice"])
+        self.assertEqual((yield manager.resolve_session(token)), "alice")
+
+    @inlineCallbacks
+    def test_an_adopted_agent_serves_without_the_password(self):
+        token = yield self.manager.authenticate("alice", "alice's password", "192.0.2.1")
+        yield self.finish_starts(self.manager.stopService())
+        left_running = RunningAgent("alice", p.AgentAddress("127.0.0.1", 20123), pid=0,
+                                    started=reactor.seconds())
+        self.provider = FakeProvider(self.clock, recoverable=[left_running])
+        manager = yield self.start_manager(self.provider)
+        self.assertEqual((yield manager.ensure_agent("alice")), left_running.address)
+        self.assertEqual((yield manager.resolve_session(token)), "alice")
+        self.assertEqual(self.provider.launches, [])
 
     @inlineCallbacks
     def test_stopping_the_manager_closes_the_provider(self):

@@ -23,6 +23,10 @@ class CredentialsVault:
     def forget(self, username: str) -> None:
         self._passwords.pop(username, None)
 
+    def knows(self, username: str) -> bool:
+        """Whether the user's password is here (they logged in to this manager)."""
+        return username in self._passwords
+
     def line_for(self, username: str) -> bytes:
         """The JSON line for ``username``; the password is empty when unknown
         (an agent started by an operator before the user logged in)."""

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ..protocol import (AgentAddress, AgentNotRunning, BadRequest, InvalidCredentials,
-                        UserExists, rate_limited, token_digest)
+                        InvalidSession, UserExists, rate_limited, token_digest)
 from .agent_accounts import AgentAccounts, UidRange
 from .agent_usage import resident_memory
 from .announcements import Announcer
@@ -31,7 +31,7 @@ from .passwords import PRODUCTION, HashParameters, PasswordHasher
 from .providers.interface import IAgentProvider
 from .registry import UserRegistry
 from .sessions import SessionStore
-from .supervisor import STOPPED, AgentStatus, AgentSupervisor
+from .supervisor import FAILED, STOPPED, AgentStatus, AgentSupervisor
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -188,8 +188,26 @@ class Manager(MultiService):
     def ensure_agent(self, username: str, reason: str = "request"):
         yield self.ready()
         yield self.users.require(username)
+        if reason == "request" and self.supervisor.state(username) in (STOPPED, FAILED) \
+                and not self._vault.knows(username) and (yield self.sessions.count(username)):
+            yield self._password_lost(username)
         address = yield self.supervisor.ensure(username, reason)
         return address
+
+    @inlineCallbacks
+    def _password_lost(self, username: str):
+        """The agent of a logged-in user must start, and it needs the user's
+        password (the Pixelated agent unlocks the mailbox with it), which
+        this manager never learnt: it restarted since the login (agents
+        did not survive, e.g. a reboot) or culled an agent it had adopted.
+        Starting with an empty password would give the user a mailbox that
+        cannot open; ending the sessions makes the proxy ask for the
+        password again, and the next login starts the agent properly."""
+        count = yield self._revoke(username)
+        self.log.info("{username} must log in again: the agent needs the password, which"
+                      " this manager does not know ({count} sessions ended)",
+                      username=username, count=count)
+        raise InvalidSession("the agent of %s needs the password: log in again" % (username,))
 
     @inlineCallbacks
     def locate_agent(self, username: str):
