@@ -7,7 +7,7 @@ import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.internet.task import Clock, LoopingCall
+from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 
 from pixelated_dispatcher import protocol as p
@@ -221,6 +221,26 @@ class ManagerTests(TestCase):
         self.assertEqual((yield manager.ensure_agent("alice")), left_running.address)
         self.assertEqual((yield manager.resolve_session(token)), "alice")
         self.assertEqual(self.provider.launches, [])
+
+    @inlineCallbacks
+    def test_expired_sessions_are_swept_with_their_users_passwords(self):
+        yield self.finish_starts(self.manager.stopService())
+        self.provider = FakeProvider(self.clock)
+        manager = yield self.start_manager(self.provider, session_idle_timeout=0.2)
+        yield manager.authenticate("alice", "alice's password", "192.0.2.1")
+        bobs = yield manager.authenticate("bob", "bob's password", "192.0.2.2")
+        yield deferLater(reactor, 0.3, lambda: None)
+        yield manager.authenticate("bob", "bob's password", "192.0.2.2")  # bob stays
+        yield manager._sweep_sessions()
+        self.assertEqual((yield manager.sessions.count("alice")), 0)
+        yield self.assertFailure(manager.resolve_session(bobs), p.InvalidSession)
+        self.assertEqual((yield manager.sessions.count("bob")), 1)
+        # An operator's start now gives alice's agent no password: it is gone
+        # from memory; bob's is still there.
+        yield self.finish_starts(manager.start_agent("alice"))
+        yield self.finish_starts(manager.start_agent("bob"))
+        self.assertFalse(self.provider.received("alice")["password_received"])
+        self.assertTrue(self.provider.received("bob")["password_received"])
 
     @inlineCallbacks
     def test_stopping_the_manager_closes_the_provider(self):

@@ -7,7 +7,7 @@ that user has a session, so that it can start (or restart) the agent; it is
 never written to disk, argv or the environment.
 """
 import json
-from typing import Dict
+from typing import Dict, Iterable
 
 
 class CredentialsVault:
@@ -22,6 +22,14 @@ class CredentialsVault:
 
     def forget(self, username: str) -> None:
         self._passwords.pop(username, None)
+
+    def forget_all_except(self, usernames: Iterable[str]) -> int:
+        """Forget every password but those of ``usernames``; how many went."""
+        keep = set(usernames)
+        gone = [name for name in self._passwords if name not in keep]
+        for name in gone:
+            del self._passwords[name]
+        return len(gone)
 
     def knows(self, username: str) -> bool:
         """Whether the user's password is here (they logged in to this manager)."""

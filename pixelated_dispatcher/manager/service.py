@@ -10,6 +10,7 @@ import shutil
 from typing import Dict, List, Optional, Tuple
 
 import attr
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
@@ -59,6 +60,11 @@ class AgentDetails:
     status: AgentStatus
     memory: int
     last_activity: float
+
+
+#: Seconds between two sweeps of expired sessions (and of the passwords
+#: of users who have none left).
+SESSION_SWEEP_INTERVAL = 300.0
 
 
 class Manager(MultiService):
@@ -111,6 +117,9 @@ class Manager(MultiService):
     def _started(self, _) -> None:
         # Children (the culler's timer) start only once agents are recovered.
         self.culler.service().setServiceParent(self)
+        sweeper = TimerService(SESSION_SWEEP_INTERVAL, self._sweep_sessions)
+        sweeper.clock = self._reactor
+        sweeper.setServiceParent(self)
         super().startService()
         self.log.info("manager ready, state in {dir}", dir=self.state_dir)
         self._ready.callback(None)
@@ -130,6 +139,22 @@ class Manager(MultiService):
             self._hasher.stop()
             self._file_pool.stop()
             yield self._database.stop()
+
+    @inlineCallbacks
+    def _sweep_sessions(self):
+        """Delete expired sessions and forget the passwords of users left
+        without a live one: a password stays in memory only while a session
+        may need it to (re)start the agent. Never fails (the timer would stop)."""
+        try:
+            purged = yield self.sessions.purge_expired()
+            forgotten = self._vault.forget_all_except((yield self.sessions.users()))
+        except Exception:
+            self.log.failure("sweeping expired sessions failed")
+            return
+        if purged or forgotten:
+            self.log.info("{purged} expired sessions deleted; passwords of {forgotten}"
+                          " users without a session forgotten",
+                          purged=purged, forgotten=forgotten)
 
     def ready(self) -> Deferred:
         """Fires once the database is open and agents are recovered."""

@@ -7,7 +7,7 @@ without use, or ``max_age`` seconds after login, whichever comes first.
 """
 import hashlib
 import secrets
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred
 
@@ -108,6 +108,11 @@ class SessionStore:
             "SELECT created, last_seen, client FROM sessions WHERE username = ?"
             " AND created >= ? AND last_seen >= ? ORDER BY created",
             (username, now - self.max_age, now - self.idle_timeout)).fetchall())
+
+    def users(self) -> "Deferred[Set[str]]":
+        """The users who have a session (not yet purged)."""
+        return self._database.run(lambda c: {row[0] for row in c.execute(
+            "SELECT DISTINCT username FROM sessions")})
 
     def purge_expired(self) -> "Deferred[int]":
         """Delete expired sessions; fires with how many."""
