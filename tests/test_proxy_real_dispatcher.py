@@ -22,6 +22,12 @@ class RealDispatcherTests(DispatcherCase):
     prefix = "pxd-proxy-real-"
 
     @classmethod
+    def dispatcher_options(cls):
+        # As deployed: agents outlive a manager restart (the next one adopts
+        # them), so a restart costs nobody their session.
+        return {"keep_agents": True}
+
+    @classmethod
     def prepare(cls):
         for name in ("alice", "bob", "carol", "dave"):
             cls.dispatcher.add_user(name, name + "'s password")
