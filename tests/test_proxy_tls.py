@@ -3,6 +3,7 @@ listener on 127.0.0.1 with a certificate made for the test."""
 import os
 import shutil
 import socket
+import subprocess
 import ssl as stdlib_ssl
 import tempfile
 import warnings
@@ -193,6 +194,23 @@ class ParseListenTests(SynchronousTestCase):
         self.assertRaises(UsageError, parse_listen,
                           "ssl:443:privateKey=%s:certKey=%s:extraCertChain=%s"
                           % (self.key, self.cert, empty))
+
+    def test_dh_parameters_are_loaded(self) -> None:
+        params = os.path.join(self.directory, "dh.pem")
+        subprocess.run(["openssl", "dhparam", "-dsaparam", "-out", params, "2048"],
+                       check=True, capture_output=True, timeout=120)
+        listener = parse_listen("ssl:443:privateKey=%s:certKey=%s:dhParameters=%s"
+                                % (self.key, self.cert, params))
+        self.assertIsInstance(listener, TLSListener)
+
+    def test_broken_dh_parameters_are_a_usage_error_naming_the_file(self) -> None:
+        params = os.path.join(self.directory, "dh.pem")
+        with open(params, "w") as f:
+            f.write("-----BEGIN DH PARAMETERS-----\nnot base64\n-----END DH PARAMETERS-----\n")
+        error = self.assertRaises(UsageError, parse_listen,
+                                  "ssl:443:privateKey=%s:certKey=%s:dhParameters=%s"
+                                  % (self.key, self.cert, params))
+        self.assertIn("cannot load the Diffie-Hellman parameters " + params, str(error))
 
     def test_sslmethod_is_refused(self) -> None:
         error = self.assertRaises(UsageError, parse_listen,

@@ -135,7 +135,13 @@ def server_context(key: crypto.PKey, certificate: crypto.X509, extra_chain: List
     context.set_session_id(b"pixelated-proxy")
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     if dh_parameters is not None:
-        context.load_tmp_dh(dh_parameters.encode())
+        try:
+            context.load_tmp_dh(dh_parameters.encode())
+        except SSL.Error as e:
+            raise ValueError("cannot load the Diffie-Hellman parameters %s (%s)"
+                             % (dh_parameters, e))
+    # Last: newer pyOpenSSL tries a connection here, after which the context
+    # may not change any more.
     context.set_cipher_list(CIPHERS.encode("ascii"))
     return context
 
@@ -169,6 +175,8 @@ def tls_options(private_key: str, certificate: str,
     except SSL.Error as e:
         raise UsageError("the TLS private key %s does not fit the certificate %s (%s)"
                          % (private_key, certificate, e))
+    except ValueError as e:
+        raise UsageError(str(e))
     return ServerTLSContext(context, chain)
 
 
