@@ -22,9 +22,11 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from pixelated_dispatcher.manager.providers import process as process_module
+from pixelated_dispatcher.manager.providers import process_files
 from pixelated_dispatcher.manager.providers.interface import AgentStartError
 from pixelated_dispatcher.manager.providers.process import (
-    AGENT_MARKER, DEMO_AGENT_COMMAND, ProcessProvider, free_loopback_port, process_start_time)
+    DEMO_AGENT_COMMAND, ProcessProvider, free_loopback_port)
+from pixelated_dispatcher.manager.providers.process_inspect import AGENT_MARKER, process_start_time
 
 from .provider_contract import credentials_for, make_provider_tests
 
@@ -583,7 +585,7 @@ class ProcessProviderRecoveryTests(TestCase):
 
     @inlineCallbacks
     def test_a_big_log_is_rotated_at_a_start(self):
-        self.patch(process_module, "LOG_LIMIT", 100)
+        self.patch(process_files, "LOG_LIMIT", 100)
         os.makedirs(self.f.state_dir)
         log_path = os.path.join(self.f.state_dir, "alice.log")
         with open(log_path, "wb") as f:
@@ -596,7 +598,7 @@ class ProcessProviderRecoveryTests(TestCase):
 
     @inlineCallbacks
     def test_a_log_growing_big_while_the_agent_runs_is_trimmed(self):
-        self.patch(process_module, "LOG_LIMIT", 1000)
+        self.patch(process_files, "LOG_LIMIT", 1000)
         self.patch(process_module, "LOG_CHECK_INTERVAL", 0.1)
         yield self.f.provider.start("alice", self.f.data_dir("alice"), credentials_for("alice"))
         log_path = os.path.join(self.f.state_dir, "alice.log")

@@ -63,28 +63,28 @@ All file work (chown, records, logs) runs in the reactor's thread pool. Small
 procfs reads (``/proc/<pid>/stat``) run on the reactor thread on purpose:
 procfs never waits for a disk, and reading the start time in the same call
 as the spawn is what makes it certain to be our process's.
+
+This module holds the provider and its decisions; what they stand on is in
+three others: ``process_files`` (the state dir, records, logs and data
+directories: the thread pool's work), ``process_inspect`` (what ``/proc``
+says about processes and sockets) and ``process_protocols`` (the Twisted
+objects that watch an agent process and probe its port).
 """
-import collections
-import json
 import os
 import re
 import shlex
 import shutil
 import signal
 import socket
-import stat
-import struct
 import sys
 import time
-from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import attr
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -95,6 +95,12 @@ from ...protocol import AgentAddress
 from ...usernames import is_valid_username
 from .interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
                         notify_exit)
+from .process_files import (RECORD_VERSION, delete_record, is_int, prepare_data_dir,
+                            prepare_spawn, read_tail, scan_records, trim_logs, write_record)
+from .process_inspect import (AGENT_MARKER, LOOPBACK, MIN_AGENT_UID, RECOVER_KILL_WAIT,
+                              is_agent_uid, kill_orphans, listener_uids, open_pidfd,
+                              process_start_time)
+from .process_protocols import AdoptedProcess, AgentProcess, OneProtocolFactory, Probe
 
 log = Logger()
 
@@ -103,9 +109,6 @@ DEMO_AGENT_COMMAND = (
     shlex.quote(sys.executable)
     + " -m pixelated_dispatcher.demo_agent --port {port} --data-dir {data_dir}"
       " --username {username}")
-
-#: agents listen here and nowhere else
-LOOPBACK = "127.0.0.1"
 
 #: how often a start tries another port after "address already in use"
 PORT_ATTEMPTS = 3
@@ -125,50 +128,10 @@ PROBE_INTERVAL = 0.1
 #: how long ``recover()`` gives a recorded agent to answer HTTP
 RECOVER_PROBE_TIME = 3.0
 
-#: how long ``recover()`` waits for a killed, unanswering agent to go
-RECOVER_KILL_WAIT = 5.0
-
-#: output lines kept per agent for error messages
-LAST_LINES = 20
-
-#: a line longer than this is logged in pieces (an agent that never writes
-#: a newline must not make the manager buffer without end)
-MAX_LINE = 8192
-
-#: after the process is reaped, how long to wait for the rest of its output
-#: (a leftover child may hold the pipes open)
-OUTPUT_DRAIN_TIME = 1.0
-
-#: an agent's log file is rotated (to ``<user>.log.1``) at a start when it is
-#: bigger than this, and copied there and emptied when it grows bigger while
-#: the agent runs (looked at every LOG_CHECK_INTERVAL seconds)
-LOG_LIMIT = 10 * 1024 * 1024
+#: how often the logs of running agents are looked at (``process_files.LOG_LIMIT``)
 LOG_CHECK_INTERVAL = 600.0
 
-#: how much of the end of a log file is read for an error message
-TAIL_BYTES = 64 * 1024
-
-#: how often an adopted agent is looked for in /proc where pidfds are missing
-POLL_INTERVAL = 1.0
-
-#: version of the JSON records in ``state_dir``
-RECORD_VERSION = 1
-
-#: agents never run under a uid below this (system accounts) nor as nobody,
-#: and ``recover()`` never kills processes of such uids
-MIN_AGENT_UID = 1000
-NOBODY = 65534
-
-#: in the environment of every agent of a provider with a state dir (value:
-#: the state dir), so that ``recover()`` finds agents that have no record
-#: (a manager killed between a spawn and the record's write) and kills them
-AGENT_MARKER = "PIXELATED_DISPATCHER_AGENTS"
-
 _PLACEHOLDER = re.compile(r"\{(port|data_dir|username)\}")
-
-_ADDRESS_IN_USE = ("address already in use", "address in use", "eaddrinuse")
-
-_RECORD_NAME = re.compile(r"([a-z0-9_][a-z0-9._-]{0,63})\.json")
 
 #: ``accounts(username)`` fires with the ``(uid, gid)`` the user's agent runs as
 Accounts = Callable[[str], Deferred]
@@ -186,693 +149,6 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def describe_exit(reason: Failure) -> str:
-    """``exited with status 3`` or ``killed by signal 9 (SIGKILL)``."""
-    error = reason.value
-    if isinstance(error, ProcessDone):
-        return "exited with status 0"
-    if isinstance(error, ProcessTerminated):
-        if error.signal is not None:
-            try:
-                name = signal.Signals(error.signal).name
-            except ValueError:
-                return "killed by signal %d" % (error.signal,)
-            return "killed by signal %d (%s)" % (error.signal, name)
-        return "exited with status %d" % (error.exitCode,)
-    return "ended (%s)" % (error,)
-
-
-def process_start_time(pid: int) -> Optional[int]:
-    """When process ``pid`` started (field 22 of ``/proc/<pid>/stat``, clock
-    ticks since boot), or None if there is no such live process (a zombie
-    counts as gone). Together with the pid it names one process for ever:
-    a reused pid has a later start time."""
-    try:
-        with open("/proc/%d/stat" % (pid,), "rb") as f:
-            data = f.read()
-        # the command name (field 2) is in parentheses and may hold anything
-        fields = data[data.rindex(b")") + 2:].split()
-        if fields[0] in (b"Z", b"X"):
-            return None
-        return int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-# -- file work; these run in the thread pool -----------------------------------------
-
-
-def prepare_data_dir(path: str, owner: Optional[Tuple[int, int]]) -> None:
-    """Check that ``path`` is a directory; with ``owner`` = (uid, gid), make
-    it (and, if it was not theirs yet, everything in it) theirs, mode 0700,
-    and check that they can reach it. Raises AgentStartError.
-
-    Only what is not the agent's yet is opened: once the directory is the
-    agent's (mode 0700), the manager needs no right to read it, so it can run
-    without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH.
-    """
-    try:
-        st = os.lstat(path) if owner is not None else os.stat(path)
-    except FileNotFoundError:
-        raise AgentStartError("the data directory %s does not exist" % (path,))
-    except OSError as error:
-        raise AgentStartError("the data directory %s cannot be used: %s"
-                              % (path, error.strerror))
-    if not stat.S_ISDIR(st.st_mode):
-        raise AgentStartError("the data directory %s is not a directory" % (path,))
-    if owner is None:
-        return
-    uid, gid = owner
-    if (st.st_uid, st.st_gid) != (uid, gid):
-        _give_tree(path, uid, gid)
-    elif stat.S_IMODE(st.st_mode) != 0o700:
-        try:
-            os.chmod(path, 0o700)  # its parent is the manager's: no symlink swap here
-        except PermissionError:
-            log.warn("the agent of uid {uid} made its data directory {path} mode {mode:04o};"
-                     " without CAP_FOWNER the manager cannot make it 0700 again",
-                     uid=uid, path=path, mode=stat.S_IMODE(st.st_mode))
-    blocked = unreachable_ancestor(path, uid, gid)
-    if blocked is not None:
-        raise AgentStartError(
-            "the agent's uid %d cannot reach its data directory %s: %s lets others"
-            " neither in nor through (it needs o+x, e.g. mode 0711)" % (uid, path, blocked))
-
-
-def _give_tree(path: str, uid: int, gid: int) -> None:
-    """Make ``path`` and everything in it ``uid``:``gid``, ``path`` mode 0700.
-
-    The first start under this uid (a new user, an imported legacy
-    directory, a changed uid). fwalk with directory fds and lchown never
-    follow a symlink, so the tree's content cannot redirect root's chown.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fchmod(fd, 0o700)  # while it is not the agent's yet: no CAP_FOWNER needed
-        problems: List[OSError] = []
-        for _, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False,
-                                               onerror=problems.append):
-            for name in dirs + files:
-                try:
-                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    pass
-                except OSError as error:
-                    problems.append(error)
-        os.fchown(fd, uid, gid)
-    finally:
-        os.close(fd)
-    if problems:
-        log.warn("{count} entries below {path} could not be given to uid {uid}, e.g. {error}",
-                 count=len(problems), path=path, uid=uid, error=problems[0])
-
-
-def unreachable_ancestor(path: str, uid: int, gid: int) -> Optional[str]:
-    """The first directory above ``path`` that ``uid``/``gid`` (with no
-    supplementary groups) may not search, described; None if all may be."""
-    current = os.path.dirname(path)
-    while True:
-        st = os.stat(current)
-        if st.st_uid == uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid == gid:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not st.st_mode & bit:
-            return "%s (mode %04o, owner %d:%d)" % (
-                current, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
-        parent = os.path.dirname(current)
-        if parent == current:
-            return None
-        current = parent
-
-
-def make_state_dir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
-def open_log(path: str, header: str) -> Tuple[int, int]:
-    """Open the agent's log for appending (rotating it first if it is over
-    LOG_LIMIT); fires with the fd and the offset where this start's output
-    begins."""
-    try:
-        if os.lstat(path).st_size > LOG_LIMIT:
-            os.replace(path, path + ".1")
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    try:
-        os.write(fd, header.encode("utf-8"))
-        return fd, os.fstat(fd).st_size
-    except OSError:
-        os.close(fd)
-        raise
-
-
-def trim_logs(paths: List[str]) -> None:
-    """Copy each log over LOG_LIMIT to ``.1`` and empty it. The agent keeps
-    appending (O_APPEND) at the new end; what it writes during the copy is
-    lost, as with logrotate's copytruncate."""
-    for path in paths:
-        try:
-            if os.lstat(path).st_size <= LOG_LIMIT:
-                continue
-            tmp = path + ".1.tmp"
-            with open(path, "rb") as source, open(tmp, "wb") as copy:
-                shutil.copyfileobj(source, copy)
-            os.replace(tmp, path + ".1")
-            os.truncate(path, 0)
-        except OSError as error:
-            log.warn("cannot trim the agent log {path}: {error}", path=path, error=error)
-
-
-def read_tail(path: str, offset: int) -> List[str]:
-    """The last LAST_LINES lines written to ``path`` after ``offset``."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(offset, size - TAIL_BYTES))
-            data = f.read(TAIL_BYTES)
-    except OSError:
-        return []
-    lines = []
-    for raw in data.split(b"\n"):
-        while len(raw) > MAX_LINE:
-            lines.append(raw[:MAX_LINE])
-            raw = raw[MAX_LINE:]
-        lines.append(raw)
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return [line.rstrip(b"\r").decode("utf-8", "replace") for line in lines[-LAST_LINES:]]
-
-
-def write_record(state_dir: str, record: dict) -> None:
-    """Replace ``<state_dir>/<user>.json`` atomically."""
-    path = os.path.join(state_dir, record["username"] + ".json")
-    tmp = os.path.join(state_dir, "." + record["username"] + ".json.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def prepare_spawn(state_dir: str, record: dict, log_path: str,
-                  header: str) -> Tuple[int, int]:
-    """Write the record of a spawn about to happen, and open the log."""
-    make_state_dir(state_dir)
-    write_record(state_dir, record)
-    return open_log(log_path, header)
-
-
-def delete_record(state_dir: str, username: str, pid: Optional[int] = None) -> None:
-    """Remove ``<state_dir>/<user>.json`` (only if it names ``pid`` or no
-    pid yet, when ``pid`` is given)."""
-    path = os.path.join(state_dir, username + ".json")
-    if pid is not None:
-        record = _load_record(path)
-        if record is not None and record.get("pid") not in (pid, None):
-            return
-    _unlink(path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _load_record(path: str) -> Optional[dict]:
-    try:
-        with open(path, "rb") as f:
-            record = json.loads(f.read(64 * 1024).decode("utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _valid_record(record: Optional[dict], username: str) -> bool:
-    """A record of a spawned agent (or, with ``pid`` None, of a spawn about
-    to happen)."""
-    if not (record is not None and record.get("version") == RECORD_VERSION
-            and record.get("username") == username
-            and _is_int(record.get("uid")) and _is_int(record.get("gid"))
-            and _is_int(record.get("port")) and 0 < record["port"] < 65536
-            and isinstance(record.get("started"), (int, float))):
-        return False
-    if record.get("pid") is None:
-        return True
-    return (_is_int(record.get("pid")) and record["pid"] > 1
-            and _is_int(record.get("start_time"))
-            and _is_int(record.get("pgid")) and record["pgid"] > 1)
-
-
-def scan_records(state_dir: str) -> Tuple[List[dict], List[int]]:
-    """The records of ``state_dir`` whose process still lives with its
-    recorded start time, and the uids of all the records read; the records of
-    gone processes (and anything unreadable) are deleted."""
-    make_state_dir(state_dir)
-    alive = []
-    uids = set()
-    for name in sorted(os.listdir(state_dir)):
-        path = os.path.join(state_dir, name)
-        if name.startswith(".") and name.endswith(".json.tmp"):
-            _unlink(path)  # a write the previous manager did not finish
-            continue
-        match = _RECORD_NAME.fullmatch(name)
-        if match is None:
-            continue
-        record = _load_record(path)
-        if not _valid_record(record, match.group(1)):
-            log.warn("discarding the unreadable agent record {path}", path=path)
-            _unlink(path)
-            continue
-        uids.add(record["uid"])
-        if record["pid"] is None:
-            log.warn("the previous manager was starting the agent of {username} when it"
-                     " ended", username=record["username"])
-            _unlink(path)
-        elif process_start_time(record["pid"]) != record["start_time"]:
-            log.info("agent of {username} (pid {pid}) is gone; discarding its record",
-                     username=record["username"], pid=record["pid"])
-            _unlink(path)
-        else:
-            alive.append(record)
-    return alive, sorted(uids)
-
-
-def _stat_fields(pid: int) -> Optional[List[bytes]]:
-    """Fields 3 onwards of ``/proc/<pid>/stat`` (state first)."""
-    try:
-        with open("/proc/%d/stat" % (pid,), "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2:].split()
-    except (OSError, ValueError):
-        return None
-
-
-def _real_uid(pid: int) -> Optional[int]:
-    try:
-        with open("/proc/%d/status" % (pid,), "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _agent_uid(uid: int) -> bool:
-    """Whether ``uid`` may be an agent's own uid (not root, a system account
-    or nobody)."""
-    return uid >= MIN_AGENT_UID and uid != NOBODY
-
-
-def _has_marker(pid: int, marker: bytes) -> bool:
-    try:
-        with open("/proc/%d/environ" % (pid,), "rb") as f:
-            return marker in f.read().split(b"\0")
-    except OSError:
-        return False  # another uid's, and no CAP_SYS_PTRACE: the uid check sees it
-
-
-def agent_processes(state_dir: str, uids: List[int]) -> Dict[int, Tuple[int, int]]:
-    """``{pid: (process group, start time)}`` of the live processes that are
-    agents of ``state_dir`` (or their children): those running as one of the
-    agents' ``uids`` (unique per user; world-readable in /proc), and those
-    whose environment carries the marker (readable for our own uid: the
-    agents of a manager without ``accounts``)."""
-    marker = ("%s=%s" % (AGENT_MARKER, state_dir)).encode("utf-8")
-    private = {uid for uid in uids if _agent_uid(uid) and uid != os.getuid()}
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        pid = int(name)
-        fields = _stat_fields(pid)
-        if fields is None or fields[0] in (b"Z", b"X"):
-            continue
-        if _real_uid(pid) in private or _has_marker(pid, marker):
-            try:
-                found[pid] = (int(fields[2]), int(fields[19]))
-            except (ValueError, IndexError):
-                pass
-    return found
-
-
-def kill_orphans(state_dir: str, uids: List[int], adopted_groups: List[int]) -> List[int]:
-    """SIGKILL every agent process of ``state_dir`` (see
-    :func:`agent_processes`) outside ``adopted_groups``: agents nobody has a
-    record of, and what their dead leaders left. Waits up to
-    RECOVER_KILL_WAIT for them to go; fires with their pids."""
-    orphans = {pid: start_time
-               for pid, (pgid, start_time) in agent_processes(state_dir, uids).items()
-               if pgid not in adopted_groups}
-    for pid, start_time in orphans.items():
-        log.warn("killing agent process {pid}: no manager knows it", pid=pid)
-        same, pidfd = _open_pidfd(pid, start_time)
-        if not same:
-            continue
-        try:
-            if pidfd is not None:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        finally:
-            if pidfd is not None:
-                os.close(pidfd)
-    deadline = time.monotonic() + RECOVER_KILL_WAIT
-    while time.monotonic() < deadline and any(
-            process_start_time(pid) == start_time for pid, start_time in orphans.items()):
-        time.sleep(0.02)
-    return sorted(orphans)
-
-
-def listener_uids(port: int) -> List[int]:
-    """The uids owning a TCP socket that listens on ``port`` on 127.0.0.1 (or
-    on every address), from the world-readable /proc/net/tcp and tcp6."""
-    uids = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 8 or fields[3] != "0A":  # LISTEN
-                continue
-            address, _, port_hex = fields[1].partition(":")
-            if int(port_hex, 16) != port:
-                continue
-            if len(address) == 8 and socket.inet_ntoa(
-                    struct.pack("=I", int(address, 16))) not in (LOOPBACK, "0.0.0.0"):
-                continue
-            uids.add(int(fields[7]))
-    return sorted(uids)
-
-
-# -- processes ---------------------------------------------------------------------
-
-
-class _Probe(Protocol):
-    """Sends one request; ``answered`` fires once the reply starts like HTTP."""
-
-    def __init__(self, request: bytes) -> None:
-        self._request = request
-        self._head = b""
-        self.answered: Deferred = Deferred(lambda _: self.transport.abortConnection())
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._head += data
-        if len(self._head) < 5 or self.answered.called:
-            return
-        if self._head.startswith(b"HTTP/"):
-            self.answered.callback(None)
-        else:
-            self.answered.errback(ValueError("the answer is not HTTP"))
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.answered.called:
-            self.answered.errback(reason)
-
-
-class _OneProtocolFactory(Factory):
-    noisy = False  # one log line per probe every 100 ms would drown the log
-
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr) -> Protocol:
-        return self._protocol
-
-
-class _Ending:
-    """``when_ended()`` waiters of a process, fired once."""
-
-    def __init__(self) -> None:
-        self._ended = False
-        self._ended_waiters: List[Deferred] = []
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
-    def when_ended(self) -> Deferred:
-        """Fires (with None) once the process has gone."""
-        d = Deferred()
-        if self._ended:
-            d.callback(None)
-        else:
-            self._ended_waiters.append(d)
-        return d
-
-    def _fire_ended(self) -> None:
-        self._ended = True
-        waiters, self._ended_waiters = self._ended_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-
-class _AgentProcess(_Ending, ProcessProtocol):
-    """One agent process we spawned: feeds it its credentials, logs its output
-    line by line when it comes through pipes (no ``log_path``), and says when
-    it has ended."""
-
-    def __init__(self, reactor, username: str, credentials: bytes,
-                 log_path: Optional[str] = None, log_offset: int = 0) -> None:
-        _Ending.__init__(self)
-        self._reactor = reactor
-        self.username = username
-        self._credentials = credentials
-        self.pid: Optional[int] = None
-        #: the log file the output goes to (None: pipes to us)
-        self.log_path = log_path
-        self.log_offset = log_offset
-        self.last_lines: Deque[str] = collections.deque(maxlen=LAST_LINES)
-        self._partial: Dict[int, bytes] = {1: b"", 2: b""}
-        self.exit_reason: Optional[Failure] = None
-        self._drain: Optional[IDelayedCall] = None
-        self._finished = False
-        #: left running for the next manager: its end is no longer ours to handle
-        self.handed_over = False
-        #: what ``state_dir`` says about this process (None: nothing)
-        self.record: Optional[dict] = None
-
-    # -- life cycle ------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-        self.transport.write(self._credentials)
-        self.transport.closeStdin()
-        self._credentials = b""
-
-    def processExited(self, reason: Failure) -> None:
-        self.exit_reason = reason
-        if not self.handed_over:
-            self._sweep_group()
-        # processEnded follows once the pipes close; don't wait for ever if a
-        # leftover grandchild keeps them open.
-        self._drain = self._reactor.callLater(OUTPUT_DRAIN_TIME, self._finish)
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.exit_reason is None:
-            self.exit_reason = reason
-        self._finish()
-
-    def _finish(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        if self._drain is not None and self._drain.active():
-            self._drain.cancel()
-        for fd, rest in self._partial.items():
-            if rest:
-                self._log_line(fd, rest)
-        self._partial = {1: b"", 2: b""}
-        self._fire_ended()
-
-    def _sweep_group(self) -> None:
-        """Kill whatever the agent left behind in its process group.
-
-        Runs right after the agent itself was reaped, in the same call, so the
-        group id cannot have been reused yet.
-        """
-        if self.pid is None:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    @property
-    def exit_description(self) -> str:
-        return describe_exit(self.exit_reason) if self.exit_reason else "still running"
-
-    def hand_over(self) -> None:
-        self.handed_over = True
-
-    # -- signals -----------------------------------------------------------
-
-    def signal_group(self, signum: int) -> None:
-        """Signal the agent's process group (the agent and its children).
-
-        Right after the spawn, before ``setsid`` has run, there is no group
-        yet; then the process itself gets the signal.
-        """
-        if self.pid is None or self.transport is None or self.transport.pid is None:
-            return  # reaped already
-        try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            try:
-                self.transport.signalProcess(signum)
-            except (ProcessExitedAlready, OSError):
-                pass
-        except PermissionError as error:
-            log.warn("cannot signal the agent of {username} (pid {pid}): {error}",
-                     username=self.username, pid=self.pid, error=error)
-
-    # -- output --------------------------------------------------------------
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        buffered = self._partial.get(childFD, b"") + data
-        *lines, rest = buffered.split(b"\n")
-        for line in lines:
-            self._log_line(childFD, line)
-        while len(rest) > MAX_LINE:
-            self._log_line(childFD, rest[:MAX_LINE])
-            rest = rest[MAX_LINE:]
-        self._partial[childFD] = rest
-
-    def _log_line(self, fd: int, raw: bytes) -> None:
-        line = raw.rstrip(b"\r").decode("utf-8", "replace")
-        self.last_lines.append(line)
-        log.info("agent {username}: {line}", username=self.username, line=line,
-                 stream="stdout" if fd == 1 else "stderr", pid=self.pid)
-
-    def says_address_in_use(self) -> bool:
-        return any(marker in line.lower()
-                   for line in self.last_lines for marker in _ADDRESS_IN_USE)
-
-    def output_for_error(self) -> str:
-        where = " (log: %s)" % (self.log_path,) if self.log_path else ""
-        if not self.last_lines:
-            return " It wrote no output%s." % (where,)
-        return (" Its last output%s:\n" % (where,)
-                + "\n".join("  " + line for line in self.last_lines))
-
-
-@implementer(IReadDescriptor)
-class _AdoptedProcess(_Ending):
-    """An agent a previous manager started: not our child, so its end is
-    seen through a pidfd (readable once it exits), or by polling /proc."""
-
-    exit_description = "exited"
-
-    def __init__(self, reactor, username: str, pid: int, start_time: int,
-                 pidfd: Optional[int]) -> None:
-        _Ending.__init__(self)
-        self._reactor = reactor
-        self.username = username
-        self.pid = pid
-        self._start_time = start_time
-        self._pidfd = pidfd
-        self._poller: Optional[LoopingCall] = None
-
-    def watch(self) -> None:
-        if self._pidfd is not None:
-            self._reactor.addReader(self)
-        else:
-            self._poller = LoopingCall(self._poll)
-            self._poller.clock = self._reactor
-            self._poller.start(POLL_INTERVAL, now=False)
-
-    def _poll(self) -> None:
-        if process_start_time(self.pid) != self._start_time:
-            self._gone()
-
-    # IReadDescriptor
-    def fileno(self) -> int:
-        return self._pidfd if self._pidfd is not None else -1
-
-    def doRead(self) -> None:
-        self._gone()
-
-    def connectionLost(self, reason: Failure) -> None:
-        # the reactor shuts down with us still watching: not an exit
-        self._unwatch()
-
-    def logPrefix(self) -> str:
-        return "adopted agent of %s" % (self.username,)
-
-    def _gone(self) -> None:
-        if self.ended:
-            return
-        self._unwatch()
-        self._fire_ended()
-
-    def hand_over(self) -> None:
-        self._unwatch()
-
-    def _unwatch(self) -> None:
-        if self._poller is not None and self._poller.running:
-            self._poller.stop()
-        self._poller = None
-        if self._pidfd is not None:
-            self._reactor.removeReader(self)
-            os.close(self._pidfd)
-            self._pidfd = None
-
-    def signal_group(self, signum: int) -> None:
-        if self.ended:
-            return
-        # the group leader lives (we would have seen its end), so its pid is
-        # not free and the group id still names its group
-        try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            pass
-        except PermissionError as error:
-            log.warn("cannot signal the agent of {username} (pid {pid}): {error}",
-                     username=self.username, pid=self.pid, error=error)
-
-
-def _open_pidfd(pid: int, start_time: int) -> Tuple[bool, Optional[int]]:
-    """(whether ``pid`` still is the process that started at ``start_time``,
-    a pidfd for it or None where pidfds are not available)."""
-    pidfd = None
-    if hasattr(os, "pidfd_open"):
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return False, None
-        except OSError:
-            pidfd = None  # ENOSYS: a kernel older than 5.3
-    # checked after opening: if the pid had been reused before, the start
-    # time differs; if the process ends after, the pidfd still names it
-    if process_start_time(pid) != start_time:
-        if pidfd is not None:
-            os.close(pidfd)
-        return False, None
-    return True, pidfd
-
-
 @attr.s(auto_attribs=True, eq=False)
 class _Agent:
     """The provider's record of one user's agent, from start to its end."""
@@ -883,7 +159,7 @@ class _Agent:
     stopping: bool = False
     #: the port of the current (or last) attempt; 0 before the first
     port: int = 0
-    process: Optional[object] = None  # _AgentProcess or _AdoptedProcess
+    process: Optional[object] = None  # AgentProcess or AdoptedProcess
     kill_timer: Optional[IDelayedCall] = None
     start_waiters: List[Deferred] = attr.Factory(list)
     stop_waiters: List[Deferred] = attr.Factory(list)
@@ -1157,7 +433,7 @@ class ProcessProvider:
             except Exception as error:
                 raise AgentStartError("no uid for the agent of %s: %s"
                                       % (agent.username, error))
-            if not (_is_int(uid) and _is_int(gid) and _agent_uid(uid) and _agent_uid(gid)):
+            if not (is_int(uid) and is_int(gid) and is_agent_uid(uid) and is_agent_uid(gid)):
                 raise AgentStartError(
                     "refusing to run the agent of %s as uid %r, gid %r: an agent's ids are"
                     " its own, from %d up, never root's, a system account's or nobody's"
@@ -1189,7 +465,7 @@ class ProcessProvider:
                 port = free_loopback_port()
             agent.port = port  # ours from now on, before any wait
             process = await self._spawn(agent, port, owner)
-            outcome = await self._until_ready(process, port, deadline)
+            outcome = await self._until_ready(port, deadline - self.reactor.seconds(), process)
             where = "%s:%d" % (LOOPBACK, port)
             if outcome == _READY and not agent.stopping:
                 return RunningAgent(agent.username, AgentAddress(LOOPBACK, port),
@@ -1218,14 +494,14 @@ class ProcessProvider:
                    process.output_for_error()))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _collect_output(self, process: _AgentProcess) -> None:
+    async def _collect_output(self, process: AgentProcess) -> None:
         if process.log_path is not None:
             lines = await self._in_thread(read_tail, process.log_path, process.log_offset)
             process.last_lines.clear()
             process.last_lines.extend(lines)
 
     async def _spawn(self, agent: _Agent, port: int,
-                     owner: Optional[Tuple[int, int]]) -> _AgentProcess:
+                     owner: Optional[Tuple[int, int]]) -> AgentProcess:
         values = {"port": str(port), "data_dir": agent.data_dir, "username": agent.username}
         argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], word) for word in self._argv]
         env = {
@@ -1261,7 +537,7 @@ class ProcessProvider:
             except OSError as error:
                 raise AgentStartError("cannot write the record or the log of the agent of %s"
                                       " in %s: %s" % (agent.username, self.state_dir, error))
-        process = _AgentProcess(self.reactor, agent.username, agent.credentials,
+        process = AgentProcess(self.reactor, agent.username, agent.credentials,
                                 log_path, log_offset)
         child_fds = {0: "w", 1: "r", 2: "r"} if log_fd is None else {0: "w", 1: log_fd,
                                                                     2: log_fd}
@@ -1303,7 +579,7 @@ class ProcessProvider:
         return self._in_thread(trim_logs, paths).addErrback(
             lambda f: log.failure("trimming agent logs failed", f))
 
-    def _record(self, agent: _Agent, process: _AgentProcess, intent: dict) -> None:
+    def _record(self, agent: _Agent, process: AgentProcess, intent: dict) -> None:
         """Complete the record with the pid, and delete it when the process ends."""
         pid = process.pid
         process.when_ended().addCallback(
@@ -1318,17 +594,25 @@ class ProcessProvider:
         process.record = dict(intent, pid=pid, start_time=start_time, pgid=pid)
         self._queue_disk(agent.username, write_record, self.state_dir, process.record)
 
-    async def _until_ready(self, process: _AgentProcess, port: int, deadline: float) -> str:
-        """Whichever comes first: the agent answers HTTP, exits, or the deadline."""
+    async def _until_ready(self, port: int, seconds: float,
+                           process: Optional[AgentProcess] = None) -> str:
+        """Whichever comes first: something answers HTTP on ``port``
+        (_READY), ``process`` exits (_EXITED; never without a ``process``),
+        or ``seconds`` pass (_TIMED_OUT).
+
+        A start gives the agent it spawned until its start deadline; an
+        adoption gives a recorded port RECOVER_PROBE_TIME, and looks at the
+        adopted process itself afterwards.
+        """
         outcome: Deferred = Deferred()
 
         def settle(result: str) -> None:
             if not outcome.called:
                 outcome.callback(result)
 
-        process.when_ended().addCallback(lambda _: settle(_EXITED))
-        timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()),
-                                       settle, _TIMED_OUT)
+        if process is not None:
+            process.when_ended().addCallback(lambda _: settle(_EXITED))
+        timer = self.reactor.callLater(max(0.0, seconds), settle, _TIMED_OUT)
         probing = defer.ensureDeferred(
             self._probe_until_answered(port, lambda: not outcome.called))
         probing.addCallbacks(lambda _: settle(_READY),
@@ -1354,8 +638,8 @@ class ProcessProvider:
                    b"User-Agent: pixelated-dispatcher readiness probe\r\n\r\n"
                    % (LOOPBACK.encode("ascii"), port))
         while True:
-            probe = _Probe(request)
-            answered = endpoint.connect(_OneProtocolFactory(probe))
+            probe = Probe(request)
+            answered = endpoint.connect(OneProtocolFactory(probe))
             answered.addCallback(lambda _: probe.answered)
             answered.addTimeout(PROBE_TIMEOUT, self.reactor)
             try:
@@ -1365,25 +649,6 @@ class ProcessProvider:
                 if not wanted():
                     raise CancelledError()
             await deferLater(self.reactor, PROBE_INTERVAL, lambda: None)
-
-    async def _answers_within(self, port: int, seconds: float) -> bool:
-        """Whether something answers HTTP on ``port`` within ``seconds``."""
-        outcome: Deferred = Deferred()
-
-        def settle(result: bool) -> None:
-            if not outcome.called:
-                outcome.callback(result)
-        timer = self.reactor.callLater(seconds, settle, False)
-        probing = defer.ensureDeferred(
-            self._probe_until_answered(port, lambda: not outcome.called))
-        probing.addCallbacks(lambda _: settle(True),
-                             lambda failure: failure.trap(CancelledError) and None)
-        try:
-            return await outcome
-        finally:
-            if timer.active():
-                timer.cancel()
-            probing.cancel()
 
     # -- recovering ---------------------------------------------------------------
 
@@ -1405,17 +670,17 @@ class ProcessProvider:
         username, pid, port = record["username"], record["pid"], record["port"]
         if username in self._agents:
             return None  # recover() runs before any start; never two agents anyway
-        same, pidfd = _open_pidfd(pid, record["start_time"])
+        same, pidfd = open_pidfd(pid, record["start_time"])
         if not same:
             log.info("agent of {username} (pid {pid}) is gone; discarding its record",
                      username=username, pid=pid)
             await self._queue_disk(username, delete_record, self.state_dir, username, pid)
             return None
-        process = _AdoptedProcess(self.reactor, username, pid, record["start_time"], pidfd)
+        process = AdoptedProcess(self.reactor, username, pid, record["start_time"], pidfd)
         process.watch()
         agent = _Agent(username, record.get("data_dir", ""), b"", process=process, port=port)
         self._agents[username] = agent  # holds the port and the user while we probe
-        answers = await self._answers_within(port, RECOVER_PROBE_TIME)
+        answers = await self._until_ready(port, RECOVER_PROBE_TIME) == _READY
         # and it is the agent that answers, not a stranger on its old port
         owners = await self._in_thread(listener_uids, port) if answers else []
         if answers and record["uid"] not in owners:
