@@ -121,6 +121,17 @@ def write_json(request: IRequest, code: int, document: dict, *,
             json.dumps(document).encode("utf-8"), no_store=True, headers=headers)
 
 
+def write_error(request: IRequest, code: int, error: str, title: str,
+                content: Iterable[object], *,
+                headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
+    """An error answer in the form the client reads: ``{"error": error}`` for
+    scripts, else a page (never cached); both with ``headers``."""
+    if is_script_request(request):
+        write_json(request, code, {"error": error}, headers=headers)
+    else:
+        write_page(request, code, title, content, no_store=True, headers=headers)
+
+
 def redirect(request: IRequest, location: bytes) -> None:
     """303 See Other to a local path (the browser then GETs it)."""
     link = location.decode("ascii")
@@ -249,83 +260,61 @@ def agent_starting(request: IRequest, next_path: bytes) -> None:
     """The agent is being started: scripts get 503 with Retry-After,
     browsers the waiting page."""
     if is_script_request(request) or not is_navigation(request):
-        headers = [(b"retry-after", STARTING_RETRY_AFTER)]
-        if is_script_request(request):
-            write_json(request, 503, {"error": "mailbox starting"}, headers=headers)
-        else:
-            write_page(request, 503, "Starting your mailbox", [
-                tags.p("Your mailbox is being started. Please try again in a "
-                       "few seconds.")], no_store=True, headers=headers)
+        write_error(request, 503, "mailbox starting", "Starting your mailbox", [
+            tags.p("Your mailbox is being started. Please try again in a few seconds.")],
+            headers=[(b"retry-after", STARTING_RETRY_AFTER)])
         return
     waiting(request, next_path)
 
 
 def capacity_reached(request: IRequest) -> None:
     """503: no more mailboxes can run right now."""
-    headers = [(b"retry-after", CAPACITY_RETRY_AFTER)]
-    if is_script_request(request):
-        write_json(request, 503, {"error": "capacity reached"}, headers=headers)
-        return
-    write_page(request, 503, "Please try again later", [
+    write_error(request, 503, "capacity reached", "Please try again later", [
         tags.p("Too many mailboxes are open right now, so yours cannot be "
                "started at the moment. Please try again in a minute."),
         tags.p(tags.a("Try again", href="/"), " or ",
                tags.a("go back to the login page", href=LOGIN_PATH.decode("ascii")), "."),
-    ], no_store=True, headers=headers)
+    ], headers=[(b"retry-after", CAPACITY_RETRY_AFTER)])
 
 
 def manager_unavailable(request: IRequest) -> None:
     """503: the manager cannot be asked right now."""
-    headers = [(b"retry-after", MANAGER_RETRY_AFTER)]
-    if is_script_request(request):
-        write_json(request, 503, {"error": "service unavailable"}, headers=headers)
-        return
-    write_page(request, 503, "Temporarily unavailable", [
+    write_error(request, 503, "service unavailable", "Temporarily unavailable", [
         tags.p("The service is temporarily unavailable. "
                "Please try again in a few seconds."),
         _back_to_login(),
-    ], no_store=True, headers=headers)
+    ], headers=[(b"retry-after", MANAGER_RETRY_AFTER)])
 
 
 def agent_start_failed(request: IRequest) -> None:
     """503: the user's agent could not be started."""
-    headers = [(b"retry-after", AGENT_RETRY_AFTER)]
-    if is_script_request(request):
-        write_json(request, 503, {"error": "mailbox could not be started"},
-                   headers=headers)
-        return
-    write_page(request, 503, "Mailbox unavailable", [
+    write_error(request, 503, "mailbox could not be started", "Mailbox unavailable", [
         tags.p("Your mailbox could not be started. Please try again in a "
                "little while; if this keeps happening, contact your administrator."),
         tags.p(tags.a("Try again", href="/"), ", ",
                tags.a("log out", href=LOGOUT_PATH.decode("ascii")), " or ",
                tags.a("go back to the login page", href=LOGIN_PATH.decode("ascii")), "."),
-    ], no_store=True, headers=headers)
+    ], headers=[(b"retry-after", AGENT_RETRY_AFTER)])
 
 
 def agent_unreachable(request: IRequest) -> None:
     """502: the agent is supposed to run but does not answer."""
-    if is_script_request(request):
-        write_json(request, 502, {"error": "mailbox not answering"})
-        return
-    write_page(request, 502, "Mailbox not answering", [
+    write_error(request, 502, "mailbox not answering", "Mailbox not answering", [
         tags.p("Your mailbox is not answering right now. Please reload the "
                "page in a moment."),
-    ], no_store=True)
+    ])
 
 
 def agent_timed_out(request: IRequest) -> None:
     """504: the agent took the request but stayed silent too long (hung,
     stopped, swapping). Unlike 502 it is running, so nothing is restarted;
     the user can only try again."""
-    if is_script_request(request):
-        write_json(request, 504, {"error": "mailbox did not answer in time"})
-        return
-    write_page(request, 504, "Your mailbox did not answer in time", [
-        tags.p("Your mailbox is taking too long to answer; it may be busy. "
-               "Please reload the page in a moment."),
-        tags.p("If this keeps happening, contact your administrator."),
-    ], no_store=True)
+    write_error(request, 504, "mailbox did not answer in time",
+                "Your mailbox did not answer in time", [
+                    tags.p("Your mailbox is taking too long to answer; it may be busy. "
+                           "Please reload the page in a moment."),
+                    tags.p("If this keeps happening, contact your administrator."),
+                ])
 
 
 def bad_request(request: IRequest) -> None:
