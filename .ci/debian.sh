@@ -57,8 +57,8 @@ CREATED_SNAKEOIL=
 DOCKER_INSTANCE=    # set once docker-provider containers may exist
 GUARD_WAS_THERE=
 ADDED_PACKAGES=""   # what installing the .debs added (ours and their dependencies)
-ADDED_ACCOUNTS=""   # system accounts the packages created here (removed at the end:
-                    # tests/test_manager_tap.py fails where the group pixelated-proxy exists)
+ADDED_ACCOUNTS=""   # system accounts the packages created here (purge must delete
+                    # them; the EXIT trap does if a failure came first)
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -305,14 +305,23 @@ if [ -n "$DOCKER" ]; then
 fi
 PIDS=()
 
-step "remove keeps the state, purge deletes it and the plugin cache entry"
+step "remove keeps the state and the accounts, purge deletes them and the plugin cache entry"
 timeout 300 apt-get remove -y -qq $PACKAGES >/dev/null
 [ -n "$(ls -A /var/lib/pixelated)" ] || fail "remove deleted the state"
 ls -A /var/lib/pixelated | sed 's/^/   kept: /'
+getent passwd pixelated-proxy >/dev/null || fail "remove deleted the user pixelated-proxy"
 timeout 300 dpkg --purge $(dpkg-query -W -f='${Package} ${db:Status-Status}\n' $PACKAGES 2>/dev/null \
     | awk '$2 != "not-installed" {print $1}') >/dev/null
 ADDED_PACKAGES=$(tr ' ' '\n' <<<"$ADDED_PACKAGES" | grep -vxF -f <(tr ' ' '\n' <<<"$PACKAGES") | paste -sd' ')
 [ ! -e /var/lib/pixelated ] || fail "/var/lib/pixelated survived purge"
+case " $ADDED_ACCOUNTS " in *" user "*)
+    ! getent passwd pixelated-proxy >/dev/null || fail "the user pixelated-proxy survived purge" ;;
+esac
+for group in $ADDED_ACCOUNTS; do
+    [ "$group" = user ] || ! getent group "$group" >/dev/null || fail "the group $group survived purge"
+done
+echo "   accounts the installation made are gone:${ADDED_ACCOUNTS:- (none were made)}"
+ADDED_ACCOUNTS=""
 [ ! -e /etc/default/pixelated-manager ] && [ ! -e /etc/default/pixelated-proxy ] \
     || fail "conffiles survived purge"
 ls $PLUGINS/pixelated_dispatcher_plugins.py 2>/dev/null && fail "plugin module survived purge"
@@ -388,6 +397,9 @@ if [ -n "$NSPAWN" ]; then
     inside timeout 300 apt-get purge -y -qq pixelated-dispatcher pixelated-dispatcher-manager \
         pixelated-dispatcher-proxy python3-pixelated-dispatcher >/dev/null
     [ ! -e "/proc/$LEADER/root/var/lib/pixelated" ] || fail "state survived purge in the container"
+    for account in "passwd pixelated-proxy" "group pixelated-proxy" "group pixelated-admin"; do
+        ! inside getent $account >/dev/null || fail "$account survived purge in the container"
+    done
     kill -TERM "$NSPAWN_PID"
     timeout 60 tail --pid="$NSPAWN_PID" -f /dev/null || fail "the container did not stop"
     NSPAWN_PID=
