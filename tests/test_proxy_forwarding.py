@@ -162,6 +162,32 @@ class ForwardingSetup(TestCase):
         body = yield response.content()
         return response, body
 
+    @inlineCallbacks
+    def listen_tls(self) -> Any:
+        """Another listener of the proxy's site, speaking TLS: its port."""
+        from pixelated_dispatcher.proxy.tls import parse_listen
+        from .test_proxy_tls import make_certificate, temporary_directory
+        key, cert = make_certificate(temporary_directory(self))
+        listener = parse_listen("ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1"
+                                % (key, cert))
+        site = make_site(self.manager, reactor)
+        self.addCleanup(site.forwarder.close)
+        tracked = WrappingFactory(site)
+        port = yield listener.endpoint(reactor).listen(tracked)
+        self.addCleanup(self.close_all, tracked, port)
+        return port.getHost().port
+
+    @inlineCallbacks
+    def connect_tls(self, port: int) -> Any:
+        """A :class:`RawBrowser` connected over TLS to ``port``."""
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+        browser = RawBrowser()
+        yield connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port,
+                                                 ssl.CertificateOptions()), browser)
+        self.addCleanup(browser.transport.loseConnection)
+        return browser
+
 
 
 class ForwardingTests(ForwardingSetup):
@@ -438,26 +464,12 @@ class TunnelOverTLS(ForwardingSetup):
 
     @inlineCallbacks
     def test_websocket_upgrade_over_tls(self) -> Any:
-        from twisted.internet import ssl
-        from twisted.internet.endpoints import SSL4ClientEndpoint
-        from pixelated_dispatcher.proxy.tls import parse_listen
-        from .test_proxy_tls import make_certificate, temporary_directory
-        key, cert = make_certificate(temporary_directory(self))
-        listener = parse_listen("ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1"
-                                % (key, cert))
-        site = make_site(self.manager, reactor)
-        self.addCleanup(site.forwarder.close)
-        tracked = WrappingFactory(site)
-        port = yield listener.endpoint(reactor).listen(tracked)
-        self.addCleanup(self.close_all, tracked, port)
+        port = yield self.listen_tls()
         factory = Factory.forProtocol(UpgradingAgent)
         factory.heads = []
         agent_port = self.listen(factory)
         self.manager.place_agent("alice", AgentAddress("127.0.0.1", agent_port))
-        browser = RawBrowser()
-        yield connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port,
-                                                 ssl.CertificateOptions()), browser)
-        self.addCleanup(browser.transport.loseConnection)
+        browser = yield self.connect_tls(port)
         browser.transport.write(
             b"GET /socket HTTP/1.1\r\nHost: mail.example.org\r\n"
             b"Cookie: __Host-pixelated-session=%s\r\n"

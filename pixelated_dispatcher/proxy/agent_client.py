@@ -30,6 +30,13 @@ out, the connection is aborted (never pooled again) and the exchange fails
 with :class:`AgentTimedOut`. It costs one ``callLater`` per request and a
 timestamp per read.
 
+A switched tunnel has back-pressure both ways: the connection is the
+producer registered with the browser's transport (a browser that does not
+read pauses the agent), and the browser's reading is the producer registered
+with the connection's transport (an agent that does not read pauses the
+browser), as in ``twisted.protocols.portforward``; either side's end
+unregisters both and closes the other.
+
 Only documented Twisted APIs that exist since 22.4 are used.
 """
 from typing import Any, Dict, List, Optional, Tuple
@@ -391,6 +398,7 @@ class AgentConnection(Protocol):
             return
         if self._tunnel:
             self.exchange = None
+            self._unlink_tunnel()
             exchange.tunnel_closed()
             return
         if not self._in_head and self._remaining is None and self._chunked is None:
@@ -459,6 +467,54 @@ class AgentConnection(Protocol):
 
     def stopProducing(self) -> None:
         self.abort()
+
+    # --- a switched tunnel ------------------------------------------------------
+
+    #: The browser's reading, registered with this connection's transport.
+    _peer_reading: Optional["_PeerReading"] = None
+
+    def link_tunnel(self, peer: Any) -> None:
+        """Back-pressure towards the browser in a switched tunnel: while this
+        connection's transport cannot take more (the agent does not read),
+        ``peer`` (the browser's transport, an ``IPushProducer``) does not
+        read either. (The other way round, the browser's channel registers
+        this connection with ``peer``.)"""
+        if self.lost or self._peer_reading is not None:
+            return
+        reading = self._peer_reading = _PeerReading(peer)
+        self.transport.registerProducer(reading, True)
+
+    def close_tunnel(self) -> None:
+        """The browser's side of the tunnel is gone: drop the agent's."""
+        self._unlink_tunnel()
+        self.abort()
+
+    def _unlink_tunnel(self) -> None:
+        if self._peer_reading is not None:
+            self._peer_reading = None
+            self.transport.unregisterProducer()
+
+
+@implementer(IPushProducer)
+class _PeerReading:
+    """The reading of a tunnel's other side, as this side's transport
+    pauses and resumes it. It is not stopped through here: the end of either
+    side closes the other through the tunnel's own callbacks (a transport
+    would close it as it goes, before TLS could say goodbye)."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 @implementer(IConsumer)

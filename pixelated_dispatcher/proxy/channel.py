@@ -33,11 +33,17 @@ arrive.
 
 :meth:`ProxyChannel.become_tunnel` turns the connection into a byte pipe to
 an agent once the agent accepted an ``Upgrade`` (WebSocket): a byte-level
-tunnel rather than ``twisted.web.websocket`` (Twisted 25.5+ only).
+tunnel rather than ``twisted.web.websocket`` (Twisted 25.5+ only). The
+tunnel has back-pressure both ways, as ``twisted.protocols.portforward``
+does it: the agent's side takes the channel's place as the producer
+registered with the browser's transport (a browser that does not read pauses
+the agent), and the agent's transport pauses the browser's reading (see
+:meth:`.agent_client.AgentConnection.link_tunnel`).
 """
 import re
 from typing import Any, Callable
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.web.http import HTTPChannel
 
 from .cookie_policy import SESSION_COOKIE
@@ -218,23 +224,46 @@ class ProxyChannel(HTTPChannel):
 
     # --- the tunnel ----------------------------------------------------------
 
+    _px_tunnel_agent = None
+
     def become_tunnel(self, to_agent: Callable[[bytes], Any],
-                      lost: Callable[[Any], Any]) -> None:
+                      lost: Callable[[Any], Any], agent: Any = None) -> None:
         """From now on, every byte from the browser goes to ``to_agent`` and
-        the end of the connection to ``lost``; HTTP parsing stops."""
+        the end of the connection to ``lost``; HTTP parsing stops.
+
+        ``agent``, an ``IPushProducer`` (the agent's connection), replaces the
+        channel as the producer registered with the browser's transport: while
+        the browser does not read and the transport's buffer is full, the
+        agent is paused. :meth:`end_tunnel` unregisters it again."""
         self._px_tunnel = True
         self.setTimeout(None)
+        transport = self.transport
+        if agent is not None and transport is not None and IPushProducer.providedBy(transport):
+            # HTTPChannel.connectionMade registered the channel itself, which
+            # would pause only a request's producer; a transport takes one.
+            transport.unregisterProducer()
+            transport.registerProducer(agent, True)
+            self._px_tunnel_agent = agent
         buffered = b"".join(getattr(self, "_dataBuffer", None) or [])
         if hasattr(self, "_dataBuffer"):
             self._dataBuffer = []
         self.dataReceived = to_agent  # type: ignore[method-assign]
 
         def connection_lost(reason: Any) -> None:
+            self.end_tunnel()
             lost(reason)
             # Let the request learn it is over (notifyFinish), as usual.
             HTTPChannel.connectionLost(self, reason)
         self.connectionLost = connection_lost  # type: ignore[method-assign]
+        if transport is not None:
+            transport.resumeProducing()  # before the agent may pause it again
         if buffered:
             to_agent(buffered)
-        if self.transport is not None:
-            self.transport.resumeProducing()
+
+    def end_tunnel(self) -> None:
+        """Unregister the agent's side from the browser's transport (once),
+        before it is closed: a TLS transport does not close while a producer
+        is registered, a TCP one not while that producer is paused."""
+        if self._px_tunnel_agent is not None:
+            self._px_tunnel_agent = None
+            self.transport.unregisterProducer()

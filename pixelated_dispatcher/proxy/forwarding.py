@@ -33,7 +33,9 @@ plain ``twisted.web`` resource tree and replaces the client side of
 ``Upgrade`` requests (WebSocket) go over a connection of their own; when the
 agent answers ``101``, the browser's connection becomes a byte tunnel to the
 agent (:meth:`.channel.ProxyChannel.become_tunnel`), with the ``101`` head
-filtered by the same header policy.
+filtered by the same header policy. The tunnel has back-pressure both ways:
+a side that does not read pauses the reading of the other, so a flood in
+either direction waits in its sender rather than in the proxy.
 """
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -298,8 +300,12 @@ class UpgradeExchange(Exchange):
 
         def browser_lost(reason: Any) -> None:
             self._gone = True
-            connection.abort()
-        channel.become_tunnel(agent.write, browser_lost)
+            connection.close_tunnel()
+        # Back-pressure both ways, as twisted.protocols.portforward: the
+        # agent's full transport pauses the browser's reading, the browser's
+        # full transport pauses the agent connection.
+        connection.link_tunnel(transport)
+        channel.become_tunnel(agent.write, browser_lost, connection)
 
     def tunnel_data(self, data: bytes) -> None:
         if not self._gone:
@@ -308,7 +314,9 @@ class UpgradeExchange(Exchange):
     def tunnel_closed(self) -> None:
         if not self._gone:
             self._gone = True
-            self._request.channel.transport.loseConnection()
+            channel = self._request.channel
+            channel.end_tunnel()  # else the transport waits for its producer
+            channel.transport.loseConnection()
 
 
 @implementer(IForwarder)
