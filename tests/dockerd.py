@@ -24,7 +24,6 @@ import os
 import socket
 import subprocess
 import tarfile
-import time
 import urllib.parse
 
 from twisted.trial.unittest import SkipTest
@@ -242,17 +241,6 @@ def remove_labelled(host, label):
     for c in found:
         api(host, "DELETE", "/containers/%s" % c["Id"], params={"force": "1"},
             expect=(204, 404, 409))
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05):
-    """Poll a synchronous predicate (only for use outside the reactor)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def coroutine_tests(cls):

@@ -111,6 +111,12 @@ def script_command(*words: str) -> str:
     return shlex.join([sys.executable, "-c", SCRIPT_AGENT, "{port}"] + list(words))
 
 
+#: An agent that fails at once, saying why on stderr.
+FAILING_AGENT = shlex.join([sys.executable, "-c",
+                            "import sys; sys.stderr.write('cannot open the mailbox store\\n');"
+                            " sys.exit(3)", "{port}"])
+
+
 class ProcessFixture:
     """Real processes in a temp dir; cleanup fails the test if any agent
     process outlives the ``close()`` of every provider it made.
@@ -285,10 +291,7 @@ class ProcessProviderTests(TestCase):
 
     @inlineCallbacks
     def test_an_agent_that_exits_at_once_fails_with_its_output(self):
-        command = shlex.join([sys.executable, "-c",
-                              "import sys; sys.stderr.write('cannot open the mailbox store\\n');"
-                              " sys.exit(3)", "{port}"])
-        f = self.fixture(command)
+        f = self.fixture(FAILING_AGENT)
         error = yield self.assertFailure(
             f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
             AgentStartError)
@@ -447,10 +450,7 @@ class ProcessProviderPipeTests(TestCase):
 
     @inlineCallbacks
     def test_an_agent_that_exits_at_once_fails_with_its_output(self):
-        command = shlex.join([sys.executable, "-c",
-                              "import sys; sys.stderr.write('cannot open the mailbox store\\n');"
-                              " sys.exit(3)", "{port}"])
-        f = ProcessFixture(self, command, state=False)
+        f = ProcessFixture(self, FAILING_AGENT, state=False)
         error = yield self.assertFailure(
             f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
             AgentStartError)
@@ -565,10 +565,7 @@ class ProcessProviderRecoveryTests(TestCase):
 
     @inlineCallbacks
     def test_an_agent_that_fails_to_start_shows_its_log(self):
-        command = shlex.join([sys.executable, "-c",
-                              "import sys; sys.stderr.write('cannot open the mailbox store\\n');"
-                              " sys.exit(3)", "{port}"])
-        f = ProcessFixture(self, command)
+        f = ProcessFixture(self, FAILING_AGENT)
         error = yield self.assertFailure(
             f.provider.start("alice", f.data_dir("alice"), credentials_for("alice")),
             AgentStartError)
