@@ -10,6 +10,8 @@
 # $PIXELATED_DOCKERD_DIR (default /var/tmp/pixelated-dockerd), so it never
 # touches a system dockerd's /var/run/docker.sock or /var/lib/docker.
 # tests/dockerd.py finds it there without DOCKER_HOST. Needs root.
+# Its bridge and the networks it makes take addresses from 198.18.0.0/15, the
+# range reserved for tests (PIXELATED_DOCKERD_BIP, PIXELATED_DOCKERD_POOL).
 # (no "set -u": this file may be sourced into an interactive shell)
 
 _pd_dir=${PIXELATED_DOCKERD_DIR:-/var/tmp/pixelated-dockerd}
@@ -56,6 +58,8 @@ _pd_start() {
         --exec-root "$_pd_dir/exec" \
         --pidfile "$_pd_pidfile" \
         --group root \
+        --bip "${PIXELATED_DOCKERD_BIP:-198.18.0.1/24}" \
+        --default-address-pool "base=${PIXELATED_DOCKERD_POOL:-198.18.128.0/18},size=24" \
         >"$_pd_log" 2>&1 </dev/null &
     local i
     for i in $(seq 1 120); do
