@@ -10,7 +10,7 @@ from pixelated_dispatcher.manager.agent_accounts import UidRange
 from pixelated_dispatcher.manager.culler import IdleCuller
 from pixelated_dispatcher.manager.login_limits import LoginLimiter
 from pixelated_dispatcher.manager.peer_policy import ADMIN, PROXY, PeerCredentials, PeerPolicy
-from pixelated_dispatcher.manager.providers.fake import FakeProvider
+from pixelated_dispatcher.testing.fake_provider import FakeProvider
 from pixelated_dispatcher.manager.supervisor import AgentSupervisor
 
 ALL = p.PROXY_COMMANDS + p.ADMIN_COMMANDS

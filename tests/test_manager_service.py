@@ -12,11 +12,11 @@ from twisted.trial.unittest import TestCase
 
 from pixelated_dispatcher import protocol as p
 from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
-from pixelated_dispatcher.manager.providers.fake import FakeProvider
+from pixelated_dispatcher.testing.fake_provider import FakeProvider
 from pixelated_dispatcher.manager.providers.interface import RunningAgent
 from pixelated_dispatcher.manager.service import Manager, ManagerSettings
 
-from .manager_contract import RecordingListener
+from pixelated_dispatcher.testing.manager_contract import RecordingListener
 
 
 class ManagerTests(TestCase):

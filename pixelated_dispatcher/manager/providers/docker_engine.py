@@ -2,7 +2,7 @@
 
 :class:`IDockerEngine` is the boundary; :class:`DockerEngine` speaks it with
 treq over the engine's Unix socket (or plain TCP), and
-``fake_docker.FakeDockerEngine`` is the in-memory double. Both pass the same
+``pixelated_dispatcher.testing.fake_docker.FakeDockerEngine`` is the in-memory double. Both pass the same
 contract suite (``tests/docker_engine_contract.py``), once against a real
 ``dockerd``, so the fake stays honest.
 
