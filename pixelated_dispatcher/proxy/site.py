@@ -23,7 +23,8 @@ from .forwarding import IForwarder, StreamingForwarder
 from .login import LoginResource, LogoutResource
 from .manager_cache import ManagerCache
 from .manager_interface import IManager
-from .session_gate import SessionGate, StartingPage
+from .session_gate import SessionGate
+from .starting_page import StartingPage
 
 #: One year; without includeSubDomains, which is the operator's decision.
 HSTS = b"max-age=31536000"
