@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pixelated_dispatcher import protocol as p
 from pixelated_dispatcher.manager.amp_server import ManagerAMP
 from pixelated_dispatcher.manager.peer_policy import PeerPolicy
-from pixelated_dispatcher.manager.announcements import Announcer
+from pixelated_dispatcher.manager.invalidations import Invalidations
 from pixelated_dispatcher.manager.service import AgentDetails
 from pixelated_dispatcher.manager.supervisor import AgentStatus
 from pixelated_dispatcher.manager.providers.interface import RunningAgent
@@ -30,7 +30,7 @@ class RecordingManager:
     def __init__(self):
         self.calls = []
         self.failure = None
-        self.announcements = Announcer()
+        self.invalidations = Invalidations()
 
     def _answer(self, name, value, **kwargs):
         self.calls.append((name, kwargs))
@@ -188,13 +188,13 @@ class ContractTests(SynchronousTestCase):
                 heard.append(("stopped", username))
                 return {}
         self.client.locator = Listener()
-        self.manager.announcements.session_ended(p.token_digest("tok"))
+        self.manager.invalidations.session_ended(p.token_digest("tok"))
         self.pump.flush()
         self.assertEqual(heard, [])
         self.successResultOf(self.call(p.Subscribe))
-        self.manager.announcements.session_ended(p.token_digest("tok"))
-        self.manager.announcements.sessions_revoked("alice")
-        self.manager.announcements.agent_stopped("bob")
+        self.manager.invalidations.session_ended(p.token_digest("tok"))
+        self.manager.invalidations.sessions_revoked("alice")
+        self.manager.invalidations.agent_stopped("bob")
         self.pump.flush()
         self.assertEqual(heard, [("ended", p.token_digest("tok")), ("revoked", "alice"),
                                  ("stopped", "bob")])

@@ -20,7 +20,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from .. import protocol as p
-from .announcements import IAnnouncementListener
+from .invalidations import IInvalidationListener
 from .peer_policy import PeerCredentials, PeerPolicy, peer_credentials
 from .service import Manager
 
@@ -98,8 +98,8 @@ class ManagerLocator(amp.CommandLocator):
     @_translated(p.Subscribe)
     def subscribe(self):
         if self.connection is None:
-            raise p.InternalError("this connection cannot receive announcements")
-        self.manager.announcements.subscribe(self.connection)
+            raise p.InternalError("this connection cannot receive invalidations")
+        self.manager.invalidations.subscribe(self.connection)
         return {}
 
     # -- administration --
@@ -182,7 +182,7 @@ class ManagerLocator(amp.CommandLocator):
         return self.manager.import_legacy(root, after or "", limit).addCallback(answer)
 
 
-@implementer(IAnnouncementListener)
+@implementer(IInvalidationListener)
 class ManagerAMP(amp.AMP):
     """One connection to the manager socket."""
 
@@ -197,10 +197,10 @@ class ManagerAMP(amp.AMP):
                                       peer_credentials(self.transport), self)
 
     def connectionLost(self, reason) -> None:
-        self._manager.announcements.unsubscribe(self)
+        self._manager.invalidations.unsubscribe(self)
         super().connectionLost(reason)
 
-    # IAnnouncementListener: push to the subscribed proxy, never wait for it.
+    # IInvalidationListener: push to the subscribed proxy, never wait for it.
 
     def session_ended(self, token_digest: str) -> None:
         self._push(p.SessionEnded, token_digest=token_digest)

@@ -21,7 +21,7 @@ from ..protocol import (AgentAddress, AgentNotRunning, BadRequest, InvalidCreden
                         InvalidSession, UserExists, rate_limited, token_digest)
 from .agent_accounts import AgentAccounts, UidRange
 from .agent_usage import resident_memory
-from .announcements import Announcer
+from .invalidations import Invalidations
 from .credentials import CredentialsVault
 from .culler import IdleCuller
 from .database import Database
@@ -84,7 +84,7 @@ class Manager(MultiService):
                                       settings.hash_threads or None)
         self._file_pool = ThreadPool(minthreads=0, maxthreads=2, name="files")
         self._vault = CredentialsVault(settings.leap_provider)
-        self.announcements = Announcer()
+        self.invalidations = Invalidations()
         self.limiter = LoginLimiter(reactor, settings.login_free_failures,
                                     settings.login_backoff_base, settings.login_backoff_max)
         self.users = UserRegistry(self._database, self._hasher, reactor)
@@ -96,7 +96,7 @@ class Manager(MultiService):
         self.supervisor = AgentSupervisor(
             reactor, provider, os.path.join(state_dir, "users"), self._vault.line_for,
             self._file_pool, settings.max_agents, settings.max_concurrent_starts, self.metrics)
-        self.supervisor.on_exit(lambda username, reason: self.announcements.agent_stopped(username))
+        self.supervisor.on_exit(lambda username, reason: self.invalidations.agent_stopped(username))
         self.culler = IdleCuller(reactor, self.supervisor, settings.idle_timeout, self.metrics)
         self._ready: Deferred = Deferred()
 
@@ -202,7 +202,7 @@ class Manager(MultiService):
         forget the password."""
         yield self.ready()
         username = yield self.sessions.end(token)
-        self.announcements.session_ended(token_digest(token))
+        self.invalidations.session_ended(token_digest(token))
         self.log.info("{username} logged out", username=username)
         if (yield self.sessions.count(username)) == 0:
             self._vault.forget(username)
@@ -275,7 +275,7 @@ class Manager(MultiService):
     def _revoke(self, username: str):
         count = yield self.sessions.end_all(username)
         self._vault.forget(username)
-        self.announcements.sessions_revoked(username)
+        self.invalidations.sessions_revoked(username)
         return count
 
     @inlineCallbacks
@@ -287,7 +287,7 @@ class Manager(MultiService):
         yield self.supervisor.stop(username, reason="user removed")
         yield self.users.remove(username)
         self._vault.forget(username)
-        self.announcements.sessions_revoked(username)
+        self.invalidations.sessions_revoked(username)
         if purge:
             yield self._in_files_thread(shutil.rmtree,
                                         os.path.join(self.state_dir, "users", username), True)
