@@ -2,7 +2,7 @@
 from twisted.internet import reactor
 
 from pixelated_dispatcher.manager.providers.docker_engine import DockerEngine
-from pixelated_dispatcher.manager.providers.fake_swarm import FakeSwarmEngine
+from pixelated_dispatcher.testing.fake_swarm import FakeSwarmEngine
 
 from . import dockerd, swarm_cluster
 from .docker_engine_contract import real_socket_missing_path

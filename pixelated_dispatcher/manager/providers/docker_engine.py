@@ -18,7 +18,7 @@ so it lives in :mod:`.docker_attach`.
 import base64
 import json
 import struct
-from typing import Callable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 from urllib.parse import quote
 
 import treq
@@ -573,54 +573,54 @@ class DockerEngine:
 
     # -- ISwarmEngine --
 
-    def info(self):
+    def info(self) -> Deferred:
         return self._call("GET", "/info")
 
-    def list_nodes(self):
+    def list_nodes(self) -> Deferred:
         return self._call("GET", "/nodes")
 
-    def inspect_node(self, node_id):
+    def inspect_node(self, node_id: str) -> Deferred:
         return self._call("GET", "/nodes/%s" % quote(node_id), not_found=NoSuchNode)
 
     @inlineCallbacks
-    def create_secret(self, name, data, labels):
+    def create_secret(self, name: str, data: bytes, labels: Dict[str, str]) -> Deferred:
         body = {"Name": name, "Labels": dict(labels),
                 "Data": base64.b64encode(data).decode("ascii")}
         result = yield self._call("POST", "/secrets/create", body=body, expect=(201,))
         return result["ID"]
 
-    def inspect_secret(self, secret_id):
+    def inspect_secret(self, secret_id: str) -> Deferred:
         return self._call("GET", "/secrets/%s" % quote(secret_id), not_found=NoSuchSecret)
 
-    def list_secrets(self, labels):
+    def list_secrets(self, labels: Iterable[str]) -> Deferred:
         return self._call("GET", "/secrets", params=_label_filter(labels))
 
-    def remove_secret(self, secret_id):
+    def remove_secret(self, secret_id: str) -> Deferred:
         return self._call("DELETE", "/secrets/%s" % quote(secret_id), expect=(200, 204),
                           not_found=NoSuchSecret)
 
     @inlineCallbacks
-    def create_service(self, spec):
+    def create_service(self, spec: dict) -> Deferred:
         result = yield self._call("POST", "/services/create", body=spec, expect=(200, 201))
         return result["ID"]
 
-    def inspect_service(self, service_id):
+    def inspect_service(self, service_id: str) -> Deferred:
         return self._call("GET", "/services/%s" % quote(service_id), not_found=NoSuchService)
 
-    def list_services(self, labels):
+    def list_services(self, labels: Iterable[str]) -> Deferred:
         return self._call("GET", "/services", params=_label_filter(labels))
 
-    def remove_service(self, service_id):
+    def remove_service(self, service_id: str) -> Deferred:
         return self._call("DELETE", "/services/%s" % quote(service_id), expect=(200, 204),
                           not_found=NoSuchService)
 
-    def list_tasks(self, services):
+    def list_tasks(self, services: Iterable[str]) -> Deferred:
         return self._call("GET", "/tasks",
                           params={"filters": json.dumps({"service": list(services)})},
                           not_found=NoSuchService)
 
 
-def _label_filter(labels):
+def _label_filter(labels: Iterable[str]) -> Dict[str, str]:
     return {"filters": json.dumps({"label": list(labels)})}
 
 

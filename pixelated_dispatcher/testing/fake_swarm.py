@@ -20,13 +20,15 @@ Test knobs: :meth:`add_node`, :meth:`node_down` / :meth:`node_up`,
 import hashlib
 import itertools
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import attr
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from .docker_engine import (Conflict, DockerAPIError, ISwarmEngine, NoSuchNode, NoSuchSecret,
-                            NoSuchService, NotSwarmManager)
+from ..manager.providers.docker_engine import (Conflict, DockerAPIError, ISwarmEngine,
+                                               NoSuchNode, NoSuchSecret, NoSuchService,
+                                               NotSwarmManager)
 from .fake_docker import FakeDockerEngine, _normal
 
 NOT_A_MANAGER = ("This node is not a swarm manager. Use \"docker swarm init\" or \"docker swarm"
@@ -43,7 +45,7 @@ class FakeNode:
     hostname: str
     address: str
     labels: Dict[str, str]
-    images: set
+    images: Any  # a set of image ids, or _LiveImages
     role: str = "worker"
     state: str = "ready"
     availability: str = "active"
@@ -99,8 +101,8 @@ class _Task:
 class FakeSwarmEngine(FakeDockerEngine):
     """A fake engine that is the manager of a swarm (``swarm=False``: of none)."""
 
-    def __init__(self, images=("pixelated/pixelated-user-agent:latest",), swarm: bool = True,
-                 address: str = "127.0.0.1", **kwargs) -> None:
+    def __init__(self, images: Iterable[str] = ("pixelated/pixelated-user-agent:latest",),
+                 swarm: bool = True, address: str = "127.0.0.1", **kwargs: Any) -> None:
         super().__init__(images=images, **kwargs)
         self.swarm = swarm
         self.nodes: Dict[str, FakeNode] = {}
@@ -116,8 +118,8 @@ class FakeSwarmEngine(FakeDockerEngine):
 
     # -- test knobs --
 
-    def add_node(self, hostname: str, address: str, labels=None, images=(),
-                 role: str = "worker") -> FakeNode:
+    def add_node(self, hostname: str, address: str, labels: Optional[Dict[str, str]] = None,
+                 images: Optional[Iterable[str]] = (), role: str = "worker") -> FakeNode:
         """A node; ``images=None``: it shares this engine's own images."""
         node = FakeNode(id=self._new_id("node"), hostname=hostname, address=address,
                         labels=dict(labels or {}), role=role,
@@ -184,7 +186,7 @@ class FakeSwarmEngine(FakeDockerEngine):
     # -- internals --
 
     @property
-    def _own_images(self) -> set:
+    def _own_images(self) -> "_LiveImages":
         return _LiveImages(self)
 
     def _image_id(self, reference: str) -> str:
@@ -193,8 +195,8 @@ class FakeSwarmEngine(FakeDockerEngine):
     def _new_id(self, kind: str) -> str:
         return hashlib.sha256(b"%s%d" % (kind.encode(), next(self._object_ids))).hexdigest()[:25]
 
-    def _swarm_call(self, what: str, fn, *args):
-        def call():
+    def _swarm_call(self, what: str, fn: Callable[..., Any], *args: Any) -> Deferred:
+        def call() -> Any:
             if not self.swarm:
                 raise NotSwarmManager(NOT_A_MANAGER, 503)
             return fn(*args)
@@ -284,8 +286,8 @@ class FakeSwarmEngine(FakeDockerEngine):
 
     # -- ISwarmEngine --
 
-    def info(self):
-        def info():
+    def info(self) -> Deferred:
+        def info() -> dict:
             swarm = {"NodeID": self.self_node.id if self.swarm else "",
                      "LocalNodeState": "active" if self.swarm else "inactive",
                      "ControlAvailable": self.swarm}
@@ -293,20 +295,20 @@ class FakeSwarmEngine(FakeDockerEngine):
                     "SecurityOptions": list(self.security_options)}
         return self._call("info", info)
 
-    def list_nodes(self):
+    def list_nodes(self) -> Deferred:
         return self._swarm_call("list_nodes",
                                 lambda: [n.as_json() for n in self.nodes.values()])
 
-    def inspect_node(self, node_id):
-        def inspect():
+    def inspect_node(self, node_id: str) -> Deferred:
+        def inspect() -> dict:
             for node in self.nodes.values():
                 if node_id in (node.id, node.hostname):
                     return node.as_json()
             raise NoSuchNode("node %s not found" % node_id, 404)
         return self._swarm_call("inspect_node", inspect)
 
-    def create_secret(self, name, data, labels):
-        def create():
+    def create_secret(self, name: str, data: bytes, labels: Dict[str, str]) -> Deferred:
+        def create() -> str:
             if any(s["Spec"]["Name"] == name for s in self.secrets.values()):
                 raise Conflict("rpc error: code = AlreadyExists desc = secret %s already exists"
                                % name, 409)
@@ -318,16 +320,16 @@ class FakeSwarmEngine(FakeDockerEngine):
             return secret_id
         return self._swarm_call("create_secret", create)
 
-    def inspect_secret(self, secret_id):
+    def inspect_secret(self, secret_id: str) -> Deferred:
         return self._swarm_call("inspect_secret", lambda: _public(self._secret(secret_id)))
 
-    def list_secrets(self, labels):
+    def list_secrets(self, labels: Iterable[str]) -> Deferred:
         return self._swarm_call("list_secrets", lambda: [
             _public(s) for s in self.secrets.values()
             if _has_labels(s["Spec"].get("Labels"), labels)])
 
-    def remove_secret(self, secret_id):
-        def remove():
+    def remove_secret(self, secret_id: str) -> Deferred:
+        def remove() -> None:
             secret = self._secret(secret_id)
             users = [s["Spec"]["Name"] for s in self.services.values()
                      if any(ref.get("SecretID") == secret["ID"] for ref in
@@ -339,8 +341,8 @@ class FakeSwarmEngine(FakeDockerEngine):
             del self.secrets[secret["ID"]]
         return self._swarm_call("remove_secret", remove)
 
-    def create_service(self, spec):
-        def create():
+    def create_service(self, spec: dict) -> Deferred:
+        def create() -> str:
             name = spec.get("Name", "")
             if any(s["Spec"]["Name"] == name for s in self.services.values()):
                 raise Conflict("rpc error: code = AlreadyExists desc = name conflicts with an"
@@ -361,16 +363,16 @@ class FakeSwarmEngine(FakeDockerEngine):
             return service_id
         return self._swarm_call("create_service", create)
 
-    def inspect_service(self, service_id):
+    def inspect_service(self, service_id: str) -> Deferred:
         return self._swarm_call("inspect_service", lambda: _public(self._service(service_id)))
 
-    def list_services(self, labels):
+    def list_services(self, labels: Iterable[str]) -> Deferred:
         return self._swarm_call("list_services", lambda: [
             _public(s) for s in self.services.values()
             if _has_labels(s["Spec"].get("Labels"), labels)])
 
-    def remove_service(self, service_id):
-        def remove():
+    def remove_service(self, service_id: str) -> Deferred:
+        def remove() -> None:
             service = self._service(service_id)
             del self.services[service["ID"]]
             for task in list(self.tasks.values()):
@@ -379,8 +381,8 @@ class FakeSwarmEngine(FakeDockerEngine):
                     del self.tasks[task.id]
         return self._swarm_call("remove_service", remove)
 
-    def list_tasks(self, services):
-        def listing():
+    def list_tasks(self, services: Iterable[str]) -> Deferred:
+        def listing() -> List[dict]:
             ids = {self._service(ref)["ID"] for ref in services}
             return [t.as_json() for t in self.tasks.values() if t.service_id in ids]
         return self._swarm_call("list_tasks", listing)
@@ -392,7 +394,7 @@ class _LiveImages:
     def __init__(self, engine: FakeSwarmEngine) -> None:
         self._engine = engine
 
-    def __contains__(self, image_id) -> bool:
+    def __contains__(self, image_id: object) -> bool:
         return any(info["Id"] == image_id for info in self._engine.images.values())
 
 
@@ -413,7 +415,7 @@ def _satisfies(node: FakeNode, constraint: str) -> bool:
     return (actual != value) if negate else (actual == value)
 
 
-def _has_labels(have, wanted) -> bool:
+def _has_labels(have: Optional[Dict[str, str]], wanted: Iterable[str]) -> bool:
     have = have or {}
     for item in wanted:
         key, eq, value = item.partition("=")
@@ -427,7 +429,7 @@ def _public(obj: dict) -> dict:
     return _copy({k: v for k, v in obj.items() if not k.startswith("_")})
 
 
-def _copy(value):
+def _copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
     if isinstance(value, list):
