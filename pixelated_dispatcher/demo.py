@@ -122,7 +122,8 @@ class Dispatcher:
     def _twistd(self, log: str, plugin: str, args: List[str],
                 twistd_args: Sequence[str] = ()) -> subprocess.Popen:
         return subprocess.Popen(
-            self.twistd_command(plugin) + ["-n", "--pidfile=", "--logfile=" + log] + list(twistd_args) + [plugin] + args,
+            self.twistd_command(plugin) + ["-n", "--pidfile=", "--logfile=" + log]
+            + list(twistd_args) + [plugin] + args,
             stdin=subprocess.DEVNULL, start_new_session=True)
 
     def start_manager(self, timeout: float = 30) -> None:

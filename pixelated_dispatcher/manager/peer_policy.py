@@ -79,7 +79,8 @@ class PeerPolicy:
             return ADMIN
         if peer is None:
             return None
-        if peer.uid in self.admin_uids or (self.admin_gid is not None and self.admin_gid in peer.groups):
+        if peer.uid in self.admin_uids or (self.admin_gid is not None
+                                           and self.admin_gid in peer.groups):
             return ADMIN
         if self.proxy_gid is not None and self.proxy_gid in peer.groups:
             return PROXY

@@ -275,10 +275,6 @@ class UpgradeExchange(Exchange):
         self._connection = connection
         connection.send(self, self._head, None, 0, False, upgrade=True)
 
-    def response_done(self) -> None:
-        # Not switched: an ordinary answer; the connection is not pooled.
-        super().response_done()
-
     def switched(self, headers: List[Tuple[bytes, bytes]], rest: bytes) -> None:
         request = self._request
         connection = self._connection
@@ -355,9 +351,3 @@ class StreamingForwarder:
 
     def close(self) -> None:
         self.pool.close()
-
-
-def default_agent_gone(request: IRequest) -> None:
-    """Without a session gate to restart it: a plain 502."""
-    pages.agent_unreachable(request)
-

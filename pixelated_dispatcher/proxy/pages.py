@@ -279,14 +279,6 @@ def agent_start_failed(request: IRequest) -> None:
     ], headers=[(b"retry-after", AGENT_RETRY_AFTER)])
 
 
-def agent_unreachable(request: IRequest) -> None:
-    """502: the agent is supposed to run but does not answer."""
-    write_error(request, 502, "mailbox not answering", "Mailbox not answering", [
-        tags.p("Your mailbox is not answering right now. Please reload the "
-               "page in a moment."),
-    ])
-
-
 def agent_timed_out(request: IRequest) -> None:
     """504: the agent took the request but stayed silent too long (hung,
     stopped, swapping). Unlike 502 it is running, so nothing is restarted;

@@ -18,9 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..manager.providers.interface import (AgentStartError, ExitCallback, IAgentProvider,
+                                           RunningAgent, notify_exit)
 from ..protocol import AgentAddress
-from ..manager.providers.interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
-                        notify_exit)
 
 log = Logger()
 

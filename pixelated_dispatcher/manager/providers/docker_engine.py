@@ -2,9 +2,10 @@
 
 :class:`IDockerEngine` is the boundary; :class:`DockerEngine` speaks it with
 treq over the engine's Unix socket (or plain TCP), and
-``pixelated_dispatcher.testing.fake_docker.FakeDockerEngine`` is the in-memory double. Both pass the same
-contract suite (``tests/docker_engine_contract.py``), once against a real
-``dockerd``, so the fake stays honest.
+``pixelated_dispatcher.testing.fake_docker.FakeDockerEngine`` is the in-memory
+double. Both pass the same contract suite
+(``tests/docker_engine_contract.py``), once against a real ``dockerd``, so
+the fake stays honest.
 
 Results are Docker's own JSON (dicts with Docker's key names); errors are the
 named exceptions below and carry Docker's message. The API version is
