@@ -1,10 +1,11 @@
 """A stand-in manager for proxy benchmarks: ``FakeManager`` behind the real
 AMP commands on a Unix socket (``pixelated_dispatcher.testing.fake_manager_server``),
-with one user whose agent runs at a fixed address. It keeps the manager
+with users whose agents run at fixed addresses. It keeps the manager
 (argon2, SQLite, process start) out of the figures: with the session cache the
 proxy asks the manager about once per 30 seconds per session anyway.
 
-    python bench/proxy_bench_manager.py SOCKET USERNAME PASSWORD AGENT_PORT
+    python bench/proxy_bench_manager.py SOCKET USERNAME PASSWORD AGENT_PORT \
+        [USERNAME PASSWORD AGENT_PORT ...]
 """
 import os
 import sys
@@ -21,10 +22,12 @@ from pixelated_dispatcher.testing.fake_manager_server import (  # noqa: E402
 
 
 def main() -> None:
-    path, username, password, port = sys.argv[1:5]
+    path, users = sys.argv[1], sys.argv[2:]
     manager = FakeManager()
-    manager.add_user(username, password)
-    manager.place_agent(username, AgentAddress("127.0.0.1", int(port)))
+    for i in range(0, len(users) - 2, 3):
+        username, password, port = users[i:i + 3]
+        manager.add_user(username, password)
+        manager.place_agent(username, AgentAddress("127.0.0.1", int(port)))
     if os.path.exists(path):
         os.unlink(path)
     ManagerSocket(reactor, path, FakeManagerResponder(manager)).start(mode=0o600)
