@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pixelated_dispatcher import protocol as p
 from pixelated_dispatcher.manager.amp_server import ManagerAMP
-from pixelated_dispatcher.manager.peer_policy import PeerPolicy
+from pixelated_dispatcher.manager.peer_policy import ADMIN, PeerPolicy
 from pixelated_dispatcher.manager.invalidations import Invalidations
 from pixelated_dispatcher.manager.service import AgentDetails
 from pixelated_dispatcher.manager.supervisor import AgentStatus
@@ -92,6 +92,14 @@ class RecordingManager:
                                                        123456, 7.5), username=username)
 
 
+class _Everybody(PeerPolicy):
+    """Every peer is an admin: the in-memory connections of these tests
+    have no Unix credentials (the policy itself: tests/test_manager_rules.py)."""
+
+    def role(self, peer):
+        return ADMIN
+
+
 class _DenyAdmin(PeerPolicy):
     def allows(self, peer, command):
         return command in p.PROXY_COMMANDS
@@ -102,7 +110,7 @@ class ContractTests(SynchronousTestCase):
     def connect(self, policy=None):
         self.manager = RecordingManager()
         client, server, pump = connectedServerAndClient(
-            lambda: ManagerAMP(self.manager, policy or PeerPolicy.everybody()), amp.AMP)
+            lambda: ManagerAMP(self.manager, policy or _Everybody()), amp.AMP)
         self.client, self.pump = client, pump
 
     def call(self, command, **kwargs):

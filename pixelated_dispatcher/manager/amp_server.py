@@ -155,7 +155,7 @@ class ManagerLocator(amp.CommandLocator):
     def list_sessions(self, username):
         return self.manager.list_sessions(username).addCallback(lambda sessions: {
             "sessions": [{"created": c, "last_seen": s, "client": client}
-                         for c, s, client in sessions[:500]]})
+                         for c, s, client in sessions[:p.SESSIONS_LISTED]]})
 
     @_translated(p.RevokeSessions)
     def revoke_sessions(self, username):
@@ -168,16 +168,17 @@ class ManagerLocator(amp.CommandLocator):
             return {"users": users, "sessions": sessions, "running": len(agents),
                     "memory": sum(memory for memory, _ in agents.values()),
                     "agents": [{"username": name, "memory": memory, "started": started}
-                               for name, (memory, started) in sorted(agents.items())[:1000]]}
+                               for name, (memory, started)
+                               in sorted(agents.items())[:p.AGENTS_LISTED]]}
         return self.manager.stats().addCallback(answer)
 
     @_translated(p.ImportLegacy)
     def import_legacy(self, root, after=None, limit=None):
-        limit = 100 if limit is None else max(1, min(limit, 200))
+        limit = p.IMPORT_PAGE if limit is None else max(1, min(limit, p.IMPORT_PAGE_MAX))
 
         def answer(result):
             entries, more = result
-            return {"entries": [{"username": u, "outcome": o, "detail": d[:300]}
+            return {"entries": [{"username": u, "outcome": o, "detail": d[:p.IMPORT_DETAIL]}
                                 for u, o, d in entries], "more": more}
         return self.manager.import_legacy(root, after or "", limit).addCallback(answer)
 

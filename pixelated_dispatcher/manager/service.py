@@ -23,7 +23,7 @@ from .agent_accounts import AgentAccounts, UidRange
 from .agent_usage import resident_memory
 from .invalidations import Invalidations
 from .credentials import CredentialsVault
-from .culler import IdleCuller
+from .culler import AGENT_IDLE_TIMEOUT, IdleCuller
 from .database import Database
 from .legacy_import import LegacyUser, read_legacy_root
 from .login_limits import LoginLimiter
@@ -31,7 +31,7 @@ from .metrics import ManagerMetrics
 from .passwords import PRODUCTION, HashParameters, PasswordHasher
 from .providers.interface import IAgentProvider
 from .registry import UserRegistry
-from .sessions import SessionStore
+from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE, SessionStore
 from .supervisor import FAILED, STOPPED, AgentStatus, AgentSupervisor
 
 
@@ -42,9 +42,9 @@ class ManagerSettings:
     hash_parameters: HashParameters = PRODUCTION
     #: threads hashing passwords (0: one less than the CPUs, at least one)
     hash_threads: int = 0
-    session_idle_timeout: float = 24 * 3600
-    session_max_age: float = 7 * 24 * 3600
-    idle_timeout: float = 2 * 3600
+    session_idle_timeout: float = SESSION_IDLE_TIMEOUT
+    session_max_age: float = SESSION_MAX_AGE
+    idle_timeout: float = AGENT_IDLE_TIMEOUT
     max_agents: int = 0
     max_concurrent_starts: int = 0
     login_free_failures: int = 5
