@@ -50,6 +50,8 @@ class ManagerSettings:
     login_free_failures: int = 5
     login_backoff_base: float = 1.0
     login_backoff_max: float = 900.0
+    #: failed logins of one name from all networks before the global backoff
+    login_global_free_failures: int = 100
     #: uids for agents; None: agents run as the manager's own user
     agent_uids: Optional[UidRange] = None
 
@@ -85,8 +87,10 @@ class Manager(MultiService):
         self._file_pool = ThreadPool(minthreads=0, maxthreads=2, name="files")
         self._vault = CredentialsVault(settings.leap_provider)
         self.invalidations = Invalidations()
-        self.limiter = LoginLimiter(reactor, settings.login_free_failures,
-                                    settings.login_backoff_base, settings.login_backoff_max)
+        self.limiter = LoginLimiter(
+            reactor, settings.login_free_failures, settings.login_backoff_base,
+            settings.login_backoff_max,
+            global_free_failures=settings.login_global_free_failures)
         self.users = UserRegistry(self._database, self._hasher, reactor)
         self.sessions = SessionStore(self._database, reactor, settings.session_idle_timeout,
                                      settings.session_max_age)

@@ -88,7 +88,12 @@ class Options(usage.Options):
         ["session-max-age", None, SESSION_MAX_AGE,
          "End sessions this many seconds after login.", _non_negative(float)],
         ["login-free-failures", None, 5,
-         "Failed logins per user name or client before the backoff starts.",
+         "Failed logins per user name and client network (/24, /64), or per client"
+         " address, before the backoff starts.",
+         _non_negative(int)],
+        ["login-global-free-failures", None, 100,
+         "Failed logins per user name from all networks before the backoff starts"
+         " for that name everywhere.",
          _non_negative(int)],
         ["argon2-time-cost", None, PRODUCTION.time_cost,
          "argon2id passes for new password hashes.", _non_negative(int)],
@@ -146,6 +151,7 @@ def settings_from(options) -> ManagerSettings:
         idle_timeout=options["idle-timeout"], max_agents=options["max-agents"],
         max_concurrent_starts=options["max-concurrent-starts"],
         login_free_failures=options["login-free-failures"],
+        login_global_free_failures=options["login-global-free-failures"],
         login_backoff_max=options["login-backoff-max"],
         # Root can give each user's agent (process or container) a uid of its own.
         agent_uids=options["agent-uid-range"] if os.getuid() == 0 else None)
