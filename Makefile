@@ -5,6 +5,10 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo check install clean package-test
 
+# Runs "python ..." with .venv, or, as root in a clone that other users may
+# not enter, with a copy that the agents' accounts can read (tools/runtime_copy.py).
+RUN    := $(BIN)/python tools/runtime_copy.py --
+
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -15,10 +19,10 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python -m pixelated_dispatcher.demo
+	$(RUN) python -m pixelated_dispatcher.demo
 
 check: install
-	$(BIN)/python -m pytest -rs tests
+	$(RUN) python -m pytest -rs tests
 
 # Debian packages: build, lintian, the suite on Debian's Python, install, log
 # in with both providers, purge, and boot them in a Debian 12 container (root;
@@ -27,5 +31,5 @@ package-test:
 	bash .ci/debian.sh --unit-tests --docker --nspawn
 
 clean:
-	rm -rf $(VENV) build *.egg-info .hypothesis test-artifacts
+	rm -rf $(VENV) *.egg-info .hypothesis test-artifacts
 	find . -name dropin.cache -delete

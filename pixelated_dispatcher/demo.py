@@ -121,10 +121,12 @@ class Dispatcher:
 
     def _twistd(self, log: str, plugin: str, args: List[str],
                 twistd_args: Sequence[str] = ()) -> subprocess.Popen:
+        # cwd: the daemons import the code from the interpreter's path, as
+        # under systemd, not from wherever the caller stands (a clone the
+        # proxy's account cannot read once it dropped root).
         return subprocess.Popen(
-            self.twistd_command(plugin) + ["-n", "--pidfile=", "--logfile=" + log]
-            + list(twistd_args) + [plugin] + args,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.twistd_command(plugin) + ["-n", "--pidfile=", "--logfile=" + log] + list(twistd_args) + [plugin] + args,
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.directory)
 
     def start_manager(self, timeout: float = 30) -> None:
         if os.path.exists(self.socket):

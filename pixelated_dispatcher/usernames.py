@@ -9,11 +9,7 @@ import re
 
 MAX_LENGTH = 64
 
-#: The rule as a regular expression (to be matched whole); other patterns
-#: that contain a user name build on it.
-PATTERN = r"[a-z0-9_][a-z0-9._-]{0,63}"
-
-_VALID = re.compile(PATTERN)
+_VALID = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
 
 
 class InvalidUsernameError(ValueError):

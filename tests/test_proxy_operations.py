@@ -28,7 +28,6 @@ from pixelated_dispatcher.proxy.tls import PlainListener, parse_listen
 from .test_proxy_tap import free_port
 from .test_proxy_tls import handshake, make_certificate, temporary_directory
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def peer_certificate(port: int) -> bytes:
@@ -235,7 +234,7 @@ class RealPrivilegeDrop(TestCase):
             TWISTD + ["-n", "--pidfile=", "--logfile=" + log] + list(args) + [
                 "pixelated-proxy", "--manager-socket", os.path.join(directory, "m.sock"),
                 "--listen", "tcp:%d:interface=127.0.0.1" % (port,)],
-            cwd=directory, env=dict(os.environ, PYTHONPATH=ROOT))
+            cwd=directory)
         self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
         return process, port, log
 
