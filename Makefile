@@ -31,5 +31,5 @@ package-test:
 	bash .ci/debian.sh --unit-tests --docker --nspawn
 
 clean:
-	rm -rf $(VENV) *.egg-info .hypothesis test-artifacts
+	rm -rf $(VENV) build *.egg-info .hypothesis test-artifacts
 	find . -name dropin.cache -delete

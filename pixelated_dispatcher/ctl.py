@@ -22,8 +22,6 @@ from twisted.protocols import amp
 
 from . import protocol as p
 
-DEFAULT_SOCKET = "/run/pixelated/manager.sock"
-
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
@@ -40,7 +38,7 @@ class CtlError(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pixelated-ctl", description="Administer pixelated-dispatcher users and agents.")
-    parser.add_argument("--socket", default=DEFAULT_SOCKET,
+    parser.add_argument("--socket", default=p.DEFAULT_SOCKET,
                         help="the manager's socket (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True

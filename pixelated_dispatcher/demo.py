@@ -125,7 +125,8 @@ class Dispatcher:
         # under systemd, not from wherever the caller stands (a clone the
         # proxy's account cannot read once it dropped root).
         return subprocess.Popen(
-            self.twistd_command(plugin) + ["-n", "--pidfile=", "--logfile=" + log] + list(twistd_args) + [plugin] + args,
+            self.twistd_command(plugin) + ["-n", "--pidfile=", "--logfile=" + log]
+            + list(twistd_args) + [plugin] + args,
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.directory)
 
     def start_manager(self, timeout: float = 30) -> None:

@@ -13,6 +13,10 @@ import hashlib
 import attr
 from twisted.protocols import amp
 
+#: Where the manager listens unless told otherwise (``--socket`` of the
+#: manager, ``--manager-socket`` of the proxy, ``--socket`` of the ctl).
+DEFAULT_SOCKET = "/run/pixelated/manager.sock"
+
 
 @attr.s(frozen=True, auto_attribs=True)
 class AgentAddress:
@@ -301,6 +305,10 @@ class AgentInfo(amp.Command):
     errors = _errors(InvalidUsername, UnknownUser)
 
 
+#: At most this many sessions in a ``ListSessions`` answer.
+SESSIONS_LISTED = 500
+
+
 class ListSessions(amp.Command):
     """A user's live sessions (never their tokens)."""
     arguments = [(b"username", amp.Unicode())]
@@ -317,6 +325,10 @@ class RevokeSessions(amp.Command):
     errors = _errors(InvalidUsername, UnknownUser)
 
 
+#: At most this many agents in a ``Stats`` answer.
+AGENTS_LISTED = 1000
+
+
 class Stats(amp.Command):
     """Counts and the memory of running agents."""
     arguments = []
@@ -328,6 +340,14 @@ class Stats(amp.Command):
                                          (b"memory", amp.Integer()),
                                          (b"started", amp.Float())]))]
     errors = _errors()
+
+
+#: User directories per ``ImportLegacy`` page: the default, and the most a
+#: caller may ask for.
+IMPORT_PAGE = 100
+IMPORT_PAGE_MAX = 200
+#: An entry's ``detail`` is cut to this many characters.
+IMPORT_DETAIL = 300
 
 
 class ImportLegacy(amp.Command):

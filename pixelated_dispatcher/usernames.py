@@ -9,7 +9,11 @@ import re
 
 MAX_LENGTH = 64
 
-_VALID = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
+#: The rule as a regular expression (to be matched whole); other patterns
+#: that contain a user name build on it.
+PATTERN = r"[a-z0-9_][a-z0-9._-]{0,63}"
+
+_VALID = re.compile(PATTERN)
 
 
 class InvalidUsernameError(ValueError):

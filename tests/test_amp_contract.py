@@ -11,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pixelated_dispatcher import protocol as p
 from pixelated_dispatcher.manager.amp_server import ManagerAMP
-from pixelated_dispatcher.manager.peer_policy import PeerPolicy
-from pixelated_dispatcher.manager.announcements import Announcer
+from pixelated_dispatcher.manager.peer_policy import ADMIN, PeerPolicy
+from pixelated_dispatcher.manager.invalidations import Invalidations
 from pixelated_dispatcher.manager.service import AgentDetails
 from pixelated_dispatcher.manager.supervisor import AgentStatus
 from pixelated_dispatcher.manager.providers.interface import RunningAgent
@@ -30,7 +30,7 @@ class RecordingManager:
     def __init__(self):
         self.calls = []
         self.failure = None
-        self.announcements = Announcer()
+        self.invalidations = Invalidations()
 
     def _answer(self, name, value, **kwargs):
         self.calls.append((name, kwargs))
@@ -92,6 +92,14 @@ class RecordingManager:
                                                        123456, 7.5), username=username)
 
 
+class _Everybody(PeerPolicy):
+    """Every peer is an admin: the in-memory connections of these tests
+    have no Unix credentials (the policy itself: tests/test_manager_rules.py)."""
+
+    def role(self, peer):
+        return ADMIN
+
+
 class _DenyAdmin(PeerPolicy):
     def allows(self, peer, command):
         return command in p.PROXY_COMMANDS
@@ -102,7 +110,7 @@ class ContractTests(SynchronousTestCase):
     def connect(self, policy=None):
         self.manager = RecordingManager()
         client, server, pump = connectedServerAndClient(
-            lambda: ManagerAMP(self.manager, policy or PeerPolicy.everybody()), amp.AMP)
+            lambda: ManagerAMP(self.manager, policy or _Everybody()), amp.AMP)
         self.client, self.pump = client, pump
 
     def call(self, command, **kwargs):
@@ -188,13 +196,13 @@ class ContractTests(SynchronousTestCase):
                 heard.append(("stopped", username))
                 return {}
         self.client.locator = Listener()
-        self.manager.announcements.session_ended(p.token_digest("tok"))
+        self.manager.invalidations.session_ended(p.token_digest("tok"))
         self.pump.flush()
         self.assertEqual(heard, [])
         self.successResultOf(self.call(p.Subscribe))
-        self.manager.announcements.session_ended(p.token_digest("tok"))
-        self.manager.announcements.sessions_revoked("alice")
-        self.manager.announcements.agent_stopped("bob")
+        self.manager.invalidations.session_ended(p.token_digest("tok"))
+        self.manager.invalidations.sessions_revoked("alice")
+        self.manager.invalidations.agent_stopped("bob")
         self.pump.flush()
         self.assertEqual(heard, [("ended", p.token_digest("tok")), ("revoked", "alice"),
                                  ("stopped", "bob")])

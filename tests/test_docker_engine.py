@@ -2,7 +2,7 @@
 from twisted.internet import reactor
 
 from pixelated_dispatcher.manager.providers.docker_engine import DockerEngine
-from pixelated_dispatcher.manager.providers.fake_docker import FakeDockerEngine
+from pixelated_dispatcher.testing.fake_docker import FakeDockerEngine
 
 from . import dockerd
 from .docker_engine_contract import make_docker_engine_tests, real_socket_missing_path

@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from pixelated_dispatcher.manager.providers.docker import (
     LABEL, USER_LABEL, ContainerEngineUnavailable, DockerAgentSettings, DockerProvider)
-from pixelated_dispatcher.manager.providers.fake_docker import FakeDockerEngine
+from pixelated_dispatcher.testing.fake_docker import FakeDockerEngine
 from pixelated_dispatcher.manager.providers.interface import AgentStartError, IAgentProvider
 from pixelated_dispatcher.manager.providers.loopback_guard import LoopbackGuardFailed
 

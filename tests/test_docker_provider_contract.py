@@ -1,4 +1,4 @@
-"""The shared IAgentProvider contract (tests/provider_contract.py), run against
+"""The shared IAgentProvider contract (pixelated_dispatcher.testing.provider_contract), run against
 DockerProvider on a real dockerd with the test agent image.
 
 The fixture's main provider stops its agents at close (``keep_on_close=False``,
@@ -20,7 +20,7 @@ from pixelated_dispatcher.manager.providers.docker import (
 from pixelated_dispatcher.manager.providers.docker_engine import DockerEngine
 
 from . import dockerd
-from .provider_contract import make_provider_tests
+from pixelated_dispatcher.testing.provider_contract import make_provider_tests
 
 
 class DockerFixture:

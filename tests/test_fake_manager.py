@@ -3,10 +3,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pixelated_dispatcher.protocol import (AgentAddress, AgentStartFailed,
                                            UnknownUser)
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.manager_interface import ManagerUnavailable
 
-from .manager_contract import manager_contract_tests
+from pixelated_dispatcher.testing.manager_contract import manager_contract_tests
 
 
 class FakeManagerFixture:

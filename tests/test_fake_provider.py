@@ -4,12 +4,12 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from pixelated_dispatcher.manager.providers.fake import (
+from pixelated_dispatcher.testing.fake_provider import (
     ADOPTED_EXIT_REASON, CRASH_REASON, FakeMachine, FakeProvider)
 from pixelated_dispatcher.manager.providers.interface import AgentStartError, RunningAgent
 from pixelated_dispatcher.protocol import AgentAddress
 
-from .provider_contract import credentials_for, make_provider_tests
+from pixelated_dispatcher.testing.provider_contract import credentials_for, make_provider_tests
 
 
 class FakeFixture:

@@ -17,7 +17,7 @@ from pixelated_dispatcher.manager.service import Manager, ManagerSettings
 from pixelated_dispatcher.manager.tap import DEFAULT_AGENT_COMMAND
 from pixelated_dispatcher.proxy.manager_client import AMPManagerClient
 
-from .manager_contract import manager_contract_tests
+from pixelated_dispatcher.testing.manager_contract import manager_contract_tests
 
 
 @inlineCallbacks

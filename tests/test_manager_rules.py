@@ -10,7 +10,7 @@ from pixelated_dispatcher.manager.agent_accounts import UidRange
 from pixelated_dispatcher.manager.culler import IdleCuller
 from pixelated_dispatcher.manager.login_limits import LoginLimiter
 from pixelated_dispatcher.manager.peer_policy import ADMIN, PROXY, PeerCredentials, PeerPolicy
-from pixelated_dispatcher.manager.providers.fake import FakeProvider
+from pixelated_dispatcher.testing.fake_provider import FakeProvider
 from pixelated_dispatcher.manager.supervisor import AgentSupervisor
 
 ALL = p.PROXY_COMMANDS + p.ADMIN_COMMANDS
@@ -77,11 +77,19 @@ class LoginLimiterTests(SynchronousTestCase):
         self.clock.advance(60.5)
         self.assertEqual(self.limiter.wait_for("alice", "192.0.2.1"), 0)
 
-    def test_limits_apply_per_name_and_per_address(self):
+    def test_limits_apply_per_name_and_network_and_per_address(self):
         self.fail(6, user="alice", client="192.0.2.1")
-        self.assertGreater(self.limiter.wait_for("alice", "198.51.100.7"), 0)
+        self.assertGreater(self.limiter.wait_for("alice", "192.0.2.200"), 0)  # same /24
+        self.assertEqual(self.limiter.wait_for("alice", "198.51.100.7"), 0)  # not locked out
         self.assertGreater(self.limiter.wait_for("bob", "192.0.2.1"), 0)
         self.assertEqual(self.limiter.wait_for("bob", "198.51.100.7"), 0)
+
+    def test_the_global_ceiling_per_name_spares_known_networks(self):
+        self.limiter.succeeded("alice", "203.0.113.5")  # her home network
+        for network in range(25):  # 5 failures from each of 25 networks
+            self.fail(5, client="10.0.%d.1" % network)
+        self.assertGreater(self.limiter.wait_for("alice", "198.51.100.7"), 0)
+        self.assertEqual(self.limiter.wait_for("alice", "203.0.113.9"), 0)
 
     def test_one_address_trying_many_names_is_limited(self):
         for n in range(6):

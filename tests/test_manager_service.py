@@ -12,11 +12,11 @@ from twisted.trial.unittest import TestCase
 
 from pixelated_dispatcher import protocol as p
 from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
-from pixelated_dispatcher.manager.providers.fake import FakeProvider
+from pixelated_dispatcher.testing.fake_provider import FakeProvider
 from pixelated_dispatcher.manager.providers.interface import RunningAgent
 from pixelated_dispatcher.manager.service import Manager, ManagerSettings
 
-from .manager_contract import RecordingListener
+from pixelated_dispatcher.testing.manager_contract import RecordingListener
 
 
 class ManagerTests(TestCase):
@@ -192,7 +192,7 @@ class ManagerTests(TestCase):
     def test_after_a_restart_an_agent_to_start_asks_for_the_password_again(self):
         token, manager = yield self.restarted_without_agents()
         listener = RecordingListener()
-        manager.announcements.subscribe(listener)
+        manager.invalidations.subscribe(listener)
         yield self.assertFailure(self.finish_starts(manager.ensure_agent("alice")),
                                  p.InvalidSession)
         self.assertEqual(self.provider.launches, [])  # no agent with an empty password
@@ -292,7 +292,7 @@ class ManagerTests(TestCase):
 
             def agent_stopped(self, username):
                 heard.append(("stopped", username))
-        self.manager.announcements.subscribe(Listener())
+        self.manager.invalidations.subscribe(Listener())
         token = yield self.manager.authenticate("alice", "alice's password", "192.0.2.1")
         yield self.finish_starts(self.manager.ensure_agent("alice"))
         yield self.finish_starts(self.manager.end_session(token))

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from pixelated_dispatcher.manager.providers.interface import AgentStartError
 
-from .provider_contract import credentials_for
+from pixelated_dispatcher.testing.provider_contract import credentials_for
 from .test_process_provider import (
     ProcessFixture, agent_url, http_get, is_alive, wait_until)
 

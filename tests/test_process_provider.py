@@ -28,7 +28,7 @@ from pixelated_dispatcher.manager.providers.process import (
     DEMO_AGENT_COMMAND, ProcessProvider, free_loopback_port)
 from pixelated_dispatcher.manager.providers.process_inspect import AGENT_MARKER, process_start_time
 
-from .provider_contract import credentials_for, make_provider_tests
+from pixelated_dispatcher.testing.provider_contract import credentials_for, make_provider_tests
 
 # --- helpers ------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pixelated_dispatcher.protocol import AgentAddress
 from pixelated_dispatcher.proxy import tap
 from pixelated_dispatcher.proxy.agent_client import AGENT_TIMEOUT, AgentConnection
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.forwarding import StreamingForwarder
 from pixelated_dispatcher.proxy.site import make_site
 

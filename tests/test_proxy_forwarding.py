@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from pixelated_dispatcher.protocol import AgentAddress
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.site import make_site
 
 

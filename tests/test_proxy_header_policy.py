@@ -5,9 +5,8 @@ from twisted.web.http_headers import Headers
 
 from pixelated_dispatcher.proxy.cookie_policy import DISPATCHER_COOKIE_NAMES
 from pixelated_dispatcher.proxy.header_policy import (
-    HOP_BY_HOP, keep_response_header, request_head, request_header_pairs,
-    request_headers_for_agent, response_header_groups, response_headers_for_browser,
-    rewrite_location)
+    HOP_BY_HOP, request_head, request_header_pairs, response_header_groups,
+    rewrite_location, switching_protocols_head)
 
 OURS = sorted(DISPATCHER_COOKIE_NAMES)
 
@@ -38,7 +37,19 @@ def agent_cookies(headers: Headers) -> list:
 
 
 def forward(headers: Headers, secure: bool = False) -> Headers:
-    return request_headers_for_agent(headers, client_ip="203.0.113.9", secure=secure)
+    """What the agent receives, by the function the forwarder runs."""
+    received = Headers()
+    for name, value in request_header_pairs(headers, client_ip="203.0.113.9", secure=secure):
+        received.addRawHeader(name, value)
+    return received
+
+
+def to_browser(incoming: Headers) -> Headers:
+    """What the browser gets of an agent's response headers, by the function
+    the forwarder runs (on lower-case names, as the agent client parses them)."""
+    pairs = [(name.lower(), value) for name, values in incoming.getAllRawHeaders()
+             for value in values]
+    return Headers(response_header_groups(pairs))
 
 
 class CookieHeaderToAgent(SynchronousTestCase):
@@ -125,7 +136,8 @@ class ResponseHeaders(SynchronousTestCase):
         [b"", b"; Path=/", b"; Max-Age=0", b"; Domain=example.org; Secure"]))
     def test_agent_cannot_set_or_clear_our_cookies(self, name, upper, attributes):
         spelled = name.upper() if upper else name
-        self.assertFalse(keep_response_header(b"Set-Cookie", spelled + b"=x" + attributes))
+        incoming = Headers({b"Set-Cookie": [spelled + b"=x" + attributes]})
+        self.assertFalse(to_browser(incoming).hasHeader(b"set-cookie"))
 
     def test_agent_cookies_and_headers_pass(self) -> None:
         incoming = Headers({
@@ -137,7 +149,7 @@ class ResponseHeaders(SynchronousTestCase):
             b"Connection": [b"close"],
             b"Transfer-Encoding": [b"chunked"],
         })
-        outgoing = response_headers_for_browser(incoming)
+        outgoing = to_browser(incoming)
         self.assertEqual(outgoing.getRawHeaders(b"set-cookie"),
                          [b"XSRF-TOKEN=abc; Path=/", b"lang=en"])
         self.assertEqual(outgoing.getRawHeaders(b"location"), [b"/inbox"])
@@ -247,3 +259,35 @@ class LocationRewriting(SynchronousTestCase):
             agent_authorities=self.AGENT, public_origin=self.PUBLIC)
         self.assertEqual(groups, {b"set-cookie": [b"a=1", b"b=2"],
                                   b"location": [b"https://mail.example.org/y"]})
+
+
+class SwitchingProtocolsHead(SynchronousTestCase):
+    """The ``101`` head that opens a tunnel goes through the same filter as
+    every other answer: the agent cannot smuggle what is stripped elsewhere."""
+
+    AGENT = (b"127.0.0.1:41001",)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(header_names.map(bytes.lower), header_values.filter(
+        lambda v: b"\r" not in v and b"\n" not in v)), max_size=10))
+    def test_head_carries_only_what_the_policy_lets_through(self, headers):
+        head = switching_protocols_head(headers, agent_authorities=self.AGENT,
+                                        public_origin=b"https://mail.example.org")
+        self.assertTrue(head.endswith(b"\r\n\r\n"))
+        lines = head[:-4].split(b"\r\n")
+        self.assertEqual(lines[:2], [b"HTTP/1.1 101 Switching Protocols",
+                                     b"Connection: Upgrade"])
+        self.assertTrue(lines[2].startswith(b"Upgrade: "))
+        expected = response_header_groups(headers, agent_authorities=self.AGENT,
+                                          public_origin=b"https://mail.example.org")
+        self.assertEqual(lines[3:], [name + b": " + value
+                                     for name, values in expected.items() for value in values])
+
+    def test_server_and_our_cookies_are_stripped(self) -> None:
+        head = switching_protocols_head(
+            [(b"upgrade", b"websocket"), (b"server", b"agent/1"),
+             (b"set-cookie", b"__Host-pixelated-session=stolen"),
+             (b"sec-websocket-accept", b"abc")],
+            agent_authorities=self.AGENT, public_origin=b"https://mail.example.org")
+        self.assertEqual(head, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                               b"Upgrade: websocket\r\nsec-websocket-accept: abc\r\n\r\n")

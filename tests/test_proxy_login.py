@@ -9,7 +9,7 @@ from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IResponse
 
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.forwarding import IForwarder
 from pixelated_dispatcher.proxy.site import make_root
 from zope.interface import implementer

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pixelated_dispatcher.protocol import AgentAddress
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.next_path import local_path, with_next
 from pixelated_dispatcher.proxy.site import make_root
 

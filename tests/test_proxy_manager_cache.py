@@ -11,7 +11,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pixelated_dispatcher.protocol import AgentAddress, InvalidSession, token_digest
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.manager_cache import (SUBSCRIBED_TTL, UNSUBSCRIBED_TTL,
                                                       ManagerCache)
 from pixelated_dispatcher.proxy.manager_client import (ACTIVITY_BATCH_BYTES,

@@ -6,138 +6,20 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
-from twisted.protocols import amp
 from twisted.trial.unittest import TestCase
 
-import copy
-
-from pixelated_dispatcher.protocol import (AgentAddress, AgentStartFailed, AgentStopped,
-                                           Authenticate, EndSession, EnsureAgent,
-                                           InvalidCredentials, ReportActivity,
-                                           ResolveSession, SessionEnded,
-                                           SessionsRevoked, Subscribe)
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.protocol import (AgentAddress, AgentStartFailed, EnsureAgent,
+                                           InvalidCredentials)
 from pixelated_dispatcher.proxy.manager_client import AMPManagerClient
 from pixelated_dispatcher.proxy.manager_interface import ManagerUnavailable
-
-from .manager_contract import manager_contract_tests
-
-
-class PushToConnection:
-    """A FakeManager listener that pushes to one subscribed AMP connection,
-    as the real manager does."""
-
-    def __init__(self, connection: amp.AMP) -> None:
-        self.connection = connection
-
-    def _push(self, command: type, **arguments: Any) -> None:
-        if self.connection.transport is not None:
-            self.connection.callRemote(command, **arguments).addErrback(lambda f: None)
-
-    def subscribed(self) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-    def session_ended(self, digest: str) -> None:
-        self._push(SessionEnded, token_digest=digest)
-
-    def sessions_revoked(self, username: str) -> None:
-        self._push(SessionsRevoked, username=username)
-
-    def agent_stopped(self, username: str) -> None:
-        self._push(AgentStopped, username=username)
-
-
-class FakeManagerResponder(amp.CommandLocator):
-    """The proxy commands of the manager's AMP server, answered by a FakeManager
-    (one copy per connection: ``connection`` is set by ManagerSocket)."""
-
-    connection: Optional[amp.AMP] = None
-
-    def __init__(self, manager: FakeManager) -> None:
-        self.manager = manager
-
-    @Subscribe.responder
-    def subscribe(self) -> Deferred:
-        pusher = PushToConnection(self.connection)
-        self.connection.pusher = pusher
-        return self.manager.subscribe(pusher).addCallback(lambda _: {})
-
-    @ReportActivity.responder
-    def report_activity(self, usernames: List[str]) -> Deferred:
-        return self.manager.report_activity(usernames).addCallback(lambda _: {})
-
-    @Authenticate.responder
-    def authenticate(self, username: str, password: str, client: str) -> Deferred:
-        return self.manager.authenticate(username, password, client).addCallback(
-            lambda token: {"token": token})
-
-    @ResolveSession.responder
-    def resolve_session(self, token: str) -> Deferred:
-        return self.manager.resolve_session(token).addCallback(
-            lambda username: {"username": username})
-
-    @EndSession.responder
-    def end_session(self, token: str) -> Deferred:
-        return self.manager.end_session(token).addCallback(
-            lambda username: {"username": username})
-
-    @EnsureAgent.responder
-    def ensure_agent(self, username: str) -> Deferred:
-        return self.manager.ensure_agent(username).addCallback(
-            lambda address: {"host": address.host, "port": address.port})
-
-
-class _ServerAMP(amp.AMP):
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.factory.connections.append(self)
-
-    def connectionLost(self, reason: Any) -> None:
-        super().connectionLost(reason)
-        self.factory.connections.remove(self)
-        pusher = getattr(self, "pusher", None)
-        if pusher is not None and pusher in self.factory.locator.manager.listeners:
-            self.factory.locator.manager.listeners.remove(pusher)
-
-
-class ManagerSocket(Factory):
-    """A stand-in manager listening on a Unix socket; can go away and come back."""
-
-    def __init__(self, path: str, locator: amp.CommandLocator) -> None:
-        self.path = path
-        self.locator = locator
-        self.connections: List[_ServerAMP] = []
-        self.port: Optional[Any] = None
-
-    def buildProtocol(self, addr: Any) -> _ServerAMP:
-        locator = copy.copy(self.locator)
-        protocol = _ServerAMP(locator=locator)
-        locator.connection = protocol
-        protocol.factory = self
-        return protocol
-
-    def start(self) -> None:
-        self.port = reactor.listenUNIX(self.path, self)
-
-    @inlineCallbacks
-    def stop(self) -> Any:
-        """Stop listening and hang up on every client, like a manager that exits."""
-        if self.port is not None:
-            yield self.port.stopListening()
-            self.port = None
-        for connection in list(self.connections):
-            connection.transport.abortConnection()
-        while self.connections:
-            yield deferLater(reactor, 0.01, lambda: None)
+from pixelated_dispatcher.testing.fake_manager import FakeManager
+from pixelated_dispatcher.testing.fake_manager_server import FakeManagerResponder, ManagerSocket
+from pixelated_dispatcher.testing.manager_contract import manager_contract_tests
 
 
 def temporary_directory(test: TestCase) -> str:
@@ -155,8 +37,8 @@ def start_client(test: TestCase, path: str, **kwargs: Any) -> AMPManagerClient:
 
 
 def start_manager(test: TestCase, path: str, manager: FakeManager,
-                  locator: Optional[amp.CommandLocator] = None) -> ManagerSocket:
-    server = ManagerSocket(path, locator or FakeManagerResponder(manager))
+                  locator: Optional[FakeManagerResponder] = None) -> ManagerSocket:
+    server = ManagerSocket(reactor, path, locator or FakeManagerResponder(manager))
     server.start()
     test.addCleanup(server.stop)
     return server

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from pixelated_dispatcher.protocol import AgentAddress
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.site import make_root
 
 from .test_proxy_login import Browser, RecordingForwarder, header, set_cookies

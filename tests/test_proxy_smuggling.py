@@ -140,10 +140,73 @@ class BodyLimits(CountingAgentTests):
     def test_anonymous_chunked_bodies_are_counted(self) -> Any:
         chunk = b"%x\r\n%s\r\n" % (32768, b"x" * 32768)
         received = yield self.send(
-            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST /auth/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             + chunk * 8)
         self.assertTrue(received.startswith(b"HTTP/1.1 413 "), received[:100])
         self.assertEqual(self.seen, [])
+
+
+class BodiesWithoutSession(CountingAgentTests):
+    """A request for an agent without a live session is answered from its
+    head: its body is never read, 100 Continue is never sent, nothing after
+    it is parsed as a request, and the agent sees nothing."""
+
+    def assert_not_logged_in(self, received: bytes, status: bytes = b"303") -> None:
+        self.assertTrue(received.startswith(b"HTTP/1.1 " + status + b" "), received[:200])
+        self.assertEqual(received.count(b"HTTP/1.1 "), 1, received)
+        self.assertNotIn(b"100 Continue", received)
+        self.assertEqual(self.seen, [])
+
+    @inlineCallbacks
+    def test_bogus_cookie_large_body(self) -> Any:
+        received = yield self.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nCookie: pixelated-session=%s\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+            % (b"b" * 43, 4 * 2 ** 30) + b"GET /echo?smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assert_not_logged_in(received)
+
+    @inlineCallbacks
+    def test_bogus_cookie_script_gets_401(self) -> Any:
+        received = yield self.send(
+            b"PUT /echo HTTP/1.1\r\nHost: x\r\nCookie: a=b; pixelated-session=%s\r\n"
+            b"X-Requested-With: XMLHttpRequest\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n" % (b"b" * 43,))
+        self.assert_not_logged_in(received, b"401")
+
+    @inlineCallbacks
+    def test_no_cookie_small_body(self) -> Any:
+        received = yield self.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        self.assert_not_logged_in(received)
+
+    @inlineCallbacks
+    def test_cookie_name_inside_another_cookie_is_not_a_session(self) -> Any:
+        # The old check was a substring match on the Cookie header.
+        received = yield self.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nCookie: x-pixelated-session=%s\r\n"
+            b"Content-Length: 200000\r\n\r\n" % (self.token.encode(),) + b"z" * 1000)
+        self.assert_not_logged_in(received)
+
+    @inlineCallbacks
+    def test_revoked_session(self) -> Any:
+        self.manager.end_session(self.token)
+        received = yield self.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\n%(cookie)sContent-Length: 200000\r\n\r\n"
+            + b"z" * 1000)
+        self.assert_not_logged_in(received)
+
+    @inlineCallbacks
+    def test_live_session_resolved_while_the_body_waits(self) -> Any:
+        # Not cached yet: the body that came with the head is held, then
+        # passed on once the session resolved; pipelining still works.
+        self.assertIsNone(self.site.cache.cached_user(self.token))
+        received = yield self.send(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\n%(cookie)sContent-Length: 200000\r\n"
+            b"\r\n" + b"y" * 200000 + b"GET /echo?2 HTTP/1.1\r\nHost: x\r\n%(cookie)s"
+            b"Connection: close\r\n\r\n")
+        self.assertEqual(received.count(b"HTTP/1.1 200 "), 2, received[:300])
+        self.assertIn(b'"body_length": 200000', received)
+        self.assertEqual(self.seen, [b"/echo", b"/echo?2"])
 
     @inlineCallbacks
     def test_logged_in_bodies_may_be_large(self) -> Any:

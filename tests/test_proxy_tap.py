@@ -19,7 +19,7 @@ from twisted.web.server import Site
 
 from pixelated_dispatcher.protocol import AgentAddress
 from pixelated_dispatcher.proxy import tap
-from pixelated_dispatcher.proxy.fake_manager import FakeManager
+from pixelated_dispatcher.testing.fake_manager import FakeManager
 
 from .test_proxy_forwarding import AgentStandIn
 from .test_proxy_manager_client import start_manager, temporary_directory

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from pixelated_dispatcher import protocol as p
 from pixelated_dispatcher.manager import supervisor as supervisor_module
 from pixelated_dispatcher.manager.culler import IdleCuller
-from pixelated_dispatcher.manager.providers.fake import FakeProvider
+from pixelated_dispatcher.testing.fake_provider import FakeProvider
 from pixelated_dispatcher.manager.supervisor import (FAILED, RUNNING, STARTING, STOPPED,
                                                      STOPPING, AgentSupervisor)
 

@@ -20,7 +20,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from .. import protocol as p
-from .announcements import IAnnouncementListener
+from .invalidations import IInvalidationListener
 from .peer_policy import PeerCredentials, PeerPolicy, peer_credentials
 from .service import Manager
 
@@ -98,8 +98,8 @@ class ManagerLocator(amp.CommandLocator):
     @_translated(p.Subscribe)
     def subscribe(self):
         if self.connection is None:
-            raise p.InternalError("this connection cannot receive announcements")
-        self.manager.announcements.subscribe(self.connection)
+            raise p.InternalError("this connection cannot receive invalidations")
+        self.manager.invalidations.subscribe(self.connection)
         return {}
 
     # -- administration --
@@ -155,7 +155,7 @@ class ManagerLocator(amp.CommandLocator):
     def list_sessions(self, username):
         return self.manager.list_sessions(username).addCallback(lambda sessions: {
             "sessions": [{"created": c, "last_seen": s, "client": client}
-                         for c, s, client in sessions[:500]]})
+                         for c, s, client in sessions[:p.SESSIONS_LISTED]]})
 
     @_translated(p.RevokeSessions)
     def revoke_sessions(self, username):
@@ -168,21 +168,22 @@ class ManagerLocator(amp.CommandLocator):
             return {"users": users, "sessions": sessions, "running": len(agents),
                     "memory": sum(memory for memory, _ in agents.values()),
                     "agents": [{"username": name, "memory": memory, "started": started}
-                               for name, (memory, started) in sorted(agents.items())[:1000]]}
+                               for name, (memory, started)
+                               in sorted(agents.items())[:p.AGENTS_LISTED]]}
         return self.manager.stats().addCallback(answer)
 
     @_translated(p.ImportLegacy)
     def import_legacy(self, root, after=None, limit=None):
-        limit = 100 if limit is None else max(1, min(limit, 200))
+        limit = p.IMPORT_PAGE if limit is None else max(1, min(limit, p.IMPORT_PAGE_MAX))
 
         def answer(result):
             entries, more = result
-            return {"entries": [{"username": u, "outcome": o, "detail": d[:300]}
+            return {"entries": [{"username": u, "outcome": o, "detail": d[:p.IMPORT_DETAIL]}
                                 for u, o, d in entries], "more": more}
         return self.manager.import_legacy(root, after or "", limit).addCallback(answer)
 
 
-@implementer(IAnnouncementListener)
+@implementer(IInvalidationListener)
 class ManagerAMP(amp.AMP):
     """One connection to the manager socket."""
 
@@ -197,10 +198,10 @@ class ManagerAMP(amp.AMP):
                                       peer_credentials(self.transport), self)
 
     def connectionLost(self, reason) -> None:
-        self._manager.announcements.unsubscribe(self)
+        self._manager.invalidations.unsubscribe(self)
         super().connectionLost(reason)
 
-    # IAnnouncementListener: push to the subscribed proxy, never wait for it.
+    # IInvalidationListener: push to the subscribed proxy, never wait for it.
 
     def session_ended(self, token_digest: str) -> None:
         self._push(p.SessionEnded, token_digest=token_digest)

@@ -15,6 +15,10 @@ from .metrics import ManagerMetrics
 from .supervisor import AgentSupervisor
 
 
+#: Seconds an agent may go unused before it is stopped (``--idle-timeout``).
+AGENT_IDLE_TIMEOUT = 2 * 3600.0
+
+
 class IdleCuller:
     log = Logger()
 

@@ -67,19 +67,16 @@ class PeerPolicy:
     :param proxy_gid: members may use the proxy commands (None: nobody but admins).
     :param admin_uids: these users may administer: root, and the manager's
         own user (a manager run by a normal user in development).
-    :param open_to_all: every peer is an admin (protocol tests only).
     """
     admin_gid: Optional[int] = None
     proxy_gid: Optional[int] = None
     admin_uids: FrozenSet[int] = frozenset({0, os.getuid()})
-    open_to_all: bool = False
 
     def role(self, peer: Optional[PeerCredentials]) -> Optional[str]:
-        if self.open_to_all:
-            return ADMIN
         if peer is None:
             return None
-        if peer.uid in self.admin_uids or (self.admin_gid is not None and self.admin_gid in peer.groups):
+        if peer.uid in self.admin_uids or (self.admin_gid is not None
+                                           and self.admin_gid in peer.groups):
             return ADMIN
         if self.proxy_gid is not None and self.proxy_gid in peer.groups:
             return PROXY
@@ -90,10 +87,6 @@ class PeerPolicy:
         if role == ADMIN:
             return True
         return role == PROXY and command in protocol.PROXY_COMMANDS
-
-    @classmethod
-    def everybody(cls) -> "PeerPolicy":
-        return cls(open_to_all=True)
 
     @classmethod
     def for_groups(cls, admin_group: Optional[str], proxy_group: Optional[str]) -> "PeerPolicy":

@@ -21,9 +21,9 @@ from ..protocol import (AgentAddress, AgentNotRunning, BadRequest, InvalidCreden
                         InvalidSession, UserExists, rate_limited, token_digest)
 from .agent_accounts import AgentAccounts, UidRange
 from .agent_usage import resident_memory
-from .announcements import Announcer
+from .invalidations import Invalidations
 from .credentials import CredentialsVault
-from .culler import IdleCuller
+from .culler import AGENT_IDLE_TIMEOUT, IdleCuller
 from .database import Database
 from .legacy_import import LegacyUser, read_legacy_root
 from .login_limits import LoginLimiter
@@ -31,7 +31,7 @@ from .metrics import ManagerMetrics
 from .passwords import PRODUCTION, HashParameters, PasswordHasher
 from .providers.interface import IAgentProvider
 from .registry import UserRegistry
-from .sessions import SessionStore
+from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE, SessionStore
 from .supervisor import FAILED, STOPPED, AgentStatus, AgentSupervisor
 
 
@@ -42,14 +42,16 @@ class ManagerSettings:
     hash_parameters: HashParameters = PRODUCTION
     #: threads hashing passwords (0: one less than the CPUs, at least one)
     hash_threads: int = 0
-    session_idle_timeout: float = 24 * 3600
-    session_max_age: float = 7 * 24 * 3600
-    idle_timeout: float = 2 * 3600
+    session_idle_timeout: float = SESSION_IDLE_TIMEOUT
+    session_max_age: float = SESSION_MAX_AGE
+    idle_timeout: float = AGENT_IDLE_TIMEOUT
     max_agents: int = 0
     max_concurrent_starts: int = 0
     login_free_failures: int = 5
     login_backoff_base: float = 1.0
     login_backoff_max: float = 900.0
+    #: failed logins of one name from all networks before the global backoff
+    login_global_free_failures: int = 100
     #: uids for agents; None: agents run as the manager's own user
     agent_uids: Optional[UidRange] = None
 
@@ -84,9 +86,11 @@ class Manager(MultiService):
                                       settings.hash_threads or None)
         self._file_pool = ThreadPool(minthreads=0, maxthreads=2, name="files")
         self._vault = CredentialsVault(settings.leap_provider)
-        self.announcements = Announcer()
-        self.limiter = LoginLimiter(reactor, settings.login_free_failures,
-                                    settings.login_backoff_base, settings.login_backoff_max)
+        self.invalidations = Invalidations()
+        self.limiter = LoginLimiter(
+            reactor, settings.login_free_failures, settings.login_backoff_base,
+            settings.login_backoff_max,
+            global_free_failures=settings.login_global_free_failures)
         self.users = UserRegistry(self._database, self._hasher, reactor)
         self.sessions = SessionStore(self._database, reactor, settings.session_idle_timeout,
                                      settings.session_max_age)
@@ -96,7 +100,7 @@ class Manager(MultiService):
         self.supervisor = AgentSupervisor(
             reactor, provider, os.path.join(state_dir, "users"), self._vault.line_for,
             self._file_pool, settings.max_agents, settings.max_concurrent_starts, self.metrics)
-        self.supervisor.on_exit(lambda username, reason: self.announcements.agent_stopped(username))
+        self.supervisor.on_exit(lambda username, reason: self.invalidations.agent_stopped(username))
         self.culler = IdleCuller(reactor, self.supervisor, settings.idle_timeout, self.metrics)
         self._ready: Deferred = Deferred()
 
@@ -202,7 +206,7 @@ class Manager(MultiService):
         forget the password."""
         yield self.ready()
         username = yield self.sessions.end(token)
-        self.announcements.session_ended(token_digest(token))
+        self.invalidations.session_ended(token_digest(token))
         self.log.info("{username} logged out", username=username)
         if (yield self.sessions.count(username)) == 0:
             self._vault.forget(username)
@@ -275,7 +279,7 @@ class Manager(MultiService):
     def _revoke(self, username: str):
         count = yield self.sessions.end_all(username)
         self._vault.forget(username)
-        self.announcements.sessions_revoked(username)
+        self.invalidations.sessions_revoked(username)
         return count
 
     @inlineCallbacks
@@ -287,7 +291,7 @@ class Manager(MultiService):
         yield self.supervisor.stop(username, reason="user removed")
         yield self.users.remove(username)
         self._vault.forget(username)
-        self.announcements.sessions_revoked(username)
+        self.invalidations.sessions_revoked(username)
         if purge:
             yield self._in_files_thread(shutil.rmtree,
                                         os.path.join(self.state_dir, "users", username), True)

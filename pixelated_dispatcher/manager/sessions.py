@@ -22,10 +22,16 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
+#: Seconds a session may go unused before it ends (``--session-idle-timeout``).
+SESSION_IDLE_TIMEOUT = 24 * 3600.0
+#: Seconds after login a session ends however much it is used (``--session-max-age``).
+SESSION_MAX_AGE = 7 * 24 * 3600.0
+
+
 class SessionStore:
 
-    def __init__(self, database: Database, clock, idle_timeout: float = 24 * 3600,
-                 max_age: float = 7 * 24 * 3600) -> None:
+    def __init__(self, database: Database, clock, idle_timeout: float = SESSION_IDLE_TIMEOUT,
+                 max_age: float = SESSION_MAX_AGE) -> None:
         self._database = database
         self._clock = clock
         self.idle_timeout = idle_timeout

@@ -16,12 +16,15 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
+from ..protocol import DEFAULT_SOCKET
 from .agent_accounts import UidRange
 from .amp_server import ManagerAMPFactory
+from .culler import AGENT_IDLE_TIMEOUT
 from .passwords import PRODUCTION, HashParameters
 from .peer_policy import PeerPolicy, group_id
 from .providers.process import DEMO_AGENT_COMMAND as DEFAULT_AGENT_COMMAND
 from .service import Manager, ManagerSettings
+from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE
 
 log = Logger()
 
@@ -52,7 +55,7 @@ def _non_negative(kind):
 
 class Options(usage.Options):
     optParameters = [
-        ["socket", None, "/run/pixelated/manager.sock",
+        ["socket", None, DEFAULT_SOCKET,
          "Path of the AMP socket that the proxy and pixelated-ctl connect to."],
         ["state-dir", None, "/var/lib/pixelated",
          "Directory for the user database and the users' data."],
@@ -73,19 +76,24 @@ class Options(usage.Options):
          "Group of the socket; its members may use the proxy commands."],
         ["admin-group", None, "pixelated-admin",
          "Members of this group (and root) may use every command."],
-        ["idle-timeout", None, 7200.0,
+        ["idle-timeout", None, AGENT_IDLE_TIMEOUT,
          "Stop agents unused for this many seconds (0: never).", _non_negative(float)],
         ["max-agents", None, 0, "At most this many agents at once (0: no limit).",
          _non_negative(int)],
         ["max-concurrent-starts", None, 0,
          "At most this many agent starts at once; others queue (0: no limit).",
          _non_negative(int)],
-        ["session-idle-timeout", None, 86400.0,
+        ["session-idle-timeout", None, SESSION_IDLE_TIMEOUT,
          "End sessions unused for this many seconds.", _non_negative(float)],
-        ["session-max-age", None, 604800.0,
+        ["session-max-age", None, SESSION_MAX_AGE,
          "End sessions this many seconds after login.", _non_negative(float)],
         ["login-free-failures", None, 5,
-         "Failed logins per user name or client before the backoff starts.",
+         "Failed logins per user name and client network (/24, /64), or per client"
+         " address, before the backoff starts.",
+         _non_negative(int)],
+        ["login-global-free-failures", None, 100,
+         "Failed logins per user name from all networks before the backoff starts"
+         " for that name everywhere.",
          _non_negative(int)],
         ["argon2-time-cost", None, PRODUCTION.time_cost,
          "argon2id passes for new password hashes.", _non_negative(int)],
@@ -143,6 +151,7 @@ def settings_from(options) -> ManagerSettings:
         idle_timeout=options["idle-timeout"], max_agents=options["max-agents"],
         max_concurrent_starts=options["max-concurrent-starts"],
         login_free_failures=options["login-free-failures"],
+        login_global_free_failures=options["login-global-free-failures"],
         login_backoff_max=options["login-backoff-max"],
         # Root can give each user's agent (process or container) a uid of its own.
         agent_uids=options["agent-uid-range"] if os.getuid() == 0 else None)

@@ -22,14 +22,24 @@ and closes the connection for:
 
 Nothing of such a request reaches the resource tree, so no agent sees it.
 
-Request bodies are spooled by ``twisted.web`` before anything is rendered,
-so their size is checked here, from the head, before a byte of body is
-accepted (and before ``100 Continue`` is sent): a request without the
-dispatcher's session cookie, or to the proxy's own pages (``/auth/...``),
-may carry at most :data:`MAX_ANONYMOUS_BODY` (the forms are tiny), one
-with it :data:`MAX_BODY`; above that the answer
-is ``413`` and the connection closes. Chunked bodies are counted as they
-arrive.
+Request bodies are spooled by ``twisted.web`` (to a temporary file above
+100 kB) before anything is rendered, so who may send one is decided here,
+from the head, before a byte of body is accepted (and before ``100
+Continue`` is sent):
+
+* the proxy's own pages (``/auth/...``: the login and logout forms) may
+  carry at most :data:`MAX_ANONYMOUS_BODY`, with or without a session;
+* a request for an agent may carry a body (up to :data:`MAX_BODY`) only
+  once its session cookie resolved to a live session. Reading stops
+  (the transport is paused) while the session is resolved over AMP; at most
+  what one ``recv`` already brought (:data:`TRANSPORT_BUFFER`) is held
+  meanwhile, in memory. Without a session (no cookie, a bogus, expired or
+  revoked one) the body is never read: the request is handed to the
+  resource tree with an empty body, which answers it (``401`` for
+  scripts, the login page for browsers) and the connection closes.
+
+Above a limit the answer is ``413`` and the connection closes. Chunked
+bodies are counted as they arrive.
 
 :meth:`ProxyChannel.become_tunnel` turns the connection into a byte pipe to
 an agent once the agent accepted an ``Upgrade`` (WebSocket): a byte-level
@@ -46,7 +56,7 @@ from typing import Any, Callable
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.http import HTTPChannel
 
-from .cookie_policy import SESSION_COOKIE
+from .cookie_policy import session_token
 
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[01]")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -144,6 +154,16 @@ class ProxyChannel(HTTPChannel):
         # them to a body decoder that is gone).
         if self._px_refused:
             return
+        if self._px_unread_body:
+            # The body of a request without a session: never read, and the
+            # connection closes after the answer.
+            self._px_pause_reading()
+            return
+        if self._px_held_body is not None:
+            # Body bytes that came with the head while the session resolves.
+            self._px_held_body.append(data)
+            self._px_pause_reading()
+            return
         if self._handlingRequest:
             self._dataBuffer.append(data)
             return
@@ -153,16 +173,87 @@ class ProxyChannel(HTTPChannel):
                 return self._px_too_large()
         super().rawDataReceived(data)
 
+    #: Body bytes received while the session is being resolved (else None).
+    _px_held_body = None
+    #: The current request's body is not read (no live session).
+    _px_unread_body = False
+
     def allHeadersReceived(self) -> None:
-        request = self.requests[-1]
-        cookies = b";".join(request.requestHeaders.getRawHeaders(b"cookie", []))
-        own_page = self._px_target.startswith(b"/auth/")
-        self._px_body_limit = (MAX_BODY if SESSION_COOKIE in cookies and not own_page
-                               else MAX_ANONYMOUS_BODY)
         self._px_body_seen = 0
-        if self.length is not None and self.length > self._px_body_limit:
+        if self._px_target.startswith(b"/auth/"):
+            return self._px_grant_body(MAX_ANONYMOUS_BODY)
+        if self.length == 0:
+            return super().allHeadersReceived()  # no body: nothing to decide
+        cache = getattr(self.site, "cache", None)
+        request = self.requests[-1]
+        request.parseCookies()
+        token = session_token(request)
+        if cache is None or token is None:
+            return self._px_refuse_body()
+        if cache.cached_user(token) is not None:
+            return self._px_grant_body(MAX_BODY)
+        # Resolve the session before a byte of the body is read.
+        self._px_held_body = []
+        self._px_pause_reading()
+        self._px_deciding = True
+        try:
+            cache.resolve(token).addCallbacks(self._px_session_live, self._px_no_session)
+        finally:
+            self._px_deciding = False
+
+    #: Inside :meth:`allHeadersReceived` (an answer that comes at once is
+    #: acted on by ``HTTPChannel.lineReceived`` when it returns).
+    _px_deciding = False
+
+    def _px_pause_reading(self) -> None:
+        producer = getattr(self, "_networkProducer", None) or self.transport
+        producer.pauseProducing()
+
+    def _px_grant_body(self, limit: int) -> None:
+        self._px_body_limit = limit
+        if self.length is not None and self.length > limit:
             return self._px_too_large()
         super().allHeadersReceived()
+
+    def _px_refuse_body(self) -> None:
+        """Hand the request on with an empty body (the resource tree answers
+        "not logged in"); the body is never read, the connection closes
+        after the answer."""
+        self._px_unread_body = True
+        self.length = 0
+        self._transferDecoder = None
+        # No "100 Continue": the browser must not send the body.
+        self.requests[-1].requestHeaders.removeHeader(b"expect")
+        super().allHeadersReceived()
+        self.persistent = False
+        self._px_pause_reading()
+
+    def _px_session_live(self, _username: str) -> None:
+        held, self._px_held_body = self._px_held_body, None
+        if self._px_refused or self.transport is None or self._px_lost:
+            return
+        self._px_grant_body(MAX_BODY)
+        if self._px_refused:
+            return
+        if held:
+            self.rawDataReceived(b"".join(held))
+        if not self._px_refused and not self._px_lost:
+            producer = getattr(self, "_networkProducer", None) or self.transport
+            producer.resumeProducing()
+
+    def _px_no_session(self, _failure: Any) -> None:
+        self._px_held_body = None
+        if self._px_refused or self._px_lost:
+            return
+        self._px_refuse_body()
+        if not self._px_deciding:
+            self.allContentReceived()
+
+    _px_lost = False
+
+    def connectionLost(self, reason: Any) -> None:
+        self._px_lost = True
+        super().connectionLost(reason)
 
     def _px_too_large(self) -> None:
         self._px_refused = True

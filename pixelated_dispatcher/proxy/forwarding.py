@@ -48,7 +48,8 @@ from ..protocol import AgentAddress
 from . import pages
 from .agent_client import AGENT_TIMEOUT, AgentConnection, AgentPool, AgentTimedOut, IExchange
 from .browser_connection import client_ip
-from .header_policy import request_head, request_header_pairs, response_header_groups
+from .header_policy import (request_head, request_header_pairs, response_header_groups,
+                            switching_protocols_head)
 
 log = Logger()
 
@@ -274,26 +275,16 @@ class UpgradeExchange(Exchange):
         self._connection = connection
         connection.send(self, self._head, None, 0, False, upgrade=True)
 
-    def response_done(self) -> None:
-        # Not switched: an ordinary answer; the connection is not pooled.
-        super().response_done()
-
     def switched(self, headers: List[Tuple[bytes, bytes]], rest: bytes) -> None:
         request = self._request
         connection = self._connection
         if self._gone or connection is None:
             return
-        groups = response_header_groups(
-            headers, agent_authorities=self._forwarder.authorities(self._address),
-            public_origin=public_origin(request))
-        upgrade = [v for n, v in headers if n == b"upgrade"][-1:] or [b"websocket"]
-        lines = [b"HTTP/1.1 101 Switching Protocols", b"Connection: Upgrade",
-                 b"Upgrade: " + upgrade[0]]
-        for name, values in groups.items():
-            lines.extend(name + b": " + value for value in values)
         channel = request.channel
         transport = channel.transport
-        transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        transport.write(switching_protocols_head(
+            headers, agent_authorities=self._forwarder.authorities(self._address),
+            public_origin=public_origin(request)))
         if rest:
             transport.write(rest)
         agent = connection.transport
@@ -360,9 +351,3 @@ class StreamingForwarder:
 
     def close(self) -> None:
         self.pool.close()
-
-
-def default_agent_gone(request: IRequest) -> None:
-    """Without a session gate to restart it: a plain 502."""
-    pages.agent_unreachable(request)
-

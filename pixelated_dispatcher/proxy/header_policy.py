@@ -1,7 +1,10 @@
-"""One header policy for traffic between browsers and agents, both directions.
+"""The one header policy of the proxy: for traffic between browsers and
+agents, both directions, and for the proxy's own answers.
 
-The forwarder (:mod:`.forwarding`) and the Upgrade tunnel (:mod:`.tunnel`)
-ask this module what to send, so the rules live in one place:
+The forwarder (:mod:`.forwarding`, including the ``101`` head that opens a
+WebSocket tunnel), the site (:mod:`.site`), the proxy's own pages
+(:mod:`.pages`) and the HTTPS redirect (:mod:`.redirect_http`) ask this
+module what to send, so the rules live in one place:
 
 * hop-by-hop headers belong to one connection and are never passed on;
 * ``X-Forwarded-For``, ``-Proto`` and ``-Host`` describe the browser's
@@ -9,12 +12,17 @@ ask this module what to send, so the rules live in one place:
   ``Forwarded``/``X-Real-IP``) is dropped, never trusted;
 * the dispatcher's own cookies never reach an agent, and an agent cannot set
   or clear them (:mod:`.cookie_policy`);
-* the agent does not get to announce its server software either.
+* the agent does not get to announce its server software either, and
+  neither does the proxy (``Server`` is removed from its own answers);
+* over TLS, every answer of the proxy tells the browser to stay on HTTPS
+  (:data:`HSTS`), and the pages the proxy writes itself carry
+  :data:`OWN_PAGE_HEADERS` (the agents' pages are the agents' business).
 """
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
 
 from .cookie_policy import is_dispatcher_set_cookie, strip_dispatcher_cookies
 
@@ -106,15 +114,6 @@ def request_header_pairs(incoming: Headers, *, client_ip: str, secure: bool,
     return pairs
 
 
-def request_headers_for_agent(incoming: Headers, *, client_ip: str,
-                              secure: bool) -> Headers:
-    """:func:`request_header_pairs` as ``Headers``."""
-    outgoing = Headers()
-    for name, value in request_header_pairs(incoming, client_ip=client_ip, secure=secure):
-        outgoing.addRawHeader(name, value)
-    return outgoing
-
-
 def request_head(method: bytes, target: bytes,
                  pairs: Sequence[Tuple[bytes, bytes]],
                  body_length: Optional[int]) -> bytes:
@@ -126,16 +125,6 @@ def request_head(method: bytes, target: bytes,
         parts += [b"content-length: ", b"%d" % (body_length,), b"\r\n"]
     parts.append(b"\r\n")
     return b"".join(parts)
-
-
-def keep_response_header(name: bytes, value: bytes) -> bool:
-    """Whether one header of an agent's response may reach the browser."""
-    lower = name.lower()
-    if lower in HOP_BY_HOP or lower == b"server":
-        return False
-    if lower == b"set-cookie" and is_dispatcher_set_cookie(value):
-        return False
-    return True
 
 
 def rewrite_location(location: bytes, agent_authorities: Iterable[bytes],
@@ -186,14 +175,53 @@ def response_header_groups(pairs: Iterable[Tuple[bytes, bytes]], *,
     return groups
 
 
-def response_headers_for_browser(incoming: Headers) -> Headers:
-    """The headers of an agent's response as the browser may see them."""
-    dropped = _connection_tokens(incoming)
-    outgoing = Headers()
-    for name, values in incoming.getAllRawHeaders():
-        if name.lower() in dropped:
-            continue
-        kept = [v for v in values if keep_response_header(name, v)]
-        if kept:
-            outgoing.setRawHeaders(name, kept)
-    return outgoing
+def switching_protocols_head(headers: Sequence[Tuple[bytes, bytes]], *,
+                             agent_authorities: Iterable[bytes],
+                             public_origin: bytes) -> bytes:
+    """The ``101`` head the browser gets when its agent switched protocols:
+    the agent's headers through :func:`response_header_groups` like every
+    other answer's, then ``Connection: Upgrade`` and the agent's last
+    ``Upgrade`` (both hop-by-hop, so the filter removed them)."""
+    groups = response_header_groups(headers, agent_authorities=agent_authorities,
+                                    public_origin=public_origin)
+    upgrade = [v for n, v in headers if n == b"upgrade"][-1:] or [b"websocket"]
+    lines = [b"HTTP/1.1 101 Switching Protocols", b"Connection: Upgrade",
+             b"Upgrade: " + _safe(upgrade[0])]
+    for name, values in groups.items():
+        lines.extend(name + b": " + value for value in values)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+# --- the proxy's own answers ---------------------------------------------------
+
+#: ``Strict-Transport-Security`` on every answer over TLS: one year; without
+#: includeSubDomains, which is the operator's decision.
+HSTS = b"max-age=31536000"
+
+#: Headers on every page the proxy writes itself (not on the agents' pages:
+#: those are the agents' business).
+OWN_PAGE_HEADERS: Sequence[Tuple[bytes, bytes]] = (
+    (b"x-frame-options", b"SAMEORIGIN"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"content-security-policy",
+     b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+     b"frame-ancestors 'self'; base-uri 'none'"),
+)
+
+
+def describe_proxy(request: IRequest) -> None:
+    """The headers every answer of the proxy carries, its own or an agent's,
+    set before anything is written: no ``Server`` (twisted.web's default),
+    and ``Strict-Transport-Security`` over TLS."""
+    request.responseHeaders.removeHeader(b"server")
+    if request.isSecure():
+        request.setHeader(b"strict-transport-security", HSTS)
+
+
+def add_own_page_headers(request: IRequest, *, no_store: bool = False) -> None:
+    """The headers every response written by the proxy itself carries."""
+    for name, value in OWN_PAGE_HEADERS:
+        request.setHeader(name, value)
+    if no_store:
+        request.setHeader(b"cache-control", b"no-store")

@@ -41,8 +41,6 @@ from .manager_interface import IManager, ManagerUnavailable
 
 log = Logger()
 
-DEFAULT_SOCKET = "/run/pixelated/manager.sock"
-
 #: Seconds a call may wait for a connection to the manager.
 CONNECT_TIMEOUT = 2.5
 

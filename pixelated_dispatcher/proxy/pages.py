@@ -18,22 +18,12 @@ from twisted.web.iweb import IRequest
 from twisted.web.template import (Element, Tag, XMLFile, flatten, renderer,
                                   tags)
 
+from .header_policy import add_own_page_headers
 from .next_path import with_next
 
 LOGIN_PATH = b"/auth/login"
 LOGOUT_PATH = b"/auth/logout"
 INVALID_LOGIN = "Invalid username or password"
-
-#: Headers on every page the proxy writes itself (not on the agents' pages:
-#: those are the agents' business).
-OWN_PAGE_HEADERS: Sequence[Tuple[bytes, bytes]] = (
-    (b"x-frame-options", b"SAMEORIGIN"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"same-origin"),
-    (b"content-security-policy",
-     b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-     b"frame-ancestors 'self'; base-uri 'none'"),
-)
 
 _TEMPLATE = FilePath(__file__).sibling("templates").child("page.html")
 
@@ -82,14 +72,6 @@ def is_script_request(request: IRequest) -> bool:
     """Whether the request comes from a script rather than a navigation."""
     value = request.getHeader(b"x-requested-with") or b""
     return value.strip().lower() == b"xmlhttprequest"
-
-
-def add_own_page_headers(request: IRequest, *, no_store: bool = False) -> None:
-    """The headers every response written by the proxy itself carries."""
-    for name, value in OWN_PAGE_HEADERS:
-        request.setHeader(name, value)
-    if no_store:
-        request.setHeader(b"cache-control", b"no-store")
 
 
 def _finish(request: IRequest, code: int, content_type: bytes, body: bytes, *,
@@ -295,14 +277,6 @@ def agent_start_failed(request: IRequest) -> None:
                tags.a("log out", href=LOGOUT_PATH.decode("ascii")), " or ",
                tags.a("go back to the login page", href=LOGIN_PATH.decode("ascii")), "."),
     ], headers=[(b"retry-after", AGENT_RETRY_AFTER)])
-
-
-def agent_unreachable(request: IRequest) -> None:
-    """502: the agent is supposed to run but does not answer."""
-    write_error(request, 502, "mailbox not answering", "Mailbox not answering", [
-        tags.p("Your mailbox is not answering right now. Please reload the "
-               "page in a moment."),
-    ])
 
 
 def agent_timed_out(request: IRequest) -> None:

@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from . import pages
 from .channel import ProxyChannel
+from .header_policy import describe_proxy
 
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
 
@@ -31,7 +32,7 @@ class RedirectToHTTPS(Resource):
         self._port = https_port
 
     def render(self, request: IRequest) -> Any:
-        request.responseHeaders.removeHeader(b"server")
+        describe_proxy(request)  # plain HTTP: no HSTS, which needs TLS
         match = _HOST.fullmatch(request.getHeader(b"host") or b"")
         if match is None or not request.uri.startswith(b"/"):
             pages.bad_request(request)

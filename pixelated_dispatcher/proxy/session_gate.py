@@ -11,11 +11,10 @@ page, a script gets 503 with ``Retry-After``, and anything else keeps
 waiting. When an agent is gone (crashed, culled) the same happens, and the
 agent is started again; the session stays valid throughout.
 
-:class:`StartingPage` is that waiting page (``/auth/starting?next=PATH``).
+The waiting page itself is :class:`.starting_page.StartingPage`.
 """
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -31,7 +30,7 @@ from .cookie_policy import expire_session_cookie, session_token
 from .forwarding import IForwarder, wants_upgrade
 from .manager_cache import ManagerCache
 from .manager_interface import ManagerUnavailable
-from .next_path import local_path, requested_next, with_next
+from .next_path import local_path
 
 log = Logger()
 
@@ -68,7 +67,9 @@ def answer_failure(request: IRequest, failure: Failure, cache: ManagerCache,
         pages.internal_error(request)
 
 
-def _last_resort(request: IRequest, gone: Disconnection) -> Callable[[Failure], None]:
+def last_resort(request: IRequest, gone: Disconnection) -> Callable[[Failure], None]:
+    """An errback for a bug in a callback: log it, and give the browser a
+    500 if nothing has been sent yet."""
     def answer(failure: Failure) -> None:
         log.failure("Failed to answer a request", failure)
         if not (gone.happened or request.finished
@@ -120,7 +121,7 @@ class SessionGate(Resource):
                 answer_failure(request, failure, self._cache, token, local_path(request.uri))
 
         d.addCallbacks(found, failed)
-        d.addErrback(_last_resort(request, gone))
+        d.addErrback(last_resort(request, gone))
         return NOT_DONE_YET
 
     def _for_user(self, request: IRequest, token: str, username: str) -> None:
@@ -168,7 +169,7 @@ class SessionGate(Resource):
                 answer_failure(request, failure, self._cache, token, local_path(request.uri))
 
         d.addCallbacks(ready, failed)
-        d.addErrback(_last_resort(request, gone))
+        d.addErrback(last_resort(request, gone))
 
     def _agent_gone(self, request: IRequest, username: str) -> None:
         """The agent did not answer at its address: start it again; the
@@ -178,90 +179,3 @@ class SessionGate(Resource):
         if request.finished or getattr(request, "_disconnected", False):
             return
         pages.agent_starting(request, local_path(request.uri))
-
-
-class StartingPage(Resource):
-    """``/auth/starting?next=PATH``: wait for the agent, then go to PATH.
-
-    An agent that is ready within ``grace`` seconds sends the browser on at
-    once; only a slower start shows the waiting page (which asks again every
-    second), so a quick start costs no refresh.
-    """
-
-    isLeaf = True
-
-    def __init__(self, cache: ManagerCache, clock: Any = None,
-                 grace: float = START_GRACE) -> None:
-        super().__init__()
-        self._cache = cache
-        self._clock = clock
-        self._grace = grace
-
-    def render_GET(self, request: IRequest) -> Any:
-        next_path = requested_next(request)
-        token = session_token(request)
-        if token is None:
-            pages.redirect(request, with_next(pages.LOGIN_PATH, next_path))
-            return NOT_DONE_YET
-        gone = Disconnection.watch(request)
-        d = self._cache.resolve(token)
-
-        def found(username: str) -> Optional[Deferred]:
-            if gone.happened:
-                return None
-            if self._cache.cached_address(username) is not None:
-                pages.redirect(request, next_path)
-                return None
-            failure = self._cache.start_failure(username)
-            if failure is not None:
-                answer_failure(request, failure, self._cache, token, next_path)
-                return None
-            started = self._cache.ensure(username)
-            answered = []
-
-            def too_slow() -> None:
-                answered.append(True)
-                if not gone.happened:
-                    pages.waiting(request, next_path)
-            timer = None
-            if not started.called:
-                if self._clock is None:
-                    too_slow()
-                else:
-                    timer = self._clock.callLater(self._grace, too_slow)
-
-            def ready(_: Any) -> None:
-                if timer is not None and timer.active():
-                    timer.cancel()
-                if not (answered or gone.happened):
-                    pages.redirect(request, next_path)
-
-            def failed(failure: Failure) -> None:
-                if timer is not None and timer.active():
-                    timer.cancel()
-                if not (answered or gone.happened):
-                    self._failed(request, failure, username, token, next_path)
-                # else: the next refresh of the waiting page reports it
-            started.addCallbacks(ready, failed)
-            return None
-
-        def failed(failure: Failure) -> None:
-            if not gone.happened:
-                answer_failure(request, failure, self._cache, token, next_path)
-
-        d.addCallbacks(found, failed)
-        d.addErrback(_last_resort(request, gone))
-        return NOT_DONE_YET
-
-    render_HEAD = render_GET
-
-    def _failed(self, request: IRequest, failure: Failure, username: str,
-                token: str, next_path: bytes) -> None:
-        self._cache.start_failure(username)
-        answer_failure(request, failure, self._cache, token, next_path)
-
-    def render(self, request: IRequest) -> Any:
-        if request.method not in (b"GET", b"HEAD"):
-            pages.method_not_allowed(request, [b"GET", b"HEAD"])
-            return NOT_DONE_YET
-        return super().render(request)

@@ -6,8 +6,8 @@ are the proxy's own; every other path belongs to the logged-in user's agent
 (:class:`.session_gate.SessionGate`). Connections are
 :class:`.channel.ProxyChannel`: malformed or ambiguous requests are refused
 with 400 before any of this runs.
-The site does not say which server software it runs (``Server`` is removed),
-and over TLS every response tells the browser to stay on HTTPS (HSTS).
+Site-wide headers (no ``Server``; HSTS over TLS) are set here by the header
+policy (:func:`.header_policy.describe_proxy`), before anything is written.
 """
 from typing import Any, Optional
 
@@ -20,14 +20,12 @@ from zope.interface import implementer_only
 
 from .channel import ProxyChannel
 from .forwarding import IForwarder, StreamingForwarder
+from .header_policy import describe_proxy
 from .login import LoginResource, LogoutResource
 from .manager_cache import ManagerCache
 from .manager_interface import IManager
-from .session_gate import SessionGate, StartingPage
-
-#: One year; without includeSubDomains, which is the operator's decision.
-HSTS = b"max-age=31536000"
-
+from .session_gate import SessionGate
+from .starting_page import StartingPage
 
 class DispatcherRoot(Resource):
     """Routes requests; exactly ``/auth/login`` and ``/auth/logout`` are ours."""
@@ -43,9 +41,7 @@ class DispatcherRoot(Resource):
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         # Traversal always starts here, after twisted.web has set its defaults
         # and before anything is written: the one place for site-wide headers.
-        request.responseHeaders.removeHeader(b"server")
-        if request.isSecure():
-            request.setHeader(b"strict-transport-security", HSTS)
+        describe_proxy(request)
         if name == b"auth" and len(request.postpath) == 1:
             if request.postpath[0] == b"login":
                 return self._login

@@ -28,9 +28,10 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ..protocol import DEFAULT_SOCKET
 from .agent_client import AGENT_TIMEOUT
 from .forwarding import StreamingForwarder
-from .manager_client import DEFAULT_SOCKET, AMPManagerClient
+from .manager_client import AMPManagerClient
 from .redirect_http import make_redirect_site
 from .site import make_site
 from .tls import PlainListener, parse_listen

@@ -343,8 +343,3 @@ def join_description(args: List[str], kwargs: Dict[str, str]) -> str:
     fields = [_escape(a) for a in args]
     fields += ["%s=%s" % (_escape(k), _escape(v)) for k, v in kwargs.items()]
     return ":".join(fields)
-
-
-def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
-    """The server endpoint for one ``--listen`` description."""
-    return parse_listen(description).endpoint(reactor)

@@ -2,9 +2,10 @@
 
 :class:`IDockerEngine` is the boundary; :class:`DockerEngine` speaks it with
 treq over the engine's Unix socket (or plain TCP), and
-``fake_docker.FakeDockerEngine`` is the in-memory double. Both pass the same
-contract suite (``tests/docker_engine_contract.py``), once against a real
-``dockerd``, so the fake stays honest.
+``pixelated_dispatcher.testing.fake_docker.FakeDockerEngine`` is the in-memory
+double. Both pass the same contract suite
+(``tests/docker_engine_contract.py``), once against a real ``dockerd``, so
+the fake stays honest.
 
 Results are Docker's own JSON (dicts with Docker's key names); errors are the
 named exceptions below and carry Docker's message. The API version is
@@ -15,9 +16,10 @@ Streams (``/events``, image pulls) are read line by line as they arrive and
 never buffered whole; ``attach`` hijacks the connection, which treq cannot do,
 so it lives in :mod:`.docker_attach`.
 """
+import base64
 import json
 import struct
-from typing import Callable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 from urllib.parse import quote
 
 import treq
@@ -80,6 +82,22 @@ class PullFailed(DockerEngineError):
 
 class DockerAPIError(DockerEngineError):
     """Any other error answer of the engine."""
+
+
+class NoSuchService(DockerEngineError):
+    """404 for a swarm service."""
+
+
+class NoSuchSecret(DockerEngineError):
+    """404 for a swarm secret."""
+
+
+class NoSuchNode(DockerEngineError):
+    """404 for a swarm node."""
+
+
+class NotSwarmManager(DockerEngineError):
+    """503: the engine is not a manager of a swarm (not in one, or a worker)."""
 
 
 # --- the boundary ------------------------------------------------------------
@@ -158,6 +176,51 @@ class IDockerEngine(Interface):
         subscription (events from then on are delivered); ``on_event(dict)``
         is called for each event as it arrives.
         """
+
+
+class ISwarmEngine(IDockerEngine):
+    """The swarm calls of the Engine API that the swarm provider adds.
+
+    Swarm objects are Docker's JSON unchanged. Calls made to an engine that
+    is not a swarm manager fail with :class:`NotSwarmManager`.
+    """
+
+    def info():
+        """``GET /info`` (``Swarm``: this node's id, state and managers)."""
+
+    def list_nodes():
+        """``GET /nodes``: every node of the swarm."""
+
+    def inspect_node(node_id):
+        """``GET /nodes/{id}``; NoSuchNode if unknown."""
+
+    def create_secret(name, data, labels):
+        """``POST /secrets/create`` with ``data`` (bytes); fires with its id."""
+
+    def inspect_secret(secret_id):
+        """``GET /secrets/{id}``: its spec, never its data; NoSuchSecret."""
+
+    def list_secrets(labels):
+        """Secrets carrying every label in ``labels``."""
+
+    def remove_secret(secret_id):
+        """Remove it (Conflict while a service uses it); NoSuchSecret."""
+
+    def create_service(spec):
+        """``POST /services/create``; fires with the new service's id
+        (Conflict when the name is taken)."""
+
+    def inspect_service(service_id):
+        """``GET /services/{id}`` by id or name; NoSuchService."""
+
+    def list_services(labels):
+        """Services carrying every label in ``labels``."""
+
+    def remove_service(service_id):
+        """Remove it; its tasks' containers are shut down by their nodes."""
+
+    def list_tasks(services):
+        """Tasks of the services named (by id or name) in ``services``."""
 
 
 # --- helpers shared by the real engine and the fake ------------------------------
@@ -318,7 +381,7 @@ class _EventStream:
         self._lines.stop()
 
 
-@implementer(IDockerEngine)
+@implementer(ISwarmEngine)
 class DockerEngine:
     """:class:`IDockerEngine` over HTTP with treq; ``host`` as in DOCKER_HOST."""
 
@@ -509,6 +572,58 @@ class DockerEngine:
         lines, finished = yield self._stream("GET", "/events", params, on_event)
         return _EventStream(lines, finished, self.host)
 
+    # -- ISwarmEngine --
+
+    def info(self) -> Deferred:
+        return self._call("GET", "/info")
+
+    def list_nodes(self) -> Deferred:
+        return self._call("GET", "/nodes")
+
+    def inspect_node(self, node_id: str) -> Deferred:
+        return self._call("GET", "/nodes/%s" % quote(node_id), not_found=NoSuchNode)
+
+    @inlineCallbacks
+    def create_secret(self, name: str, data: bytes, labels: Dict[str, str]) -> Deferred:
+        body = {"Name": name, "Labels": dict(labels),
+                "Data": base64.b64encode(data).decode("ascii")}
+        result = yield self._call("POST", "/secrets/create", body=body, expect=(201,))
+        return result["ID"]
+
+    def inspect_secret(self, secret_id: str) -> Deferred:
+        return self._call("GET", "/secrets/%s" % quote(secret_id), not_found=NoSuchSecret)
+
+    def list_secrets(self, labels: Iterable[str]) -> Deferred:
+        return self._call("GET", "/secrets", params=_label_filter(labels))
+
+    def remove_secret(self, secret_id: str) -> Deferred:
+        return self._call("DELETE", "/secrets/%s" % quote(secret_id), expect=(200, 204),
+                          not_found=NoSuchSecret)
+
+    @inlineCallbacks
+    def create_service(self, spec: dict) -> Deferred:
+        result = yield self._call("POST", "/services/create", body=spec, expect=(200, 201))
+        return result["ID"]
+
+    def inspect_service(self, service_id: str) -> Deferred:
+        return self._call("GET", "/services/%s" % quote(service_id), not_found=NoSuchService)
+
+    def list_services(self, labels: Iterable[str]) -> Deferred:
+        return self._call("GET", "/services", params=_label_filter(labels))
+
+    def remove_service(self, service_id: str) -> Deferred:
+        return self._call("DELETE", "/services/%s" % quote(service_id), expect=(200, 204),
+                          not_found=NoSuchService)
+
+    def list_tasks(self, services: Iterable[str]) -> Deferred:
+        return self._call("GET", "/tasks",
+                          params={"filters": json.dumps({"service": list(services)})},
+                          not_found=NoSuchService)
+
+
+def _label_filter(labels: Iterable[str]) -> Dict[str, str]:
+    return {"filters": json.dumps({"label": list(labels)})}
+
 
 def _succeed(value):
     d = Deferred()
@@ -529,6 +644,8 @@ def _error_for(status: int, message: str, not_found) -> DockerEngineError:
         return not_found(message, status)
     if status == 409:
         return Conflict(message, status)
+    if status == 503:
+        return NotSwarmManager(message, status)
     return DockerAPIError(message, status)
 
 

@@ -3,7 +3,7 @@
 A provider knows how to run an agent (a local process, a Docker container)
 but nothing about users, passwords or sessions. The supervisor decides *when*;
 the provider decides *how*. Every provider (and its in-memory fake) passes the
-same contract tests in ``tests/provider_contract.py``.
+same contract tests in ``pixelated_dispatcher.testing.provider_contract``.
 """
 from typing import Callable, Iterable
 

@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 
 from twisted.logger import Logger
 
+from ... import usernames
 from .interface import AgentStartError
 from .process_inspect import process_start_time
 
@@ -40,7 +41,7 @@ TAIL_BYTES = 64 * 1024
 #: version of the JSON records in ``state_dir``
 RECORD_VERSION = 1
 
-_RECORD_NAME = re.compile(r"([a-z0-9_][a-z0-9._-]{0,63})\.json")
+_RECORD_NAME = re.compile(r"(%s)\.json" % (usernames.PATTERN,))
 
 
 # -- file work; these run in the thread pool -----------------------------------------

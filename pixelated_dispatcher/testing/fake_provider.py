@@ -4,7 +4,7 @@ It runs no process and serves no HTTP: it only keeps the books the way a
 real provider does, on an injected clock (``twisted.internet.task.Clock``),
 so a test decides when a start finishes, makes a start fail, or makes an agent
 crash. It passes the same contract suite as the process provider
-(``tests/provider_contract.py``), which keeps it honest: a manager test that
+(``pixelated_dispatcher.testing.provider_contract``), which keeps it honest: a manager test that
 passes against the fake should pass against the real thing.
 """
 import json
@@ -18,9 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ...protocol import AgentAddress
-from .interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
-                        notify_exit)
+from ..manager.providers.interface import (AgentStartError, ExitCallback, IAgentProvider,
+                                           RunningAgent, notify_exit)
+from ..protocol import AgentAddress
 
 log = Logger()
 

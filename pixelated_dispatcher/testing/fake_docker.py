@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from .docker_engine import (Conflict, EngineUnavailable, IDockerEngine,
+from ..manager.providers.docker_engine import (Conflict, EngineUnavailable, IDockerEngine,
                             IEventStream, NoSuchContainer, NoSuchImage, PullFailed,
                             choose_api_version, split_reference)
 

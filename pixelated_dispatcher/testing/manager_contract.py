@@ -1,7 +1,7 @@
 """The contract of :class:`IManager`, as one suite for every implementation.
 
 Flocker's "verified fakes": the proxy's unit tests trust
-:class:`~pixelated_dispatcher.proxy.fake_manager.FakeManager`, so the fake
+:class:`~pixelated_dispatcher.testing.fake_manager.FakeManager`, so the fake
 must behave like the real manager seen through
 :class:`~pixelated_dispatcher.proxy.manager_client.AMPManagerClient`. Both run
 this suite; a behaviour the proxy relies on belongs here.

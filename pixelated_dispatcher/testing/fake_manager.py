@@ -8,7 +8,7 @@ the whole manager unreachable, or push invalidations (a stopped agent, revoked
 sessions) to subscribed listeners as the real manager does.
 
 It passes the same contract suite as the real client talking to the real
-manager (``tests/manager_contract.py``), so what proxy tests learn from it
+manager (``pixelated_dispatcher.testing.manager_contract``), so what proxy tests learn from it
 holds for the real thing.
 """
 import secrets
@@ -21,8 +21,8 @@ from zope.interface import implementer
 from ..protocol import (AgentAddress, AgentStartFailed, CapacityReached,
                         InvalidCredentials, InvalidSession, InvalidUsername,
                         UnknownUser, rate_limited, token_digest)
+from ..proxy.manager_interface import IManager, ManagerUnavailable
 from ..usernames import is_valid_username
-from .manager_interface import IManager, ManagerUnavailable
 
 #: Where agents of users without a configured address pretend to be.
 FIRST_FAKE_PORT = 47001

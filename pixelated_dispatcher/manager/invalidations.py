@@ -11,7 +11,11 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 
-class IAnnouncementListener(Interface):
+class IInvalidationListener(Interface):
+    """Somebody who must hear at once what stopped being true (a subscribed
+    proxy's AMP connection). The proxy's side of the same push is
+    :class:`pixelated_dispatcher.proxy.manager_interface.IInvalidationListener`.
+    """
 
     def session_ended(token_digest):
         """One session ended; ``token_digest`` is the hex SHA-256 of its token."""
@@ -23,17 +27,19 @@ class IAnnouncementListener(Interface):
         """The agent of ``username`` is gone."""
 
 
-class Announcer:
+class Invalidations:
+    """The manager's subscribers, and the three things it tells them all."""
+
     log = Logger()
 
     def __init__(self) -> None:
-        self._listeners: List[IAnnouncementListener] = []
+        self._listeners: List[IInvalidationListener] = []
 
-    def subscribe(self, listener: IAnnouncementListener) -> None:
+    def subscribe(self, listener: IInvalidationListener) -> None:
         if listener not in self._listeners:
             self._listeners.append(listener)
 
-    def unsubscribe(self, listener: IAnnouncementListener) -> None:
+    def unsubscribe(self, listener: IInvalidationListener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
