@@ -28,7 +28,7 @@ from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE
 
 log = Logger()
 
-PROVIDERS = ("process", "docker")
+PROVIDERS = ("process", "docker", "swarm")
 
 
 def _default_leap_provider() -> str:
@@ -40,7 +40,9 @@ def _default_leap_provider() -> str:
 def _docker_parameters(exclude):
     """The docker provider's options, less those the manager defines itself."""
     from .providers.docker_options import DOCKER_OPT_PARAMETERS
-    return [option for option in DOCKER_OPT_PARAMETERS if option[0] not in exclude]
+    from .providers.swarm_options import SWARM_OPT_PARAMETERS
+    return [option for option in DOCKER_OPT_PARAMETERS + SWARM_OPT_PARAMETERS
+            if option[0] not in exclude]
 
 
 def _non_negative(kind):
@@ -161,6 +163,9 @@ def make_provider(reactor, options):
     if options["provider"] == "docker":
         from .providers.docker_options import make_docker_provider
         return make_docker_provider(reactor, options)
+    if options["provider"] == "swarm":
+        from .providers.swarm_options import make_swarm_provider
+        return make_swarm_provider(reactor, options)
     from .providers.process import ProcessProvider
     return ProcessProvider(reactor, options["agent-command"] or DEFAULT_AGENT_COMMAND,
                            start_timeout=options["agent-start-timeout"],

@@ -15,7 +15,9 @@ node shuts its tasks down.
 
 Test knobs: :meth:`add_node`, :meth:`node_down` / :meth:`node_up`,
 :meth:`drain`, :meth:`end_task` (a container that dies), :meth:`task_files`
-(what a task's container sees in ``/run/secrets``), ``on_task_start``.
+(what a task's container sees in ``/run/secrets``), ``on_task_start``,
+``fail_next_tasks``; a node's ``no_new_privileges`` answers the swarm
+provider's one-shot check (a command that greps ``NoNewPrivs``).
 """
 import hashlib
 import itertools
@@ -39,6 +41,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())
 
 
+_sequence = itertools.count(1)
+
+
+def _created() -> str:
+    """Creation times that sort in creation order, as swarmkit's do."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".%09dZ" % next(_sequence)
+
+
 @attr.s(auto_attribs=True)
 class FakeNode:
     id: str
@@ -47,6 +57,8 @@ class FakeNode:
     labels: Dict[str, str]
     images: Any  # a set of image ids, or _LiveImages
     role: str = "worker"
+    #: whether its dockerd runs with --no-new-privileges
+    no_new_privileges: bool = True
     state: str = "ready"
     availability: str = "active"
     version: int = 1
@@ -76,6 +88,7 @@ class _Task:
     port: int = 0
     exit_code: int = 0
     files: Dict[str, dict] = attr.Factory(dict)
+    created: str = attr.Factory(lambda: _created())
 
     def as_json(self) -> dict:
         status = {"Timestamp": _now(), "State": self.state, "Message": self.state}
@@ -92,6 +105,7 @@ class _Task:
         status["PortStatus"] = {"Ports": ports} if ports else {}
         spec = {k: v for k, v in self.spec.items() if not k.startswith("_")}
         return {"ID": self.id, "ServiceID": self.service_id, "Slot": 1,
+                "CreatedAt": self.created,
                 "NodeID": self.node_id if self.state not in ("pending",) else "",
                 "Spec": spec, "Status": status, "DesiredState": self.desired,
                 "Version": {"Index": 1}}
@@ -111,6 +125,8 @@ class FakeSwarmEngine(FakeDockerEngine):
         self.tasks: Dict[str, _Task] = {}
         self.security_options = ["name=seccomp,profile=default"]
         self.on_task_start: Optional[Callable[[dict, FakeNode], None]] = None
+        #: that many next tasks fail at once (exit code 3), as a broken agent would
+        self.fail_next_tasks = 0
         self._object_ids = itertools.count(1)
         self._node_ports: Dict[str, itertools.count] = {}
         self.self_node = self.add_node("manager-1", address, role="manager",
@@ -260,6 +276,18 @@ class FakeSwarmEngine(FakeDockerEngine):
             task.files[path] = {"data": secret["_data"], "uid": reference["File"].get("UID"),
                                 "gid": reference["File"].get("GID"),
                                 "mode": reference["File"].get("Mode")}
+        command = " ".join(container.get("Command") or [])
+        if "NoNewPrivs" in command:
+            # the one-shot check of the swarm provider: grep /proc/self/status
+            task.exit_code = 0 if node.no_new_privileges else 1
+            task.state, task.desired = ("complete" if task.exit_code == 0 else "failed",
+                                        "shutdown")
+            return
+        if self.fail_next_tasks:
+            self.fail_next_tasks -= 1
+            task.exit_code, task.state, task.desired = 3, "failed", "shutdown"
+            task.err = "task: non-zero exit (3)"
+            return
         task.state = "running"
         if task.spec["_ports"]:
             task.port = next(self._node_ports[node.id])

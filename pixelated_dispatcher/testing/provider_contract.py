@@ -33,6 +33,8 @@ registers its own cleanup on ``test_case``):
     process is not the manager's child: its exit status is unknown).
 ``break_next_start(username)``
     make the next start of that user's agent fail.
+``agent_host`` (optional, default ``127.0.0.1``)
+    the address agents are reached at (a swarm node's address).
 ``live_agents(username) -> int``
     how many agents of that user exist right now (live processes, for real).
 """
@@ -96,7 +98,8 @@ def make_provider_tests(fixture_factory):
             agent = yield self.fixture.settle(self.start("alice"))
             self.assertIsInstance(agent, RunningAgent)
             self.assertEqual(agent.username, "alice")
-            self.assertEqual(agent.address.host, "127.0.0.1")
+            self.assertEqual(agent.address.host,
+                             getattr(self.fixture, "agent_host", "127.0.0.1"))
             self.assertTrue(0 < agent.address.port < 65536)
             self.assertEqual(self.provider.running(), {"alice": agent})
             self.assertEqual(self.fixture.live_agents("alice"), 1)

@@ -244,6 +244,33 @@ def _mib(value: int) -> str:
     return "%g MiB" % (value / MiB) if value % MiB == 0 else "%d bytes" % value
 
 
+def prepare_data_dir(data_dir: str, user: str) -> None:
+    """The agent runs as ``user`` (``UID:GID``): give it its data directory."""
+    if os.geteuid() != 0:
+        return
+    uid, gid = (int(part) for part in user.split(":"))
+    try:
+        status = os.stat(data_dir)
+        if (status.st_uid, status.st_gid) != (uid, gid):
+            os.chown(data_dir, uid, gid)
+    except OSError as error:
+        raise AgentStartError("cannot give the data directory %s to the agent (%s): %s"
+                              % (data_dir, user, error.strerror or error))
+
+
+def exit_reason(exit_code: int, oom: bool, memory: int) -> str:
+    """How an agent's container ended, for ``on_exit`` and the log (the
+    docker and the swarm provider say it alike)."""
+    if oom:
+        return ("was killed for running out of memory (OOM-killed at its limit of %s)"
+                % _mib(memory))
+    if exit_code == 137:
+        return "was killed by signal 9 (SIGKILL, exit code 137)"
+    if exit_code == 143:
+        return "was terminated by signal 15 (SIGTERM, exit code 143)"
+    return "exited with code %d" % exit_code
+
+
 @implementer(IAgentProvider)
 class DockerProvider:
     """Agents as Docker containers, one per user (see the module docstring)."""
@@ -541,17 +568,7 @@ class DockerProvider:
         self.log.info("pulled {image}", image=image)
 
     def _prepare_data_dir(self, data_dir: str, user: str) -> None:
-        """The agent runs as ``user`` (``UID:GID``): give it its data directory."""
-        if os.geteuid() != 0:
-            return
-        uid, gid = (int(part) for part in user.split(":"))
-        try:
-            status = os.stat(data_dir)
-            if (status.st_uid, status.st_gid) != (uid, gid):
-                os.chown(data_dir, uid, gid)
-        except OSError as error:
-            raise AgentStartError("cannot give the data directory %s to the agent (%s): %s"
-                                  % (data_dir, user, error.strerror or error))
+        prepare_data_dir(data_dir, user)
 
     # -- stopping and dying --
 
@@ -627,14 +644,7 @@ class DockerProvider:
         except DockerEngineError:
             pass
         self._oom.discard(container_id)
-        if oom:
-            return ("was killed for running out of memory (OOM-killed at its limit of %s)"
-                    % _mib(self.settings.memory))
-        if exit_code == 137:
-            return "was killed by signal 9 (SIGKILL, exit code 137)"
-        if exit_code == 143:
-            return "was terminated by signal 15 (SIGTERM, exit code 143)"
-        return "exited with code %d" % exit_code
+        return exit_reason(exit_code, oom, self.settings.memory)
 
     async def _log_tail(self, container_id: str) -> str:
         try:

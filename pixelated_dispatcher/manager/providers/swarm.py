@@ -1,0 +1,637 @@
+"""The swarm provider: one replicated service per user's agent on a Docker Swarm.
+
+Each running agent is the service ``<instance>-<username>`` (replicas 1) with
+the docker provider's labels (:data:`.docker.LABEL`, :data:`.docker.USER_LABEL`)
+and hardening (same ``--agent-*`` options: memory, pids, non-root uid, every
+capability dropped), plus a CPU limit, a read-only root file system with the
+user's data directory bound at the data mount and a tmpfs on ``/tmp``, and a
+restart policy ``on-failure`` with a small limit (it matters only while no
+manager watches: a running manager removes a service whose task ended).
+
+Services cannot be attached on stdin, so the credentials line travels as a
+Swarm secret made for this one start (mode 0400, owned by the agent's uid,
+mounted on a tmpfs inside the container) whose path is in
+``$PIXELATED_CREDENTIALS_FILE``; the image's entrypoint feeds it to the
+agent's stdin. The secret is removed with the service.
+
+The node is chosen once per user (:mod:`.swarm_placement`) and pinned with a
+``node.id==`` constraint. The task publishes the agent port in host mode with
+PublishedPort 0: the node picks the port, read back from the task's
+``PortStatus``; the agent's address is the node's address and that port.
+Ready = the task runs and the agent answers HTTP there.
+
+Swarm has no task events: the provider polls nodes and tasks every
+``poll_interval`` seconds. A task that is no longer running, a node that is
+down or drained (a dead node's tasks still *say* "running"), a service that
+vanished: the agent is reported ended and its service and secret removed. At
+manager start, labelled services whose task runs and answers are adopted; the
+others are removed with their secrets. On Engine API < 1.44 (no per-service
+no-new-privileges) each node's dockerd must run with ``--no-new-privileges``:
+the provider checks it once per node with a one-shot task before the node's
+first agent, and refuses to start agents there if it is off.
+"""
+import os
+import secrets
+import time
+from typing import Callable, Dict, List, Optional, Set
+
+import attr
+from twisted.internet import task
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, ensureDeferred,
+                                    succeed)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ...protocol import AgentAddress
+from ...usernames import is_valid_username
+from .docker import (LABEL, USER_LABEL, ContainerEngineUnavailable, DockerAgentSettings,
+                     _Shared, _started_at, exit_reason, http_answers,
+                     prepare_data_dir)
+from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, ISwarmEngine,
+                            NoSuchImage, NoSuchSecret, NoSuchService, NotSwarmManager,
+                            parse_version)
+from .interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
+                        notify_exit)
+from .swarm_placement import (NodeView, PlacementBook, PlacementError, choose_node,
+                              recorded_node)
+
+#: where the credentials secret appears in the container, and the variable naming it
+CREDENTIALS_FILE = "/run/secrets/pixelated-credentials"
+CREDENTIALS_VARIABLE = "PIXELATED_CREDENTIALS_FILE"
+#: the first Engine API whose ContainerSpec has Privileges.NoNewPrivileges
+NNP_API = (1, 44)
+
+_FINAL_STATES = frozenset({"complete", "failed", "shutdown", "rejected", "orphaned", "remove"})
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SwarmSettings:
+    """What the swarm provider adds to :class:`DockerAgentSettings`."""
+    #: nodes that may run agents carry this label
+    node_label: "tuple[str, str]" = ("pixelated.agents", "true")
+    #: CPU limit of each agent (cores)
+    cpus: float = 1.0
+    #: seconds between polls of nodes and tasks
+    poll_interval: float = 2.0
+    #: restarts by the swarm itself (only while no manager watches)
+    restart_attempts: int = 2
+    restart_delay: float = 5.0
+    tmpfs_size: int = 64 * 1024 * 1024
+
+    def service_spec(self, agent: DockerAgentSettings, username: str, data_dir: str,
+                     user: str, image_id: str, node_id: str, secret_id: str,
+                     secret_name: str, no_new_privileges: bool) -> dict:
+        """The body of ``POST /services/create`` for ``username``'s agent."""
+        uid, gid = user.split(":")
+        environment = dict(agent.environment, **{CREDENTIALS_VARIABLE: CREDENTIALS_FILE})
+        labels = {LABEL: agent.instance, USER_LABEL: username}
+        container: dict = {
+            "Image": image_id,
+            "Labels": dict(labels),
+            "User": user,
+            "Env": ["%s=%s" % item for item in sorted(environment.items())],
+            "ReadOnly": True,
+            "CapabilityDrop": ["ALL"],
+            "Mounts": [
+                {"Type": "bind", "Source": data_dir, "Target": agent.data_mount,
+                 "ReadOnly": False},
+                {"Type": "tmpfs", "Target": "/tmp",
+                 "TmpfsOptions": {"SizeBytes": self.tmpfs_size, "Mode": 0o1777}}],
+            "Secrets": [{"File": {"Name": os.path.basename(CREDENTIALS_FILE),
+                                  "UID": uid, "GID": gid, "Mode": 0o400},
+                         "SecretID": secret_id, "SecretName": secret_name}],
+            "StopGracePeriod": int(agent.stop_grace * 1e9),
+        }
+        if no_new_privileges:
+            container["Privileges"] = {"NoNewPrivileges": True}
+        command = agent.command_for(username)
+        if command is not None:
+            container["Command"] = command
+        return {
+            "Name": agent.container_name(username),
+            "Labels": labels,
+            "TaskTemplate": {
+                "ContainerSpec": container,
+                "Resources": {"Limits": {"MemoryBytes": agent.memory,
+                                         "NanoCPUs": int(self.cpus * 1e9),
+                                         "Pids": agent.pids}},
+                "RestartPolicy": {"Condition": "on-failure",
+                                  "MaxAttempts": self.restart_attempts,
+                                  "Delay": int(self.restart_delay * 1e9)},
+                "Placement": {"Constraints": ["node.id==%s" % node_id]},
+            },
+            "Mode": {"Replicated": {"Replicas": 1}},
+            "EndpointSpec": {"Mode": "dnsrr",
+                             "Ports": [{"Protocol": "tcp", "TargetPort": agent.port,
+                                        "PublishedPort": 0, "PublishMode": "host"}]},
+        }
+
+
+@attr.s(auto_attribs=True)
+class _Agent:
+    service_id: str
+    secret_id: Optional[str]
+    task_id: str
+    node: NodeView
+    agent: RunningAgent
+
+
+def _task_port(task_json: dict, target: int) -> Optional[int]:
+    for port in ((task_json.get("Status") or {}).get("PortStatus") or {}).get("Ports") or []:
+        if port.get("TargetPort") == target and port.get("PublishedPort"):
+            return int(port["PublishedPort"])
+    return None
+
+
+def _task_state(task_json: dict) -> str:
+    return (task_json.get("Status") or {}).get("State", "")
+
+
+def _task_exit(task_json: dict) -> str:
+    status = task_json.get("Status") or {}
+    code = int((status.get("ContainerStatus") or {}).get("ExitCode") or 0)
+    err = status.get("Err") or ""
+    if status.get("State") in ("failed", "complete") and code:
+        return exit_reason(code, False, 0)
+    if status.get("State") == "complete":
+        return "exited with code 0"
+    return "ended (%s%s)" % (status.get("State", "?"), ": " + err if err else "")
+
+
+def _current_task(tasks: List[dict]) -> Optional[dict]:
+    """The task the swarm wants running (the newest), else the newest."""
+    wanted = [t for t in tasks if t.get("DesiredState") == "running"]
+    pool = wanted or tasks
+    return max(pool, key=lambda t: t.get("CreatedAt", "")) if pool else None
+
+
+@implementer(IAgentProvider)
+class SwarmProvider:
+    """Agents as swarm services, one per user (see the module docstring)."""
+
+    name = "swarm"
+    log = Logger()
+
+    def __init__(self, reactor, engine: ISwarmEngine,
+                 settings: DockerAgentSettings = DockerAgentSettings(),
+                 swarm: SwarmSettings = SwarmSettings(),
+                 placements: Optional[PlacementBook] = None,
+                 probe: Optional[Callable[[str, int], Deferred]] = None,
+                 keep_on_close: bool = True) -> None:
+        self._reactor = reactor
+        self._engine = engine
+        self.settings = settings
+        self.swarm = swarm
+        self.keep_on_close = keep_on_close
+        self.placements = placements if placements is not None else PlacementBook(None)
+        self._probe = probe or (lambda host, port: http_answers(reactor, host, port))
+        #: ``accounts(username) -> Deferred[(uid, gid)]``, set by the manager
+        self.accounts: Optional[Callable[[str], Deferred]] = None
+        self._agents: Dict[str, _Agent] = {}
+        self._starting: Dict[str, _Shared] = {}
+        self._stopping: Dict[str, _Shared] = {}
+        self._abort: Set[str] = set()
+        self._callbacks: List[ExitCallback] = []
+        self._secrets_to_remove: Set[str] = set()
+        self._nnp_checked: Dict[str, bool] = {}
+        self._nodes: Dict[str, NodeView] = {}
+        self._loop: Optional[Deferred] = None
+        self._first: Optional[_Shared] = None
+        self._first_fired: Optional[Deferred] = None
+        self._engine_up = False
+        self._closing = False
+        self._wake: Optional[Deferred] = None
+
+    # -- IAgentProvider --
+
+    def recover(self) -> Deferred:
+        """Start polling; fire with the agents adopted at the first reconcile."""
+        if self._first is None:
+            self._first_fired = Deferred()
+            self._first = _Shared(self._first_fired)
+            self._loop = ensureDeferred(self._poll_loop())
+            self._loop.addErrback(self._loop_ended)
+        return self._first.wait()
+
+    def start(self, username: str, data_dir: str, credentials: bytes) -> Deferred:
+        if username in self._agents and username not in self._stopping:
+            return succeed(self._agents[username].agent)
+        if username in self._starting:
+            return self._starting[username].wait()
+        shared = _Shared(ensureDeferred(self._start_after_stop(username, data_dir, credentials)))
+        if not shared.done:
+            self._starting[username] = shared
+            shared.wait().addBoth(lambda _: self._starting.pop(username, None))
+        return shared.wait()
+
+    def stop(self, username: str) -> Deferred:
+        if username in self._stopping:
+            return self._stopping[username].wait()
+        shared = _Shared(ensureDeferred(self._stop(username)))
+        if not shared.done:
+            self._stopping[username] = shared
+            shared.wait().addBoth(lambda _: self._stopping.pop(username, None))
+        return shared.wait()
+
+    def running(self) -> Dict[str, RunningAgent]:
+        return {username: entry.agent for username, entry in self._agents.items()}
+
+    def on_exit(self, callback: ExitCallback) -> None:
+        self._callbacks.append(callback)
+
+    def close(self) -> Deferred:
+        return ensureDeferred(self._close())
+
+    async def _close(self) -> None:
+        self._closing = True
+        if self._loop is not None and not self._loop.called:
+            self._loop.cancel()
+        await DeferredList([s.wait() for s in list(self._starting.values())],
+                           consumeErrors=True)
+        if self.keep_on_close:
+            self._agents.clear()
+        else:
+            await DeferredList([self.stop(u) for u in list(self._agents)], consumeErrors=True)
+        await DeferredList([s.wait() for s in list(self._stopping.values())],
+                           consumeErrors=True)
+        await self._engine.close()
+
+    # -- extras for the manager --
+
+    def node_of(self, username: str) -> Optional[str]:
+        """The host name of the node ``username``'s agent runs on (None if none)."""
+        entry = self._agents.get(username)
+        return entry.node.hostname or entry.node.id if entry is not None else None
+
+    def agents_per_node(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for entry in self._agents.values():
+            name = entry.node.hostname or entry.node.id
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def engine_available(self) -> bool:
+        return self._engine_up
+
+    # -- starting --
+
+    async def _start_after_stop(self, username: str, data_dir: str,
+                                credentials: bytes) -> RunningAgent:
+        if username in self._stopping:
+            try:
+                await self._stopping[username].wait()
+            except Exception:
+                pass
+        try:
+            return await self._start(username, data_dir, credentials)
+        except EngineUnavailable as error:
+            self._engine_up = False
+            raise ContainerEngineUnavailable("container engine unavailable: %s" % error.message)
+        except NotSwarmManager as error:
+            raise AgentStartError("the Docker engine at %s is not a swarm manager: %s"
+                                  % (self._engine.host, error.message))
+        except PlacementError as error:
+            raise AgentStartError(str(error))
+        except DockerEngineError as error:
+            raise AgentStartError("the swarm refused to run the agent of %s: %s"
+                                  % (username, error.message))
+
+    def _check_abort(self, username: str) -> None:
+        if username in self._abort:
+            raise AgentStartError("the agent of %s was stopped while it was starting" % username)
+        if self._closing:
+            raise AgentStartError("the manager is shutting down")
+
+    async def _image_id(self) -> str:
+        image = self.settings.image
+        if image.startswith("sha256:"):
+            return image
+        try:
+            return (await self._engine.inspect_image(image))["Id"]
+        except NoSuchImage:
+            raise AgentStartError(
+                "the agent image %s is not on the swarm manager: load it on the manager and"
+                " on every agent node (docker save | docker load, docs/cluster.rst)" % image)
+
+    async def _node_for(self, username: str) -> NodeView:
+        nodes = [NodeView.from_json(n) for n in await self._engine.list_nodes()]
+        self._nodes = {n.id: n for n in nodes}
+        recorded = self.placements.get(username)
+        if recorded is not None:
+            return recorded_node(nodes, recorded, username)
+        running: Dict[str, int] = {}
+        for entry in self._agents.values():
+            running[entry.node.id] = running.get(entry.node.id, 0) + 1
+        node = choose_node(nodes, running, self.swarm.node_label)
+        self.placements.record(username, node.id)
+        self.log.info("the agent of {username} is placed on node {node}",
+                      username=username, node=node.describe())
+        return node
+
+    def _no_new_privileges_in_spec(self) -> bool:
+        version = self._engine.api_version
+        return version is not None and parse_version(version) >= NNP_API
+
+    async def _start(self, username: str, data_dir: str, credentials: bytes) -> RunningAgent:
+        self._check_abort(username)
+        if self._engine.api_version is None:
+            await self._engine.version()
+        user = self.settings.user
+        if self.accounts is not None:
+            user = "%d:%d" % tuple(await self.accounts(username))
+        prepare_data_dir(data_dir, user)  # this host's copy; other nodes: docs/cluster.rst
+        image_id = await self._image_id()
+        node = await self._node_for(username)
+        in_spec = self._no_new_privileges_in_spec()
+        if not in_spec:
+            await self._check_node_no_new_privileges(node, image_id)
+        self._check_abort(username)
+        name = self.settings.container_name(username)
+        secret_name = "%s-%s" % (name, secrets.token_hex(6))
+        secret_id = await self._engine.create_secret(
+            secret_name, credentials, {LABEL: self.settings.instance, USER_LABEL: username})
+        service_id = None
+        try:
+            spec = self.swarm.service_spec(self.settings, username, data_dir, user, image_id,
+                                           node.id, secret_id, secret_name, in_spec)
+            try:
+                service_id = await self._engine.create_service(spec)
+            except Conflict:
+                # a stale service of that name (ended while no manager watched)
+                await self._remove_service(name)
+                service_id = await self._engine.create_service(spec)
+            task_json = await self._wait_ready(service_id, username, node)
+        except BaseException:
+            if service_id is not None:
+                await self._remove_service(service_id)
+            await self._remove_secret(secret_id)
+            raise
+        port = _task_port(task_json, self.settings.port)
+        agent = RunningAgent(username=username, address=AgentAddress(node.address, port),
+                             pid=0, started=_started_at(task_json.get("CreatedAt", ""))
+                             or time.time())
+        self._agents[username] = _Agent(service_id, secret_id, task_json["ID"], node, agent)
+        return agent
+
+    async def _wait_ready(self, service_id: str, username: str, node: NodeView) -> dict:
+        timeout = self.settings.start_timeout
+        began = self._reactor.seconds()
+        while True:
+            self._check_abort(username)
+            tasks = await self._engine.list_tasks([service_id])
+            current = _current_task(tasks)
+            failed = [t for t in tasks if _task_state(t) in _FINAL_STATES]
+            if failed:
+                raise AgentStartError("the agent of %s %s on node %s before it answered HTTP"
+                                      % (username, _task_exit(failed[0]), node.describe()))
+            if current is not None and _task_state(current) == "running":
+                port = _task_port(current, self.settings.port)
+                if port is None:
+                    raise AgentStartError("the swarm published no host port for the agent"
+                                          " of %s" % username)
+                if await self._probe(node.address, port):
+                    return current
+            waited = self._reactor.seconds() - began
+            if waited >= timeout:
+                state = _task_state(current) if current else "no task"
+                err = ((current or {}).get("Status") or {}).get("Err")
+                raise AgentStartError(
+                    "the agent of %s did not answer HTTP on node %s within %g s (task %s%s)"
+                    % (username, node.describe(), timeout, state, ": " + err if err else ""))
+            await self._sleep(0.05 if waited < 3 else 0.2 if waited < 15 else 0.5)
+
+    def _sleep(self, seconds: float) -> Deferred:
+        return task.deferLater(self._reactor, seconds, lambda: None)
+
+    async def _check_node_no_new_privileges(self, node: NodeView, image_id: str) -> None:
+        """On Engine API < 1.44 the node's dockerd must set no-new-privileges
+        itself: a one-shot task on the node reads its own NoNewPrivs flag."""
+        if self._nnp_checked.get(node.id):
+            return
+        name = "%s-check-%s" % (self.settings.instance, secrets.token_hex(4))
+        spec = {
+            "Name": name, "Labels": {LABEL: self.settings.instance},
+            "TaskTemplate": {
+                "ContainerSpec": {
+                    "Image": image_id, "User": self.settings.user, "ReadOnly": True,
+                    "CapabilityDrop": ["ALL"], "Labels": {LABEL: self.settings.instance},
+                    "Command": ["sh", "-c",
+                                "grep -q '^NoNewPrivs:[[:space:]]*1' /proc/self/status"]},
+                "RestartPolicy": {"Condition": "none"},
+                "Placement": {"Constraints": ["node.id==%s" % node.id]}},
+            "Mode": {"Replicated": {"Replicas": 1}}}
+        service_id = await self._engine.create_service(spec)
+        try:
+            deadline = self._reactor.seconds() + self.settings.start_timeout
+            while True:
+                tasks = await self._engine.list_tasks([service_id])
+                done = [t for t in tasks if _task_state(t) in _FINAL_STATES]
+                if done:
+                    break
+                if self._reactor.seconds() >= deadline:
+                    raise AgentStartError("could not check no-new-privileges on node %s: the"
+                                          " check did not finish" % node.describe())
+                await self._sleep(0.1)
+        finally:
+            await self._remove_service(service_id)
+        status = done[0].get("Status") or {}
+        if status.get("State") == "complete":
+            self._nnp_checked[node.id] = True
+            return
+        code = (status.get("ContainerStatus") or {}).get("ExitCode")
+        if status.get("State") == "failed" and code == 1:
+            raise AgentStartError(
+                "the dockerd of node %s does not run with --no-new-privileges: on Engine API"
+                " %s (< 1.44) a service cannot ask for it, so agents are not started there"
+                " (docs/cluster.rst)" % (node.describe(), self._engine.api_version))
+        raise AgentStartError("could not check no-new-privileges on node %s: %s"
+                              % (node.describe(), status.get("Err") or status.get("State")))
+
+    # -- stopping and ending --
+
+    async def _stop(self, username: str) -> None:
+        if username in self._starting:
+            self._abort.add(username)
+            try:
+                await self._starting[username].wait()
+            except Exception:
+                pass
+            finally:
+                self._abort.discard(username)
+        entry = self._agents.pop(username, None)
+        if entry is None:
+            return
+        await self._remove_service(entry.service_id)
+        if entry.secret_id is not None:
+            await self._remove_secret(entry.secret_id)
+        self._notify(username, "stopped")
+
+    async def _ended(self, username: str, reason: str) -> None:
+        entry = self._agents.pop(username, None)
+        if entry is None:
+            return
+        self.log.warn("agent of {username} on node {node} {reason}", username=username,
+                      node=entry.node.describe(), reason=reason)
+        await self._remove_service(entry.service_id)
+        if entry.secret_id is not None:
+            await self._remove_secret(entry.secret_id)
+        self._notify(username, reason)
+
+    async def _remove_service(self, service: str) -> None:
+        try:
+            await self._engine.remove_service(service)
+        except NoSuchService:
+            pass
+        except DockerEngineError as error:
+            self.log.warn("could not remove service {service}: {error}", service=service,
+                          error=error.message)
+
+    async def _remove_secret(self, secret_id: str) -> None:
+        """Remove it now, or (still in use for a moment) at the next poll."""
+        try:
+            await self._engine.remove_secret(secret_id)
+            self._secrets_to_remove.discard(secret_id)
+        except NoSuchSecret:
+            self._secrets_to_remove.discard(secret_id)
+        except DockerEngineError:
+            self._secrets_to_remove.add(secret_id)
+
+    def _notify(self, username: str, reason: str) -> None:
+        notify_exit(self._callbacks, username, reason)
+
+    # -- polling the swarm --
+
+    def _loop_ended(self, failure: Failure) -> None:
+        if not failure.check(CancelledError) or not self._closing:
+            self.log.failure("swarm poller crashed", failure)
+        if not self._first_fired.called:
+            self._first_fired.callback([])
+
+    async def _poll_loop(self) -> None:
+        reconciled = False
+        while not self._closing:
+            try:
+                if not reconciled:
+                    adopted = await self._reconcile()
+                    reconciled = True
+                    if not self._engine_up:
+                        self.log.info("swarm manager at {host} is available",
+                                      host=self._engine.host)
+                    self._engine_up = True
+                    if not self._first_fired.called:
+                        self._first_fired.callback(adopted)
+                else:
+                    await self._poll()
+            except (EngineUnavailable, NotSwarmManager) as error:
+                if self._closing:
+                    break
+                if self._engine_up or not reconciled:
+                    self.log.error("swarm manager unavailable: {problem}",
+                                   problem=error.message)
+                self._engine_up = False
+                reconciled = False
+                for username in list(self._agents):
+                    self._agents.pop(username, None)
+                    self._notify(username, "container engine unavailable")
+                if not self._first_fired.called:
+                    self._first_fired.callback([])
+            except DockerEngineError as error:
+                self.log.warn("polling the swarm failed: {error}", error=error.message)
+            if self._closing:
+                break
+            await self._sleep(self.swarm.poll_interval)
+
+    async def _poll(self) -> None:
+        """One look at nodes and tasks: report the agents that ended."""
+        nodes = {n["ID"]: NodeView.from_json(n) for n in await self._engine.list_nodes()}
+        self._nodes = nodes
+        for secret_id in list(self._secrets_to_remove):
+            await self._remove_secret(secret_id)
+        for username, entry in list(self._agents.items()):
+            if username in self._stopping or self._agents.get(username) is not entry:
+                continue
+            reason = await self._check_agent(entry, nodes)
+            if reason is not None and self._agents.get(username) is entry:
+                await self._ended(username, reason)
+
+    async def _check_agent(self, entry: _Agent, nodes: Dict[str, NodeView]) -> Optional[str]:
+        node = nodes.get(entry.node.id)
+        if node is None:
+            return "is gone (its node %s left the swarm)" % entry.node.describe()
+        if node.state != "ready":
+            return "is unreachable: its node %s is %s" % (node.describe(), node.state)
+        if node.availability != "active":
+            return "was stopped: its node %s is %s" % (node.describe(), node.availability)
+        try:
+            tasks = await self._engine.list_tasks([entry.service_id])
+        except NoSuchService:
+            return "is gone (its service was removed)"
+        ours = [t for t in tasks if t["ID"] == entry.task_id]
+        if not ours:
+            return "is gone (its task was removed)"
+        if _task_state(ours[0]) != "running":
+            return _task_exit(ours[0])
+        return None
+
+    async def _reconcile(self) -> List[RunningAgent]:
+        """Adopt our services whose task runs and answers; remove the others
+        and secrets no service of ours uses."""
+        ours = ["%s=%s" % (LABEL, self.settings.instance)]
+        nodes = {n["ID"]: NodeView.from_json(n) for n in await self._engine.list_nodes()}
+        self._nodes = nodes
+        services = await self._engine.list_services(ours)
+        in_use: Set[str] = set()
+        adopted: List[RunningAgent] = []
+        known = {entry.service_id for entry in self._agents.values()}
+        for service in services:
+            spec = service.get("Spec") or {}
+            username = (spec.get("Labels") or {}).get(USER_LABEL, "")
+            refs = ((spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get(
+                "Secrets") or []
+            if service["ID"] in known or username in self._starting:
+                in_use.update(r.get("SecretID") for r in refs)
+                continue
+            agent = None
+            if is_valid_username(username) and username not in self._agents:
+                agent = await self._adopt(username, service, nodes, refs)
+            if agent is None:
+                self.log.info("removing service {name}", name=spec.get("Name"))
+                await self._remove_service(service["ID"])
+            else:
+                in_use.update(r.get("SecretID") for r in refs)
+                adopted.append(agent)
+        for secret in await self._engine.list_secrets(ours):
+            if secret["ID"] not in in_use and not self._starting:
+                await self._remove_secret(secret["ID"])
+        # agents we knew before an outage whose service is gone
+        return adopted
+
+    async def _adopt(self, username: str, service: dict, nodes: Dict[str, NodeView],
+                     refs: List[dict]) -> Optional[RunningAgent]:
+        try:
+            tasks = await self._engine.list_tasks([service["ID"]])
+        except NoSuchService:
+            return None
+        current = _current_task(tasks)
+        if current is None or _task_state(current) != "running":
+            return None
+        node = nodes.get(current.get("NodeID", ""))
+        port = _task_port(current, self.settings.port)
+        if node is None or not node.usable or port is None:
+            return None
+        if not await self._probe(node.address, port):
+            return None
+        if username in self._agents:
+            return None
+        agent = RunningAgent(username=username, address=AgentAddress(node.address, port),
+                             pid=0, started=_started_at(current.get("CreatedAt", ""))
+                             or time.time())
+        secret_id = refs[0].get("SecretID") if refs else None
+        self._agents[username] = _Agent(service["ID"], secret_id, current["ID"], node, agent)
+        if self.placements.get(username) is None:
+            self.placements.record(username, node.id)
+        self.log.info("adopted the running agent of {username} on node {node} at"
+                      " {host}:{port}", username=username, node=node.describe(),
+                      host=node.address, port=port)
+        return agent
