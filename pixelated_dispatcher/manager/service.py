@@ -29,7 +29,7 @@ from .legacy_import import LegacyUser, read_legacy_root
 from .login_limits import LoginLimiter
 from .metrics import ManagerMetrics
 from .passwords import PRODUCTION, HashParameters, PasswordHasher
-from .providers.interface import IAgentProvider
+from .providers.interface import IAgentProvider, IMeasuresMemory
 from .registry import UserRegistry
 from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE, SessionStore
 from .supervisor import FAILED, STOPPED, AgentStatus, AgentSupervisor
@@ -342,9 +342,8 @@ class Manager(MultiService):
         """Memory of these running agents: as the provider measures it (the
         docker provider asks the engine's stats), else the resident memory
         of each agent's process tree."""
-        measure = getattr(self._provider, "memory_usage", None)
-        if measure is not None:
-            return measure().addCallback(
+        if IMeasuresMemory.providedBy(self._provider):
+            return IMeasuresMemory(self._provider).memory_usage().addCallback(
                 lambda usage: {name: usage.get(name, 0) for name in agents})
         return self._in_files_thread(
             lambda: {name: resident_memory(agent.pid) for name, agent in agents.items()})

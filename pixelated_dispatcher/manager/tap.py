@@ -204,7 +204,7 @@ def makeService(options, reactor=None):
     provider = make_provider(reactor, options)
     manager = Manager(reactor, options["state-dir"], provider,
                       settings_from(options))
-    if manager.accounts is not None and hasattr(provider, "accounts"):
+    if manager.accounts is not None:
         provider.accounts = manager.accounts.account_for
     manager.setServiceParent(top)
     policy = PeerPolicy.for_groups(options["admin-group"], options["proxy-group"])

@@ -18,8 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..manager.providers.interface import (AgentStartError, ExitCallback, IAgentProvider,
-                                           RunningAgent, notify_exit)
+from ..manager.providers.interface import (Accounts, AgentStartError, ExitCallback,
+                                           IAgentProvider, RunningAgent, notify_exit)
 from ..protocol import AgentAddress
 
 log = Logger()
@@ -94,6 +94,8 @@ class FakeProvider:
     recoverable: Iterable[RunningAgent] = ()
     keep_on_close: bool = False
     machine: FakeMachine = attr.Factory(FakeMachine)
+    #: kept as the interface asks; the fake runs no process to give a uid
+    accounts: Optional[Accounts] = None
 
     name = "fake"
 

@@ -41,11 +41,11 @@ registers its own cleanup on ``test_case``):
 import json
 
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
 from pixelated_dispatcher.manager.providers.interface import (
-    AgentStartError, IAgentProvider, RunningAgent)
+    AgentStartError, IAgentProvider, IMeasuresMemory, RunningAgent)
 
 
 def credentials_for(username: str, password: str = "correct horse battery staple") -> bytes:
@@ -92,6 +92,24 @@ def make_provider_tests(fixture_factory):
 
         def test_provides_interface(self):
             self.assertTrue(verifyObject(IAgentProvider, self.provider))
+            if IMeasuresMemory.providedBy(self.provider):
+                self.assertTrue(verifyObject(IMeasuresMemory, self.provider))
+
+        def test_accounts_can_be_given(self):
+            """The manager sets ``accounts`` on every provider it runs as root."""
+            self.assertTrue(self.provider.accounts is None or callable(self.provider.accounts))
+
+        @inlineCallbacks
+        def test_memory_of_running_agents_when_measured_by_the_provider(self):
+            if not IMeasuresMemory.providedBy(self.provider):
+                raise SkipTest("the manager measures this provider's agents by their pid")
+            yield self.fixture.settle(self.start("alice"))
+            usage = yield self.fixture.settle(self.provider.memory_usage())
+            self.assertEqual(list(usage), ["alice"])
+            self.assertGreater(usage["alice"], 0)
+            yield self.fixture.settle(self.provider.stop("alice"))
+            usage = yield self.fixture.settle(self.provider.memory_usage())
+            self.assertEqual(usage, {})
 
         @inlineCallbacks
         def test_start_gives_a_running_agent(self):

@@ -47,8 +47,8 @@ from ...protocol import AgentAddress
 from ...usernames import is_valid_username
 from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, IDockerEngine,
                             NoSuchContainer, NoSuchImage, PullFailed, log_tail_lines)
-from .interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
-                        notify_exit)
+from .interface import (Accounts, AgentStartError, ExitCallback, IAgentProvider,
+                        IMeasuresMemory, RunningAgent, notify_exit)
 from .loopback_guard import LoopbackGuardFailed
 
 #: label on every container of ours; its value is the provider's instance name
@@ -271,7 +271,7 @@ def exit_reason(exit_code: int, oom: bool, memory: int) -> str:
     return "exited with code %d" % exit_code
 
 
-@implementer(IAgentProvider)
+@implementer(IAgentProvider, IMeasuresMemory)
 class DockerProvider:
     """Agents as Docker containers, one per user (see the module docstring)."""
 
@@ -294,7 +294,7 @@ class DockerProvider:
         self._guard = loopback_guard
         #: set by the manager when it gives every user an own uid:
         #: ``accounts(username) -> Deferred[(uid, gid)]``; else ``settings.user``
-        self.accounts: Optional[Callable[[str], Deferred]] = None
+        self.accounts: Optional[Accounts] = None
         self._agents: Dict[str, _Agent] = {}
         self._by_id: Dict[str, str] = {}
         self._starting: Dict[str, _Shared] = {}

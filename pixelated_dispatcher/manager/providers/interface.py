@@ -8,6 +8,7 @@ same contract tests in ``pixelated_dispatcher.testing.provider_contract``.
 from typing import Callable, Iterable
 
 import attr
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
@@ -34,6 +35,9 @@ class AgentStartError(Exception):
 #: called as ``callback(username, reason)`` when an agent ends by itself or is stopped
 ExitCallback = Callable[[str, str], None]
 
+#: ``accounts(username)`` fires with the ``(uid, gid)`` the user's agent runs as
+Accounts = Callable[[str], Deferred]
+
 
 def notify_exit(callbacks: Iterable[ExitCallback], username: str, reason: str) -> None:
     """Tell every ``on_exit`` callback; one that fails is logged, the others
@@ -49,6 +53,12 @@ class IAgentProvider(Interface):
     """Runs at most one agent per user name and says when one ends."""
 
     name = Attribute("Short name of the provider, e.g. 'process' or 'docker'.")
+
+    accounts = Attribute(
+        "None (the default), or an :data:`Accounts` the manager sets before the"
+        " first start when it gives every user an own uid and gid (it runs as"
+        " root): the user's agent must then run as ``accounts(username)``."
+        " A provider that runs no process of its own keeps it and ignores it.")
 
     def recover():
         """Find agents that outlived a previous manager.
@@ -87,3 +97,14 @@ class IAgentProvider(Interface):
         """The manager shuts down: fire once the provider is in a state that a
         restarted manager can pick up from (the process provider stops its
         agents; the docker provider leaves its containers running)."""
+
+
+class IMeasuresMemory(Interface):
+    """A provider that measures its agents' memory itself (the docker
+    provider asks the engine). For any other provider the manager reads the
+    resident memory of each agent's process tree (``agent_usage``), which
+    needs the ``pid`` of :class:`RunningAgent`."""
+
+    def memory_usage():
+        """Fires with ``{username: bytes}`` for the agents running now;
+        agents that cannot be measured are left out."""

@@ -93,8 +93,8 @@ from zope.interface import implementer
 
 from ...protocol import AgentAddress
 from ...usernames import is_valid_username
-from .interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
-                        notify_exit)
+from .interface import (Accounts, AgentStartError, ExitCallback, IAgentProvider,
+                        RunningAgent, notify_exit)
 from .process_files import (RECORD_VERSION, delete_record, is_int, prepare_data_dir,
                             prepare_spawn, read_tail, scan_records, trim_logs, write_record)
 from .process_inspect import (AGENT_MARKER, LOOPBACK, MIN_AGENT_UID, RECOVER_KILL_WAIT,
@@ -133,8 +133,6 @@ LOG_CHECK_INTERVAL = 600.0
 
 _PLACEHOLDER = re.compile(r"\{(port|data_dir|username)\}")
 
-#: ``accounts(username)`` fires with the ``(uid, gid)`` the user's agent runs as
-Accounts = Callable[[str], Deferred]
 
 
 def free_loopback_port() -> int:
