@@ -3,7 +3,8 @@
 The proxy can be compromised without giving away other users' data because
 this is all it can ask. ``manager_client.AMPManagerClient`` is the real
 implementation; ``pixelated_dispatcher.testing.fake_manager.FakeManager`` is
-the in-memory one used by proxy unit tests. Both pass ``pixelated_dispatcher.testing.manager_contract``.
+the in-memory one used by proxy unit tests. Both pass
+``pixelated_dispatcher.testing.manager_contract``.
 
 Errors are the classes of :mod:`pixelated_dispatcher.protocol`
 (``InvalidCredentials``, ``RateLimited``, ``InvalidSession``,
