@@ -148,6 +148,13 @@ def build(directory: str) -> str:
     return python
 
 
+def _run_as_it_is(command: List[str]) -> int:
+    """Become the command (``.venv``'s python): Ctrl-C then reaches only the
+    command, which cleans up after itself, and nothing of ours stays between."""
+    os.execv(sys.executable, [sys.executable] + command[1:])
+    return 127  # not reached
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quiet", action="store_true")
@@ -157,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not command or command[0] != "python":
         parser.error("the command must start with 'python'")
     if os.geteuid() != 0:
-        return subprocess.call([sys.executable] + command[1:])
+        return _run_as_it_is(command)
     interpreter = base_interpreter()
     closed = closed_directory(interpreter)
     if closed is not None:
@@ -169,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     closed = closed_directory(CLONE)
     if closed is None:
-        return subprocess.call([sys.executable] + command[1:])
+        return _run_as_it_is(command)
     directory = tempfile.mkdtemp(prefix="pixelated-runtime-")
     # SIGINT goes to the whole foreground group: the command handles it and
     # we wait for it to finish before the copy goes.
