@@ -14,8 +14,10 @@ tell the difference:
 
 For the tests it has a few extra pages: ``/health``, ``/whoami``, ``/echo``
 (the headers it received, to prove what the proxy forwards and what it must
-not), ``/blob?size=N`` (a streamed download of N bytes) and ``POST /upload``
-(byte count and SHA-256 of a streamed upload).
+not), ``/blob?size=N`` (a streamed download of N bytes), ``POST /upload``
+(byte count and SHA-256 of a streamed upload), ``/wait?seconds=N`` (a long
+poll: the answer comes after N seconds) and ``/tunnel`` (an ``Upgrade``
+answered with ``101``, then every byte echoed, as a WebSocket stand-in).
 
 Run it as::
 
@@ -333,6 +335,44 @@ class DigestingBody:
         pass
 
 
+#: longest ``/wait``
+MAX_WAIT = 600
+
+
+class WaitPage(Resource):
+    """``/wait?seconds=N``: answer after N seconds (a long poll)."""
+    isLeaf = True
+
+    def render_GET(self, request: server.Request):
+        from twisted.internet import reactor
+        values = request.args.get(b"seconds", [])
+        if len(values) != 1 or not values[0].isdigit() or int(values[0]) > MAX_WAIT:
+            return _text(request, "seconds must be a whole number from 0 to %d" % (MAX_WAIT,),
+                         http.BAD_REQUEST)
+        call = reactor.callLater(int(values[0]), lambda: (
+            request.write(_text(request, "waited")), request.finish()))
+        request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+        return server.NOT_DONE_YET
+
+
+class TunnelPage(Resource):
+    """``/tunnel``: switch protocols on ``Upgrade`` and echo every byte (what
+    a WebSocket looks like to the dispatcher: a byte stream both ways)."""
+    isLeaf = True
+
+    def render_GET(self, request: server.Request):
+        upgrade = request.getHeader(b"upgrade")
+        if not upgrade:
+            return _text(request, "send Upgrade", http.BAD_REQUEST)
+        channel = request.channel
+        transport = channel.transport
+        transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + upgrade
+                        + b"\r\nConnection: Upgrade\r\n\r\n")
+        channel.setTimeout(None)
+        channel.dataReceived = transport.write  # type: ignore[method-assign]
+        return server.NOT_DONE_YET
+
+
 class DemoRequest(server.Request):
     def gotLength(self, length: Optional[int]) -> None:
         self.content = DigestingBody()
@@ -347,6 +387,8 @@ def make_site(identity: Identity, counter: VisitCounter) -> server.Site:
     root.putChild(b"echo", EchoPage(identity))
     root.putChild(b"blob", BlobPage())
     root.putChild(b"upload", UploadPage())
+    root.putChild(b"wait", WaitPage())
+    root.putChild(b"tunnel", TunnelPage())
     site = server.Site(root)
     site.requestFactory = DemoRequest
     return site

@@ -431,14 +431,14 @@ class MoreForwardingTests(ForwardingSetup):
         browser.transport.write(b"ping")
         yield browser.wait_for(b"PING")
         cache = self.site.cache
-        self.assertIn("alice", cache._held)  # active while the tunnel is open
+        self.assertIn("alice", cache.exchanges.tunnel_users())  # active while open
         browser.transport.loseConnection()
         yield browser.closed
         for _ in range(100):
-            if "alice" not in cache._held:
+            if "alice" not in cache.exchanges.tunnel_users():
                 break
             yield deferLater(reactor, 0.01, lambda: None)
-        self.assertNotIn("alice", cache._held)
+        self.assertNotIn("alice", cache.exchanges.tunnel_users())
         agent_head = factory.heads[0].lower()
         self.assertIn(b"upgrade: websocket", agent_head)
         self.assertIn(b"connection: upgrade", agent_head)

@@ -9,11 +9,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from pixelated_dispatcher.protocol import AgentAddress, InvalidSession, token_digest
 from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.manager_cache import (SUBSCRIBED_TTL, UNSUBSCRIBED_TTL,
                                                       ManagerCache)
+from pixelated_dispatcher.proxy.open_exchanges import OpenExchanges
 from pixelated_dispatcher.proxy.manager_client import (ACTIVITY_BATCH_BYTES,
                                                        activity_batches)
 
@@ -126,13 +128,64 @@ class CacheTests(SynchronousTestCase):
         self.clock.advance(30)
         self.assertEqual(self.manager.activity, [["alice"]])
 
-    def test_held_users_are_reported_until_released(self) -> None:
-        self.cache.hold("alice")
+    def open(self, username: str, token: str, tunnel: bool = True) -> DummyRequest:
+        request = DummyRequest([b""])
+        self.cache.exchanges.opened(request, username, token, tunnel)
+        return request
+
+    def test_users_with_open_tunnels_are_reported_until_the_tunnel_closes(self) -> None:
+        request = self.open("alice", self.token)
+        self.open("bob", self.manager.open_session("bob"), tunnel=False)
         self.clock.advance(30)
         self.clock.advance(30)
-        self.cache.release("alice")
+        request.finish()
         self.clock.advance(30)
         self.assertEqual(self.manager.activity, [["alice"], ["alice"]])
+
+    def closing(self) -> list:
+        closed: list = []
+        self.cache.exchanges = OpenExchanges(close=closed.append)
+        return closed
+
+    def test_revocation_closes_the_users_open_exchanges_and_ends_their_activity(self) -> None:
+        closed = self.closing()
+        tunnel = self.open("alice", self.token)
+        poll = self.open("alice", self.manager.open_session("alice"), tunnel=False)
+        bobs = self.open("bob", self.manager.open_session("bob"))
+        self.manager.revoke_sessions("alice")
+        self.assertEqual(closed, [tunnel, poll] if closed[0] is tunnel else [poll, tunnel])
+        self.assertEqual(self.cache.exchanges.count("alice"), 0)
+        self.assertEqual(self.cache.exchanges.count("bob"), 1)
+        self.clock.advance(30)
+        self.assertEqual(self.manager.activity, [["bob"]])  # no revoked tunnel
+        self.assertNotIn(bobs, closed)
+
+    def test_logout_closes_that_sessions_exchanges_only(self) -> None:
+        closed = self.closing()
+        other = self.manager.open_session("alice")
+        this = self.open("alice", self.token)
+        kept = self.open("alice", other)
+        self.successResultOf(self.manager.end_session(self.token))
+        self.assertEqual(closed, [this])
+        self.assertEqual(self.cache.exchanges.count("alice"), 1)
+        self.assertNotIn(kept, closed)
+
+    def test_agent_stopped_closes_the_users_exchanges(self) -> None:
+        closed = self.closing()
+        request = self.open("alice", self.token)
+        self.manager.stop_agent("alice")
+        self.assertEqual(closed, [request])
+
+    def test_sessions_ended_while_disconnected_are_closed_after_reconnecting(self) -> None:
+        closed = self.closing()
+        gone = self.open("alice", self.token)
+        live = self.open("alice", self.manager.open_session("alice"))
+        self.manager.disconnect()
+        del self.manager.sessions[self.token]  # the push is lost
+        self.assertEqual(closed, [])
+        self.successResultOf(self.manager.subscribe(self.cache))
+        self.assertEqual(closed, [gone])
+        self.assertNotIn(live, closed)
 
     def test_stop_sends_the_last_report(self) -> None:
         self.cache.touch("bob")

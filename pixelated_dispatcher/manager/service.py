@@ -288,6 +288,10 @@ class Manager(MultiService):
         data directory stays on disk unless ``purge``."""
         yield self.ready()
         yield self.users.require(username)
+        # Sessions first: the proxies close the user's open connections
+        # before the agent goes, instead of seeing it vanish under a request
+        # and asking for it to be started again.
+        yield self._revoke(username)
         yield self.supervisor.stop(username, reason="user removed")
         yield self.users.remove(username)
         self._vault.forget(username)

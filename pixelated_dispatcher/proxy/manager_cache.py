@@ -16,11 +16,19 @@ keeps both answers and forgets them when the manager says so:
 * an answer that was asked for before a push arrived is not cached (a
   generation counter), so a late answer cannot resurrect what was revoked.
 
+The same pushes close what is already open: :attr:`ManagerCache.exchanges`
+(:class:`.open_exchanges.OpenExchanges`) holds every request forwarded to an
+agent until it finishes, and a revocation closes those of the user (or of
+the one session) at once, tunnels and long polls included. After a
+reconnection (pushes may have been missed) the sessions of open exchanges
+are asked about again, and those that ended are closed.
+
 It also shares agent starts: every request of a user whose agent is not
 known to run waits on the same ``ensure_agent``, and the last start failure
 is kept for the waiting page. And it collects which users were active, and
 reports them to the manager in batches every :data:`ACTIVITY_INTERVAL`
-seconds, for idle culling.
+seconds, for idle culling (a user with an open tunnel counts as active at
+every report, until the tunnel closes).
 """
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -31,7 +39,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..protocol import AgentAddress, token_digest
+from ..protocol import InvalidSession, InvalidUsername, UnknownUser
 from .manager_interface import IInvalidationListener, IManager
+from .open_exchanges import OpenExchanges
 
 log = Logger()
 
@@ -62,8 +72,9 @@ class ManagerCache:
         self._starts: Dict[str, List[Deferred]] = {}
         self._start_failures: Dict[str, Failure] = {}
         self._active: Set[str] = set()
-        #: users with open tunnels (WebSocket): active while they last
-        self._held: Dict[str, int] = {}
+        #: requests forwarded to agents and not finished (tunnels included)
+        self.exchanges = OpenExchanges()
+        self._missed_pushes = False
         self._reporter = LoopingCall(self.report_activity)
         self._reporter.clock = clock
         self._activity_interval = activity_interval
@@ -187,19 +198,6 @@ class ManagerCache:
         """The user's agent was just used."""
         self._active.add(username)
 
-    def hold(self, username: str) -> None:
-        """The user has a long-lived connection open (a tunnel): report them
-        as active at every interval until :meth:`release`."""
-        self._held[username] = self._held.get(username, 0) + 1
-        self._active.add(username)
-
-    def release(self, username: str) -> None:
-        left = self._held.get(username, 0) - 1
-        if left > 0:
-            self._held[username] = left
-        else:
-            self._held.pop(username, None)
-
     def report_activity(self) -> Deferred:
         """Send the users active since the last report (and prune the cache)."""
         now = self._clock.seconds()
@@ -207,7 +205,7 @@ class ManagerCache:
             self._drop_session(token)
         for username in [u for u, e in self._addresses.items() if e[1] <= now]:
             del self._addresses[username]
-        active, self._active = self._active | set(self._held), set()
+        active, self._active = self._active | self.exchanges.tunnel_users(), set()
         if not active:
             return _fired(None)
         d = maybeDeferred(self.manager.report_activity, sorted(active))
@@ -221,28 +219,49 @@ class ManagerCache:
 
     def subscribed(self) -> None:
         self.is_subscribed = True
+        if self._missed_pushes:
+            self._missed_pushes = False
+            self._recheck_open_sessions()
 
     def reset(self) -> None:
         self.is_subscribed = False
+        self._missed_pushes = True
         self._generation += 1
         self._sessions.clear()
         self._digests.clear()
         self._addresses.clear()
+
+    def _recheck_open_sessions(self) -> None:
+        """Ask again about the sessions of open exchanges (a revocation may
+        have been pushed while the connection was down); close the ended."""
+        for token in self.exchanges.tokens():
+            def ended(failure: Failure, token: str = token) -> None:
+                if failure.check(InvalidSession, UnknownUser, InvalidUsername):
+                    self.exchanges.close_token(token, "session ended while the manager"
+                                               " connection was down")
+                else:
+                    log.info("Could not check a session: {error}",
+                             error=failure.getErrorMessage())
+            maybeDeferred(self.manager.resolve_session, token).addErrback(ended)
 
     def session_ended(self, token_digest: str) -> None:
         self._generation += 1
         token = self._digests.pop(token_digest, None)
         if token is not None:
             self._sessions.pop(token, None)
+        self.exchanges.close_session(token_digest, "session ended")
 
     def sessions_revoked(self, username: str) -> None:
         self._generation += 1
         for token in [t for t, e in self._sessions.items() if e[0] == username]:
             self._drop_session(token)
+        self._active.discard(username)
+        self.exchanges.close_user(username, "sessions revoked")
 
     def agent_stopped(self, username: str) -> None:
         self._generation += 1
         self._addresses.pop(username, None)
+        self.exchanges.close_user(username, "agent stopped")
 
 
 def _fired(value: Any) -> Deferred:

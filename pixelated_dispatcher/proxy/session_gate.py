@@ -128,16 +128,16 @@ class SessionGate(Resource):
         self._cache.touch(username)
         address = self._cache.cached_address(username)
         if address is not None:
-            self._forward(request, username, address)
+            self._forward(request, token, username, address)
         else:
             self._start_then_forward(request, token, username)
 
-    def _forward(self, request: IRequest, username: str, address: AgentAddress) -> None:
-        if wants_upgrade(request):
-            # A WebSocket may carry the user's activity for hours without
-            # another request: count it as activity while it is open.
-            self._cache.hold(username)
-            request.notifyFinish().addBoth(lambda _: self._cache.release(username))
+    def _forward(self, request: IRequest, token: str, username: str,
+                 address: AgentAddress) -> None:
+        # Open until it finishes: a revocation closes it (a WebSocket may
+        # carry the user's activity for hours and counts as activity while
+        # it is open).
+        self._cache.exchanges.opened(request, username, token, wants_upgrade(request))
         self._forwarder.forward(request, address,
                                 lambda request: self._agent_gone(request, username), username)
 
@@ -159,7 +159,7 @@ class SessionGate(Resource):
             if timer is not None and timer.active():
                 timer.cancel()
             if not (answered or gone.happened):
-                self._forward(request, username, address)
+                self._forward(request, token, username, address)
 
         def failed(failure: Failure) -> None:
             if timer is not None and timer.active():
