@@ -112,6 +112,8 @@ def _explain(error: Exception, socket_path: str, name: Optional[str]) -> CtlErro
         p.UserExists: "a user named %s exists already" % name,
         p.AgentNotRunning: "the agent of %s is not running" % name,
         p.InternalError: "the manager failed with an internal error; see its log",
+        p.StorageFull: "the manager cannot write its state: no space left on its disk"
+                       " (nothing was changed; free some space and try again)",
     }
     for kind, message in messages.items():
         if isinstance(error, kind):

@@ -33,6 +33,12 @@ class InternalError(DispatcherError):
     """Something unexpected went wrong in the manager; its log has the details."""
 
 
+class StorageFull(DispatcherError):
+    """The manager could not write its state: no space left where it keeps it
+    (``--state-dir``). Nothing was changed; the same call works once there
+    is space again."""
+
+
 class PermissionDenied(DispatcherError):
     """The caller's Unix credentials do not allow this command."""
 
@@ -96,6 +102,7 @@ def retry_after(error: Exception, default: int = 60) -> int:
 COMMON_ERRORS = {
     InternalError: b"INTERNAL_ERROR",
     PermissionDenied: b"PERMISSION_DENIED",
+    StorageFull: b"STORAGE_FULL",
 }
 
 

@@ -1,5 +1,7 @@
 """The AMP contract: values cross the socket unchanged, errors keep their names,
 and an unexpected failure in the manager never drops the connection."""
+import errno
+import sqlite3
 import string
 
 from hypothesis import given, settings, strategies as st
@@ -238,6 +240,30 @@ class ContractTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.call(p.ResolveSession, token="t")),
                          {"username": "alice"})
 
+    def test_a_full_disk_is_storage_full_not_internal_error(self):
+        """What SQLite or a file write says when the state directory's file
+        system is full reaches the caller as StorageFull (so pixelated-ctl
+        and the proxy can say so), logged without a traceback; the
+        connection survives."""
+        self.connect()
+        for error in (sqlite3.OperationalError("database or disk is full"),
+                      OSError(errno.ENOSPC, "No space left on device"),
+                      OSError(errno.EDQUOT, "Disk quota exceeded")):
+            self.manager.failure = error
+            failure = self.failureResultOf(
+                self.call(p.AddUser, username="alice", password="x"), p.StorageFull)
+            self.assertIn("no space left", str(failure.value))
+            self.assertEqual(self.flushLoggedErrors(), [])
+        # other SQLite and OS errors stay internal errors
+        for error in (sqlite3.OperationalError("database is locked"),
+                      OSError(errno.EIO, "Input/output error")):
+            self.manager.failure = error
+            self.failureResultOf(self.call(p.AddUser, username="alice", password="x"),
+                                 p.InternalError)
+            self.assertEqual(len(self.flushLoggedErrors(type(error))), 1)
+        self.manager.failure = None
+        self.successResultOf(self.call(p.ResolveSession, token="t"))
+
     def test_policy_refusal_is_permission_denied_and_reaches_no_domain_code(self):
         self.connect(policy=_DenyAdmin())
         self.failureResultOf(self.call(p.AddUser, username="eve", password="x"),
@@ -247,7 +273,7 @@ class ContractTests(SynchronousTestCase):
 
     def test_every_command_declares_the_common_errors(self):
         for command in p.PROXY_COMMANDS + p.ADMIN_COMMANDS:
-            for error in (p.InternalError, p.PermissionDenied):
+            for error in (p.InternalError, p.PermissionDenied, p.StorageFull):
                 self.assertIn(error, command.errors, command.__name__)
 
     def test_oversized_value_is_refused_before_sending(self):

@@ -3,7 +3,9 @@
 Responders only translate. Every error a command did not declare would make
 AMP close the connection (failing every other call in flight), so anything
 that is not one of the contract's errors becomes ``InternalError`` here, after
-being logged with its traceback.
+being logged with its traceback; a write that failed for want of space
+becomes ``StorageFull`` (logged as such, without a traceback), so that the
+proxy and ``pixelated-ctl`` can say what is wrong.
 
 Each connection learns its peer's credentials once (``peer_policy``), and
 every command passes the one :class:`PeerPolicy` check before any domain
@@ -20,6 +22,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from .. import protocol as p
+from .database import is_storage_full
 from .invalidations import IInvalidationListener
 from .peer_policy import PeerCredentials, PeerPolicy, peer_credentials
 from .service import Manager
@@ -45,6 +48,11 @@ def _translated(command):
 def _translate_unexpected(failure, command):
     if failure.check(*command.allErrors):
         return failure
+    if is_storage_full(failure.value):
+        log.error("{command} failed: no space left in the state directory ({error})",
+                  command=command.__name__, error=failure.value)
+        raise p.StorageFull("the manager cannot write its state: no space left on its"
+                            " disk; nothing was changed")
     log.failure("unexpected error in {command}", failure, command=command.__name__)
     raise p.InternalError("internal error in the manager (see its log)")
 

@@ -15,6 +15,7 @@ lookups per second.
 The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS`
 brings an older file up to date at start.
 """
+import errno
 import os
 import sqlite3
 import threading
@@ -53,6 +54,22 @@ MIGRATIONS: List[str] = [
     );
     """,
 ]
+
+
+#: what "no space left" looks like from SQLite and from the file system
+_FULL_ERRNOS = frozenset([errno.ENOSPC, errno.EDQUOT])
+_SQLITE_FULL = getattr(sqlite3, "SQLITE_FULL", 13)
+
+
+def is_storage_full(error: BaseException) -> bool:
+    """Whether ``error`` says the state directory's file system is full
+    (SQLite's ``SQLITE_FULL``, or ENOSPC/EDQUOT from a file write): the
+    write did not happen, and the caller should hear so rather than
+    "internal error"."""
+    if isinstance(error, sqlite3.OperationalError):
+        code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+        return code == _SQLITE_FULL or "database or disk is full" in str(error)
+    return isinstance(error, OSError) and error.errno in _FULL_ERRNOS
 
 
 class Database:
