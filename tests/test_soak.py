@@ -1,7 +1,7 @@
 """The chaos soak, CI-sized: ``bench/soak`` for 75 s with 8 users, seed 16,
 process provider (the real daemons, the real proxy, random faults among all
 kinds), and, where a Docker engine can be started, 45 s of the Docker
-provider on the soak's own dockerd (restarted as one of the faults). Fails
+provider on the soak's own dockerd. Fails
 on any broken invariant, with the harness's summary as the message.
 
 Needs root (a tmpfs for the state, agents under their own uids, dockerd):
@@ -62,6 +62,10 @@ class SoakTests(unittest.TestCase):
     def test_docker_provider(self):
         need_root()
         dockerd.engine_or_skip()  # dockerd installed (the soak starts its own)
+        # The faults that touch containers (dockerd-restart: see
+        # docs/benchmarks.rst, "Chaos soak", for why it is not among them yet).
         report = self.soak("--provider", "docker", "--duration", "45", "--users", "4",
-                           "--seed", "16", budget=240)
+                           "--seed", "16", "--faults",
+                           "agent-kill,agent-stop,manager-kill,manager-term,proxy-kill",
+                           budget=240)
         self.assertGreaterEqual(len(report["faults"]), 3, report["faults"])
