@@ -7,9 +7,10 @@ judgement quickly. The harness hands over:
   (epoch seconds), ``d`` seconds until answered, ``k`` kind (see
   ``soak_users.classify``), and logins (``e == "login"``);
 * *faults*: one per injected fault: ``kind``, ``injected`` and ``cleared``
-  (epoch; equal for a kill, later for a hang, a full disk, a pause), the
-  ``users`` it may disturb (None: everyone), and ``settle`` (the last moment
-  an answer may still be excused by it);
+  (epoch: when the harness undid it, or when what it killed was back),
+  ``recovery_from`` (the kill for what is killed, the clearing for what is
+  held), the ``users`` it may disturb (None: everyone), and ``settle`` (the
+  last moment an answer may still be excused by it);
 * *checks*: the harness's own observations (agents per user, orphans,
   resources, the full-disk operations).
 
@@ -50,15 +51,16 @@ def disturbs(fault: dict, user: str) -> bool:
 
 def recovery_times(fault: dict, requests: Sequence[dict],
                    all_users: Iterable[str]) -> Dict[str, Optional[float]]:
-    """For each user the fault disturbs: seconds from its clearing to that
-    user's first good answer to a request sent after it (None: never)."""
+    """For each user the fault disturbs: seconds from ``recovery_from`` to
+    that user's first good answer to a request sent after the fault was
+    cleared (None: never)."""
     users = list(all_users) if fault["users"] is None else list(fault["users"])
     first: Dict[str, Optional[float]] = {u: None for u in users}
     for event in requests:  # in the order sent
         user = event["u"]
         if (user in first and first[user] is None and event["k"] == "ok"
                 and event["t"] >= fault["cleared"]):
-            first[user] = max(0.0, event["t"] + event["d"] - fault["cleared"])
+            first[user] = max(0.0, event["t"] + event["d"] - fault["recovery_from"])
     return first
 
 
@@ -74,7 +76,7 @@ def excused_by(event: dict, faults: Sequence[dict],
             continue
         good = first.get(event["u"])
         until = fault["settle"] if good is None else min(fault["settle"],
-                                                          fault["cleared"] + good)
+                                                          fault["recovery_from"] + good)
         if answered >= fault["injected"] and event["t"] <= until:
             return fault
     return None

@@ -34,6 +34,13 @@ from scale_load import Connection, _context, log_in, session_token  # noqa: E402
 _WAITING = re.compile(rb'http-equiv="refresh" content="\d+;url=/auth/starting')
 
 
+def _text(body: bytes) -> str:
+    """A page's words, without its markup and style."""
+    text = re.sub(r"<style.*?</style>|<[^>]+>", " ", body.decode("utf-8", "replace"),
+                  flags=re.S)
+    return " ".join(text.split())
+
+
 def emit(event: dict) -> None:
     sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
     sys.stdout.flush()
@@ -123,8 +130,11 @@ async def one_user(index: int, user: dict, config: dict, context, start_gate: as
                 "GET", config["whoami_path"], headers=headers, timeout=limit)
             kind = classify(username, status, answer_headers, body)
             detail = None
-            if kind not in ("ok", "retry", "starting"):
-                detail = body[:200].decode("utf-8", "replace")
+            if kind == "retry":
+                detail = "Retry-After %s: %s" % (answer_headers["retry-after"][0],
+                                                 _text(body)[-80:])
+            elif kind not in ("ok", "starting"):
+                detail = _text(body)[-200:]
         except Exception as error:
             status, kind, detail = 0, ("hang" if "timed out" in str(error) else "conn_error"), \
                 str(error)[:200]

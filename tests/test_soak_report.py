@@ -21,9 +21,10 @@ def login(user, t, why="first", ok=True):
     return {"e": "login", "u": user, "t": t, "d": 0.1, "ok": ok, "why": why}
 
 
-def fault(kind, injected, cleared=None, users=None, settle=None):
+def fault(kind, injected, cleared=None, users=None, settle=None, held=False):
     cleared = injected if cleared is None else cleared
     return {"kind": kind, "injected": injected, "cleared": cleared, "users": users,
+            "recovery_from": cleared if held else injected,
             "settle": cleared + 30 if settle is None else settle}
 
 
@@ -66,7 +67,7 @@ class JudgeTests(unittest.TestCase):
 
     def test_a_504_is_excused_only_for_a_hung_agent(self):
         events = [req("alice", 10.1, "timed_out", d=3.0), req("alice", 15, "ok")]
-        self.assertEqual(judge(events, [fault("agent-stop", 10, 14, ["alice"])])
+        self.assertEqual(judge(events, [fault("agent-stop", 10, 14, ["alice"], held=True)])
                          ["unexcused_errors"], 0)
         self.assertEqual(judge(events, [fault("agent-kill", 10, users=["alice"])])
                          ["unexcused_errors"], 1)
@@ -86,6 +87,25 @@ class JudgeTests(unittest.TestCase):
         self.assertEqual(verdict["forced_logins"], 1)
         self.assertEqual(verdict["forced_logins_by_fault"], {"proxy-kill": 1})
         self.assertEqual(verdict["lost_sessions"], 2)  # alice (login form), bob (cookie)
+
+    def test_a_good_answer_before_the_restarted_daemon_is_back_ends_no_window(self):
+        """A cache may answer a moment after a kill; the window lasts until a
+        good answer to a request sent once the daemon answers again."""
+        faults = [fault("manager-kill", 10, cleared=13)]
+        verdict = judge([req("alice", 10.1, "ok"), req("alice", 11, "retry"),
+                         req("alice", 13.5, "ok"), req("alice", 14, "retry"),
+                         req("bob", 13.2, "ok")], faults)
+        self.assertEqual((verdict["excused_in_fault_windows"], verdict["unexcused_errors"]),
+                         (1, 1))
+        # counted from the kill: alice was served again 3.51 s after it
+        self.assertEqual(verdict["recovery_by_fault"]["manager-kill"]["max_s"], 3.51)
+
+    def test_a_held_fault_recovers_from_its_clearing(self):
+        faults = [fault("manager-pause", 10, cleared=14, held=True)]
+        verdict = judge([req("alice", 12, "retry", d=2.0), req("alice", 14.5, "ok"),
+                         req("bob", 14.2, "ok")], faults)
+        self.assertEqual(verdict["unexcused_errors"], 0)
+        self.assertEqual(verdict["recovery_by_fault"]["manager-pause"]["max_s"], 0.51)
 
     def test_a_window_ends_at_settle_for_a_user_who_never_recovers(self):
         faults = [fault("dockerd-restart", 10, settle=20)]
