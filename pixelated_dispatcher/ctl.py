@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     command("start", "start a user's agent")
     command("stop", "stop a user's agent")
     command("info", "show a user's agent: state, address, uptime, memory, last activity")
+    command("move", "move a user's agent and data to another swarm node (not supported"
+            " yet: refuses, see docs/cluster.rst)").add_argument("node", help="target node")
     command("sessions", "list a user's sessions")
     command("logout", "end every session of a user")
     for name, text in [("list", "list users and the state of their agents"),
@@ -129,7 +131,17 @@ def _explain(error: Exception, socket_path: str, name: Optional[str]) -> CtlErro
     return CtlError("the connection to the manager failed: %s" % (error,), EXIT_UNREACHABLE)
 
 
+#: why ``pixelated-ctl move`` refuses (one home for the sentence)
+MOVE_UNSUPPORTED = ("moving a user's agent to another node is not supported: their data lives"
+                    " on the node their agent first ran on, and moving it needs an offline"
+                    " copy that the swarm provider does not do yet (docs/cluster.rst)")
+
+
 async def run(reactor, arguments, password: Optional[str], out) -> None:
+    if arguments.command == "move":
+        # refused before anything is asked of the manager: nothing can be half-done
+        raise CtlError("cannot move %s to %s: %s" % (arguments.name, arguments.node,
+                                                       MOVE_UNSUPPORTED), EXIT_USAGE)
     endpoint = UNIXClientEndpoint(reactor, arguments.socket, timeout=10)
     name = getattr(arguments, "name", None)
     try:
@@ -204,7 +216,12 @@ async def _command(connection, arguments, password, out) -> None:
         if command == "running":
             users = [user for user in users if user["state"] == "running"]
         if arguments.json:
-            say(json.dumps([{"username": u["username"], "state": u["state"]} for u in users]))
+            nodes = {a["username"]: a["node"] for a in (await call(p.Stats))["agents"]
+                     if a.get("node")}
+            say(json.dumps([dict({"username": u["username"], "state": u["state"]},
+                                 **({"node": nodes[u["username"]]}
+                                    if u["username"] in nodes else {}))
+                            for u in users]))
         elif command == "running":
             for user in users:
                 say(user["username"])
@@ -217,6 +234,8 @@ async def _command(connection, arguments, password, out) -> None:
         if info["reason"]:
             rows.append(("reason", info["reason"]))
         if info["port"]:
+            if info.get("node"):
+                rows.append(("node", info["node"]))
             rows += [("address", "%s:%d" % (info["host"], info["port"])),
                      ("pid", str(info["pid"]) if info["pid"] else "-"),
                      ("started", _when(info["started"])),
@@ -244,8 +263,11 @@ async def _command(connection, arguments, password, out) -> None:
                                ("agents' memory", _mib(stats["memory"]))])))
         if stats["agents"]:
             say("")
-            say("\n".join(columns([("USER", "MEMORY", "UPTIME")] + [
+            with_nodes = any(a.get("node") for a in stats["agents"])
+            say("\n".join(columns([("USER", "MEMORY", "UPTIME")
+                                   + (("NODE",) if with_nodes else ())] + [
                 (a["username"], _mib(a["memory"]), _duration(time.time() - a["started"]))
+                + ((a.get("node") or "-",) if with_nodes else ())
                 for a in stats["agents"]])))
     elif command == "import-legacy":
         root = os.path.abspath(arguments.root)

@@ -308,7 +308,9 @@ class AgentInfo(amp.Command):
                 (b"pid", amp.Integer()),
                 (b"started", amp.Float()),
                 (b"memory", amp.Integer()),
-                (b"last_activity", amp.Float())]
+                (b"last_activity", amp.Float()),
+                # the cluster node it runs on (swarm provider); absent elsewhere
+                (b"node", amp.Unicode(optional=True))]
     errors = _errors(InvalidUsername, UnknownUser)
 
 
@@ -345,7 +347,8 @@ class Stats(amp.Command):
                 (b"memory", amp.Integer()),
                 (b"agents", amp.AmpList([(b"username", amp.Unicode()),
                                          (b"memory", amp.Integer()),
-                                         (b"started", amp.Float())]))]
+                                         (b"started", amp.Float()),
+                                         (b"node", amp.Unicode(optional=True))]))]
     errors = _errors()
 
 

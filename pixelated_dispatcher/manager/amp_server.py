@@ -61,6 +61,11 @@ def _address(address):
     return {"host": address.host, "port": address.port}
 
 
+def _node(node: str) -> dict:
+    """The optional ``node`` field: present only where agents run on nodes."""
+    return {"node": node} if node else {}
+
+
 def _empty(_):
     return {}
 
@@ -156,7 +161,8 @@ class ManagerLocator(amp.CommandLocator):
                     "pid": agent.pid if agent else 0,
                     "started": agent.started if agent else 0.0,
                     "memory": details.memory,
-                    "last_activity": details.last_activity}
+                    "last_activity": details.last_activity,
+                    **({"node": details.node} if details.node else {})}
         return self.manager.agent_info(username).addCallback(answer)
 
     @_translated(p.ListSessions)
@@ -171,11 +177,15 @@ class ManagerLocator(amp.CommandLocator):
 
     @_translated(p.Stats)
     def stats(self):
+        # only a manager whose provider has nodes (swarm) knows them
+        node_of = getattr(self.manager, "node_of", lambda name: "")
+
         def answer(result):
             users, sessions, agents = result
             return {"users": users, "sessions": sessions, "running": len(agents),
                     "memory": sum(memory for memory, _ in agents.values()),
-                    "agents": [{"username": name, "memory": memory, "started": started}
+                    "agents": [dict({"username": name, "memory": memory, "started": started},
+                                    **_node(node_of(name)))
                                for name, (memory, started)
                                in sorted(agents.items())[:p.AGENTS_LISTED]]}
         return self.manager.stats().addCallback(answer)

@@ -37,6 +37,21 @@ class _AgentStates:
         yield family
 
 
+class _AgentsPerNode:
+    """Collects the running agents on each cluster node when scraped (node
+    names are bounded by the cluster's size, unlike user names)."""
+
+    def __init__(self, counts: Callable[[], Dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self):
+        family = GaugeMetricFamily("pixelated_agents_per_node", "Running agents by node",
+                                   labels=["node"])
+        for node, count in sorted(self._counts().items()):
+            family.add_metric([node], count)
+        yield family
+
+
 class ManagerMetrics:
 
     def __init__(self) -> None:
@@ -56,6 +71,9 @@ class ManagerMetrics:
 
     def watch_states(self, counts: Callable[[], Dict[str, int]]) -> None:
         self.registry.register(_AgentStates(counts))
+
+    def watch_nodes(self, counts: Callable[[], Dict[str, int]]) -> None:
+        self.registry.register(_AgentsPerNode(counts))
 
     def login(self, outcome: str) -> None:
         """``outcome``: ok, failed or rate_limited."""

@@ -62,6 +62,8 @@ class AgentDetails:
     status: AgentStatus
     memory: int
     last_activity: float
+    #: the cluster node the agent runs on ("" unless the provider has nodes)
+    node: str = ""
 
 
 #: Seconds between two sweeps of expired sessions (and of the passwords
@@ -97,6 +99,9 @@ class Manager(MultiService):
         self.accounts = AgentAccounts(self._database, settings.agent_uids) \
             if settings.agent_uids else None
         self.metrics = ManagerMetrics()
+        per_node = getattr(provider, "agents_per_node", None)
+        if per_node is not None:
+            self.metrics.watch_nodes(per_node)
         self.supervisor = AgentSupervisor(
             reactor, provider, os.path.join(state_dir, "users"), self._vault.line_for,
             self._file_pool, settings.max_agents, settings.max_concurrent_starts, self.metrics)
@@ -340,7 +345,13 @@ class Manager(MultiService):
         memory = 0
         if status.agent is not None:
             memory = (yield self._memory({username: status.agent})).get(username, 0)
-        return AgentDetails(status, memory, self.culler.last_activity(username) or 0.0)
+        return AgentDetails(status, memory, self.culler.last_activity(username) or 0.0,
+                            self.node_of(username))
+
+    def node_of(self, username: str) -> str:
+        """The node ``username``'s agent runs on, for providers with nodes (swarm)."""
+        find = getattr(self._provider, "node_of", None)
+        return (find(username) or "") if find is not None else ""
 
     def _memory(self, agents) -> "Deferred[Dict[str, int]]":
         """Memory of these running agents: as the provider measures it (the

@@ -1,0 +1,292 @@
+"""SwarmProvider against the verified fake swarm, on a fake clock: what an
+operator of a cluster would notice (where agents go, what a dead or drained
+node does to them, what a failed start says, where the password goes)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from prometheus_client import generate_latest
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from pixelated_dispatcher.manager.providers.docker import LABEL, USER_LABEL, DockerAgentSettings
+from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
+from pixelated_dispatcher.manager.providers.interface import AgentStartError
+from pixelated_dispatcher.manager.service import Manager, ManagerSettings
+from pixelated_dispatcher.manager.providers.swarm import (
+    CREDENTIALS_FILE, SwarmProvider, SwarmSettings)
+from pixelated_dispatcher.manager.providers.swarm_placement import PlacementBook
+from pixelated_dispatcher.testing.fake_swarm import FakeSwarmEngine
+from pixelated_dispatcher.testing.provider_contract import credentials_for
+
+IMAGE = "pixelated-test-agent:fake"
+POLL = 1.0
+
+
+class SwarmProviderTests(SynchronousTestCase):
+
+    def setUp(self):
+        self.clock = Clock()
+        self.engine = FakeSwarmEngine(images=[IMAGE])
+        self.manager_node = self.engine.self_node
+        self.workers = [self.engine.add_node("worker-%d" % i, "198.19.0.%d" % (11 + i),
+                                             labels={"pixelated.agents": "true"},
+                                             images=[IMAGE]) for i in (1, 2)]
+        self.directory = tempfile.mkdtemp(prefix="pxswu-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.book_path = os.path.join(self.directory, "placement.json")
+        self.exits = []
+
+    def provider(self, **settings):
+        settings.setdefault("start_timeout", 5)
+        provider = SwarmProvider(self.clock, self.engine,
+                                 DockerAgentSettings(image=IMAGE, **settings),
+                                 SwarmSettings(poll_interval=POLL),
+                                 placements=PlacementBook(self.book_path),
+                                 probe=lambda host, port: succeed(True))
+        provider.on_exit(lambda username, reason: self.exits.append((username, reason)))
+        self.successResultOf(provider.recover())
+        return provider
+
+    def data_dir(self, username):
+        path = os.path.join(self.directory, "data", username)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def start(self, provider, username="alice", password="s3cret"):
+        return provider.start(username, self.data_dir(username),
+                              credentials_for(username, password))
+
+    def started(self, provider, username="alice"):
+        return self.successResultOf(self.start(provider, username))
+
+    def service(self, username="alice"):
+        return self.engine._service("pixelated-agent-%s" % username)
+
+    def node_of(self, provider, username="alice"):
+        return provider._agents[username].node
+
+    def test_agents_go_to_the_labelled_node_with_fewest_agents_and_stay_there(self):
+        provider = self.provider()
+        nodes = [self.node_of(provider, u).id for u in ("alice", "bob", "carol")
+                 if self.started(provider, u)]
+        self.assertEqual(sorted(nodes[:2]), sorted(w.id for w in self.workers))
+        self.assertNotIn(self.manager_node.id, nodes)     # not labelled
+        agent = provider.running()["alice"]
+        self.assertEqual(agent.address.host, self.node_of(provider).address)
+        self.assertEqual(provider.node_of("alice"), self.node_of(provider).hostname)
+        # the choice is recorded: after a stop (and for a new manager) alice
+        # goes back to her node even where another has fewer agents now
+        first = self.node_of(provider).id
+        self.successResultOf(provider.stop("alice"))
+        self.successResultOf(provider.stop("bob"))
+        self.successResultOf(provider.stop("carol"))
+        with open(self.book_path) as f:
+            self.assertEqual(json.load(f)["alice"], first)
+        again = self.provider()
+        self.started(again, "alice")
+        self.assertEqual(self.node_of(again).id, first)
+
+    def test_service_is_hardened_and_pinned_and_holds_no_credentials(self):
+        provider = self.provider()
+        self.started(provider)
+        spec = self.service()["Spec"]
+        self.assertEqual(spec["Labels"], {LABEL: "pixelated-agent", USER_LABEL: "alice"})
+        self.assertEqual(spec["Mode"], {"Replicated": {"Replicas": 1}})
+        template = spec["TaskTemplate"]
+        container = template["ContainerSpec"]
+        self.assertEqual(container["CapabilityDrop"], ["ALL"])
+        self.assertTrue(container["ReadOnly"])
+        self.assertEqual(container["User"], "65534:65534")
+        self.assertTrue(container["Image"].startswith("sha256:"))
+        self.assertEqual({m["Type"] for m in container["Mounts"]}, {"bind", "tmpfs"})
+        self.assertEqual(template["Resources"]["Limits"]["Pids"], 256)
+        self.assertEqual(template["Resources"]["Limits"]["NanoCPUs"], 10 ** 9)
+        self.assertEqual(template["RestartPolicy"]["Condition"], "on-failure")
+        self.assertLessEqual(template["RestartPolicy"]["MaxAttempts"], 3)
+        self.assertEqual(template["Placement"]["Constraints"],
+                         ["node.id==%s" % self.node_of(provider).id])
+        self.assertEqual(spec["EndpointSpec"]["Ports"][0]["PublishMode"], "host")
+        self.assertEqual(spec["EndpointSpec"]["Ports"][0]["PublishedPort"], 0)
+        self.assertNotIn("s3cret", json.dumps(spec))
+        # the password reaches the agent only as a 0400 file of its uid
+        (secret_ref,) = container["Secrets"]
+        self.assertEqual(secret_ref["File"], {"Name": "pixelated-credentials",
+                                              "UID": "65534", "GID": "65534", "Mode": 0o400})
+        task_id = provider._agents["alice"].task_id
+        received = self.engine.task_files(task_id)[CREDENTIALS_FILE]["data"]
+        self.assertEqual(json.loads(received)["password"], "s3cret")
+        self.assertIn("PIXELATED_CREDENTIALS_FILE=" + CREDENTIALS_FILE, container["Env"])
+        self.assertNotIn("s3cret", json.dumps(
+            self.successResultOf(self.engine.inspect_secret(secret_ref["SecretID"]))))
+
+    def test_stop_removes_service_and_secret(self):
+        provider = self.provider()
+        self.started(provider)
+        self.successResultOf(provider.stop("alice"))
+        self.assertEqual(self.engine.services, {})
+        self.assertEqual(self.engine.secrets, {})
+        self.assertEqual(self.exits, [("alice", "stopped")])
+
+    def test_a_node_that_dies_gets_its_agents_reported_within_the_poll_period(self):
+        provider = self.provider()
+        self.started(provider)
+        node = self.node_of(provider)
+        self.engine.node_down(node.id)          # its tasks still say "running"
+        self.clock.advance(POLL)
+        self.assertEqual(self.exits, [("alice", "is unreachable: its node %s is down"
+                                       % node.describe())])
+        self.assertEqual(provider.running(), {})
+        self.assertEqual(self.engine.services, {})
+        self.assertEqual(self.engine.secrets, {})
+        # while it is down, alice's start says why (her data is there)
+        error = self.failureResultOf(self.start(provider), AgentStartError).value
+        self.assertIn("holds the data of alice is down", str(error))
+        # back: her next login works, on the same node
+        self.engine.node_up(node.id)
+        self.started(provider)
+        self.assertEqual(self.node_of(provider).id, node.id)
+
+    def test_a_drained_node_stops_its_agents_and_takes_no_new_ones(self):
+        provider = self.provider()
+        self.started(provider)
+        node = self.node_of(provider)
+        self.engine.drain(node.id)
+        self.clock.advance(POLL)
+        self.assertEqual(self.exits, [("alice", "was stopped: its node %s is drain"
+                                       % node.describe())])
+        error = self.failureResultOf(self.start(provider), AgentStartError).value
+        self.assertIn("is drain", str(error))
+        self.started(provider, "bob")
+        self.assertNotEqual(self.node_of(provider, "bob").id, node.id)
+
+    def test_killed_task_is_reported_with_its_signal_and_removed(self):
+        provider = self.provider()
+        self.started(provider)
+        self.engine.end_task(provider._agents["alice"].task_id, 137)
+        self.clock.advance(POLL)
+        self.assertEqual(self.exits,
+                         [("alice", "was killed by signal 9 (SIGKILL, exit code 137)")])
+        self.assertEqual(self.engine.services, {})
+        # the next request starts it again
+        self.started(provider)
+        self.assertEqual(list(provider.running()), ["alice"])
+
+    def test_a_node_without_the_image_gives_a_clear_error_at_once(self):
+        self.workers[0].images.clear()
+        self.workers[1].images.clear()
+        provider = self.provider()
+        error = self.failureResultOf(self.start(provider), AgentStartError).value
+        self.assertIn("No such image", str(error))
+        self.assertIn("worker-", str(error))
+        self.assertEqual(self.engine.services, {})
+        self.assertEqual(self.engine.secrets, {})
+
+    def test_image_missing_on_the_manager_says_how_to_provide_it(self):
+        self.engine.images.clear()
+        provider = self.provider()
+        error = self.failureResultOf(self.start(provider), AgentStartError).value
+        self.assertIn("docker save | docker load", str(error))
+        self.assertEqual(self.engine.secrets, {})
+
+    def test_no_labelled_node_says_which_label(self):
+        for worker in self.workers:
+            worker.labels.clear()
+        provider = self.provider()
+        error = self.failureResultOf(self.start(provider), AgentStartError).value
+        self.assertIn("pixelated.agents=true", str(error))
+
+    def test_old_engine_refuses_a_node_whose_dockerd_lacks_no_new_privileges(self):
+        for worker in self.workers:
+            worker.no_new_privileges = False
+        provider = self.provider()
+        error = self.failureResultOf(self.start(provider), AgentStartError).value
+        self.assertIn("--no-new-privileges", str(error))
+        self.assertIn("1.41", str(error))
+        self.assertEqual(self.engine.services, {})
+        self.assertEqual(self.engine.secrets, {})
+
+    def test_new_engine_asks_for_no_new_privileges_in_the_spec(self):
+        self.engine.server_api_version = "1.44"
+        for worker in self.workers:
+            worker.no_new_privileges = False        # not needed: the spec says it
+        provider = self.provider()
+        self.started(provider)
+        container = self.service()["Spec"]["TaskTemplate"]["ContainerSpec"]
+        self.assertEqual(container["Privileges"], {"NoNewPrivileges": True})
+
+    def test_a_new_manager_adopts_running_services_and_removes_stale_ones(self):
+        first = self.provider()
+        alice = self.started(first, "alice")
+        self.started(first, "bob")
+        self.engine.add_node("worker-3", "198.19.0.14", labels={"pixelated.agents": "true"},
+                             images=[IMAGE])
+        carol = self.started(first, "carol")         # alone on worker-3
+        self.successResultOf(first.close())
+        # while no manager watches: bob's agent crashes and the swarm restarts
+        # it; carol's node dies; a secret of an older start is left behind
+        self.engine.end_task([t for t in self.engine.tasks.values()
+                              if t.service_id == self.service("bob")["ID"]][0].id, 1)
+        carol_node = [n for n in self.engine.nodes.values()
+                      if n.address == carol.address.host][0]
+        self.engine.node_down(carol_node.id)
+        stale = self.successResultOf(self.engine.create_secret(
+            "pixelated-agent-zed-0", b"x", {LABEL: "pixelated-agent", USER_LABEL: "zed"}))
+        second = self.provider()
+        self.assertEqual(second.running()["alice"], alice)
+        self.assertEqual(sorted(second.running()), ["alice", "bob"])
+        self.assertNotIn(stale, self.engine.secrets)
+        self.assertEqual(sorted(s["Spec"]["Name"] for s in self.engine.services.values()),
+                         ["pixelated-agent-alice", "pixelated-agent-bob"])
+        # every secret left is one a running service uses
+        used = {ref["SecretID"] for s in self.engine.services.values()
+                for ref in s["Spec"]["TaskTemplate"]["ContainerSpec"]["Secrets"]}
+        self.assertEqual(set(self.engine.secrets), used)
+        self.assertEqual(self.exits, [])
+
+
+class ManagerWithSwarmTests(TestCase):
+    """What ``pixelated-ctl info``/``stats`` and the metrics show of the node."""
+
+    @inlineCallbacks
+    def test_info_stats_and_metrics_name_the_node(self):
+        state_dir = tempfile.mkdtemp(prefix="pxswm-")
+        self.addCleanup(shutil.rmtree, state_dir, True)
+        engine = FakeSwarmEngine(images=[IMAGE])
+        engine.add_node("worker-1", "198.19.0.12", labels={"pixelated.agents": "true"},
+                        images=[IMAGE])
+        provider = SwarmProvider(reactor, engine, DockerAgentSettings(image=IMAGE),
+                                 SwarmSettings(poll_interval=60),
+                                 probe=lambda host, port: succeed(True), keep_on_close=False)
+        manager = Manager(reactor, state_dir, provider,
+                          ManagerSettings(leap_provider="example.org",
+                                          hash_parameters=FAST_FOR_TESTS))
+        manager.startService()
+        self.addCleanup(lambda: manager.running and manager.stopService())
+        yield manager.ready()
+        yield manager.add_user("alice", "alice's password")
+        address = yield manager.ensure_agent("alice")
+        self.assertEqual(address.host, "198.19.0.12")
+        details = yield manager.agent_info("alice")
+        self.assertEqual(details.node, "worker-1")
+        self.assertEqual(manager.node_of("alice"), "worker-1")
+        exposition = generate_latest(manager.metrics.registry).decode()
+        self.assertIn('pixelated_agents_per_node{node="worker-1"} 1.0', exposition)
+
+
+class MoveTests(SynchronousTestCase):
+
+    def test_ctl_move_refuses_clearly_and_touches_nothing(self):
+        result = subprocess.run(
+            [sys.executable, "-m", "pixelated_dispatcher.ctl", "--socket",
+             "/nonexistent/manager.sock", "move", "alice", "worker-2"],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("cannot move alice to worker-2", result.stderr)
+        self.assertIn("not supported", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
