@@ -15,6 +15,7 @@ Everything is synchronous (plain subprocesses and sockets) with bounded waits;
 :meth:`Cluster.destroy` removes all of it and is safe to call twice or after a
 half-made cluster. Needs root, ``ip``, ``dockerd`` and ``iptables``.
 """
+import fcntl
 import os
 import shutil
 import signal
@@ -29,6 +30,9 @@ HOST_ADDRESS = "198.19.0.1"
 INTRUDER_NS = "pxsw-intruder"
 INTRUDER_ADDRESS = "198.19.0.99"
 BASE_DIR = "/var/tmp"
+#: one cluster on the machine at a time (several checkouts may run the suite)
+LOCK_PATH = "/var/tmp/pxd-swarm.lock"
+LOCK_WAIT_SECONDS = 600
 #: the label the provider places agents by (its default)
 AGENT_LABEL = "pixelated.agents"
 #: the swarm's heartbeat in the tests: a dead node is "down" within ~3 periods
@@ -213,6 +217,7 @@ class Cluster:
         return self.nodes[0]
 
     def create(self) -> "Cluster":
+        self._lock()
         try:
             self._create()
         except BaseException:
@@ -220,8 +225,23 @@ class Cluster:
             raise
         return self
 
+    def _lock(self) -> None:
+        """Wait (bounded) until no other test process has a cluster: the
+        names and addresses are fixed, so two at once would collide."""
+        self._lock_file = open(LOCK_PATH, "a")
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError("another test process kept the swarm test cluster"
+                                       " (%s) for %d s" % (LOCK_PATH, LOCK_WAIT_SECONDS))
+                time.sleep(0.5)
+
     def _create(self) -> None:
-        self.destroy()          # leftovers of an interrupted run
+        self._teardown()        # leftovers of an interrupted run
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
         _run("ip", "addr", "add", HOST_ADDRESS + "/24", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
@@ -287,6 +307,15 @@ class Cluster:
         return _run("ip", "netns", "exec", INTRUDER_NS, *args, check=check, timeout=timeout)
 
     def destroy(self) -> None:
+        """Tear everything down and let the next test process have a cluster."""
+        try:
+            self._teardown()
+        finally:
+            lock, self._lock_file = getattr(self, "_lock_file", None), None
+            if lock is not None:
+                lock.close()        # releases the flock
+
+    def _teardown(self) -> None:
         for node in self.nodes:
             if node.process is not None or node.daemon_pid():
                 try:
