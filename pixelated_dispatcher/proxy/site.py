@@ -109,6 +109,11 @@ class ProxySite(Site):
     unit's ``MemoryDenyWriteExecute=yes`` forbids (see ``tls.server_context``).
     """
 
+    #: what the site's pages and channels ask (None: no session is ever live)
+    cache: Optional[ManagerCache] = None
+    #: what forwards the agents' paths (closed by whoever runs the site)
+    forwarder: Optional[IForwarder] = None
+
     def log(self, request: IRequest) -> None:
         if self.logPath is not None:
             super().log(request)
@@ -117,14 +122,15 @@ class ProxySite(Site):
 def make_site(manager: IManager, reactor: Any,
               forwarder: Optional[IForwarder] = None,
               banner: Optional[str] = None,
-              access_log: Optional[str] = None) -> Site:
+              access_log: Optional[str] = None,
+              cache: Optional[ManagerCache] = None) -> "ProxySite":
     """The proxy's site, served on every ``--listen`` endpoint (TLS or not is
     decided per request, so one site serves them all). ``site.cache`` is the
-    :class:`ManagerCache` to start and stop with the service;
-    ``site.forwarder`` the forwarder."""
+    :class:`ManagerCache` (made here unless given) and ``site.forwarder`` the
+    forwarder (likewise); whoever runs the site starts and stops them."""
     if forwarder is None:
         forwarder = StreamingForwarder(reactor)
-    root = make_root(manager, forwarder, clock=reactor, banner=banner)
+    root = make_root(manager, forwarder, clock=reactor, banner=banner, cache=cache)
     site = ProxySite(root, logPath=access_log, timeout=IDLE_TIMEOUT)
     site.requestFactory = ProxyRequest
     site.protocol = ProxyChannel

@@ -30,7 +30,8 @@ from twisted.python import usage
 
 from ..protocol import DEFAULT_SOCKET
 from .agent_client import AGENT_TIMEOUT
-from .forwarding import StreamingForwarder
+from .forwarding import IForwarder, StreamingForwarder
+from .manager_cache import ManagerCache
 from .manager_client import AMPManagerClient
 from .redirect_http import make_redirect_site
 from .site import make_site
@@ -133,11 +134,17 @@ def https_port(listeners: List[Any]) -> int:
 class ProxyService(MultiService):
     """The proxy's services, with the checks and hooks described above."""
 
-    def __init__(self, reactor: Any, site: Any, listeners: List[Any],
+    def __init__(self, reactor: Any, site: Any, listeners: List[Any], *,
+                 cache: ManagerCache, forwarder: IForwarder,
                  allow_root: bool = False) -> None:
+        """``cache`` is started and stopped with the service (its last
+        activity report goes out before the manager connection closes);
+        ``forwarder`` closes its agent connections at the end."""
         super().__init__()
         self._reactor = reactor
         self.site = site
+        self.cache = cache
+        self.forwarder = forwarder
         self.listeners = listeners
         self.allow_root = allow_root
         self._previous_sighup: Any = None
@@ -150,7 +157,7 @@ class ProxyService(MultiService):
             raise RunningAsRoot("pixelated-proxy refuses to serve as root "
                                 "(use twistd --uid/--gid, or --allow-root)")
         super().startService()
-        self.site.cache.start()
+        self.cache.start()
         if any(getattr(listener, "tls", None) for listener in self.listeners):
             try:
                 self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
@@ -172,10 +179,10 @@ class ProxyService(MultiService):
             self._previous_sighup = None
         # The last activity report goes out while the manager connection is
         # still up; then everything stops.
-        d = maybeDeferred(self.site.cache.stop)
+        d = maybeDeferred(self.cache.stop)
         d.addErrback(lambda f: log.failure("Last activity report failed", f))
         d.addBoth(lambda _: super(ProxyService, self).stopService())
-        d.addBoth(lambda result: (self.site.forwarder.close(), result)[1])
+        d.addBoth(lambda result: (self.forwarder.close(), result)[1])
         return d
 
 
@@ -187,11 +194,13 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     manager = AMPManagerClient.for_socket(reactor, options["manager-socket"])
     forwarder = StreamingForwarder(reactor,
                                    agent_timeout=float(options["agent-timeout"]))
-    site = make_site(manager, reactor, forwarder=forwarder,
+    cache = ManagerCache(manager, reactor)
+    site = make_site(manager, reactor, forwarder=forwarder, cache=cache,
                      banner=options.get("banner-text"), access_log=options["access-log"])
     listeners: List[Any] = options.get("listeners") or [
         parse_listen(d) for d in options["listen"] or [DEFAULT_LISTEN]]
-    proxy = ProxyService(reactor, site, listeners, allow_root=bool(options["allow-root"]))
+    proxy = ProxyService(reactor, site, listeners, cache=cache, forwarder=forwarder,
+                         allow_root=bool(options["allow-root"]))
     manager.service.setName("manager-connection")
     manager.service.setServiceParent(proxy)
     for listener in listeners:
