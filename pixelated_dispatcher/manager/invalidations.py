@@ -10,6 +10,8 @@ from typing import List
 from twisted.logger import Logger
 from zope.interface import Interface
 
+from ..fanout import tell_all
+
 
 class IInvalidationListener(Interface):
     """Somebody who must hear at once what stopped being true (a subscribed
@@ -53,9 +55,5 @@ class Invalidations:
         self._tell("agent_stopped", username)
 
     def _tell(self, method: str, value: str) -> None:
-        for listener in list(self._listeners):
-            try:
-                getattr(listener, method)(value)
-            except Exception:
-                self.log.failure("could not tell {listener} {method}", listener=listener,
-                                 method=method)
+        tell_all(self._listeners, lambda listener: getattr(listener, method)(value),
+                 method, self.log)

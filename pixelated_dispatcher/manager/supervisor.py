@@ -26,8 +26,7 @@ from twisted.internet.defer import (Deferred, DeferredSemaphore, inlineCallbacks
                                     maybeDeferred, succeed)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-
+from ..fanout import SharedResult, tell_all
 from ..protocol import AgentAddress, AgentStartFailed, CapacityReached
 from .metrics import ManagerMetrics
 from .providers.interface import AgentStartError, IAgentProvider, RunningAgent
@@ -48,36 +47,6 @@ class AgentStatus:
     reason: str = ""
 
 
-class _Fanout:
-    """One outcome delivered to any number of waiters."""
-
-    def __init__(self, source: Deferred) -> None:
-        self._waiters: List[Deferred] = []
-        self._outcome: Optional[list] = None
-        source.addBoth(self._fire)
-
-    def _fire(self, result) -> None:
-        self._outcome = [result]
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            _deliver(waiter, result)
-
-    def wait(self) -> Deferred:
-        d: Deferred = Deferred()
-        if self._outcome is None:
-            self._waiters.append(d)
-        else:
-            _deliver(d, self._outcome[0])
-        return d
-
-
-def _deliver(d: Deferred, result) -> None:
-    if isinstance(result, Failure):
-        d.errback(result)
-    else:
-        d.callback(result)
-
-
 class AgentSupervisor:
     """Starts and stops the agents of one provider."""
 
@@ -95,8 +64,8 @@ class AgentSupervisor:
         self.max_agents = max_agents
         self._start_slots = DeferredSemaphore(max_concurrent_starts) \
             if max_concurrent_starts > 0 else None
-        self._starting: Dict[str, _Fanout] = {}
-        self._stopping: Dict[str, _Fanout] = {}
+        self._starting: Dict[str, SharedResult] = {}
+        self._stopping: Dict[str, SharedResult] = {}
         self._failures: Dict[str, str] = {}
         self._exit_listeners: List[Callable[[str, str], None]] = []
         self._metrics = metrics
@@ -219,13 +188,13 @@ class AgentSupervisor:
                       host=agent.address.host, port=agent.address.port)
         return agent.address
 
-    def _track(self, table: Dict[str, _Fanout], username: str,
+    def _track(self, table: Dict[str, SharedResult], username: str,
                operation: Callable[[], Deferred]) -> Deferred:
         """Run ``operation`` as the one start (or stop) in flight for
         ``username``; it leaves ``table`` before anybody hears the outcome, so
         that waiters see the state it left behind."""
         source: Deferred = Deferred()
-        fanout = table[username] = _Fanout(source)
+        fanout = table[username] = SharedResult(source)
 
         def forget(result):
             if table.get(username) is fanout:
@@ -237,11 +206,8 @@ class AgentSupervisor:
     def _agent_exited(self, username: str, reason: str) -> None:
         self.log.info("agent of {username}: stopped ({reason})", username=username,
                       reason=reason)
-        for listener in list(self._exit_listeners):
-            try:
-                listener(username, reason)
-            except Exception:
-                self.log.failure("exit listener failed")
+        tell_all(self._exit_listeners, lambda listener: listener(username, reason),
+                 "agent exit", self.log)
 
 
 def _raise(error: Exception):

@@ -30,14 +30,15 @@ reports them to the manager in batches every :data:`ACTIVITY_INTERVAL`
 seconds, for idle culling (a user with an open tunnel counts as active at
 every report, until the tunnel closes).
 """
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..fanout import SharedResult
 from ..protocol import AgentAddress, token_digest
 from ..protocol import InvalidSession, InvalidUsername, UnknownUser
 from .manager_interface import IInvalidationListener, IManager
@@ -69,7 +70,7 @@ class ManagerCache:
         self._digests: Dict[str, str] = {}
         #: username → (address, expiry)
         self._addresses: Dict[str, Tuple[AgentAddress, float]] = {}
-        self._starts: Dict[str, List[Deferred]] = {}
+        self._starts: Dict[str, SharedResult] = {}
         self._start_failures: Dict[str, Failure] = {}
         self._active: Set[str] = set()
         #: requests forwarded to agents and not finished (tunnels included)
@@ -115,7 +116,7 @@ class ManagerCache:
         """The user of ``token``, from the cache or the manager."""
         cached = self.cached_user(token)
         if cached is not None:
-            return _fired(cached)
+            return succeed(cached)
         generation = self._generation
 
         def remember(username: str) -> str:
@@ -162,30 +163,25 @@ class ManagerCache:
         ``ensure_agent`` call (which starts the agent if needed)."""
         cached = self.cached_address(username)
         if cached is not None:
-            return _fired(cached)
-        waiter: Deferred = Deferred()
-        waiters = self._starts.get(username)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._starts[username] = [waiter]
+            return succeed(cached)
+        shared = self._starts.get(username)
+        if shared is not None:
+            return shared.wait()
         self._start_failures.pop(username, None)
         generation = self._generation
 
-        def done(result: Any) -> None:
-            waiting = self._starts.pop(username, [])
+        def done(result: Any) -> Any:
+            # Before any waiter hears it: they find the state it leaves.
+            self._starts.pop(username, None)
             if isinstance(result, Failure):
                 self._start_failures[username] = result
             elif generation == self._generation:
                 self._addresses[username] = (result, self._clock.seconds() + self._ttl())
-            for d in waiting:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(result)
-        d = maybeDeferred(self.manager.ensure_agent, username)
-        d.addBoth(done)
-        return waiter
+            return result
+        shared = SharedResult(maybeDeferred(self.manager.ensure_agent, username).addBoth(done))
+        if not shared.done:
+            self._starts[username] = shared
+        return shared.wait()
 
     def forget_address(self, username: str) -> None:
         """The agent did not answer at its address: ask again next time."""
@@ -207,7 +203,7 @@ class ManagerCache:
             del self._addresses[username]
         active, self._active = self._active | self.exchanges.tunnel_users(), set()
         if not active:
-            return _fired(None)
+            return succeed(None)
         d = maybeDeferred(self.manager.report_activity, sorted(active))
 
         def failed(failure: Failure) -> None:
@@ -262,9 +258,3 @@ class ManagerCache:
         self._generation += 1
         self._addresses.pop(username, None)
         self.exchanges.close_user(username, "agent stopped")
-
-
-def _fired(value: Any) -> Deferred:
-    d: Deferred = Deferred()
-    d.callback(value)
-    return d

@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from twisted.logger import Logger
 
+from ..fanout import tell_all
 from ..protocol import (AgentAddress, AgentStopped, Authenticate, EndSession,
                         EnsureAgent, ReportActivity, ResolveSession, SessionEnded,
                         SessionsRevoked, Subscribe)
@@ -85,11 +86,8 @@ class PushedInvalidations(amp.CommandLocator):
         self._listeners = listeners
 
     def _tell(self, method: str, *args: Any) -> dict:
-        for listener in list(self._listeners):
-            try:
-                getattr(listener, method)(*args)
-            except Exception:
-                log.failure("A listener failed on {method}", method=method)
+        tell_all(self._listeners, lambda listener: getattr(listener, method)(*args),
+                 method, log)
         return {}
 
     @SessionEnded.responder
@@ -200,11 +198,7 @@ class AMPManagerClient:
         protocol._lost = True  # type: ignore[attr-defined]
         was = self.subscribed
         self.subscribed = False
-        for listener in list(self.listeners):
-            try:
-                listener.reset()
-            except Exception:
-                log.failure("A listener failed on reset")
+        tell_all(self.listeners, lambda listener: listener.reset(), "reset", log)
         if was:
             log.info("Connection to the manager lost; caches dropped")
 

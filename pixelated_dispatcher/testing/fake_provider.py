@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..fanout import fire_all
 from ..manager.providers.interface import (Accounts, AgentStartError, ExitCallback,
                                            IAgentProvider, RunningAgent, notify_exit)
 from ..protocol import AgentAddress
@@ -57,16 +58,6 @@ class _FakeAgent:
     stop_waiters: List[Deferred] = attr.Factory(list)
     #: recovered from a previous manager rather than started by us
     adopted: bool = False
-
-
-def _fire_all(waiters: List[Deferred], result) -> None:
-    for waiter in waiters:
-        if waiter.called:
-            continue
-        if isinstance(result, Failure):
-            waiter.errback(result)
-        else:
-            waiter.callback(result)
 
 
 def _wait(waiters: List[Deferred]) -> Deferred:
@@ -135,9 +126,9 @@ class FakeProvider:
         if agent.running is None:
             self._cancel_pending(agent)
             self._forget(agent)
-            _fire_all(agent.start_waiters, Failure(AgentStartError(
+            fire_all(agent.start_waiters, Failure(AgentStartError(
                 "the agent of %s %s before it answered HTTP" % (username, reason))))
-            _fire_all(agent.stop_waiters, None)
+            fire_all(agent.stop_waiters, None)
             return
         self._ended(agent, "stopped" if agent.stopping else reason)
 
@@ -252,25 +243,25 @@ class FakeProvider:
         message = self._failures.pop(agent.username, None)
         if message is not None:
             self._forget(agent)
-            _fire_all(agent.start_waiters, Failure(AgentStartError(message)))
+            fire_all(agent.start_waiters, Failure(AgentStartError(message)))
             return
         port, self._next_port = self._next_port, self._next_port + 1
         agent.running = RunningAgent(agent.username, AgentAddress("127.0.0.1", port),
                                      0, self.clock.seconds())
-        _fire_all(agent.start_waiters, agent.running)
+        fire_all(agent.start_waiters, agent.running)
 
     def _abort_start(self, agent: _FakeAgent) -> None:
         agent.pending = None
         self._forget(agent)
-        _fire_all(agent.start_waiters, Failure(AgentStartError(
+        fire_all(agent.start_waiters, Failure(AgentStartError(
             "the agent of %s was stopped while it was starting" % (agent.username,))))
-        _fire_all(agent.stop_waiters, None)
+        fire_all(agent.stop_waiters, None)
 
     def _ended(self, agent: _FakeAgent, reason: str) -> None:
         self._cancel_pending(agent)
         self._forget(agent)
         notify_exit(self._callbacks, agent.username, reason)
-        _fire_all(agent.stop_waiters, None)
+        fire_all(agent.stop_waiters, None)
 
     def _cancel_pending(self, agent: _FakeAgent) -> None:
         if agent.pending is not None and agent.pending.active():

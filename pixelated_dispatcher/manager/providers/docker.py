@@ -40,9 +40,9 @@ from twisted.internet.defer import (CancelledError, Deferred, DeferredList,
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ...fanout import SharedResult
 from ...protocol import AgentAddress
 from ...usernames import is_valid_username
 from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, IDockerEngine,
@@ -127,32 +127,6 @@ class DockerAgentSettings:
         if command is not None:
             config["Cmd"] = command
         return config
-
-
-class _Shared:
-    """One outcome (of a start, a pull) handed to any number of waiters."""
-
-    def __init__(self, source: Deferred) -> None:
-        self._waiters: List[Deferred] = []
-        self._result = None
-        self.done = False
-        source.addBoth(self._fire)
-
-    def _fire(self, result) -> None:
-        self.done, self._result = True, result
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(result)
-        if isinstance(result, Failure):
-            result.trap(Exception)         # handed to the waiters; do not log it here
-
-    def wait(self) -> Deferred:
-        waiter = Deferred()
-        if self.done:
-            waiter.callback(self._result)
-        else:
-            self._waiters.append(waiter)
-        return waiter
 
 
 @attr.s(auto_attribs=True)
@@ -297,17 +271,17 @@ class DockerProvider:
         self.accounts: Optional[Accounts] = None
         self._agents: Dict[str, _Agent] = {}
         self._by_id: Dict[str, str] = {}
-        self._starting: Dict[str, _Shared] = {}
-        self._stopping: Dict[str, _Shared] = {}
+        self._starting: Dict[str, SharedResult] = {}
+        self._stopping: Dict[str, SharedResult] = {}
         self._abort: set = set()
         self._start_watch: Dict[str, _StartWatch] = {}
         self._oom: set = set()
         self._callbacks: List[ExitCallback] = []
-        self._pulls: Dict[str, _Shared] = {}
+        self._pulls: Dict[str, SharedResult] = {}
         self._stream = None
         self._watcher: Optional[Deferred] = None
         self._first_reconcile: Optional[Deferred] = None
-        self._first_reconciled: Optional[_Shared] = None
+        self._first_reconciled: Optional[SharedResult] = None
         self._engine_up = False
         self._engine_problem = "not contacted yet"
         self._closing = False
@@ -320,7 +294,7 @@ class DockerProvider:
         keeps trying and reconciles when it appears)."""
         if self._first_reconcile is None:
             self._first_reconcile = Deferred()
-            self._first_reconciled = _Shared(self._first_reconcile)
+            self._first_reconciled = SharedResult(self._first_reconcile)
             self._watcher = ensureDeferred(self._watch())
             self._watcher.addErrback(self._watcher_ended)
         return self._first_reconciled.wait()
@@ -330,7 +304,8 @@ class DockerProvider:
             return succeed(self._agents[username].agent)
         if username in self._starting:
             return self._starting[username].wait()
-        shared = _Shared(ensureDeferred(self._start_after_stop(username, data_dir, credentials)))
+        shared = SharedResult(ensureDeferred(
+            self._start_after_stop(username, data_dir, credentials)))
         if not shared.done:
             self._starting[username] = shared
             shared.wait().addBoth(lambda _: self._starting.pop(username, None))
@@ -339,7 +314,7 @@ class DockerProvider:
     def stop(self, username: str) -> Deferred:
         if username in self._stopping:
             return self._stopping[username].wait()
-        shared = _Shared(ensureDeferred(self._stop(username)))
+        shared = SharedResult(ensureDeferred(self._stop(username)))
         if not shared.done:
             self._stopping[username] = shared
             shared.wait().addBoth(lambda _: self._stopping.pop(username, None))
@@ -541,7 +516,7 @@ class DockerProvider:
             pass
         if image not in self._pulls:
             self.log.info("agent image {image} is not here: pulling it", image=image)
-            shared = _Shared(ensureDeferred(self._pull(image)))
+            shared = SharedResult(ensureDeferred(self._pull(image)))
             if shared.done:
                 await shared.wait()
                 return

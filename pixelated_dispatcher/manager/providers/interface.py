@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
+from ...fanout import tell_all
 from ...protocol import AgentAddress
 
 _log = Logger()
@@ -42,11 +43,8 @@ Accounts = Callable[[str], Deferred]
 def notify_exit(callbacks: Iterable[ExitCallback], username: str, reason: str) -> None:
     """Tell every ``on_exit`` callback; one that fails is logged, the others
     still hear it."""
-    for callback in list(callbacks):
-        try:
-            callback(username, reason)
-        except Exception:
-            _log.failure("exit callback failed for the agent of {username}", username=username)
+    tell_all(callbacks, lambda callback: callback(username, reason),
+             "the exit of the agent of " + username, _log)
 
 
 class IAgentProvider(Interface):

@@ -91,6 +91,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ...fanout import fire_all
 from ...protocol import AgentAddress
 from ...usernames import is_valid_username
 from .interface import (Accounts, AgentStartError, ExitCallback, IAgentProvider,
@@ -163,18 +164,6 @@ class _Agent:
     stop_waiters: List[Deferred] = attr.Factory(list)
     #: left running at close() for the next manager
     handed_over: bool = False
-
-
-def _fire_all(waiters: List[Deferred], result) -> None:
-    """Deliver one result to every waiter still waiting (some may have been
-    cancelled by their callers)."""
-    for waiter in waiters:
-        if waiter.called:
-            continue
-        if isinstance(result, Failure):
-            waiter.errback(result)
-        else:
-            waiter.callback(result)
 
 
 _READY, _EXITED, _TIMED_OUT = "ready", "exited", "timed out"
@@ -404,8 +393,8 @@ class ProcessProvider:
                 error = AgentStartError("the agent of %s could not be started: %s"
                                         % (agent.username, error))
             self._forget(agent)
-            _fire_all(agent.start_waiters, Failure(error))
-            _fire_all(agent.stop_waiters, None)
+            fire_all(agent.start_waiters, Failure(error))
+            fire_all(agent.stop_waiters, None)
             return
         agent.credentials = b""  # delivered; keep the password no longer than needed
         self._now_running(agent, running)
@@ -416,7 +405,7 @@ class ProcessProvider:
         log.info("agent of {username} running at {host}:{port} (pid {pid})",
                  username=agent.username, host=running.address.host,
                  port=running.address.port, pid=running.pid)
-        _fire_all(agent.start_waiters, running)
+        fire_all(agent.start_waiters, running)
 
     def _now_running(self, agent: _Agent, running: RunningAgent) -> None:
         agent.running = running
@@ -694,7 +683,7 @@ class ProcessProvider:
                                            username, pid))
             log.info("adopted the agent of {username} (pid {pid}) at {host}:{port}",
                      username=username, pid=pid, host=LOOPBACK, port=port)
-            _fire_all(agent.start_waiters, running)
+            fire_all(agent.start_waiters, running)
             return running
         log.warn("agent of {username} (pid {pid}) no longer answers HTTP on port {port};"
                  " killing it", username=username, pid=pid, port=port)
@@ -704,10 +693,10 @@ class ProcessProvider:
         if timer.active():
             timer.cancel()
         self._forget(agent)
-        _fire_all(agent.start_waiters, Failure(AgentStartError(
+        fire_all(agent.start_waiters, Failure(AgentStartError(
             "the agent of %s that the previous manager left did not answer HTTP, so it was"
             " killed; try again" % (username,))))
-        _fire_all(agent.stop_waiters, None)
+        fire_all(agent.stop_waiters, None)
         await self._queue_disk(username, delete_record, self.state_dir, username, pid)
         return None
 
@@ -738,7 +727,7 @@ class ProcessProvider:
         log.info("agent of {username} ended: {reason}", username=agent.username, reason=reason)
         self._forget(agent)
         notify_exit(self._callbacks, agent.username, reason)
-        _fire_all(agent.stop_waiters, None)
+        fire_all(agent.stop_waiters, None)
 
     def _forget(self, agent: _Agent) -> None:
         if self._agents.get(agent.username) is agent:

@@ -43,10 +43,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ...fanout import SharedResult
 from ...protocol import AgentAddress
 from ...usernames import is_valid_username
 from .docker import (LABEL, USER_LABEL, ContainerEngineUnavailable, DockerAgentSettings,
-                     _Shared, _started_at, exit_reason, http_answers,
+                     _started_at, exit_reason, http_answers,
                      prepare_data_dir)
 from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, ISwarmEngine,
                             NoSuchImage, NoSuchSecret, NoSuchService, NotSwarmManager,
@@ -189,15 +190,15 @@ class SwarmProvider:
         #: ``accounts(username) -> Deferred[(uid, gid)]``, set by the manager
         self.accounts: Optional[Callable[[str], Deferred]] = None
         self._agents: Dict[str, _Agent] = {}
-        self._starting: Dict[str, _Shared] = {}
-        self._stopping: Dict[str, _Shared] = {}
+        self._starting: Dict[str, SharedResult] = {}
+        self._stopping: Dict[str, SharedResult] = {}
         self._abort: Set[str] = set()
         self._callbacks: List[ExitCallback] = []
         self._secrets_to_remove: Set[str] = set()
         self._nnp_checked: Dict[str, bool] = {}
         self._nodes: Dict[str, NodeView] = {}
         self._loop: Optional[Deferred] = None
-        self._first: Optional[_Shared] = None
+        self._first: Optional[SharedResult] = None
         self._first_fired: Optional[Deferred] = None
         self._engine_up = False
         self._closing = False
@@ -209,7 +210,7 @@ class SwarmProvider:
         """Start polling; fire with the agents adopted at the first reconcile."""
         if self._first is None:
             self._first_fired = Deferred()
-            self._first = _Shared(self._first_fired)
+            self._first = SharedResult(self._first_fired)
             self._loop = ensureDeferred(self._poll_loop())
             self._loop.addErrback(self._loop_ended)
         return self._first.wait()
@@ -219,7 +220,8 @@ class SwarmProvider:
             return succeed(self._agents[username].agent)
         if username in self._starting:
             return self._starting[username].wait()
-        shared = _Shared(ensureDeferred(self._start_after_stop(username, data_dir, credentials)))
+        shared = SharedResult(ensureDeferred(
+            self._start_after_stop(username, data_dir, credentials)))
         if not shared.done:
             self._starting[username] = shared
             shared.wait().addBoth(lambda _: self._starting.pop(username, None))
@@ -228,7 +230,7 @@ class SwarmProvider:
     def stop(self, username: str) -> Deferred:
         if username in self._stopping:
             return self._stopping[username].wait()
-        shared = _Shared(ensureDeferred(self._stop(username)))
+        shared = SharedResult(ensureDeferred(self._stop(username)))
         if not shared.done:
             self._stopping[username] = shared
             shared.wait().addBoth(lambda _: self._stopping.pop(username, None))
