@@ -13,7 +13,8 @@ swarm; the others join it with the real join token. Addresses come from
 
 Everything is synchronous (plain subprocesses and sockets) with bounded waits;
 :meth:`Cluster.destroy` removes all of it and is safe to call twice or after a
-half-made cluster. Needs root, ``ip``, ``dockerd`` and ``iptables``.
+half-made cluster. Needs root, ``ip``, ``nsenter``, ``dockerd`` and ``iptables``
+(.ci/run installs them); only one cluster exists on the machine at a time.
 """
 import fcntl
 import os
@@ -52,11 +53,12 @@ def can_run() -> Optional[str]:
     """None if a cluster can be made here, else why not."""
     if os.geteuid() != 0:
         return "the swarm tests need root (network namespaces, dockerd)"
-    for tool in ("/usr/sbin/dockerd", "/usr/bin/docker"):
-        if not os.path.exists(tool):
-            return "%s is missing (apt-get install docker.io)" % tool
-    if shutil.which("ip") is None or shutil.which("iptables") is None:
-        return "ip or iptables is missing (apt-get install iproute2 iptables)"
+    if not os.path.exists("/usr/sbin/dockerd"):
+        return "/usr/sbin/dockerd is missing (apt-get install docker.io)"
+    for tool, package in (("ip", "iproute2"), ("iptables", "iptables"),
+                          ("nsenter", "util-linux")):
+        if shutil.which(tool) is None:
+            return "%s is missing (apt-get install %s)" % (tool, package)
     return None
 
 
