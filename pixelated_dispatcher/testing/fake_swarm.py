@@ -95,7 +95,8 @@ class _Task:
         if self.err:
             status["Err"] = self.err
         if self.state in ("running", "failed", "complete", "shutdown"):
-            status["ContainerStatus"] = {"ContainerID": hashlib.sha256(self.id.encode()).hexdigest(),
+            container_id = hashlib.sha256(self.id.encode()).hexdigest()
+            status["ContainerStatus"] = {"ContainerID": container_id,
                                          "PID": 20000 if self.state == "running" else 0,
                                          "ExitCode": self.exit_code}
         ports = []
