@@ -41,6 +41,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES, toChunk
 from twisted.web.iweb import IRequest
 from zope.interface import Interface, implementer
 
@@ -48,8 +49,8 @@ from ..protocol import AgentAddress
 from . import pages
 from .agent_client import AGENT_TIMEOUT, AgentConnection, AgentPool, AgentTimedOut, IExchange
 from .browser_connection import client_ip
-from .header_policy import (request_head, request_header_pairs, response_header_groups,
-                            switching_protocols_head)
+from .header_policy import (browser_response_head, request_head, request_header_pairs,
+                            response_header_groups, switching_protocols_head)
 
 log = Logger()
 
@@ -65,6 +66,11 @@ SMALL_BODY = 64 * 1024
 BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
 
 AgentGone = Callable[[IRequest], None]
+
+
+def _discard(data: bytes) -> None:
+    """``Request.write`` of an answer that has no body (``HEAD``, 204, 304),
+    as twisted.web does it."""
 
 
 class IForwarder(Interface):
@@ -105,7 +111,8 @@ class Exchange:
     """One browser request forwarded to one agent."""
 
     __slots__ = ("_forwarder", "_request", "_address", "_head", "_body", "_length",
-                 "_agent_gone", "_user", "_connection", "_gone", "_retried", "_producing")
+                 "_agent_gone", "_user", "_connection", "_gone", "_retried", "_producing",
+                 "_head_out")
 
     def __init__(self, forwarder: "StreamingForwarder", request: IRequest,
                  address: Tuple[str, int], head: bytes, body: Any,
@@ -122,6 +129,7 @@ class Exchange:
         self._gone = False
         self._retried = False
         self._producing = False
+        self._head_out: Optional[bytes] = None
 
     def start(self) -> None:
         self._request.notifyFinish().addErrback(self._browser_gone)
@@ -170,29 +178,54 @@ class Exchange:
         if self._gone:
             return
         request.setResponseCode(code, reason or None)
-        request.defaultContentType = None
         groups = response_header_groups(
             headers, agent_authorities=self._forwarder.authorities(self._address),
             public_origin=public_origin(request) if b"location" in
             [name for name, _ in headers] else None)
-        set_raw = request.responseHeaders.setRawHeaders
-        for name, values in groups.items():
-            set_raw(name, values)
+        no_body = request.method == b"HEAD" or code in NO_BODY_CODES
         if length is None:
-            request.responseHeaders.removeHeader(b"content-length")
+            groups.pop(b"content-length", None)
+        chunked = (length is None and not no_body and request.clientproto == b"HTTP/1.1")
+        if request.cookies:
+            groups.setdefault(b"set-cookie", []).extend(request.cookies)
+        # The head goes out with the first piece of the body, in one write
+        # (one TLS record for a small answer), built here rather than by
+        # twisted.web's Request.write: the same bytes for less work.
+        self._head_out = browser_response_head(
+            request.clientproto, code, request.code_message,
+            request.responseHeaders.getAllRawHeaders(), groups, chunked)
+        request.startedWriting = 1
+        request.chunked = 1 if chunked else 0
+        if no_body:
+            request.write = _discard  # type: ignore[method-assign]
         if length is None or length > SMALL_BODY:
             # Back-pressure: a slow browser pauses the agent's connection.
             request.registerProducer(self._connection, True)
             self._producing = True
 
     def response_data(self, data: bytes) -> None:
-        if not self._gone:
+        if self._gone:
+            return
+        head = self._head_out
+        if head is None:
             self._request.write(data)
+            return
+        self._head_out = None
+        request = self._request
+        request.sentLength += len(data)
+        if request.chunked:
+            request.channel.writeSequence([head, *toChunk(data)])
+        else:
+            request.channel.writeSequence([head, data])
 
     def response_done(self) -> None:
         if self._gone:
             return
         request = self._request
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            request.channel.write(head)
         if self._producing:
             self._producing = False
             request.unregisterProducer()

@@ -18,6 +18,7 @@ module what to send, so the rules live in one place:
   (:data:`HSTS`), and the pages the proxy writes itself carry
   :data:`OWN_PAGE_HEADERS` (the agents' pages are the agents' business).
 """
+import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
@@ -173,6 +174,58 @@ def response_header_groups(pairs: Iterable[Tuple[bytes, bytes]], *,
         else:
             values.append(value)
     return groups
+
+
+#: A header name as RFC 9110 allows it (a token).
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+#: Names whose usual spelling is not capitalised word by word (as
+#: ``twisted.web`` writes them).
+_SPELLINGS = {b"content-md5": b"Content-MD5", b"dnt": b"DNT", b"etag": b"ETag",
+              b"p3p": b"P3P", b"te": b"TE", b"www-authenticate": b"WWW-Authenticate",
+              b"x-xss-protection": b"X-XSS-Protection"}
+_spelled: Dict[bytes, bytes] = {}
+
+
+def _spelling(name: bytes) -> bytes:
+    """``content-type`` as ``Content-Type``, as twisted.web writes names
+    (remembered: a proxy sees the same few dozen names all day)."""
+    spelled = _spelled.get(name)
+    if spelled is None:
+        spelled = _SPELLINGS.get(name) or b"-".join(
+            part[:1].upper() + part[1:] for part in name.split(b"-"))
+        if len(_spelled) < 1024:
+            _spelled[name] = spelled
+    return spelled
+
+
+def browser_response_head(version: bytes, code: int, reason: bytes,
+                          site_headers: Iterable[Tuple[bytes, Sequence[bytes]]],
+                          groups: Dict[bytes, List[bytes]], chunked: bool) -> bytes:
+    """The bytes of the head of an agent's answer as the browser gets it, in
+    one piece: the status line, the headers the site set for every answer
+    (``site_headers``, e.g. ``Date``, ``Strict-Transport-Security``,
+    ``Connection: close``) unless the agent sent its own, the agent's
+    headers (``groups``, from :func:`response_header_groups`), and
+    ``Transfer-Encoding: chunked`` when the body is re-chunked. Names that
+    are not tokens are left out and CR, LF and NUL removed from values, as
+    ``twisted.web`` would."""
+    parts = [version, b" %d " % (code,), _safe(reason), b"\r\n"]
+    for name, values in site_headers:
+        if name.lower() in groups:
+            continue
+        for value in values:
+            parts += [name, b": ", _safe(value), b"\r\n"]
+    for name, values in groups.items():
+        if _TOKEN.fullmatch(name) is None:
+            continue
+        spelled = _spelling(name)
+        for value in values:
+            parts += [spelled, b": ", _safe(value), b"\r\n"]
+    if chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def switching_protocols_head(headers: Sequence[Tuple[bytes, bytes]], *,
