@@ -46,6 +46,28 @@ def wait_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None
     raise RuntimeError("nothing listens on %d" % port)
 
 
+def listeners(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:``port`` (``/proc/net/tcp``)."""
+    wanted = "0100007F:%04X" % (port,)
+    with open("/proc/net/tcp") as f:
+        return sum(1 for line in f.readlines()[1:]
+                   if line.split()[1] == wanted and line.split()[3] == "0A")
+
+
+def wait_listeners(port: int, count: int, process: subprocess.Popen,
+                   timeout: float = 30) -> None:
+    """Wait until ``count`` sockets listen on the port (several processes
+    sharing it with ``reusePort``: the first one's socket answers before
+    the others listen)."""
+    deadline = time.monotonic() + timeout
+    while listeners(port) < count:
+        if process.poll() is not None:
+            raise RuntimeError("exited with %s" % process.returncode)
+        if time.monotonic() > deadline:
+            raise RuntimeError("%d of %d listening on %d" % (listeners(port), count, port))
+        time.sleep(0.05)
+
+
 def read_head(sock: socket.socket) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data:
@@ -70,7 +92,12 @@ def reset_peak(pid: int) -> None:
 class RealProxy(unittest.TestCase):
     """A real ``twistd pixelated-proxy`` on 127.0.0.1 with the benchmarks'
     stand-in manager, whose one user's agent listens on the port
-    :meth:`start_agent` gives; logged in as that user (``cookie``)."""
+    :meth:`start_agent` gives; logged in as that user (``cookie``).
+    ``proxy_count`` processes listen on the port, with ``listen_options``
+    added to the ``tcp:`` description (``proxies``; ``proxy`` is the first)."""
+
+    proxy_count = 1
+    listen_options = ""
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -86,11 +113,18 @@ class RealProxy(unittest.TestCase):
             while not os.path.exists(sock) and time.monotonic() < deadline:
                 time.sleep(0.05)
             cls.port = free_port()
-            cls.proxy = cls.start(TWISTD + [
-                "-n", "--pidfile=", "--logfile=" + os.path.join(cls.directory, "proxy.log"),
-                "pixelated-proxy", "--manager-socket", sock, "--allow-root",
-                "--listen", "tcp:%d:interface=127.0.0.1" % cls.port], env=env)
-            wait_port(cls.port, cls.proxy)
+            cls.proxies = []
+            for n in range(cls.proxy_count):
+                proxy = cls.start(TWISTD + [
+                    "-n", "--pidfile=", "--logfile=" + os.path.join(
+                        cls.directory, "proxy%d.log" % n),
+                    "pixelated-proxy", "--manager-socket", sock, "--allow-root",
+                    "--listen", "tcp:%d:interface=127.0.0.1%s" % (cls.port, cls.listen_options)],
+                    env=env)
+                cls.proxies.append(proxy)
+                wait_port(cls.port, proxy)
+                wait_listeners(cls.port, n + 1, proxy)
+            cls.proxy = cls.proxies[0]
             cls.cookie = cls.log_in()
         except Exception:
             cls.tearDownClass()

@@ -79,7 +79,7 @@ class Options(usage.Options):
 
     def opt_listen(self, description: str) -> None:
         # usage.Options shows this docstring as the option's help, verbatim.
-        """Twisted server endpoint to serve on, e.g. ssl:443:privateKey=key.pem:certKey=cert.pem or tcp:8080:interface=127.0.0.1; privateKey/certKey on any endpoint (systemd:, tcp:) give TLS too; TLS 1.2+ is enforced; may be given more than once [default: ssl:443 with the snakeoil certificate of ssl-cert]."""  # noqa: E501
+        """Twisted server endpoint to serve on, e.g. ssl:443:privateKey=key.pem:certKey=cert.pem or tcp:8080:interface=127.0.0.1; privateKey/certKey on any endpoint (systemd:, tcp:) give TLS too; TLS 1.2+ is enforced; reusePort=yes on tcp: or ssl: lets several proxy processes (same account) share the port; may be given more than once [default: ssl:443 with the snakeoil certificate of ssl-cert]."""  # noqa: E501
         self["listen"].append(description)
 
     def postOptions(self) -> None:

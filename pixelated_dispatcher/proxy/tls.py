@@ -27,14 +27,17 @@ before anything listens (and while it still runs with the privileges to read
 the key).
 """
 import re
+import socket
 from typing import Any, Dict, List, Optional, Tuple
 
 import attr
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IOpenSSLContextFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (IListeningPort, IOpenSSLContextFactory,
+                                         IStreamServerEndpoint)
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -47,7 +50,7 @@ CIPHERS = ("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
            ":!aNULL:!eNULL:!MD5:!DSS:!SHA1")
 
 _SSL_KEYS = frozenset(["port", "privateKey", "certKey", "extraCertChain",
-                       "dhParameters", "interface", "backlog"])
+                       "dhParameters", "interface", "backlog", "reusePort"])
 _TLS_KEYS = frozenset(["privateKey", "certKey", "extraCertChain", "dhParameters"])
 
 log = Logger()
@@ -224,6 +227,52 @@ class ReloadableTLS:
 DEFAULT_BACKLOG = 1024
 
 
+@implementer(IStreamServerEndpoint)
+@attr.s(frozen=True, auto_attribs=True)
+class ReusePortEndpoint:
+    """A TCP listener with ``SO_REUSEPORT``: several proxy processes listen
+    on the same address and port, and the kernel spreads new connections
+    over them (one process per core; see docs/architecture.rst). Linux
+    lets only processes of the same effective uid join such a group, so the
+    port cannot be shared with another account's process.
+
+    The socket is made here and handed to the reactor with
+    ``adoptStreamPort`` (Twisted's ``tcp:`` endpoint has no such option)."""
+
+    reactor: Any
+    port: int
+    interface: str = ""
+    backlog: int = 1024
+
+    def listen(self, factory: Any) -> Deferred:
+        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:
+            return fail(CannotListenError(self.interface, self.port, e))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"),
+                       self.port))
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            port: IListeningPort = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
+        except Exception as e:
+            return fail(CannotListenError(self.interface, self.port, e))
+        finally:
+            sock.close()  # the reactor holds its own copy of the descriptor
+        return succeed(port)
+
+
+def _yes(value: str, description: str) -> bool:
+    if value.lower() in ("yes", "true", "1"):
+        return True
+    if value.lower() in ("no", "false", "0"):
+        return False
+    raise UsageError("--listen %s: reusePort is yes or no, not %r" % (description, value))
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class TLSListener:
     """A parsed ``ssl:`` description with its key and certificate loaded."""
@@ -232,8 +281,13 @@ class TLSListener:
     options: ReloadableTLS
     interface: str = ""
     backlog: int = DEFAULT_BACKLOG
+    reuse_port: bool = False
 
     def endpoint(self, reactor: Any) -> IStreamServerEndpoint:
+        if self.reuse_port:
+            return TLSWrappedEndpoint(
+                ReusePortEndpoint(reactor, self.port, self.interface, self.backlog),
+                self.options)
         return SSL4ServerEndpoint(reactor, self.port, self.options,
                                   backlog=self.backlog, interface=self.interface)
 
@@ -260,8 +314,14 @@ class PlainListener:
 
     description: str
     options: Optional[ReloadableTLS] = None
+    #: ``reusePort=yes`` on a ``tcp:``/``tcp6:`` description: (port,
+    #: interface, backlog) of a :class:`ReusePortEndpoint`.
+    reuse_port: Optional[Tuple[int, str, int]] = None
 
     def endpoint(self, reactor: Any) -> IStreamServerEndpoint:
+        if self.reuse_port is not None:
+            inner: Any = ReusePortEndpoint(reactor, *self.reuse_port)
+            return inner if self.options is None else TLSWrappedEndpoint(inner, self.options)
         description = self.description
         if description.split(":", 1)[0].strip().lower() in ("tcp", "tcp6") \
                 and "backlog" not in split_description(description)[1]:
@@ -305,7 +365,8 @@ def parse_ssl(description: str) -> TLSListener:
     return TLSListener(port=_int(port, "port", description), options=options,
                        interface=kwargs.get("interface", ""),
                        backlog=_int(kwargs.get("backlog", str(DEFAULT_BACKLOG)), "backlog",
-                                    description))
+                                    description),
+                       reuse_port=_yes(kwargs.get("reusePort", "no"), description))
 
 
 def parse_listen(description: str) -> Any:
@@ -317,6 +378,20 @@ def parse_listen(description: str) -> Any:
         return parse_ssl(description)
     options = None
     args, kwargs = split_description(description)
+    reuse_port = None
+    if "reusePort" in kwargs:
+        if kind not in ("tcp", "tcp6"):
+            raise UsageError("--listen %s: reusePort is for tcp: and ssl: listeners"
+                             % (description,))
+        if _yes(kwargs.pop("reusePort"), description):
+            positional = args[1:]
+            port = positional[0] if positional else kwargs.get("port")
+            if port is None:
+                raise UsageError("--listen %s has no port" % (description,))
+            reuse_port = (_int(port, "port", description), kwargs.get("interface", ""),
+                          _int(kwargs.get("backlog", str(DEFAULT_BACKLOG)), "backlog",
+                               description))
+        description = join_description(args, kwargs)
     if _TLS_KEYS & set(kwargs):
         if "privateKey" not in kwargs:
             raise UsageError("--listen %s: give privateKey= (and certKey=) for TLS"
@@ -331,7 +406,7 @@ def parse_listen(description: str) -> Any:
         serverFromString(None, description)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise UsageError("invalid --listen %s: %s" % (description, e))
-    return PlainListener(description, options)
+    return PlainListener(description, options, reuse_port)
 
 
 def _escape(value: str) -> str:
