@@ -6,7 +6,10 @@ the port alone. Real ``twistd pixelated-proxy`` processes
 (:class:`.test_proxy_memory.RealProxy`)."""
 import os
 import socket
+import subprocess
+import sys
 from typing import Dict, List
+from unittest import SkipTest
 
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -100,3 +103,47 @@ class Descriptions(SynchronousTestCase):
         d = ReusePortEndpoint(reactor, port, "127.0.0.1").listen(object())
         failure = self.failureResultOf(d)
         self.assertIn("Address already in use", failure.getErrorMessage())
+
+
+JOIN = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+    s.listen(1)
+except OSError as e:
+    print("refused:", e.strerror)
+else:
+    print("joined")
+"""
+
+
+class OtherAccount(SynchronousTestCase):
+    """Another account cannot join the proxy's port group to take a share
+    of its connections, even with ``SO_REUSEPORT`` itself."""
+
+    def test_another_uid_cannot_bind_the_shared_port(self) -> None:
+        if os.geteuid() != 0:
+            if os.environ.get("CI") == "true":
+                raise AssertionError("CI runs as root; this test must not be skipped there")
+            raise SkipTest("needs root to run a process as another uid")
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        listening = self.successResultOf(
+            ReusePortEndpoint(reactor, port, "127.0.0.1").listen(Factory()))
+        self.addCleanup(listening.stopListening)
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
+             JOIN, str(port)], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.stdout.strip(), "refused: Address already in use",
+                         result.stderr)
+        # and the same account can (what the proxy's own processes do)
+        result = subprocess.run([python, "-c", JOIN, str(port)], capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(result.stdout.strip(), "joined", result.stderr)
