@@ -12,6 +12,10 @@
 # tests/dockerd.py finds it there without DOCKER_HOST. Needs root.
 # Its bridge and the networks it makes take addresses from 198.18.0.0/15, the
 # range reserved for tests (PIXELATED_DOCKERD_BIP, PIXELATED_DOCKERD_POOL).
+# Another instance (another PIXELATED_DOCKERD_DIR) gets a bridge of its own
+# (PIXELATED_DOCKERD_BRIDGE, default pxd<hash of the directory>) and no
+# iptables rules (PIXELATED_DOCKERD_IPTABLES=true to have them), so it never
+# disturbs the default one.
 # (no "set -u": this file may be sourced into an interactive shell)
 
 _pd_dir=${PIXELATED_DOCKERD_DIR:-/var/tmp/pixelated-dockerd}
@@ -20,6 +24,13 @@ _pd_sock="$_pd_dir/docker.sock"
 _pd_pidfile="$_pd_dir/dockerd.pid"
 _pd_log="$_pd_dir/dockerd.log"
 _pd_host="unix://$_pd_sock"
+_pd_bip=${PIXELATED_DOCKERD_BIP:-198.18.0.1/24}
+if [ "$_pd_dir" = /var/tmp/pixelated-dockerd ]; then
+    _pd_bridge=${PIXELATED_DOCKERD_BRIDGE:-docker0}
+else
+    # a name of at most 15 characters, the same for the same directory
+    _pd_bridge=${PIXELATED_DOCKERD_BRIDGE:-pxd$(printf %s "$_pd_dir" | md5sum | cut -c1-8)}
+fi
 
 _pd_answers() {
     # An HTTP "OK" from /_ping over the socket, without needing the docker CLI.
@@ -51,6 +62,18 @@ _pd_start() {
     if [ ! -x "$_pd_dockerd" ]; then echo "dockerd.sh: $_pd_dockerd not found (apt-get install docker.io)" >&2; return 1; fi
     mkdir -p "$_pd_dir/data" "$_pd_dir/exec"
     rm -f "$_pd_sock" "$_pd_pidfile"
+    # The default instance owns docker0. A second one on this host gets a
+    # bridge of its own (a second --bip would re-address docker0 under the
+    # first) and, unless told otherwise, leaves iptables to the first.
+    local _pd_network
+    if [ "$_pd_bridge" = docker0 ]; then
+        _pd_network=(--bip "$_pd_bip")
+    else
+        ip link show "$_pd_bridge" >/dev/null 2>&1 || ip link add name "$_pd_bridge" type bridge
+        ip addr replace "$_pd_bip" dev "$_pd_bridge"
+        ip link set "$_pd_bridge" up
+        _pd_network=(--bridge "$_pd_bridge" --iptables="${PIXELATED_DOCKERD_IPTABLES:-false}")
+    fi
     # setsid: the daemon must not die with the shell (or the CI step) that started it.
     setsid "$_pd_dockerd" \
         --host "$_pd_host" \
@@ -58,7 +81,7 @@ _pd_start() {
         --exec-root "$_pd_dir/exec" \
         --pidfile "$_pd_pidfile" \
         --group root \
-        --bip "${PIXELATED_DOCKERD_BIP:-198.18.0.1/24}" \
+        "${_pd_network[@]}" \
         --default-address-pool "base=${PIXELATED_DOCKERD_POOL:-198.18.128.0/18},size=24" \
         >"$_pd_log" 2>&1 </dev/null &
     local i
@@ -74,16 +97,21 @@ _pd_start() {
     return 1
 }
 
+_pd_remove_bridge() {
+    [ "$_pd_bridge" = docker0 ] || ip link delete "$_pd_bridge" type bridge 2>/dev/null || true
+}
+
 _pd_stop() {
     local pid; pid=$(_pd_running_pid) || { echo "dockerd.sh: not running"; return 0; }
     kill -TERM "$pid"
     local i
     for i in $(seq 1 60); do
-        kill -0 "$pid" 2>/dev/null || { echo "dockerd.sh: stopped"; return 0; }
+        kill -0 "$pid" 2>/dev/null || { _pd_remove_bridge; echo "dockerd.sh: stopped"; return 0; }
         sleep 0.5
     done
     echo "dockerd.sh: dockerd $pid did not stop within 30 s, killing it" >&2
     kill -KILL "$pid" 2>/dev/null
+    _pd_remove_bridge
     return 0
 }
 
