@@ -12,8 +12,9 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, TextIO
 
+import attr
 from twisted.internet import task
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
@@ -187,100 +188,162 @@ async def _all_users(call) -> List[dict]:
         after = users[-1]["username"]
 
 
-async def _command(connection, arguments, password, out) -> None:
-    call = connection.callRemote
-    command = arguments.command
-    name = getattr(arguments, "name", None)
-    say = lambda text: print(text, file=out)  # noqa: E731
-    if command == "add":
-        await call(p.AddUser, username=name, password=password)
-        say("added user %s" % name)
-    elif command == "passwd":
-        await call(p.SetPassword, username=name, password=password)
-        say("changed the password of %s and ended their sessions" % name)
-    elif command == "remove":
-        await call(p.RemoveUser, username=name, purge=arguments.purge)
-        say("removed user %s%s" % (name, " and their data" if arguments.purge
-                                   else " (their data stays on disk)"))
-    elif command == "reset-data":
-        await call(p.ResetData, username=name)
-        say("deleted the data of %s" % name)
-    elif command == "start":
-        answer = await call(p.StartAgent, username=name)
-        say("agent of %s running at %s:%d" % (name, answer["host"], answer["port"]))
-    elif command == "stop":
-        await call(p.StopAgent, username=name)
-        say("stopped agent of %s" % name)
-    elif command in ("list", "running"):
-        users = await _all_users(call)
-        if command == "running":
-            users = [user for user in users if user["state"] == "running"]
-        if arguments.json:
-            nodes = {a["username"]: a["node"] for a in (await call(p.Stats))["agents"]
-                     if a.get("node")}
-            say(json.dumps([dict({"username": u["username"], "state": u["state"]},
-                                 **({"node": nodes[u["username"]]}
-                                    if u["username"] in nodes else {}))
-                            for u in users]))
-        elif command == "running":
-            for user in users:
-                say(user["username"])
-        else:
-            say("\n".join(columns([("USER", "AGENT")] +
-                                  [(u["username"], u["state"]) for u in users])))
-    elif command == "info":
-        info = await call(p.AgentInfo, username=name)
-        rows = [("user", info["username"]), ("state", info["state"])]
-        if info["reason"]:
-            rows.append(("reason", info["reason"]))
-        if info["port"]:
-            if info.get("node"):
-                rows.append(("node", info["node"]))
-            rows += [("address", "%s:%d" % (info["host"], info["port"])),
-                     ("pid", str(info["pid"]) if info["pid"] else "-"),
-                     ("started", _when(info["started"])),
-                     ("uptime", _duration(time.time() - info["started"])),
-                     ("memory", _mib(info["memory"])),
-                     ("last activity", _when(info["last_activity"]))]
-        say("\n".join(columns(rows)))
-    elif command == "sessions":
-        sessions = (await call(p.ListSessions, username=name))["sessions"]
-        say("\n".join(columns([("LOGIN", "LAST SEEN", "CLIENT")] + [
-            (_when(s["created"]), _when(s["last_seen"]), s["client"] or "-")
-            for s in sessions])))
-    elif command == "logout":
-        count = (await call(p.RevokeSessions, username=name))["count"]
-        say("ended %d session%s of %s" % (count, "" if count == 1 else "s", name))
-    elif command == "stats":
-        stats = await call(p.Stats)
-        if arguments.json:
-            say(json.dumps({key: stats[key] for key in ("users", "sessions", "running", "memory")}
-                           | {"agents": stats["agents"]}))
-            return
-        say("\n".join(columns([("users", str(stats["users"])),
-                               ("sessions", str(stats["sessions"])),
-                               ("running agents", str(stats["running"])),
-                               ("agents' memory", _mib(stats["memory"]))])))
-        if stats["agents"]:
-            say("")
-            with_nodes = any(a.get("node") for a in stats["agents"])
-            say("\n".join(columns([("USER", "MEMORY", "UPTIME")
-                                   + (("NODE",) if with_nodes else ())] + [
-                (a["username"], _mib(a["memory"]), _duration(time.time() - a["started"]))
-                + ((a.get("node") or "-",) if with_nodes else ())
-                for a in stats["agents"]])))
-    elif command == "import-legacy":
-        root = os.path.abspath(arguments.root)
-        after, counts = None, {"imported": 0, "skipped": 0}
-        while True:
-            page = await call(p.ImportLegacy, root=root, **({"after": after} if after else {}))
-            for entry in page["entries"]:
-                counts[entry["outcome"]] = counts.get(entry["outcome"], 0) + 1
-                say("%-8s %s: %s" % (entry["outcome"], entry["username"], entry["detail"]))
-            if not page["more"] or not page["entries"]:
-                break
-            after = page["entries"][-1]["username"]
-        say("%d imported, %d skipped" % (counts["imported"], counts["skipped"]))
+@attr.s(auto_attribs=True, frozen=True)
+class Invocation:
+    """One subcommand being run: how to ask the manager, what was asked for,
+    and where the answer goes."""
+    call: Callable[..., Awaitable[Dict[str, Any]]]
+    arguments: argparse.Namespace
+    password: Optional[str]
+    out: TextIO
+
+    @property
+    def name(self) -> str:
+        """The user name the subcommand is about."""
+        return str(self.arguments.name)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out)
+
+
+async def _add(c: Invocation) -> None:
+    await c.call(p.AddUser, username=c.name, password=c.password)
+    c.say("added user %s" % c.name)
+
+
+async def _passwd(c: Invocation) -> None:
+    await c.call(p.SetPassword, username=c.name, password=c.password)
+    c.say("changed the password of %s and ended their sessions" % c.name)
+
+
+async def _remove(c: Invocation) -> None:
+    await c.call(p.RemoveUser, username=c.name, purge=c.arguments.purge)
+    c.say("removed user %s%s" % (c.name, " and their data" if c.arguments.purge
+                                 else " (their data stays on disk)"))
+
+
+async def _reset_data(c: Invocation) -> None:
+    await c.call(p.ResetData, username=c.name)
+    c.say("deleted the data of %s" % c.name)
+
+
+async def _start(c: Invocation) -> None:
+    answer = await c.call(p.StartAgent, username=c.name)
+    c.say("agent of %s running at %s:%d" % (c.name, answer["host"], answer["port"]))
+
+
+async def _stop(c: Invocation) -> None:
+    await c.call(p.StopAgent, username=c.name)
+    c.say("stopped agent of %s" % c.name)
+
+
+async def _list(c: Invocation) -> None:
+    """``list`` and ``running``."""
+    users = await _all_users(c.call)
+    running_only = c.arguments.command == "running"
+    if running_only:
+        users = [user for user in users if user["state"] == "running"]
+    if c.arguments.json:
+        nodes = {a["username"]: a["node"] for a in (await c.call(p.Stats))["agents"]
+                 if a.get("node")}
+        c.say(json.dumps([dict({"username": u["username"], "state": u["state"]},
+                               **({"node": nodes[u["username"]]}
+                                  if u["username"] in nodes else {}))
+                          for u in users]))
+    elif running_only:
+        for user in users:
+            c.say(user["username"])
+    else:
+        c.say("\n".join(columns([("USER", "AGENT")] +
+                                [(u["username"], u["state"]) for u in users])))
+
+
+async def _info(c: Invocation) -> None:
+    info = await c.call(p.AgentInfo, username=c.name)
+    rows = [("user", info["username"]), ("state", info["state"])]
+    if info["reason"]:
+        rows.append(("reason", info["reason"]))
+    if info["port"]:
+        if info.get("node"):
+            rows.append(("node", info["node"]))
+        rows += [("address", "%s:%d" % (info["host"], info["port"])),
+                 ("pid", str(info["pid"]) if info["pid"] else "-"),
+                 ("started", _when(info["started"])),
+                 ("uptime", _duration(time.time() - info["started"])),
+                 ("memory", _mib(info["memory"])),
+                 ("last activity", _when(info["last_activity"]))]
+    c.say("\n".join(columns(rows)))
+
+
+async def _sessions(c: Invocation) -> None:
+    sessions = (await c.call(p.ListSessions, username=c.name))["sessions"]
+    c.say("\n".join(columns([("LOGIN", "LAST SEEN", "CLIENT")] + [
+        (_when(s["created"]), _when(s["last_seen"]), s["client"] or "-")
+        for s in sessions])))
+
+
+async def _logout(c: Invocation) -> None:
+    count = (await c.call(p.RevokeSessions, username=c.name))["count"]
+    c.say("ended %d session%s of %s" % (count, "" if count == 1 else "s", c.name))
+
+
+async def _stats(c: Invocation) -> None:
+    stats = await c.call(p.Stats)
+    if c.arguments.json:
+        c.say(json.dumps({key: stats[key] for key in ("users", "sessions", "running", "memory")}
+                         | {"agents": stats["agents"]}))
+        return
+    c.say("\n".join(columns([("users", str(stats["users"])),
+                             ("sessions", str(stats["sessions"])),
+                             ("running agents", str(stats["running"])),
+                             ("agents' memory", _mib(stats["memory"]))])))
+    if stats["agents"]:
+        c.say("")
+        with_nodes = any(a.get("node") for a in stats["agents"])
+        c.say("\n".join(columns([("USER", "MEMORY", "UPTIME")
+                                 + (("NODE",) if with_nodes else ())] + [
+            (a["username"], _mib(a["memory"]), _duration(time.time() - a["started"]))
+            + ((a.get("node") or "-",) if with_nodes else ())
+            for a in stats["agents"]])))
+
+
+async def _import_legacy(c: Invocation) -> None:
+    root = os.path.abspath(c.arguments.root)
+    after, counts = None, {"imported": 0, "skipped": 0}
+    while True:
+        page = await c.call(p.ImportLegacy, root=root, **({"after": after} if after else {}))
+        for entry in page["entries"]:
+            counts[entry["outcome"]] = counts.get(entry["outcome"], 0) + 1
+            c.say("%-8s %s: %s" % (entry["outcome"], entry["username"], entry["detail"]))
+        if not page["more"] or not page["entries"]:
+            break
+        after = page["entries"][-1]["username"]
+    c.say("%d imported, %d skipped" % (counts["imported"], counts["skipped"]))
+
+
+#: What each subcommand of the parser runs (``move`` is refused by :func:`run`
+#: before the manager is asked anything).
+COMMANDS: Dict[str, Callable[[Invocation], Awaitable[None]]] = {
+    "add": _add,
+    "passwd": _passwd,
+    "remove": _remove,
+    "reset-data": _reset_data,
+    "start": _start,
+    "stop": _stop,
+    "list": _list,
+    "running": _list,
+    "info": _info,
+    "sessions": _sessions,
+    "logout": _logout,
+    "stats": _stats,
+    "import-legacy": _import_legacy,
+}
+
+
+async def _command(connection: amp.AMP, arguments: argparse.Namespace,
+                   password: Optional[str], out: TextIO) -> None:
+    await COMMANDS[arguments.command](Invocation(connection.callRemote, arguments,
+                                                 password, out))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
