@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_password(from_stdin: bool, stdin=sys.stdin) -> str:
+def read_password(from_stdin: bool, stdin: TextIO = sys.stdin) -> str:
     if from_stdin:
         line = stdin.readline()
         if not line:
@@ -138,7 +138,8 @@ MOVE_UNSUPPORTED = ("moving a user's agent to another node is not supported: the
                     " copy that the swarm provider does not do yet (docs/cluster.rst)")
 
 
-async def run(reactor, arguments, password: Optional[str], out) -> None:
+async def run(reactor: Any, arguments: argparse.Namespace, password: Optional[str],
+              out: TextIO) -> None:
     if arguments.command == "move":
         # refused before anything is asked of the manager: nothing can be half-done
         raise CtlError("cannot move %s to %s: %s" % (arguments.name, arguments.node,
@@ -176,7 +177,7 @@ def _mib(count: int) -> str:
     return "%.1f MiB" % (count / 1048576.0)
 
 
-async def _all_users(call) -> List[dict]:
+async def _all_users(call: Callable[..., Awaitable[Dict[str, Any]]]) -> List[dict]:
     users: List[dict] = []
     after = None
     while True:
@@ -356,7 +357,7 @@ def main(argv: Optional[List[str]] = None) -> None:
               file=sys.stderr)
         sys.exit(getattr(error, "code", EXIT_USAGE))
 
-    async def _main(reactor):
+    async def _main(reactor: Any) -> None:
         try:
             await run(reactor, arguments, password, sys.stdout)
         except CtlError as error:

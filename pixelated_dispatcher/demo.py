@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 TWISTD = [sys.executable, "-c",
           "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
@@ -64,7 +64,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen) -> None:
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+              process: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -196,7 +197,7 @@ class Dispatcher:
         self.stop_manager()
 
 
-def _interrupt(signum, frame):
+def _interrupt(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt()
 
 
@@ -222,7 +223,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                                            os.path.join(os.path.dirname(sys.executable),
                                                         "pixelated-ctl"),
                                            dispatcher.socket), flush=True)
-        while dispatcher.manager.poll() is None and dispatcher.proxy.poll() is None:
+        manager, proxy = dispatcher.manager, dispatcher.proxy
+        assert manager is not None and proxy is not None  # started
+        while manager.poll() is None and proxy.poll() is None:
             time.sleep(0.5)
         print("a daemon exited; see the logs in %s" % directory, file=sys.stderr)
     except KeyboardInterrupt:

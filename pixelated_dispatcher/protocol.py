@@ -9,6 +9,7 @@ Error codes are stable names: ctl and the proxy map them to messages, and
 later versions only add new ones.
 """
 import hashlib
+from typing import Dict, List, Sequence, Tuple, Type
 
 import attr
 from twisted.protocols import amp
@@ -99,16 +100,16 @@ def retry_after(error: Exception, default: int = 60) -> int:
     return default
 
 
-COMMON_ERRORS = {
+COMMON_ERRORS: Dict[Type[Exception], bytes] = {
     InternalError: b"INTERNAL_ERROR",
     PermissionDenied: b"PERMISSION_DENIED",
     StorageFull: b"STORAGE_FULL",
 }
 
 
-def _errors(*extra):
-    errors = dict(COMMON_ERRORS)
-    codes = {
+def _errors(*extra: Type[Exception]) -> Dict[Type[Exception], bytes]:
+    errors: Dict[Type[Exception], bytes] = dict(COMMON_ERRORS)
+    codes: Dict[Type[Exception], bytes] = {
         InvalidUsername: b"INVALID_USERNAME",
         UserExists: b"USER_EXISTS",
         UnknownUser: b"UNKNOWN_USER",
@@ -267,7 +268,8 @@ class ListUsers(amp.Command):
     errors = _errors()
 
 
-def format_user_page(users, limit: int = LIST_PAGE, max_bytes: int = LIST_PAGE_BYTES):
+def format_user_page(users: Sequence[Tuple[str, str]], limit: int = LIST_PAGE,
+                     max_bytes: int = LIST_PAGE_BYTES) -> Tuple[str, int]:
     """``(text, taken)``: as many ``(name, state)`` pairs as fit in one page."""
     lines, size = [], 0
     for name, state in users[:limit]:
@@ -279,7 +281,7 @@ def format_user_page(users, limit: int = LIST_PAGE, max_bytes: int = LIST_PAGE_B
     return "".join(lines), len(lines)
 
 
-def parse_user_page(text: str):
+def parse_user_page(text: str) -> List[Tuple[str, ...]]:
     """The ``[(name, state)]`` of a ListUsers page."""
     return [tuple(line.split("\t", 1)) for line in text.splitlines() if line]
 

@@ -10,7 +10,7 @@ journal), without the page of usage text, and the exit status is 1.
 The ``tap`` modules' own ``Options`` still raise ``UsageError`` (tests).
 """
 import sys
-from typing import Type
+from typing import List, Optional, Type
 
 from twisted.python.usage import Options, UsageError
 
@@ -20,7 +20,7 @@ def exiting_on_usage_error(options: Type[Options], name: str) -> Type[Options]:
     ``UsageError`` (``name``: the plugin, for the message)."""
 
     class ExitingOptions(options):  # type: ignore[valid-type, misc]
-        def parseOptions(self, arguments=None):  # noqa: N802 (Twisted's name)
+        def parseOptions(self, arguments: Optional[List[str]] = None) -> None:  # noqa: N802
             try:
                 super().parseOptions(arguments)
             except UsageError as error:

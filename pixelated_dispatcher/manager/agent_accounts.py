@@ -6,6 +6,7 @@ that it stays the same across restarts. A uid is released only when the user
 is purged, so that files left by a removed user are never readable by a new
 user who happens to get the same number.
 """
+import sqlite3
 from typing import Tuple
 
 import attr
@@ -43,7 +44,7 @@ class AgentAccounts:
 
     def account_for(self, username: str) -> "Deferred[Tuple[int, int]]":
         """The ``(uid, gid)`` of ``username``'s agent, allocated at first use."""
-        def allocate(connection) -> Tuple[int, int]:
+        def allocate(connection: sqlite3.Connection) -> Tuple[int, int]:
             row = connection.execute("SELECT uid FROM agent_accounts WHERE username = ?",
                                      (username,)).fetchone()
             if row is None:

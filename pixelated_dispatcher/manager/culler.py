@@ -9,6 +9,7 @@ the proxy reports more often than ``timeout``.
 from typing import Dict, Iterable, Optional
 
 from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .metrics import ManagerMetrics
@@ -22,14 +23,17 @@ AGENT_IDLE_TIMEOUT = 2 * 3600.0
 class IdleCuller:
     log = Logger()
 
-    def __init__(self, clock, supervisor: AgentSupervisor, timeout: float,
+    def __init__(self, clock: IReactorTime, supervisor: AgentSupervisor, timeout: float,
                  metrics: Optional[ManagerMetrics] = None) -> None:
         self._clock = clock
         self._metrics = metrics
         self._supervisor = supervisor
         self.timeout = timeout
         self._last_activity: Dict[str, float] = {}
-        supervisor.on_exit(lambda username, reason: self._last_activity.pop(username, None))
+        supervisor.on_exit(self._agent_exited)
+
+    def _agent_exited(self, username: str, reason: str) -> None:
+        self._last_activity.pop(username, None)
 
     def activity(self, usernames: Iterable[str]) -> None:
         now = self._clock.seconds()

@@ -19,13 +19,13 @@ class IInvalidationListener(Interface):
     :class:`pixelated_dispatcher.proxy.manager_interface.IInvalidationListener`.
     """
 
-    def session_ended(token_digest):
+    def session_ended(token_digest: str) -> None:
         """One session ended; ``token_digest`` is the hex SHA-256 of its token."""
 
-    def sessions_revoked(username):
+    def sessions_revoked(username: str) -> None:
         """Every session of ``username`` ended."""
 
-    def agent_stopped(username):
+    def agent_stopped(username: str) -> None:
         """The agent of ``username`` is gone."""
 
 

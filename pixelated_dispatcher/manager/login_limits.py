@@ -90,8 +90,9 @@ class LoginLimiter:
               now: float) -> Tuple[Tuple[Key, int], ...]:
         """The keys an attempt counts under, with the failures each allows."""
         network = client_network(client)
-        keys = ((("name-net", username, network), self.free_failures),
-                (("client", client), self.free_failures))
+        keys: Tuple[Tuple[Key, int], ...] = (
+            (("name-net", username, network), self.free_failures),
+            (("client", client), self.free_failures))
         if self._fresh(("known", username, network), now) is None:
             keys += ((("name", username), self.global_free_failures),)
         return keys

@@ -5,11 +5,11 @@ several managers). Names follow Prometheus conventions with the prefix
 ``pixelated_``. Nothing here ever carries a password, a token or a user name
 as a label (user names would make the series unbounded).
 """
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource
 
 
 def _failure_kind(reason: str) -> str:
@@ -30,7 +30,7 @@ class _AgentStates:
     def __init__(self, counts: Callable[[], Dict[str, int]]) -> None:
         self._counts = counts
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("pixelated_agents", "Agents by state", labels=["state"])
         for state, count in sorted(self._counts().items()):
             family.add_metric([state], count)
@@ -44,7 +44,7 @@ class _AgentsPerNode:
     def __init__(self, counts: Callable[[], Dict[str, int]]) -> None:
         self._counts = counts
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("pixelated_agents_per_node", "Running agents by node",
                                    labels=["node"])
         for node, count in sorted(self._counts().items()):
@@ -89,7 +89,7 @@ class ManagerMetrics:
     def culled(self) -> None:
         self.culls.inc()
 
-    def resource(self) -> Resource:
+    def resource(self) -> IResource:
         """A twisted.web resource serving the metrics in the text format."""
         from prometheus_client.twisted import MetricsResource
         return MetricsResource(registry=self.registry)

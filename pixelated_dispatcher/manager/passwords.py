@@ -16,6 +16,8 @@ from typing import Optional
 
 import argon2
 import attr
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -77,7 +79,7 @@ class PasswordHasher:
     service does both).
     """
 
-    def __init__(self, reactor, parameters: HashParameters = PRODUCTION,
+    def __init__(self, reactor: IReactorThreads, parameters: HashParameters = PRODUCTION,
                  threads: Optional[int] = None) -> None:
         self._reactor = reactor
         self._hasher = argon2.PasswordHasher(
@@ -96,11 +98,11 @@ class PasswordHasher:
     def stop(self) -> None:
         self._pool.stop()
 
-    def hash(self, password: str):
+    def hash(self, password: str) -> "Deferred[str]":
         """Deferred firing with the encoded argon2id hash of ``password``."""
         return deferToThreadPool(self._reactor, self._pool, self._hasher.hash, password)
 
-    def verify(self, encoded: Optional[str], password: str):
+    def verify(self, encoded: Optional[str], password: str) -> "Deferred[bool]":
         """Deferred firing with True if ``password`` matches ``encoded``.
 
         ``encoded`` may be None (unknown user): the same work is done against

@@ -9,9 +9,10 @@ import grp
 import os
 import socket
 import struct
-from typing import FrozenSet, Optional
+from typing import Any, FrozenSet, Optional, Type
 
 import attr
+from twisted.protocols import amp
 
 from .. import protocol
 
@@ -27,7 +28,7 @@ class PeerCredentials:
     groups: FrozenSet[int] = frozenset()
 
 
-def peer_credentials(transport) -> Optional[PeerCredentials]:
+def peer_credentials(transport: Any) -> Optional[PeerCredentials]:
     """The credentials of the process at the other end of a Unix socket."""
     try:
         raw = transport.getHandle().getsockopt(
@@ -82,7 +83,7 @@ class PeerPolicy:
             return PROXY
         return None
 
-    def allows(self, peer: Optional[PeerCredentials], command) -> bool:
+    def allows(self, peer: Optional[PeerCredentials], command: Type[amp.Command]) -> bool:
         role = self.role(peer)
         if role == ADMIN:
             return True

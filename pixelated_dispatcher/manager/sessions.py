@@ -7,9 +7,11 @@ without use, or ``max_age`` seconds after login, whichever comes first.
 """
 import hashlib
 import secrets
+import sqlite3
 from typing import List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from ..protocol import InvalidSession
 from .database import Database
@@ -30,7 +32,8 @@ SESSION_MAX_AGE = 7 * 24 * 3600.0
 
 class SessionStore:
 
-    def __init__(self, database: Database, clock, idle_timeout: float = SESSION_IDLE_TIMEOUT,
+    def __init__(self, database: Database, clock: IReactorTime,
+                 idle_timeout: float = SESSION_IDLE_TIMEOUT,
                  max_age: float = SESSION_MAX_AGE) -> None:
         self._database = database
         self._clock = clock
@@ -42,7 +45,7 @@ class SessionStore:
         token = secrets.token_urlsafe(32)
         now = self._clock.seconds()
 
-        def insert(connection):
+        def insert(connection: sqlite3.Connection) -> str:
             connection.execute(
                 "INSERT INTO sessions (token_hash, username, created, last_seen, client)"
                 " VALUES (?, ?, ?, ?, ?)", (_digest(token), username, now, now, client[:200]))
@@ -54,7 +57,7 @@ class SessionStore:
         now = self._clock.seconds()
         digest = _digest(token)
 
-        def lookup(connection) -> Optional[str]:
+        def lookup(connection: sqlite3.Connection) -> Optional[str]:
             # Answers None rather than raising: raising would roll back the
             # deletion of an expired session.
             row = connection.execute(
@@ -81,7 +84,7 @@ class SessionStore:
         """End one session; fires with its user name, or fails with InvalidSession."""
         digest = _digest(token)
 
-        def delete(connection) -> Optional[str]:
+        def delete(connection: sqlite3.Connection) -> Optional[str]:
             row = connection.execute("SELECT username FROM sessions WHERE token_hash = ?",
                                      (digest,)).fetchone()
             connection.execute("DELETE FROM sessions WHERE token_hash = ?", (digest,))

@@ -19,13 +19,15 @@ in a first-come, first-served queue.
 """
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Generator, List, NoReturn, Optional
 
 import attr
 from twisted.internet.defer import (Deferred, DeferredSemaphore, inlineCallbacks,
                                     maybeDeferred, succeed)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
 from ..fanout import SharedResult, tell_all
 from ..protocol import AgentAddress, AgentStartFailed, CapacityReached
 from .metrics import ManagerMetrics
@@ -52,8 +54,8 @@ class AgentSupervisor:
 
     log = Logger()
 
-    def __init__(self, reactor, provider: IAgentProvider, data_root: str,
-                 credentials: Callable[[str], bytes], file_pool,
+    def __init__(self, reactor: Any, provider: IAgentProvider, data_root: str,
+                 credentials: Callable[[str], bytes], file_pool: ThreadPool,
                  max_agents: int = 0, max_concurrent_starts: int = 0,
                  metrics: Optional[ManagerMetrics] = None) -> None:
         self._reactor = reactor
@@ -82,7 +84,7 @@ class AgentSupervisor:
 
     def recover(self) -> Deferred:
         """Adopt agents that outlived a previous manager."""
-        def adopted(agents):
+        def adopted(agents: List[RunningAgent]) -> List[RunningAgent]:
             for agent in agents:
                 self.log.info("agent of {username}: adopted at {host}:{port}",
                               username=agent.username, host=agent.address.host,
@@ -166,7 +168,7 @@ class AgentSupervisor:
         return self._start_slots.run(self._start_now, username, reason)
 
     @inlineCallbacks
-    def _start_now(self, username: str, reason: str):
+    def _start_now(self, username: str, reason: str) -> Generator[Deferred, Any, AgentAddress]:
         self._failures.pop(username, None)
         self.log.info("agent of {username}: starting ({reason})", username=username,
                       reason=reason)
@@ -196,7 +198,7 @@ class AgentSupervisor:
         source: Deferred = Deferred()
         fanout = table[username] = SharedResult(source)
 
-        def forget(result):
+        def forget(result: Any) -> Any:
             if table.get(username) is fanout:
                 del table[username]
             return result
@@ -210,7 +212,7 @@ class AgentSupervisor:
                  "agent exit", self.log)
 
 
-def _raise(error: Exception):
+def _raise(error: Exception) -> NoReturn:
     raise error
 
 

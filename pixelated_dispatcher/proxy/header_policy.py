@@ -19,7 +19,7 @@ module what to send, so the rules live in one place:
   :data:`OWN_PAGE_HEADERS` (the agents' pages are the agents' business).
 """
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
@@ -46,7 +46,7 @@ BODY_FRAMING = frozenset([b"content-length", b"expect"])
 
 def _connection_tokens(headers: Headers) -> frozenset:
     """Header names listed in ``Connection``: hop-by-hop for this message."""
-    tokens = set()
+    tokens: Set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", []):
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return frozenset(tokens)

@@ -160,7 +160,7 @@ class FakeManager:
             return fail(UnknownUser(username))
         self.ensures += 1
         if username in self._slow:
-            d = Deferred()
+            d: Deferred = Deferred()
             self._pending_starts.setdefault(username, []).append(d)
             return d
         d = Deferred()

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional
 import attr
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -61,7 +61,7 @@ class _FakeAgent:
 
 
 def _wait(waiters: List[Deferred]) -> Deferred:
-    d = Deferred()
+    d: Deferred = Deferred()
     waiters.append(d)
     return d
 
@@ -79,7 +79,7 @@ class FakeProvider:
         state dir does that by default); starts in flight are stopped.
     :param machine: shared with the provider that "restarts" this one.
     """
-    clock: object
+    clock: IReactorTime
     start_delay: float = 0.0
     stop_delay: float = 0.0
     recoverable: Iterable[RunningAgent] = ()

@@ -91,7 +91,8 @@ class _Task:
     created: str = attr.Factory(lambda: _created())
 
     def as_json(self) -> dict:
-        status = {"Timestamp": _now(), "State": self.state, "Message": self.state}
+        status: Dict[str, Any] = {"Timestamp": _now(), "State": self.state,
+                                  "Message": self.state}
         if self.err:
             status["Err"] = self.err
         if self.state in ("running", "failed", "complete", "shutdown"):
@@ -438,7 +439,7 @@ def _satisfies(node: FakeNode, constraint: str) -> bool:
     elif key == "node.role":
         actual = node.role
     elif key.startswith("node.labels."):
-        actual = node.labels.get(key[len("node.labels."):])
+        actual = node.labels.get(key[len("node.labels."):], "")
     else:
         return False
     return (actual != value) if negate else (actual == value)

@@ -83,7 +83,7 @@ def manager_contract_tests(make_fixture: Callable[[TestCase], Any]) -> type:
         timeout = 60
 
         @inlineCallbacks
-        def setUp(self) -> Any:
+        def setUp(self) -> Any:  # type: ignore[override]  # trial waits for a Deferred
             self.fixture = yield maybeDeferred(make_fixture, self)
             self.manager = self.fixture.manager
 

@@ -9,12 +9,15 @@ The manager tap adds :data:`DOCKER_OPT_PARAMETERS` to its options and calls
 import os
 import re
 import shlex
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from twisted.python import usage
 
 from .docker import DockerAgentSettings, DockerProvider
 from .docker_engine import DEFAULT_DOCKER_HOST, DockerEngine, check_docker_host
 from .loopback_guard import MODES, LoopbackGuard
+
+N = TypeVar("N", bound=float)
 
 DOCKER_OPT_PARAMETERS = [
     ["docker-host", None, None,
@@ -50,7 +53,8 @@ def parse_memory(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
-def _number(config, key, convert, minimum):
+def _number(config: Mapping[str, Any], key: str, convert: Callable[[Any], N],
+            minimum: float) -> N:
     try:
         value = convert(config[key])
     except (TypeError, ValueError):
@@ -60,7 +64,7 @@ def _number(config, key, convert, minimum):
     return value
 
 
-def settings_from_config(config) -> DockerAgentSettings:
+def settings_from_config(config: Mapping[str, Any]) -> DockerAgentSettings:
     """Validated :class:`DockerAgentSettings` from the parsed options."""
     try:
         memory = parse_memory(config["agent-memory"])
@@ -104,7 +108,8 @@ def settings_from_config(config) -> DockerAgentSettings:
         stop_grace=float(config.get("agent-stop-grace") or 10.0))
 
 
-def docker_host_from(config, environ=None) -> str:
+def docker_host_from(config: Mapping[str, Any],
+                     environ: Optional[Mapping[str, str]] = None) -> str:
     environ = os.environ if environ is None else environ
     host = config.get("docker-host") or environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
     try:
@@ -113,7 +118,8 @@ def docker_host_from(config, environ=None) -> str:
         raise usage.UsageError(str(error))
 
 
-def make_docker_provider(reactor, config, environ=None) -> DockerProvider:
+def make_docker_provider(reactor: Any, config: Mapping[str, Any],
+                         environ: Optional[Mapping[str, str]] = None) -> DockerProvider:
     """The docker provider for the parsed manager options (usage.UsageError if invalid)."""
     settings = settings_from_config(config)
     host = docker_host_from(config, environ)
