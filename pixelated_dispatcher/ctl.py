@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     command("remove", "remove a user; their data stays on disk unless --purge").add_argument(
         "--purge", action="store_true", help="also delete the user's data")
     command("reset-data", "stop a user's agent and delete their data")
-    command("start", "start a user's agent")
+    command("start", "show where a user's agent runs; a stopped agent starts only with its"
+            " user's session (their next request), which holds its password")
     command("stop", "stop a user's agent")
     command("info", "show a user's agent: state, address, uptime, memory, last activity")
     command("move", "move a user's agent and data to another swarm node (not supported"

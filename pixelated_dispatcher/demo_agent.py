@@ -64,6 +64,10 @@ class Identity:
     leap_provider_hostname: Optional[str]
     #: whether a non-empty password arrived; the password itself is not kept
     password_received: bool
+    #: hex SHA-256 of the credentials line as read (None without a valid
+    #: one): lets a test check that the right password arrived, as the test
+    #: image's ``/cgi-bin/echo`` does. The real agent shows nothing of it.
+    credentials_sha256: Optional[str] = None
 
     @property
     def authenticated(self) -> bool:
@@ -95,6 +99,7 @@ def read_credentials(stream: IO[bytes], username: str) -> Tuple[Identity, Option
         credentials_user=data["user"],
         leap_provider_hostname=hostname if isinstance(hostname, str) else None,
         password_received=isinstance(password, str) and password != "",
+        credentials_sha256=hashlib.sha256(line).hexdigest(),
     ), None
 
 
@@ -221,6 +226,7 @@ class WhoAmIPage(Resource):
             "credentials_user": i.credentials_user,
             "leap_provider_hostname": i.leap_provider_hostname,
             "password_received": i.password_received,
+            "credentials_sha256": i.credentials_sha256,
         })
 
 

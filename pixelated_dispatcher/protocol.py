@@ -154,20 +154,29 @@ class EndSession(amp.Command):
 class EnsureAgent(amp.Command):
     """Start the user's agent unless it runs; answer once it serves HTTP.
 
-    ``InvalidSession``: the agent must start but needs the password of its
-    logged-in user, which the manager lost (it restarted): the user's
-    sessions were ended, the browser must log in again."""
-    arguments = [(b"username", amp.Unicode())]
+    ``token`` is the session the request came with. A proxy must send it
+    and it must be a live session of ``username``: else ``InvalidSession``,
+    the same answer whether or not the user exists. An agent that must start
+    gets the credentials sealed under that session at login (``manager/
+    sealed_credentials.py``), which only this token opens. Admin peers may
+    leave it out: they get the address of a running agent, and a refusal
+    (``AgentStartFailed``) when it would have to start without credentials.
+    """
+    arguments = [(b"username", amp.Unicode()),
+                 (b"token", amp.Unicode(optional=True))]
     response = [(b"host", amp.Unicode()), (b"port", amp.Integer())]
     errors = _errors(InvalidUsername, UnknownUser, AgentStartFailed, CapacityReached,
                      InvalidSession)
 
 
 class LocateAgent(amp.Command):
-    """The address of the user's running agent, without starting it."""
-    arguments = [(b"username", amp.Unicode())]
+    """The address of the user's running agent, without starting it.
+
+    ``token`` as for :class:`EnsureAgent`: required from a proxy."""
+    arguments = [(b"username", amp.Unicode()),
+                 (b"token", amp.Unicode(optional=True))]
     response = [(b"host", amp.Unicode()), (b"port", amp.Integer())]
-    errors = _errors(InvalidUsername, UnknownUser, AgentNotRunning)
+    errors = _errors(InvalidUsername, UnknownUser, AgentNotRunning, InvalidSession)
 
 
 class ReportActivity(amp.Command):
@@ -287,6 +296,10 @@ def parse_user_page(text: str) -> List[Tuple[str, ...]]:
 
 
 class StartAgent(amp.Command):
+    """The address of the user's agent if it runs. The operator holds no
+    session, so the manager cannot open the credentials an agent starts with:
+    a stopped agent is not started (``AgentStartFailed`` says so); it starts
+    at its user's next login or request."""
     arguments = [(b"username", amp.Unicode())]
     response = [(b"host", amp.Unicode()), (b"port", amp.Integer())]
     errors = _errors(InvalidUsername, UnknownUser, AgentStartFailed, CapacityReached)
@@ -374,6 +387,10 @@ class ImportLegacy(amp.Command):
                 (b"more", amp.Boolean())]
     errors = _errors(BadRequest)
 
+
+#: proxy commands that name a user and need a live session of that user
+#: (their ``token``) unless the peer is an admin
+SESSION_BOUND_COMMANDS = (EnsureAgent, LocateAgent)
 
 PROXY_COMMANDS = (Authenticate, ResolveSession, EndSession, EnsureAgent, LocateAgent,
                   ReportActivity, Subscribe)

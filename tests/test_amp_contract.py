@@ -50,11 +50,13 @@ class RecordingManager:
     def end_session(self, token):
         return self._answer("end_session", "alice", token=token)
 
-    def ensure_agent(self, username):
-        return self._answer("ensure_agent", p.AgentAddress("127.0.0.1", 4242), username=username)
+    def ensure_agent(self, username, token=None):
+        return self._answer("ensure_agent", p.AgentAddress("127.0.0.1", 4242),
+                            username=username, token=token)
 
-    def locate_agent(self, username):
-        return self._answer("locate_agent", p.AgentAddress("127.0.0.1", 4242), username=username)
+    def locate_agent(self, username, token=None):
+        return self._answer("locate_agent", p.AgentAddress("127.0.0.1", 4242),
+                            username=username, token=token)
 
     def add_user(self, username, password):
         return self._answer("add_user", None, username=username, password=password)
@@ -270,6 +272,33 @@ class ContractTests(SynchronousTestCase):
                              p.PermissionDenied)
         self.assertEqual(self.manager.calls, [])
         self.successResultOf(self.call(p.ResolveSession, token="t"))
+
+    def test_a_proxy_must_show_a_session_to_reach_an_agent(self):
+        self.connect(policy=_DenyAdmin())
+        for command in (p.EnsureAgent, p.LocateAgent):
+            for kwargs in ({}, {"token": ""}):
+                failure = self.failureResultOf(self.call(command, username="bob", **kwargs),
+                                               p.InvalidSession)
+                self.assertEqual(str(failure.value), "no such session, or it has expired")
+        self.assertEqual(self.manager.calls, [], "refused before any domain code")
+        self.successResultOf(self.call(p.EnsureAgent, username="alice", token="tok"))
+        self.assertEqual(self.manager.calls,
+                         [("ensure_agent", {"username": "alice", "token": "tok"})])
+
+    def test_an_admin_may_ask_without_a_session(self):
+        self.connect()
+        self.successResultOf(self.call(p.LocateAgent, username="alice"))
+        self.assertEqual(self.manager.calls,
+                         [("locate_agent", {"username": "alice", "token": None})])
+
+    def test_no_command_but_authenticate_and_the_admin_ones_carries_a_password(self):
+        # The sealed-credentials promise: what the agent needs crosses the
+        # socket only in Authenticate (and AddUser/SetPassword, admin only).
+        carrying = {command.__name__ for command in p.PROXY_COMMANDS + p.ADMIN_COMMANDS
+                    + p.PUSHED_COMMANDS
+                    if any(b"password" in name for name, _ in command.arguments
+                           + command.response)}
+        self.assertEqual(carrying, {"Authenticate", "AddUser", "SetPassword"})
 
     def test_every_command_declares_the_common_errors(self):
         for command in p.PROXY_COMMANDS + p.ADMIN_COMMANDS:

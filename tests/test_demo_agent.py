@@ -148,7 +148,8 @@ def test_missing_or_broken_credentials_serve_unauthenticated(data_dir, line):
         assert request(a, "GET", "/")[0] == 403
         whoami = json.loads(request(a, "GET", "/whoami")[2])
     assert whoami == {"username": "alice", "authenticated": False, "credentials_user": None,
-                      "leap_provider_hostname": None, "password_received": False}
+                      "leap_provider_hostname": None, "password_received": False,
+                      "credentials_sha256": None}
     complaints = [l for l in output(a).splitlines() if "credentials" in l]
     assert len(complaints) == 1, output(a)
 
@@ -160,7 +161,9 @@ def test_whoami_reports_what_the_credentials_said_but_not_the_password(data_dir)
     assert json.loads(body) == {"username": "alice", "authenticated": True,
                                 "credentials_user": "alice",
                                 "leap_provider_hostname": "example.org",
-                                "password_received": True}
+                                "password_received": True,
+                                "credentials_sha256": hashlib.sha256(
+                                    credentials("alice")).hexdigest()}
     assert b"hunter2" not in body
 
 

@@ -1,9 +1,12 @@
 """The whole dispatcher as an operator runs it: both twistd plugins as real
 processes, real TLS, the real pixelated-ctl, the demo agent as real processes,
 and an HTTPS client acting as two browsers."""
+import hashlib
 import json
 import os
 import re
+import shutil
+import signal
 
 import psutil
 
@@ -122,10 +125,21 @@ class TwoUsersTests(_DispatcherCase):
         self.assertIn("cannot reach the manager", result.stderr)
 
     def test_operator_start_and_stop(self):
+        """The operator holds no session, so ``start`` cannot give a stopped
+        agent its password: it refuses, and says when the agent starts."""
         self.dispatcher.add_user("carol", "carol's password")
+        refused = self.dispatcher.ctl("start", "carol")
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn("starts only with the credentials sealed under carol's session",
+                      refused.stderr)
+        self.assertIsNone(agent_pid(self.dispatcher, "carol"))
+        browser = self.browser()
+        browser.log_in("carol", "carol's password")
+        self.assertIn("Mailbox of carol", browser.get("/").text)
         started = self.dispatcher.ctl("start", "carol")
         self.assertEqual(started.returncode, 0, started.stderr)
         pid = agent_pid(self.dispatcher, "carol")
+        self.assertIn("running at 127.0.0.1:", started.stdout)
         self.assertTrue(psutil.pid_exists(pid))
         stopped = self.dispatcher.ctl("stop", "carol")
         self.assertEqual(stopped.returncode, 0, stopped.stderr)
@@ -169,9 +183,71 @@ class TwoUsersTests(_DispatcherCase):
         return agent_pid(self.dispatcher, "erin"), visits
 
 
-class RestartTests(_DispatcherCase):
+def credentials_sha256(whoami):
+    """What the demo agent answering ``whoami`` shows when it got the login
+    of its user (password "NAME's password") on its stdin."""
+    return hashlib.sha256(json.dumps({
+        "leap_provider_hostname": whoami["leap_provider_hostname"],
+        "user": whoami["username"],
+        "password": whoami["username"] + "'s password"}).encode() + b"\n").hexdigest()
+
+
+class _SealedCredentials:
+
+    def assert_serves_with_the_right_password(self, browser, username):
+        """The next requests of ``browser`` reach the mailbox without a
+        login page, and the agent shows it got the login's password."""
+        def answer():
+            page = browser.get("/", headers={"Accept": "text/html"})
+            self.assertNotIn("/auth/login", page.header("Location") or "", self.logs())
+            return page.status == 200 and "Mailbox of " + username in page.text
+        self.assertTrue(wait_until(answer, timeout=20), self.logs())
+        self.assertTrue([k for k in browser.cookies if "session" in k], "the same cookie")
+        whoami = browser.get("/whoami").json()
+        self.assertEqual((whoami["username"], whoami["credentials_user"]), (username, username))
+        self.assertEqual(whoami["credentials_sha256"], credentials_sha256(whoami))
+
+
+class RestartTests(_SealedCredentials, _DispatcherCase):
     """As deployed: agents outlive the manager and the next one adopts them."""
     keep_agents = True
+
+    def test_after_a_manager_restart_a_killed_agent_restarts_with_the_password(self):
+        """Log in, restart the manager, kill -9 the agent: the next request
+        with the same cookie gets the mailbox, and the agent got the
+        password of the login (sealed under the session), without a login."""
+        self.dispatcher.add_user("ivan", "ivan's password")
+        browser = self.browser()
+        browser.log_in("ivan", "ivan's password")
+        self.assertIn("Mailbox of ivan", browser.get("/").text)
+        self.dispatcher.stop_manager()
+        self.dispatcher.start_manager()
+        pid = wait_until(lambda: agent_pid(self.dispatcher, "ivan"), timeout=20)
+        self.assertTrue(pid, "adopted after the restart")
+        os.kill(pid, signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: agent_pid(self.dispatcher, "ivan") != pid))
+        self.assert_serves_with_the_right_password(browser, "ivan")
+        self.assertNotEqual(agent_pid(self.dispatcher, "ivan"), pid, "a new agent")
+
+    def test_the_state_directory_holds_no_password(self):
+        password = "a password nobody may find 7f3a"
+        self.dispatcher.add_user("judy", password)
+        browser = self.browser()
+        browser.log_in("judy", password)
+        self.assertIn("Mailbox of judy", browser.get("/").text)
+        _, token = browser.session_cookie()
+        copy = os.path.join(self.directory, "state-copy")
+        shutil.copytree(self.dispatcher.state_dir, copy, symlinks=True,
+                        ignore=shutil.ignore_patterns("*.sock"))
+        self.addCleanup(shutil.rmtree, copy, True)
+        names = [os.path.relpath(os.path.join(root, name), copy)
+                 for root, _, files in os.walk(copy) for name in files]
+        self.assertIn("dispatcher.sqlite", names)
+        self.assertIn("dispatcher.sqlite-wal", names)
+        needles = [password.encode(), json.dumps(password).encode(), token.encode()]
+        found = [(name, needle) for name in names for needle in needles
+                 if needle in open(os.path.join(copy, name), "rb").read()]
+        self.assertEqual(found, [], "the password (or the token) is in the state directory")
 
     def test_sessions_survive_restarts_and_the_manager_adopts_running_agents(self):
         self.dispatcher.add_user("alice", "alice's password")
@@ -196,7 +272,7 @@ class RestartTests(_DispatcherCase):
                         "an adopted agent stops at logout like any other")
 
 
-class ManagerStopTests(_DispatcherCase):
+class ManagerStopTests(_SealedCredentials, _DispatcherCase):
     """With --stop-agents-on-exit (what make demo uses)."""
 
     def test_stopping_the_manager_leaves_no_agent_process(self):
@@ -213,27 +289,19 @@ class ManagerStopTests(_DispatcherCase):
                         demo_agents_alive(self.directory))
         self.dispatcher.start_manager()
 
-    def test_after_a_restart_without_agents_the_user_logs_in_again(self):
-        """The session survived (SQLite) but the password did not (memory):
-        an agent started now would get an empty one, so the browser is sent
-        to the login form instead, and the next login starts it properly."""
+    def test_after_a_restart_without_agents_the_next_request_starts_the_agent(self):
+        """The agents did not survive (a reboot); the session did (SQLite),
+        and so did the password, sealed under it: the next request with the
+        same cookie starts the agent with the right password, no login."""
         self.dispatcher.add_user("heidi", "heidi's password")
         browser = self.browser()
         browser.log_in("heidi", "heidi's password")
-        self.assertTrue(browser.get("/whoami").json()["password_received"])
-        self.dispatcher.stop_manager()
-        self.dispatcher.start_manager()
-
-        def sent_to_login():
-            page = browser.get("/", headers={"Accept": "text/html"})
-            return page.status in (302, 303) and page.header("Location") or None
-        location = wait_until(sent_to_login, timeout=20)
-        self.assertTrue(location and location.startswith("/auth/login"), location)
-        self.assertFalse([k for k in browser.cookies if "session" in k], browser.cookies)
-        self.assertEqual(browser.log_in("heidi", "heidi's password").status, 303)
         whoami = browser.get("/whoami").json()
-        self.assertEqual(whoami["username"], "heidi")
-        self.assertTrue(whoami["password_received"], "started with the new login's password")
+        self.assertEqual(whoami["credentials_sha256"], credentials_sha256(whoami))
+        self.dispatcher.stop_manager()
+        self.assertFalse(demo_agents_alive(self.directory))
+        self.dispatcher.start_manager()
+        self.assert_serves_with_the_right_password(browser, "heidi")
 
 
 class AdministrationTests(_DispatcherCase):

@@ -20,9 +20,15 @@ from pixelated_dispatcher.proxy.manager_client import AMPManagerClient
 from pixelated_dispatcher.testing.manager_contract import manager_contract_tests
 
 
+#: this test process is a proxy-group peer of the manager it starts, not
+#: an admin: what the proxy may ask is what the contract tests ask
+AS_A_PROXY = PeerPolicy(admin_uids=frozenset(), proxy_gid=os.getgid())
+
+
 @inlineCallbacks
-def start_real_manager(test, provider=None):
-    """A Manager on a temporary state dir, serving a temporary socket."""
+def start_real_manager(test, provider=None, policy=AS_A_PROXY):
+    """A Manager on a temporary state dir, serving a temporary socket to
+    peers as ``policy`` says (by default: this process is a proxy)."""
     directory = tempfile.mkdtemp(prefix="pxd-")
     test.addCleanup(shutil.rmtree, directory, True)
     provider = provider or ProcessProvider(reactor, DEFAULT_AGENT_COMMAND, start_timeout=30,
@@ -34,7 +40,7 @@ def start_real_manager(test, provider=None):
     yield manager.ready()
     path = os.path.join(directory, "manager.sock")
     port = yield UNIXServerEndpoint(reactor, path, mode=0o660).listen(
-        ManagerAMPFactory(manager, PeerPolicy()))
+        ManagerAMPFactory(manager, policy))
     test.addCleanup(port.stopListening)
     return manager, path
 

@@ -1,7 +1,7 @@
 """The manager's rules that need no database: who may do what, login backoff,
 idle culling, capacity and the start queue."""
 from hypothesis import given, strategies as st
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -14,6 +14,11 @@ from pixelated_dispatcher.testing.fake_provider import FakeProvider
 from pixelated_dispatcher.manager.supervisor import AgentSupervisor
 
 ALL = p.PROXY_COMMANDS + p.ADMIN_COMMANDS
+
+
+def CREDENTIALS():
+    """The credentials line of a start (the manager opens it from a session)."""
+    return succeed(b"{}\n")
 
 
 class PeerPolicyTests(SynchronousTestCase):
@@ -118,8 +123,7 @@ class _SupervisedCase(SynchronousTestCase):
     def make(self, **kwargs):
         self.clock = Clock()
         self.provider = FakeProvider(self.clock, start_delay=1.0)
-        self.supervisor = AgentSupervisor(None, self.provider, "/nonexistent",
-                                          lambda user: b"{}\n", None, **kwargs)
+        self.supervisor = AgentSupervisor(None, self.provider, "/nonexistent", None, **kwargs)
         return self.supervisor
 
 
@@ -127,22 +131,26 @@ class CapacityTests(_SupervisedCase):
 
     def test_start_beyond_max_agents_is_capacity_reached_and_frees_up(self):
         supervisor = self.make(max_agents=2)
-        a, b = supervisor.ensure("a"), supervisor.ensure("b")
-        failure = self.failureResultOf(supervisor.ensure("c"), p.CapacityReached)
+        a = supervisor.ensure("a", credentials=CREDENTIALS)
+        b = supervisor.ensure("b", credentials=CREDENTIALS)
+        failure = self.failureResultOf(supervisor.ensure("c", credentials=CREDENTIALS),
+                                       p.CapacityReached)
         self.assertIn("retry after", str(failure.value))
         self.clock.advance(1)
         self.successResultOf(a), self.successResultOf(b)
-        self.failureResultOf(supervisor.ensure("c"), p.CapacityReached)
-        self.successResultOf(supervisor.ensure("a"))  # running agents are always served
+        self.failureResultOf(supervisor.ensure("c", credentials=CREDENTIALS),
+                             p.CapacityReached)
+        # running agents are always served
+        self.successResultOf(supervisor.ensure("a", credentials=CREDENTIALS))
         supervisor.stop("a")
         self.clock.advance(1)
-        d = supervisor.ensure("c")
+        d = supervisor.ensure("c", credentials=CREDENTIALS)
         self.clock.advance(1)
         self.successResultOf(d)
 
     def test_concurrent_starts_are_limited_and_served_first_come_first_served(self):
         supervisor = self.make(max_concurrent_starts=2)
-        waiting = {name: supervisor.ensure(name) for name in "abcde"}
+        waiting = {name: supervisor.ensure(name, credentials=CREDENTIALS) for name in "abcde"}
         self.assertEqual(self.provider.launches, ["a", "b"])
         self.clock.advance(1)
         self.assertEqual(self.provider.launches, ["a", "b", "c", "d"])
@@ -153,6 +161,43 @@ class CapacityTests(_SupervisedCase):
             self.successResultOf(d)
 
 
+class CredentialsTests(_SupervisedCase):
+
+    def test_without_credentials_a_running_agent_is_answered_and_none_started(self):
+        supervisor = self.make()
+        failure = self.failureResultOf(supervisor.ensure("a", "operator"), p.AgentStartFailed)
+        self.assertIn("starts only with the credentials sealed under a's session",
+                      str(failure.value))
+        self.assertEqual(self.provider.launches, [])
+        self.assertEqual(supervisor.state("a"), "stopped", "not counted as a failed start")
+        d = supervisor.ensure("a", credentials=lambda: succeed(b'{"user": "a"}\n'))
+        self.clock.advance(1)
+        address = self.successResultOf(d)
+        self.assertEqual(self.provider.credentials["a"], b'{"user": "a"}\n')
+        self.assertEqual(self.successResultOf(supervisor.ensure("a", "operator")), address)
+
+    def test_credentials_are_fetched_only_for_a_start_that_happens(self):
+        supervisor = self.make()
+        fetched = []
+
+        def credentials():
+            fetched.append(True)
+            return succeed(b"{}\n")
+        first = supervisor.ensure("a", credentials=credentials)
+        second = supervisor.ensure("a", credentials=credentials)  # shares the start
+        self.clock.advance(1)
+        self.successResultOf(supervisor.ensure("a", credentials=credentials))  # runs
+        self.assertEqual(self.successResultOf(first), self.successResultOf(second))
+        self.assertEqual(fetched, [True])
+
+    def test_credentials_that_cannot_be_had_start_nothing(self):
+        supervisor = self.make()
+        d = supervisor.ensure("a", credentials=lambda: fail(p.InvalidSession("log in again")))
+        self.failureResultOf(d, p.InvalidSession)
+        self.assertEqual(self.provider.launches, [])
+        self.assertEqual(supervisor.state("a"), "stopped")
+
+
 class CullerTests(_SupervisedCase):
 
     def setUp(self):
@@ -160,7 +205,7 @@ class CullerTests(_SupervisedCase):
         supervisor_ = self.make()
         self.culler = IdleCuller(self.clock, supervisor_, timeout=100)
         for name in ("busy", "idle"):
-            supervisor_.ensure(name)
+            supervisor_.ensure(name, credentials=CREDENTIALS)
         self.clock.advance(1)
 
     def test_idle_agent_is_stopped_and_one_in_use_is_not(self):

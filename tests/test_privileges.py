@@ -5,10 +5,12 @@ The test makes its own groups and users, starts the real manager with them as
 user, and runs the real pixelated-ctl as each kind of user.
 """
 import grp
+import json
 import os
 import pwd
 import stat
 import subprocess
+import sys
 import unittest
 
 import psutil
@@ -17,6 +19,7 @@ from pixelated_dispatcher.demo import CTL
 
 from .dispatcher_case import DispatcherCase
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROXY_USER, ADMIN_USER, OTHER_USER = "pxdt-proxy", "pxdt-operator", "pxdt-other"
 PROXY_GROUP, ADMIN_GROUP = "pxdt-proxies", "pxdt-admins"
 
@@ -68,6 +71,7 @@ class PrivilegeTests(DispatcherCase):
     @classmethod
     def prepare(cls):
         cls.dispatcher.add_user("alice", "alice's password")
+        cls.dispatcher.add_user("bob", "bob's password")
 
     @classmethod
     def tearDownClass(cls):
@@ -80,6 +84,50 @@ class PrivilegeTests(DispatcherCase):
              "--"] + CTL
             + ["--socket", self.dispatcher.socket] + list(args),
             capture_output=True, text=True, timeout=60, input="pw\n")
+
+    def amp_as(self, user, calls):
+        """Run AMP ``calls`` (see tests/amp_peer.py) as ``user``; the answers."""
+        result = subprocess.run(
+            ["setpriv", "--reuid", user, "--regid", str(pwd.getpwnam(user).pw_gid),
+             "--init-groups", "--", sys.executable, "-m", "tests.amp_peer",
+             self.dispatcher.socket],
+            capture_output=True, text=True, timeout=60, input=json.dumps(calls), cwd=ROOT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return json.loads(result.stdout)
+
+    def test_a_proxy_reaches_an_agent_only_with_a_session_of_its_user(self):
+        """A compromised proxy (a proxy-group peer) holding bob's session
+        asks for alice's agent, for a user nobody has, and with no session:
+        one answer, InvalidSession, telling nothing; with alice's own
+        session it works. The admin asks without one."""
+        answers = self.amp_as(PROXY_USER, [
+            ["Authenticate", {"username": "alice", "password": "alice's password",
+                              "client": "192.0.2.1"}],
+            ["Authenticate", {"username": "bob", "password": "bob's password",
+                              "client": "192.0.2.2"}],
+            ["EnsureAgent", {"username": "alice"}],
+            ["EnsureAgent", {"username": "alice", "token": "$1.token"}],
+            ["EnsureAgent", {"username": "nobody", "token": "$1.token"}],
+            ["LocateAgent", {"username": "alice", "token": "$1.token"}],
+            ["EnsureAgent", {"username": "alice", "token": "not-a-session"}],
+            ["EnsureAgent", {"username": "alice", "token": "$0.token"}],
+            ["LocateAgent", {"username": "alice", "token": "$0.token"}],
+            ["LocateAgent", {"username": "alice", "token": "$1.token"}],
+            ["LocateAgent", {"username": "nobody", "token": "$1.token"}],
+        ])
+        refused = [answers[i] for i in (2, 3, 4, 5, 6, 9, 10)]
+        self.assertEqual({(a.get("error"), a.get("message")) for a in refused},
+                         {("INVALID_SESSION", "no such session, or it has expired")}, answers)
+        started, located = answers[7]["answer"], answers[8]["answer"]
+        self.assertEqual(started, located)
+        self.assertEqual(started["host"], "127.0.0.1")
+        self.assertIsNone(self.dispatcher.manager.poll())
+        admin = self.amp_as(ADMIN_USER, [["LocateAgent", {"username": "alice"}],
+                                         ["LocateAgent", {"username": "nobody"}]])
+        self.assertEqual(admin[0], {"answer": started})
+        self.assertEqual(admin[1]["error"], "UNKNOWN_USER")
+        # bob's agent was never started by all this
+        self.assertIn("stopped", self.dispatcher.ctl("info", "bob").stdout)
 
     def test_socket_belongs_to_the_proxy_group_and_is_not_world_accessible(self):
         gid = grp.getgrnam(PROXY_GROUP).gr_gid

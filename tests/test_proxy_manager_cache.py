@@ -75,7 +75,7 @@ class CacheTests(SynchronousTestCase):
 
     def test_reset_drops_everything(self) -> None:
         self.resolve(self.token)
-        self.successResultOf(self.cache.ensure("alice"))
+        self.successResultOf(self.cache.ensure("alice", self.token))
         self.manager.disconnect()
         self.assertIsNone(self.cache.cached_user(self.token))
         self.assertIsNone(self.cache.cached_address("alice"))
@@ -90,14 +90,15 @@ class CacheTests(SynchronousTestCase):
         self.assertIsNone(self.cache.cached_user(self.token))
 
     def test_agent_addresses_are_kept_until_the_agent_stops(self) -> None:
-        self.assertEqual(self.successResultOf(self.cache.ensure("alice")), ALICE)
+        self.assertEqual(self.successResultOf(self.cache.ensure("alice", self.token)), ALICE)
         self.assertEqual(self.cache.cached_address("alice"), ALICE)
         self.manager.stop_agent("alice")
         self.assertIsNone(self.cache.cached_address("alice"))
 
     def test_concurrent_starts_share_one_call(self) -> None:
         self.manager.slow_start("alice")
-        first, second = self.cache.ensure("alice"), self.cache.ensure("alice")
+        first = self.cache.ensure("alice", self.token)
+        second = self.cache.ensure("alice", self.token)
         self.assertTrue(self.cache.starting("alice"))
         self.assertEqual(self.manager.ensures, 1)
         self.manager.finish_start("alice")
@@ -107,9 +108,30 @@ class CacheTests(SynchronousTestCase):
 
     def test_a_start_failure_is_kept_once_for_the_waiting_page(self) -> None:
         self.manager.fail_agent_start("alice", "broken")
-        self.failureResultOf(self.cache.ensure("alice"))
-        self.assertIsNotNone(self.cache.start_failure("alice"))
-        self.assertIsNone(self.cache.start_failure("alice"))
+        self.failureResultOf(self.cache.ensure("alice", self.token))
+        self.assertIsNotNone(self.cache.start_failure(self.token))
+        self.assertIsNone(self.cache.start_failure(self.token))
+
+    def test_a_refused_session_does_not_fail_another_sessions_start(self) -> None:
+        # Two browsers of alice; the first one's session was just revoked,
+        # and its start fails with InvalidSession: that must not log out the
+        # second browser, whose start goes on with its own token.
+        other = self.manager.open_session("alice")
+        pending = Deferred()
+        answer = self.manager.ensure_agent
+        self.manager.ensure_agent = lambda username, token: (
+            pending if token == self.token else answer(username, token))
+        first = self.cache.ensure("alice", self.token)
+        second = self.cache.ensure("alice", other)
+        self.assertEqual(self.successResultOf(second), ALICE)
+        pending.errback(InvalidSession("revoked"))
+        self.failureResultOf(first, InvalidSession)
+        self.assertIsNone(self.cache.start_failure(other))
+        self.assertIsNotNone(self.cache.start_failure(self.token))
+
+    def test_an_address_asked_with_another_users_session_is_refused(self) -> None:
+        self.failureResultOf(self.cache.ensure("bob", self.token), InvalidSession)
+        self.assertIsNone(self.cache.cached_address("bob"))
 
     def test_activity_is_reported_every_interval(self) -> None:
         self.cache.touch("alice")

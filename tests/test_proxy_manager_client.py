@@ -83,7 +83,8 @@ class ManagerClientTests(TestCase):
         client = start_client(self, self.path)
         yield self.assertFailure(client.authenticate("alice", "wrong", "192.0.2.4"),
                                  InvalidCredentials)
-        failure = yield self.assertFailure(client.ensure_agent("alice"), AgentStartFailed)
+        token = self.fake.open_session("alice")
+        failure = yield self.assertFailure(client.ensure_agent("alice", token), AgentStartFailed)
         self.assertEqual(str(failure), "no memory left for alice")
         self.assertEqual(self.fake.logins, [("alice", "192.0.2.4")])
 
@@ -96,7 +97,7 @@ class ManagerClientTests(TestCase):
         calls = [client.authenticate("alice", "secret", "192.0.2.4"),
                  client.resolve_session("t" * 43),
                  client.end_session("t" * 43),
-                 client.ensure_agent("alice")]
+                 client.ensure_agent("alice", "t" * 43)]
         for call in calls:
             yield self.assertFailure(call, ManagerUnavailable)
         self.assertLess(time.monotonic() - started, 3.0)
@@ -107,13 +108,13 @@ class ManagerClientTests(TestCase):
 
         class HangsUp(FakeManagerResponder):
             @EnsureAgent.responder
-            def ensure_agent(self, username: str) -> Deferred:
+            def ensure_agent(self, username: str, token: Optional[str] = None) -> Deferred:
                 called.callback(None)
                 return Deferred()  # never answers: the manager dies first
 
         server = start_manager(self, self.path, self.fake, HangsUp(self.fake))
         client = start_client(self, self.path)
-        answer = client.ensure_agent("alice")
+        answer = client.ensure_agent("alice", "t" * 43)
         yield called
         yield server.stop()
         yield self.assertFailure(answer, ManagerUnavailable)
@@ -122,12 +123,12 @@ class ManagerClientTests(TestCase):
     def test_silent_manager_times_out(self) -> Any:
         class Silent(FakeManagerResponder):
             @EnsureAgent.responder
-            def ensure_agent(self, username: str) -> Deferred:
+            def ensure_agent(self, username: str, token: Optional[str] = None) -> Deferred:
                 return Deferred()
 
         start_manager(self, self.path, self.fake, Silent(self.fake))
         client = start_client(self, self.path, call_timeouts={EnsureAgent: 0.3})
-        yield self.assertFailure(client.ensure_agent("alice"), ManagerUnavailable)
+        yield self.assertFailure(client.ensure_agent("alice", "t" * 43), ManagerUnavailable)
         # The connection is still good for the next question.
         token = yield client.authenticate("alice", "secret", "192.0.2.4")
         self.assertEqual((yield client.resolve_session(token)), "alice")
@@ -157,12 +158,13 @@ class ManagerClientTests(TestCase):
         client = AMPManagerClient.for_socket(reactor, self.path)
         client.service.startService()
         yield client.service.stopService()
-        yield self.assertFailure(client.ensure_agent("alice"), ManagerUnavailable)
+        yield self.assertFailure(client.ensure_agent("alice", "t" * 43), ManagerUnavailable)
 
     @inlineCallbacks
     def test_address_comes_back_as_agent_address(self) -> Any:
         start_manager(self, self.path, self.fake)
         self.fake.place_agent("alice", AgentAddress("127.0.0.1", 40404))
         client = start_client(self, self.path)
-        self.assertEqual((yield client.ensure_agent("alice")),
+        token = self.fake.open_session("alice")
+        self.assertEqual((yield client.ensure_agent("alice", token)),
                          AgentAddress("127.0.0.1", 40404))

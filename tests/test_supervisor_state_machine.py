@@ -18,6 +18,11 @@ USERS = st.sampled_from(["alice", "bob", "carol", "dave"])
 MAX_AGENTS = 2
 
 
+def CREDENTIALS():
+    """The credentials line of a start (the manager opens it from a session)."""
+    return succeed(b"{}\n")
+
+
 class SupervisorMachine(RuleBasedStateMachine):
 
     def __init__(self):
@@ -32,8 +37,7 @@ class SupervisorMachine(RuleBasedStateMachine):
     def _boot(self, provider):
         """A manager (supervisor and culler) over ``provider``, after recovery."""
         self.provider = provider
-        self.supervisor = AgentSupervisor(None, provider, "/nonexistent",
-                                          lambda user: b"{}\n", None,
+        self.supervisor = AgentSupervisor(None, provider, "/nonexistent", None,
                                           max_agents=MAX_AGENTS, max_concurrent_starts=1)
         self.culler = IdleCuller(self.clock, self.supervisor, timeout=30)
         self._watch(self.supervisor.recover())
@@ -46,7 +50,7 @@ class SupervisorMachine(RuleBasedStateMachine):
 
     @rule(user=USERS)
     def request(self, user):
-        self._watch(self.supervisor.ensure(user))
+        self._watch(self.supervisor.ensure(user, credentials=CREDENTIALS))
 
     @rule(user=USERS)
     def stop(self, user):

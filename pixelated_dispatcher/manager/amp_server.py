@@ -9,7 +9,9 @@ proxy and ``pixelated-ctl`` can say what is wrong.
 
 Each connection learns its peer's credentials once (``peer_policy``), and
 every command passes the one :class:`PeerPolicy` check before any domain
-code runs. A connection that sends ``Subscribe`` receives the manager's
+code runs; for the commands that name a user's agent, the policy also says
+whether the peer must show a session of that user (a proxy must; an admin
+need not). A connection that sends ``Subscribe`` receives the manager's
 invalidations (``SessionEnded``, ``SessionsRevoked``, ``AgentStopped``).
 """
 from functools import wraps
@@ -25,7 +27,7 @@ from .. import protocol as p
 from .database import is_storage_full
 from .invalidations import IInvalidationListener
 from .peer_policy import PeerCredentials, PeerPolicy, peer_credentials
-from .service import Manager
+from .service import NO_SUCH_SESSION, Manager
 
 log = Logger()
 
@@ -95,13 +97,24 @@ class ManagerLocator(amp.CommandLocator):
     def end_session(self, token):
         return self.manager.end_session(token).addCallback(lambda u: {"username": u})
 
+    def _session_for(self, command, token):
+        """The token to check (None: an admin asking without one); a peer
+        that must show a session and shows none gets ``InvalidSession``."""
+        if not token:
+            if self.policy.needs_session(self.peer, command):
+                raise p.InvalidSession(NO_SUCH_SESSION)
+            return None
+        return token
+
     @_translated(p.EnsureAgent)
-    def ensure_agent(self, username):
-        return self.manager.ensure_agent(username).addCallback(_address)
+    def ensure_agent(self, username, token=None):
+        token = self._session_for(p.EnsureAgent, token)
+        return self.manager.ensure_agent(username, token).addCallback(_address)
 
     @_translated(p.LocateAgent)
-    def locate_agent(self, username):
-        return self.manager.locate_agent(username).addCallback(_address)
+    def locate_agent(self, username, token=None):
+        token = self._session_for(p.LocateAgent, token)
+        return self.manager.locate_agent(username, token).addCallback(_address)
 
     @_translated(p.ReportActivity)
     def report_activity(self, usernames):

@@ -53,6 +53,11 @@ MIGRATIONS: List[str] = [
         username TEXT NOT NULL UNIQUE
     );
     """,
+    # 3: what the agent needs to start, sealed under the session's token
+    # (sealed_credentials.py); NULL for sessions opened before.
+    """
+    ALTER TABLE sessions ADD COLUMN sealed_credentials BLOB;
+    """,
 ]
 
 
@@ -143,6 +148,9 @@ class Database:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows (ended sessions and their sealed credentials) are
+        # overwritten with zeros, not left in free pages.
+        connection.execute("PRAGMA secure_delete=ON")
         connection.execute("PRAGMA busy_timeout=5000")
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         for number in range(version, len(MIGRATIONS)):

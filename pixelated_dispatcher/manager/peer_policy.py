@@ -3,7 +3,8 @@
 The peer's Unix credentials are read from the socket (``SO_PEERCRED``) when it
 connects; its supplementary groups from ``/proc/<pid>/status`` at the same
 moment. Root and members of the admin group may use every command; members
-of the proxy group only the proxy commands; everybody else nothing.
+of the proxy group only the proxy commands, and those that name a user's
+agent only with a live session of that user; everybody else nothing.
 """
 import grp
 import os
@@ -88,6 +89,13 @@ class PeerPolicy:
         if role == ADMIN:
             return True
         return role == PROXY and command in protocol.PROXY_COMMANDS
+
+    def needs_session(self, peer: Optional[PeerCredentials], command) -> bool:
+        """Whether ``peer`` must show a live session of the user a command
+        names (``EnsureAgent``, ``LocateAgent``): everybody but admins, so
+        that a compromised proxy reaches only the agents of users whose
+        session it holds."""
+        return command in protocol.SESSION_BOUND_COMMANDS and self.role(peer) != ADMIN
 
     @classmethod
     def for_groups(cls, admin_group: Optional[str], proxy_group: Optional[str]) -> "PeerPolicy":

@@ -19,10 +19,11 @@ from twisted.python.threadpool import ThreadPool
 
 from ..protocol import (AgentAddress, AgentNotRunning, BadRequest, InvalidCredentials,
                         InvalidSession, UserExists, rate_limited, token_digest)
+from ..usernames import is_valid_username
 from .agent_accounts import AgentAccounts, UidRange
 from .agent_usage import resident_memory
 from .invalidations import Invalidations
-from .credentials import CredentialsVault
+from .credentials import credentials_line, secrets_at_login
 from .culler import AGENT_IDLE_TIMEOUT, IdleCuller
 from .database import Database
 from .legacy_import import LegacyUser, read_legacy_root
@@ -31,8 +32,9 @@ from .metrics import ManagerMetrics
 from .passwords import PRODUCTION, HashParameters, PasswordHasher
 from .providers.interface import IAgentProvider, IMeasuresMemory
 from .registry import UserRegistry
-from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE, SessionStore
-from .supervisor import FAILED, STOPPED, AgentStatus, AgentSupervisor
+from .sealed_credentials import SealBroken, seal, unseal
+from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE, SessionStore, new_token
+from .supervisor import STOPPED, AgentStatus, AgentSupervisor
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -66,9 +68,13 @@ class AgentDetails:
     node: str = ""
 
 
-#: Seconds between two sweeps of expired sessions (and of the passwords
-#: of users who have none left).
+#: Seconds between two sweeps of expired sessions (and so of the
+#: credentials sealed under them).
 SESSION_SWEEP_INTERVAL = 300.0
+
+#: The one answer to a request naming a user its session does not belong
+#: to, whether or not that user exists.
+NO_SUCH_SESSION = "no such session, or it has expired"
 
 
 class Manager(MultiService):
@@ -87,7 +93,6 @@ class Manager(MultiService):
         self._hasher = PasswordHasher(reactor, settings.hash_parameters,
                                       settings.hash_threads or None)
         self._file_pool = ThreadPool(minthreads=0, maxthreads=2, name="files")
-        self._vault = CredentialsVault(settings.leap_provider)
         self.invalidations = Invalidations()
         self.limiter = LoginLimiter(
             reactor, settings.login_free_failures, settings.login_backoff_base,
@@ -103,8 +108,8 @@ class Manager(MultiService):
         if per_node is not None:
             self.metrics.watch_nodes(per_node)
         self.supervisor = AgentSupervisor(
-            reactor, provider, os.path.join(state_dir, "users"), self._vault.line_for,
-            self._file_pool, settings.max_agents, settings.max_concurrent_starts, self.metrics)
+            reactor, provider, os.path.join(state_dir, "users"), self._file_pool,
+            settings.max_agents, settings.max_concurrent_starts, self.metrics)
         self.supervisor.on_exit(lambda username, reason: self.invalidations.agent_stopped(username))
         self.culler = IdleCuller(reactor, self.supervisor, settings.idle_timeout, self.metrics)
         self._ready: Deferred = Deferred()
@@ -151,19 +156,16 @@ class Manager(MultiService):
 
     @inlineCallbacks
     def _sweep_sessions(self):
-        """Delete expired sessions and forget the passwords of users left
-        without a live one: a password stays in memory only while a session
-        may need it to (re)start the agent. Never fails (the timer would stop)."""
+        """Delete expired sessions, and with them the credentials sealed
+        under them. Never fails (the timer would stop)."""
         try:
             purged = yield self.sessions.purge_expired()
-            forgotten = self._vault.forget_all_except((yield self.sessions.users()))
         except Exception:
             self.log.failure("sweeping expired sessions failed")
             return
-        if purged or forgotten:
-            self.log.info("{purged} expired sessions deleted; passwords of {forgotten}"
-                          " users without a session forgotten",
-                          purged=purged, forgotten=forgotten)
+        if purged:
+            self.log.info("{purged} expired sessions (and their sealed credentials) deleted",
+                          purged=purged)
 
     def ready(self) -> Deferred:
         """Fires once the database is open and agents are recovered."""
@@ -193,8 +195,9 @@ class Manager(MultiService):
             raise InvalidCredentials("invalid username or password")
         self.limiter.succeeded(username, client)
         self.metrics.login("ok")
-        self._vault.remember(username, password)
-        token = yield self.sessions.create(username, client)
+        token = new_token()
+        sealed = yield self._in_files_thread(seal, token, username, secrets_at_login(password))
+        yield self.sessions.create(username, client, token, sealed)
         self.log.info("{username} logged in from {client}", username=username, client=client)
         return token
 
@@ -207,46 +210,79 @@ class Manager(MultiService):
 
     @inlineCallbacks
     def end_session(self, token: str):
-        """Log out. When it was the user's last session, stop the agent and
-        forget the password."""
+        """Log out (deleting the credentials sealed under the session). When
+        it was the user's last session, stop the agent."""
         yield self.ready()
         username = yield self.sessions.end(token)
         self.invalidations.session_ended(token_digest(token))
         self.log.info("{username} logged out", username=username)
         if (yield self.sessions.count(username)) == 0:
-            self._vault.forget(username)
             yield self.supervisor.stop(username, reason="logout")
         return username
 
     @inlineCallbacks
-    def ensure_agent(self, username: str, reason: str = "request"):
+    def _require_owner(self, username: str, token: Optional[str]):
+        """With a token: it must be a live session of ``username``, else
+        ``InvalidSession`` -- the same answer for another user's name, a
+        name nobody has and a name that breaks the rule, so that a proxy
+        learns nothing about users whose session it does not hold. Without
+        one (admin peers only; ``amp_server`` sees to that): the user must
+        exist."""
+        if token is None:
+            yield self.users.require(username)
+            return
+        owner = None
+        if is_valid_username(username):
+            owner = yield self.sessions.resolve(token)
+        if owner != username:
+            raise InvalidSession(NO_SUCH_SESSION)
+
+    @inlineCallbacks
+    def ensure_agent(self, username: str, token: Optional[str] = None,
+                     reason: str = "request"):
+        """The address of the user's agent, started if needed with the
+        credentials sealed under the session ``token``. Without a token
+        (an operator) a stopped agent is not started: it would have no
+        password (``AgentStartFailed`` says so)."""
         yield self.ready()
-        yield self.users.require(username)
-        if reason == "request" and self.supervisor.state(username) in (STOPPED, FAILED) \
-                and not self._vault.knows(username) and (yield self.sessions.count(username)):
-            yield self._password_lost(username)
-        address = yield self.supervisor.ensure(username, reason)
+        yield self._require_owner(username, token)
+        credentials = None
+        if token is not None:
+            def credentials():
+                return self._open_credentials(username, token)
+        address = yield self.supervisor.ensure(username, reason, credentials)
         return address
 
     @inlineCallbacks
-    def _password_lost(self, username: str):
-        """The agent of a logged-in user must start, and it needs the user's
-        password (the Pixelated agent unlocks the mailbox with it), which
-        this manager never learnt: it restarted since the login (agents
-        did not survive, e.g. a reboot) or culled an agent it had adopted.
-        Starting with an empty password would give the user a mailbox that
-        cannot open; ending the sessions makes the proxy ask for the
-        password again, and the next login starts the agent properly."""
-        count = yield self._revoke(username)
-        self.log.info("{username} must log in again: the agent needs the password, which"
-                      " this manager does not know ({count} sessions ended)",
-                      username=username, count=count)
-        raise InvalidSession("the agent of %s needs the password: log in again" % (username,))
+    def _open_credentials(self, username: str, token: str):
+        """The credentials line sealed under this session at login.
+
+        A session without a record that opens (one opened before the
+        manager sealed them, or a record altered on disk) cannot start the
+        agent properly, and an agent is never started without its password:
+        the session ends and the browser is sent to the login form, whose
+        next login seals a fresh record."""
+        record = yield self.sessions.sealed_credentials(token)
+        problem = "it has none (it predates sealed credentials)"
+        if record is not None:
+            try:
+                secrets = yield self._in_files_thread(unseal, token, username, record)
+            except SealBroken as error:
+                problem = str(error)
+            else:
+                return credentials_line(self.settings.leap_provider, username, secrets)
+        yield self.sessions.end(token).addErrback(lambda f: f.trap(InvalidSession))
+        self.invalidations.session_ended(token_digest(token))
+        self.log.warn("a session of {username} ended: its agent must start, and the"
+                      " credentials sealed under the session do not open: {problem}",
+                      username=username, problem=problem)
+        raise InvalidSession("the agent of %s needs the credentials of a new login"
+                             % (username,))
 
     @inlineCallbacks
-    def locate_agent(self, username: str):
+    def locate_agent(self, username: str, token: Optional[str] = None):
         yield self.ready()
-        yield self.users.require(username)
+        yield self._require_owner(username, token)
         agent = self.supervisor.running().get(username)
         if agent is None:
             raise AgentNotRunning("the agent of %s is not running" % (username,))
@@ -282,8 +318,9 @@ class Manager(MultiService):
 
     @inlineCallbacks
     def _revoke(self, username: str):
+        """End every session of the user, and so delete every record of
+        their credentials."""
         count = yield self.sessions.end_all(username)
-        self._vault.forget(username)
         self.invalidations.sessions_revoked(username)
         return count
 
@@ -298,8 +335,7 @@ class Manager(MultiService):
         # and asking for it to be started again.
         yield self._revoke(username)
         yield self.supervisor.stop(username, reason="user removed")
-        yield self.users.remove(username)
-        self._vault.forget(username)
+        yield self.users.remove(username)  # its sessions and sealed records go too
         self.invalidations.sessions_revoked(username)
         if purge:
             yield self._in_files_thread(shutil.rmtree,
@@ -335,7 +371,11 @@ class Manager(MultiService):
         yield self.supervisor.stop(username, reason="operator")
 
     def start_agent(self, username: str) -> "Deferred[AgentAddress]":
-        return self.ensure_agent(username, reason="operator")
+        """``pixelated-ctl start``: the operator holds no session, so this
+        answers the address of a running agent and refuses to start a stopped
+        one (it would start without its password, and its user would later
+        be served an agent that cannot open their mailbox)."""
+        return self.ensure_agent(username, None, reason="operator")
 
     @inlineCallbacks
     def agent_info(self, username: str):

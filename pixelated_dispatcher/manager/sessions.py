@@ -2,6 +2,9 @@
 
 The browser holds an opaque random token (256 bits); the database holds only
 its SHA-256, so a copy of the database does not give away live sessions.
+Next to it, each row keeps what the user's agent needs to start, sealed under
+that token (``sealed_credentials``): deleting the row, however a session
+ends, destroys the record with it.
 A session ends on logout, when revoked, after ``idle_timeout`` seconds
 without use, or ``max_age`` seconds after login, whichever comes first.
 """
@@ -18,6 +21,11 @@ from .database import Database
 
 #: Do not rewrite ``last_seen`` more often than this (keeps lookups read-only).
 _TOUCH_INTERVAL = 60.0
+
+
+def new_token() -> str:
+    """A fresh session token: 256 random bits, URL-safe."""
+    return secrets.token_urlsafe(32)
 
 
 def _digest(token: str) -> bytes:
@@ -40,17 +48,33 @@ class SessionStore:
         self.idle_timeout = idle_timeout
         self.max_age = max_age
 
-    def create(self, username: str, client: str = "") -> "Deferred[str]":
-        """A new session for ``username``; fires with its token."""
-        token = secrets.token_urlsafe(32)
+    def create(self, username: str, client: str = "", token: Optional[str] = None,
+               sealed_credentials: Optional[bytes] = None) -> "Deferred[str]":
+        """A new session for ``username``; fires with its token (``token``
+        if given: one from :func:`new_token` that the credentials were
+        sealed under)."""
+        token = token or new_token()
         now = self._clock.seconds()
 
         def insert(connection: sqlite3.Connection) -> str:
             connection.execute(
-                "INSERT INTO sessions (token_hash, username, created, last_seen, client)"
-                " VALUES (?, ?, ?, ?, ?)", (_digest(token), username, now, now, client[:200]))
+                "INSERT INTO sessions (token_hash, username, created, last_seen, client,"
+                " sealed_credentials) VALUES (?, ?, ?, ?, ?, ?)",
+                (_digest(token), username, now, now, client[:200], sealed_credentials))
             return token
         return self._database.run(insert)
+
+    def sealed_credentials(self, token: str) -> "Deferred[Optional[bytes]]":
+        """The sealed record of a session (None: no such session, or one
+        opened before records were sealed)."""
+        digest = _digest(token)
+
+        def lookup(connection) -> Optional[bytes]:
+            row = connection.execute(
+                "SELECT sealed_credentials FROM sessions WHERE token_hash = ?",
+                (digest,)).fetchone()
+            return bytes(row[0]) if row and row[0] is not None else None
+        return self._database.run(lookup)
 
     def resolve(self, token: str) -> "Deferred[str]":
         """The user name of a live session, or fail with InvalidSession."""

@@ -12,6 +12,12 @@ start and one stop in flight: concurrent requests share one start, a stop
 asked for during a start waits for it and then stops, a start asked for
 during a stop waits for it and then starts again.
 
+Credentials: an agent starts with the credentials line that ``ensure`` is
+given a way to fetch (the manager opens them with the session token of the
+request); fetched only when a start actually happens, and dropped once the
+provider has it. Without one (an operator holds no session), a running
+agent's address is answered but nothing is started.
+
 Capacity: at most ``max_agents`` agents run or start at once (0: no limit;
 beyond it a start fails with ``CapacityReached``), and at most
 ``max_concurrent_starts`` starts are in progress at once; the others wait
@@ -32,6 +38,9 @@ from ..fanout import SharedResult, tell_all
 from ..protocol import AgentAddress, AgentStartFailed, CapacityReached
 from .metrics import ManagerMetrics
 from .providers.interface import AgentStartError, IAgentProvider, RunningAgent
+
+#: fetches an agent's credentials line (a Deferred of bytes) when it must start
+CredentialsSource = Callable[[], Deferred]
 
 STOPPED = "stopped"
 STARTING = "starting"
@@ -55,13 +64,12 @@ class AgentSupervisor:
     log = Logger()
 
     def __init__(self, reactor: Any, provider: IAgentProvider, data_root: str,
-                 credentials: Callable[[str], bytes], file_pool: ThreadPool,
+                 file_pool: ThreadPool,
                  max_agents: int = 0, max_concurrent_starts: int = 0,
                  metrics: Optional[ManagerMetrics] = None) -> None:
         self._reactor = reactor
         self._provider = provider
         self._data_root = data_root
-        self._credentials = credentials
         self._file_pool = file_pool
         self.max_agents = max_agents
         self._start_slots = DeferredSemaphore(max_concurrent_starts) \
@@ -117,20 +125,28 @@ class AgentSupervisor:
                 STARTING: len(self._starting), STOPPING: len(self._stopping),
                 FAILED: len(self._failures)}
 
-    def ensure(self, username: str, reason: str = "request") -> "Deferred[AgentAddress]":
-        """The address of the user's agent, started first if needed.
+    def ensure(self, username: str, reason: str = "request",
+               credentials: Optional[CredentialsSource] = None) -> "Deferred[AgentAddress]":
+        """The address of the user's agent, started first if needed with
+        the line ``credentials()`` gives; without ``credentials`` a stopped
+        agent is not started (``AgentStartFailed`` says why).
 
         The caller has checked that the user exists.
         """
         if username in self._stopping:
             d = self._stopping[username].wait()
-            d.addBoth(lambda _: self.ensure(username, reason))
+            d.addBoth(lambda _: self.ensure(username, reason, credentials))
             return d
         if username in self._starting:
             return self._starting[username].wait()
         agent = self._provider.running().get(username)
         if agent is not None:
             return succeed(agent.address)
+        if credentials is None:
+            return maybeDeferred(_raise, AgentStartFailed(
+                "the agent of %s is not running, and it starts only with the credentials"
+                " sealed under %s's session: it starts at their next login or request"
+                % (username, username)))
         # Agents being stopped still hold their memory: they count.
         busy = len(set(self._provider.running()) | set(self._stopping)) + len(self._starting)
         if self.max_agents and busy >= self.max_agents:
@@ -141,7 +157,8 @@ class AgentSupervisor:
             return maybeDeferred(_raise, CapacityReached(
                 "capacity reached: %d agents run already; retry after 60 seconds"
                 % self.max_agents))
-        return self._track(self._starting, username, lambda: self._start(username, reason))
+        return self._track(self._starting, username,
+                           lambda: self._start(username, reason, credentials))
 
     def stop(self, username: str, reason: str = "operator") -> Deferred:
         """Stop the user's agent (after a start in flight has finished)."""
@@ -162,21 +179,23 @@ class AgentSupervisor:
         """The manager is shutting down: leave the agents as the provider wants."""
         return self._provider.close()
 
-    def _start(self, username: str, reason: str) -> Deferred:
+    def _start(self, username: str, reason: str, credentials: CredentialsSource) -> Deferred:
         if self._start_slots is None:
-            return self._start_now(username, reason)
-        return self._start_slots.run(self._start_now, username, reason)
+            return self._start_now(username, reason, credentials)
+        return self._start_slots.run(self._start_now, username, reason, credentials)
 
     @inlineCallbacks
-    def _start_now(self, username: str, reason: str) -> Generator[Deferred, Any, AgentAddress]:
+    def _start_now(self, username: str, reason: str,
+                   credentials: CredentialsSource) -> Generator[Deferred, Any, AgentAddress]:
         self._failures.pop(username, None)
+        line = yield credentials()
         self.log.info("agent of {username}: starting ({reason})", username=username,
                       reason=reason)
         began = time.monotonic()
         data_dir = self.data_dir(username)
         yield deferToThreadPool(self._reactor, self._file_pool, _make_private_dir, data_dir)
         try:
-            agent = yield self._provider.start(username, data_dir, self._credentials(username))
+            agent = yield self._provider.start(username, data_dir, line)
         except AgentStartError as error:
             self._failures[username] = str(error)
             self.log.warn("agent of {username}: failed to start: {reason}",

@@ -156,7 +156,7 @@ class LoginResource(Resource):
                 return
             log.info("{username} logged in", username=username)
             # Start the agent now; the waiting page follows its progress.
-            self._cache.ensure(username).addErrback(lambda f: None)
+            self._cache.ensure(username, token).addErrback(lambda f: None)
             pages.redirect(request, with_next(pages.STARTING_PATH, next_path))
 
         def refused(failure: Failure) -> None:

@@ -23,9 +23,17 @@ the one session) at once, tunnels and long polls included. After a
 reconnection (pushes may have been missed) the sessions of open exchanges
 are asked about again, and those that ended are closed.
 
-It also shares agent starts: every request of a user whose agent is not
-known to run waits on the same ``ensure_agent``, and the last start failure
-is kept for the waiting page. And it collects which users were active, and
+It also shares agent starts: every request of a session whose agent is not
+known to run waits on the same ``ensure_agent`` (which carries that
+session's token: the manager answers only for the token's own user, and the
+agent starts with the credentials sealed under it), and the last start
+failure of each session is kept for the waiting page.
+
+An address is cached per user, and used only for a request whose session
+resolved to that user (the session gate resolves first, then asks here by
+the resolved name); the manager gave it against a session of that user.
+
+And it collects which users were active, and
 reports them to the manager in batches every :data:`ACTIVITY_INTERVAL`
 seconds, for idle culling (a user with an open tunnel counts as active at
 every report, until the tunnel closes).
@@ -70,7 +78,9 @@ class ManagerCache:
         self._digests: Dict[str, str] = {}
         #: username → (address, expiry)
         self._addresses: Dict[str, Tuple[AgentAddress, float]] = {}
-        self._starts: Dict[str, SharedResult] = {}
+        #: (username, token) → that session's ensure_agent in flight
+        self._starts: Dict[Tuple[str, str], SharedResult] = {}
+        #: token → the failure of its last start, until shown
         self._start_failures: Dict[str, Failure] = {}
         self._active: Set[str] = set()
         #: requests forwarded to agents and not finished (tunnels included)
@@ -134,6 +144,7 @@ class ManagerCache:
         self._drop_session(token)
 
     def _drop_session(self, token: str) -> None:
+        self._start_failures.pop(token, None)
         entry = self._sessions.pop(token, None)
         if entry is not None:
             self._digests.pop(entry[2], None)
@@ -152,35 +163,39 @@ class ManagerCache:
 
     def starting(self, username: str) -> bool:
         """Whether an ``ensure_agent`` for the user is in flight."""
-        return username in self._starts
+        return any(name == username for name, _ in self._starts)
 
-    def start_failure(self, username: str) -> Optional[Failure]:
-        """The failure of the user's last start, once (then forgotten)."""
-        return self._start_failures.pop(username, None)
+    def start_failure(self, token: str) -> Optional[Failure]:
+        """The failure of the last start asked for with this session, once
+        (then forgotten)."""
+        return self._start_failures.pop(token, None)
 
-    def ensure(self, username: str) -> Deferred:
-        """The user's agent address: cached, or from one shared
-        ``ensure_agent`` call (which starts the agent if needed)."""
+    def ensure(self, username: str, token: str) -> Deferred:
+        """The agent address of ``username``, whose session ``token`` is:
+        cached, or from one ``ensure_agent`` call shared by the session's
+        requests (which starts the agent if needed)."""
         cached = self.cached_address(username)
         if cached is not None:
             return succeed(cached)
-        shared = self._starts.get(username)
+        key = (username, token)
+        shared = self._starts.get(key)
         if shared is not None:
             return shared.wait()
-        self._start_failures.pop(username, None)
+        self._start_failures.pop(token, None)
         generation = self._generation
 
         def done(result: Any) -> Any:
             # Before any waiter hears it: they find the state it leaves.
-            self._starts.pop(username, None)
+            self._starts.pop(key, None)
             if isinstance(result, Failure):
-                self._start_failures[username] = result
+                self._start_failures[token] = result
             elif generation == self._generation:
                 self._addresses[username] = (result, self._clock.seconds() + self._ttl())
             return result
-        shared = SharedResult(maybeDeferred(self.manager.ensure_agent, username).addBoth(done))
+        shared = SharedResult(
+            maybeDeferred(self.manager.ensure_agent, username, token).addBoth(done))
         if not shared.done:
-            self._starts[username] = shared
+            self._starts[key] = shared
         return shared.wait()
 
     def forget_address(self, username: str) -> None:

@@ -256,8 +256,8 @@ class AMPManagerClient:
     def end_session(self, token: str) -> Deferred:
         return self._call(EndSession, token=token).addCallback(lambda r: r["username"])
 
-    def ensure_agent(self, username: str) -> Deferred:
-        return self._call(EnsureAgent, username=username).addCallback(
+    def ensure_agent(self, username: str, token: str) -> Deferred:
+        return self._call(EnsureAgent, username=username, token=token).addCallback(
             lambda r: AgentAddress(host=r["host"], port=r["port"]))
 
     def report_activity(self, usernames: Any) -> Deferred:

@@ -54,10 +54,13 @@ class IManager(Interface):
         the user's last one); fires with the user name or fails with
         ``InvalidSession``. Subscribers hear ``session_ended``."""
 
-    def ensure_agent(username):
+    def ensure_agent(username, token):
         """Deferred firing with the :class:`~pixelated_dispatcher.protocol.AgentAddress`
         of the user's running agent, starting it first if needed; fails with
-        ``AgentStartFailed`` or ``CapacityReached``."""
+        ``AgentStartFailed`` or ``CapacityReached``. ``token`` is the session
+        of the request: unless it is a live session of ``username``, fails
+        with ``InvalidSession`` (also when there is no such user). The agent
+        starts with the credentials sealed under that session at login."""
 
     def report_activity(usernames):
         """Deferred: tell the manager these users' agents were used (for idle

@@ -2,7 +2,8 @@
 gets the request.
 
 cookie → session (cache, else ``resolve_session``) → user name → agent
-address (cache, else one shared ``ensure_agent``) → forwarder. Without a
+address (cache, else one shared ``ensure_agent`` with the session's token,
+without which the manager neither answers nor starts) → forwarder. Without a
 valid session, browsers are sent to the login form (remembering the page)
 and scripts get 401. When the agent is not known to run, the gate waits a
 moment (:data:`START_GRACE`) for the manager; if the agent is still starting
@@ -139,11 +140,12 @@ class SessionGate(Resource):
         # it is open).
         self._cache.exchanges.opened(request, username, token, wants_upgrade(request))
         self._forwarder.forward(request, address,
-                                lambda request: self._agent_gone(request, username), username)
+                                lambda request: self._agent_gone(request, token, username),
+                                username)
 
     def _start_then_forward(self, request: IRequest, token: str, username: str) -> None:
         gone = Disconnection.watch(request)
-        d = self._cache.ensure(username)
+        d = self._cache.ensure(username, token)
         answered = []
         timer = None
         if not d.called and (pages.is_script_request(request)
@@ -165,17 +167,18 @@ class SessionGate(Resource):
             if timer is not None and timer.active():
                 timer.cancel()
             if not (answered or gone.happened):
-                self._cache.start_failure(username)  # shown here, not again
+                self._cache.start_failure(token)  # shown here, not again
                 answer_failure(request, failure, self._cache, token, local_path(request.uri))
 
         d.addCallbacks(ready, failed)
         d.addErrback(last_resort(request, gone))
 
-    def _agent_gone(self, request: IRequest, username: str) -> None:
-        """The agent did not answer at its address: start it again; the
+    def _agent_gone(self, request: IRequest, token: str, username: str) -> None:
+        """The agent did not answer at its address: start it again (with
+        this request's session, which opens the agent's credentials); the
         browser waits on the waiting page, scripts are told to retry."""
         self._cache.forget_address(username)
-        self._cache.ensure(username).addErrback(_ignore)
+        self._cache.ensure(username, token).addErrback(_ignore)
         if request.finished or getattr(request, "_disconnected", False):
             return
         pages.agent_starting(request, local_path(request.uri))

@@ -52,11 +52,11 @@ class StartingPage(Resource):
             if self._cache.cached_address(username) is not None:
                 pages.redirect(request, next_path)
                 return None
-            failure = self._cache.start_failure(username)
+            failure = self._cache.start_failure(token)
             if failure is not None:
                 answer_failure(request, failure, self._cache, token, next_path)
                 return None
-            started = self._cache.ensure(username)
+            started = self._cache.ensure(username, token)
             answered = []
 
             def too_slow() -> None:
@@ -97,7 +97,7 @@ class StartingPage(Resource):
 
     def _failed(self, request: IRequest, failure: Failure, username: str,
                 token: str, next_path: bytes) -> None:
-        self._cache.start_failure(username)
+        self._cache.start_failure(token)
         answer_failure(request, failure, self._cache, token, next_path)
 
     def render(self, request: IRequest) -> Any:

@@ -19,10 +19,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from ..protocol import (AgentAddress, AgentStartFailed, CapacityReached,
-                        InvalidCredentials, InvalidSession, InvalidUsername,
-                        UnknownUser, rate_limited, token_digest)
+                        InvalidCredentials, InvalidSession, rate_limited, token_digest)
 from ..proxy.manager_interface import IManager, ManagerUnavailable
-from ..usernames import is_valid_username
 
 #: Where agents of users without a configured address pretend to be.
 FIRST_FAKE_PORT = 47001
@@ -151,13 +149,12 @@ class FakeManager:
             self.stop_agent(username)
         return succeed(username)
 
-    def ensure_agent(self, username: str) -> Deferred:
+    def ensure_agent(self, username: str, token: str) -> Deferred:
         if not self.reachable:
             return self._unreachable()
-        if not is_valid_username(username):
-            return fail(InvalidUsername(username))
-        if username not in self.users:
-            return fail(UnknownUser(username))
+        if self.sessions.get(token) != username:
+            # as the real manager: one answer, whether or not the user exists
+            return fail(InvalidSession("no such session, or it has expired"))
         self.ensures += 1
         if username in self._slow:
             d: Deferred = Deferred()

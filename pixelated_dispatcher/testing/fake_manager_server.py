@@ -89,10 +89,10 @@ class FakeManagerResponder(amp.CommandLocator):
             lambda username: {"username": username})
 
     @EnsureAgent.responder
-    def ensure_agent(self, username: str) -> Deferred:
+    def ensure_agent(self, username: str, token: Optional[str] = None) -> Deferred:
         def answer(address: AgentAddress) -> Dict[str, Any]:
             return {"host": address.host, "port": address.port}
-        return self.manager.ensure_agent(username).addCallback(answer)
+        return self.manager.ensure_agent(username, token or "").addCallback(answer)
 
 
 class ManagerConnection(amp.AMP):

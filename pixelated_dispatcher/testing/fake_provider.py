@@ -7,6 +7,7 @@ crash. It passes the same contract suite as the process provider
 (``pixelated_dispatcher.testing.provider_contract``), which keeps it honest: a manager test that
 passes against the fake should pass against the real thing.
 """
+import hashlib
 import json
 from typing import Dict, Iterable, List, Optional
 
@@ -164,6 +165,7 @@ class FakeProvider:
             "credentials_user": data.get("user"),
             "leap_provider_hostname": data.get("leap_provider_hostname"),
             "password_received": bool(data.get("password")),
+            "credentials_sha256": hashlib.sha256(self.credentials[username]).hexdigest(),
         }
 
     # -- IAgentProvider -----------------------------------------------------

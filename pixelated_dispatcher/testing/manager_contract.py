@@ -22,8 +22,10 @@ object with
   test of the ``SessionsRevoked`` push is skipped;
 
 and registers its own cleanups with ``test_case.addCleanup``. A fresh user's
-``ensure_agent`` is expected to succeed with some address, so the real
-manager's fixture needs an agent command that starts.
+``ensure_agent`` (with a token of that user's session) is expected to
+succeed with some address, so the real manager's fixture needs an agent
+command that starts. The real fixture talks to the manager as a proxy-group
+peer (not an admin), as the proxy does.
 
 The tests are trial ``TestCase`` methods returning Deferreds, so a fixture
 may use the real reactor (sockets, processes).
@@ -162,32 +164,70 @@ def manager_contract_tests(make_fixture: Callable[[TestCase], Any]) -> type:
                 InvalidSession)
 
         @inlineCallbacks
+        def log_in(self, username: str, password: str) -> Any:
+            yield self.add_user(username, password)
+            token = yield self.manager.authenticate(username, password, "192.0.2.1")
+            return token
+
+        @inlineCallbacks
         def test_ensure_agent_gives_an_address(self) -> Any:
-            yield self.add_user("alice", "a-secret")
-            address = yield self.manager.ensure_agent("alice")
+            token = yield self.log_in("alice", "a-secret")
+            address = yield self.manager.ensure_agent("alice", token)
             self.assertIsInstance(address, AgentAddress)
             self.assertIsInstance(address.host, str)
             self.assertTrue(0 < address.port < 65536)
 
         @inlineCallbacks
         def test_ensure_agent_twice_gives_the_same_agent(self) -> Any:
-            yield self.add_user("alice", "a-secret")
-            first = yield self.manager.ensure_agent("alice")
-            second = yield self.manager.ensure_agent("alice")
+            token = yield self.log_in("alice", "a-secret")
+            first = yield self.manager.ensure_agent("alice", token)
+            second = yield self.manager.ensure_agent("alice", token)
             self.assertEqual(first, second)
 
         @inlineCallbacks
+        def test_another_session_of_the_user_finds_the_same_agent(self) -> Any:
+            first = yield self.log_in("alice", "a-secret")
+            second = yield self.manager.authenticate("alice", "a-secret", "192.0.2.9")
+            address = yield self.manager.ensure_agent("alice", first)
+            self.assertEqual((yield self.manager.ensure_agent("alice", second)), address)
+
+        @inlineCallbacks
         def test_users_get_different_agents(self) -> Any:
-            yield self.add_user("alice", "a-secret")
-            yield self.add_user("bob", "b-secret")
-            alice = yield self.manager.ensure_agent("alice")
-            bob = yield self.manager.ensure_agent("bob")
+            alice_token = yield self.log_in("alice", "a-secret")
+            bob_token = yield self.log_in("bob", "b-secret")
+            alice = yield self.manager.ensure_agent("alice", alice_token)
+            bob = yield self.manager.ensure_agent("bob", bob_token)
             self.assertNotEqual(alice, bob)
 
         @inlineCallbacks
+        def test_no_agent_without_a_session_of_that_user(self) -> Any:
+            # A compromised proxy holding alice's session asks for bob's
+            # agent, for a user nobody has, for a name breaking the rule, or
+            # with no session at all: one answer, which tells nothing.
+            alice = yield self.log_in("alice", "a-secret")
+            yield self.add_user("bob", "b-secret")
+            answers = []
+            for username, token in (("bob", alice), ("nobody", alice), ("../etc", alice),
+                                    ("bob", "no-such-session-token-at-all"), ("bob", "")):
+                failure = yield self.assert_fails_with(
+                    lambda: self.manager.ensure_agent(username, token), InvalidSession)
+                answers.append(str(failure))
+            self.assertEqual(len(set(answers)), 1, answers)
+            # and alice's own session still works
+            self.assertIsInstance((yield self.manager.ensure_agent("alice", alice)),
+                                  AgentAddress)
+
+        @inlineCallbacks
+        def test_an_ended_session_starts_no_agent(self) -> Any:
+            token = yield self.log_in("alice", "a-secret")
+            yield self.manager.end_session(token)
+            yield self.assert_fails_with(
+                lambda: self.manager.ensure_agent("alice", token), InvalidSession)
+
+        @inlineCallbacks
         def test_activity_reports_are_accepted(self) -> Any:
-            yield self.add_user("alice", "a-secret")
-            yield self.manager.ensure_agent("alice")
+            token = yield self.log_in("alice", "a-secret")
+            yield self.manager.ensure_agent("alice", token)
             yield self.manager.report_activity(["alice"])
             yield self.manager.report_activity([])
 
@@ -237,7 +277,7 @@ def manager_contract_tests(make_fixture: Callable[[TestCase], Any]) -> type:
             listener = RecordingListener()
             yield self.manager.subscribe(listener)
             token = yield self.manager.authenticate("alice", "a-secret", "192.0.2.1")
-            yield self.manager.ensure_agent("alice")
+            yield self.manager.ensure_agent("alice", token)
             yield self.manager.end_session(token)
             self.assertTrue((yield heard(listener, ("agent_stopped", "alice"))),
                             listener.events)
