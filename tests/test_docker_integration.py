@@ -157,7 +157,9 @@ class DockerDispatcherTests(SynchronousTestCase):
         stack.dispatcher.add_user("bob", "bob password 2")
         browser = stack.browser()
         self.assertEqual(browser.log_in("bob", "bob password 2").status, 303)
-        self.assertEqual(agent_page(browser).text.strip(), "Mailbox of bob")
+        page = agent_page(browser)
+        self.assertEqual(page.text.strip(), "Mailbox of bob", (page.status, page.text[:300],
+                                                               stack.logs()))
         stack.dispatcher.stop_manager()
         stack.dispatcher.start_manager()
         wait_until(lambda: stack.info("bob").get("state") == "running", 15,

@@ -65,11 +65,11 @@ class FakeManager:
         self.users[username] = password
 
     def place_agent(self, username: str, address: AgentAddress) -> None:
-        """Make ``ensure_agent(username)`` answer ``address``."""
+        """Make ``ensure_agent(username, token)`` answer ``address``."""
         self._agents[username] = address
 
     def fail_agent_start(self, username: str, reason: str = "the agent did not start") -> None:
-        """Make ``ensure_agent(username)`` fail with ``AgentStartFailed``."""
+        """Make ``ensure_agent(username, token)`` fail with ``AgentStartFailed``."""
         self._agents[username] = AgentStartFailed(reason)
 
     def rate_limit(self, seconds: Optional[int]) -> None:
@@ -77,11 +77,11 @@ class FakeManager:
         self._rate_limit = seconds
 
     def reach_capacity(self, username: str) -> None:
-        """Make ``ensure_agent(username)`` fail with ``CapacityReached``."""
+        """Make ``ensure_agent(username, token)`` fail with ``CapacityReached``."""
         self._agents[username] = CapacityReached("capacity reached")
 
     def slow_start(self, username: str) -> None:
-        """Make ``ensure_agent(username)`` wait until :meth:`finish_start`."""
+        """Make ``ensure_agent(username, token)`` wait until :meth:`finish_start`."""
         self._slow.add(username)
 
     def finish_start(self, username: str) -> None:
