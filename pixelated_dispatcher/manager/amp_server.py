@@ -15,7 +15,7 @@ need not). A connection that sends ``Subscribe`` receives the manager's
 invalidations (``SessionEnded``, ``SessionsRevoked``, ``AgentStopped``).
 """
 from functools import wraps
-from typing import Optional
+from typing import Optional, Type
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import Factory
@@ -97,7 +97,7 @@ class ManagerLocator(amp.CommandLocator):
     def end_session(self, token):
         return self.manager.end_session(token).addCallback(lambda u: {"username": u})
 
-    def _session_for(self, command, token):
+    def _session_for(self, command: Type[amp.Command], token: Optional[str]) -> Optional[str]:
         """The token to check (None: an admin asking without one); a peer
         that must show a session and shows none gets ``InvalidSession``."""
         if not token:

@@ -90,7 +90,8 @@ class PeerPolicy:
             return True
         return role == PROXY and command in protocol.PROXY_COMMANDS
 
-    def needs_session(self, peer: Optional[PeerCredentials], command) -> bool:
+    def needs_session(self, peer: Optional[PeerCredentials],
+                      command: Type[amp.Command]) -> bool:
         """Whether ``peer`` must show a live session of the user a command
         names (``EnsureAgent``, ``LocateAgent``): everybody but admins, so
         that a compromised proxy reaches only the agents of users whose

@@ -7,7 +7,7 @@ and the idle culler, starts them in order and stops them in reverse.
 """
 import os
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import attr
 from twisted.application.internet import TimerService
@@ -246,9 +246,9 @@ class Manager(MultiService):
         password (``AgentStartFailed`` says so)."""
         yield self.ready()
         yield self._require_owner(username, token)
-        credentials = None
+        credentials: Optional[Callable[[], Deferred]] = None
         if token is not None:
-            def credentials():
+            def credentials() -> Deferred:
                 return self._open_credentials(username, token)
         address = yield self.supervisor.ensure(username, reason, credentials)
         return address
