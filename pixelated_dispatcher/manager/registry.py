@@ -4,9 +4,10 @@ Every name is checked against the one user name rule before it reaches the
 database; every password is hashed or verified in the hashing pool.
 """
 import sqlite3
-from typing import List, Optional
+from typing import Any, Generator, List, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 
 from ..protocol import InvalidUsername, UnknownUser, UserExists
 from ..usernames import InvalidUsernameError, check_username, is_valid_username
@@ -24,13 +25,13 @@ def _checked(username: str) -> str:
 class UserRegistry:
     """Adds, removes, lists and authenticates users."""
 
-    def __init__(self, database: Database, hasher: PasswordHasher, clock) -> None:
+    def __init__(self, database: Database, hasher: PasswordHasher, clock: IReactorTime) -> None:
         self._database = database
         self._hasher = hasher
         self._clock = clock
 
     @inlineCallbacks
-    def add(self, username: str, password: str):
+    def add(self, username: str, password: str) -> Generator[Deferred, Any, None]:
         """Add a user; fails with InvalidUsername or UserExists."""
         _checked(username)
         if (yield self.exists(username)):
@@ -39,7 +40,7 @@ class UserRegistry:
         yield self.add_with_hash(username, encoded)
 
     @inlineCallbacks
-    def remove(self, username: str):
+    def remove(self, username: str) -> Generator[Deferred, Any, None]:
         """Remove a user and (by cascade) their sessions; fails with UnknownUser."""
         _checked(username)
         removed = yield self._database.run(
@@ -48,7 +49,7 @@ class UserRegistry:
             raise UnknownUser("no user named %s" % (username,))
 
     @inlineCallbacks
-    def set_password(self, username: str, password: str):
+    def set_password(self, username: str, password: str) -> Generator[Deferred, Any, None]:
         _checked(username)
         encoded = yield self._hasher.hash(password)
         changed = yield self._database.run(
@@ -63,7 +64,7 @@ class UserRegistry:
                                 (username,)).fetchone() is not None)
 
     @inlineCallbacks
-    def require(self, username: str):
+    def require(self, username: str) -> Generator[Deferred, Any, None]:
         """Fail with InvalidUsername or UnknownUser unless the user exists."""
         _checked(username)
         if not (yield self.exists(username)):
@@ -87,7 +88,7 @@ class UserRegistry:
         _checked(username)
         created = self._clock.seconds()
 
-        def insert(connection):
+        def insert(connection: sqlite3.Connection) -> None:
             try:
                 connection.execute(
                     "INSERT INTO users (username, password_hash, created) VALUES (?, ?, ?)",
@@ -97,7 +98,7 @@ class UserRegistry:
         return self._database.run(insert)
 
     @inlineCallbacks
-    def verify(self, username: str, password: str):
+    def verify(self, username: str, password: str) -> Generator[Deferred, Any, bool]:
         """Deferred firing True if the password is right.
 
         Unknown and invalid names take as long as a wrong password, so that
@@ -112,7 +113,7 @@ class UserRegistry:
         return ok
 
 
-def _hash_of(connection, username: str) -> Optional[str]:
+def _hash_of(connection: sqlite3.Connection, username: str) -> Optional[str]:
     row = connection.execute(
         "SELECT password_hash FROM users WHERE username = ?", (username,)).fetchone()
     return row[0] if row else None

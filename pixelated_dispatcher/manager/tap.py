@@ -7,11 +7,13 @@ protocol in ``amp_server``, who may do what in ``peer_policy``, agents in
 import os
 import shlex
 import socket
+from typing import Any, Callable, Collection, List, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -22,9 +24,12 @@ from .amp_server import ManagerAMPFactory
 from .culler import AGENT_IDLE_TIMEOUT
 from .passwords import PRODUCTION, HashParameters
 from .peer_policy import PeerPolicy, group_id
+from .providers.interface import IAgentProvider
 from .providers.process import DEMO_AGENT_COMMAND as DEFAULT_AGENT_COMMAND
 from .service import Manager, ManagerSettings
 from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE
+
+N = TypeVar("N", bound=float)
 
 log = Logger()
 
@@ -37,7 +42,7 @@ def _default_leap_provider() -> str:
     return fqdn.split(".", 1)[1] if "." in fqdn else fqdn
 
 
-def _docker_parameters(exclude):
+def _docker_parameters(exclude: Collection[str]) -> List[List[Any]]:
     """The docker provider's options, less those the manager defines itself."""
     from .providers.docker_options import DOCKER_OPT_PARAMETERS
     from .providers.swarm_options import SWARM_OPT_PARAMETERS
@@ -45,8 +50,8 @@ def _docker_parameters(exclude):
             if option[0] not in exclude]
 
 
-def _non_negative(kind):
-    def parse(text):
+def _non_negative(kind: Callable[[str], N]) -> Callable[[str], N]:
+    def parse(text: str) -> N:
         value = kind(text)
         if value < 0:
             raise ValueError("must not be negative")
@@ -56,7 +61,7 @@ def _non_negative(kind):
 
 
 class Options(usage.Options):
-    optParameters = [
+    optParameters: List[List[Any]] = [
         ["socket", None, DEFAULT_SOCKET,
          "Path of the AMP socket that the proxy and pixelated-ctl connect to."],
         ["state-dir", None, "/var/lib/pixelated",
@@ -143,7 +148,7 @@ class Options(usage.Options):
         self["socket"] = os.path.abspath(self["socket"])
 
 
-def settings_from(options) -> ManagerSettings:
+def settings_from(options: usage.Options) -> ManagerSettings:
     return ManagerSettings(
         leap_provider=options["leap-provider"],
         hash_parameters=HashParameters(options["argon2-time-cost"], options["argon2-memory"]),
@@ -159,7 +164,7 @@ def settings_from(options) -> ManagerSettings:
         agent_uids=options["agent-uid-range"] if os.getuid() == 0 else None)
 
 
-def make_provider(reactor, options):
+def make_provider(reactor: Any, options: usage.Options) -> IAgentProvider:
     if options["provider"] == "docker":
         from .providers.docker_options import make_docker_provider
         return make_docker_provider(reactor, options)
@@ -177,7 +182,7 @@ def make_provider(reactor, options):
 class _ManagerSocket(StreamServerEndpointService):
     """The AMP listener; gives the socket and its directory to the proxy group."""
 
-    def __init__(self, reactor, path: str, factory, group: str) -> None:
+    def __init__(self, reactor: Any, path: str, factory: IProtocolFactory, group: str) -> None:
         super().__init__(UNIXServerEndpoint(reactor, path, mode=0o660, wantPID=True), factory)
         self._raiseSynchronously = True
         self._path = path
@@ -197,7 +202,7 @@ class _ManagerSocket(StreamServerEndpointService):
             os.chown(path, -1, gid)
 
 
-def makeService(options, reactor=None):
+def makeService(options: usage.Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = MultiService()

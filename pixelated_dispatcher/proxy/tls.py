@@ -125,7 +125,7 @@ def server_context(key: crypto.PKey, certificate: crypto.X509, extra_chain: List
     try:
         # pyOpenSSL 24.3+ wants cryptography's objects (and warns about its own).
         context.use_certificate(certificate.to_cryptography())
-        context.use_privatekey(key.to_cryptography_key())
+        context.use_privatekey(key.to_cryptography_key())  # type: ignore[arg-type]
         for extra in extra_chain:
             context.add_extra_chain_cert(extra.to_cryptography())
     except TypeError:  # Debian 12's pyOpenSSL 23 takes only its own
@@ -296,12 +296,13 @@ class TLSListener:
         return self.options
 
 
-@attr.s(frozen=True, eq=False)
+@implementer(IStreamServerEndpoint)
+@attr.s(frozen=True, eq=False, auto_attribs=True)
 class TLSWrappedEndpoint:
     """Our TLS around any plain stream server endpoint."""
 
-    inner = attr.ib()
-    options = attr.ib()
+    inner: IStreamServerEndpoint
+    options: IOpenSSLContextFactory
 
     def listen(self, factory: Any) -> Deferred:
         return self.inner.listen(TLSMemoryBIOFactory(self.options, False, factory))

@@ -124,7 +124,7 @@ class ManagerSocket(Factory):
         self.connections: List[ManagerConnection] = []
         self.port: Optional[IListeningPort] = None
 
-    def buildProtocol(self, addr: Any) -> ManagerConnection:
+    def buildProtocol(self, addr: Any) -> ManagerConnection:  # type: ignore[override]
         locator = copy.copy(self.locator)
         protocol = ManagerConnection(locator=locator)
         locator.connection = protocol
@@ -142,7 +142,8 @@ class ManagerSocket(Factory):
             yield self.port.stopListening()
             self.port = None
         for connection in list(self.connections):
-            connection.transport.abortConnection()
+            transport: Any = connection.transport
+            transport.abortConnection()
         clock: IReactorTime = self.reactor
         while self.connections:
             yield deferLater(clock, 0.01, lambda: None)

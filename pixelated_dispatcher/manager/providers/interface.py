@@ -5,7 +5,7 @@ but nothing about users, passwords or sessions. The supervisor decides *when*;
 the provider decides *how*. Every provider (and its in-memory fake) passes the
 same contract tests in ``pixelated_dispatcher.testing.provider_contract``.
 """
-from typing import Callable, Iterable
+from typing import Callable, Dict, Iterable
 
 import attr
 from twisted.internet.defer import Deferred
@@ -58,7 +58,7 @@ class IAgentProvider(Interface):
         " root): the user's agent must then run as ``accounts(username)``."
         " A provider that runs no process of its own keeps it and ignores it.")
 
-    def recover():
+    def recover() -> Deferred:
         """Find agents that outlived a previous manager.
 
         Called once at manager start, before any ``start``. Adopts what it can
@@ -66,7 +66,7 @@ class IAgentProvider(Interface):
         :class:`RunningAgent`.
         """
 
-    def start(username, data_dir, credentials):
+    def start(username: str, data_dir: str, credentials: bytes) -> Deferred:
         """Start ``username``'s agent.
 
         :param str username: a valid user name.
@@ -78,20 +78,20 @@ class IAgentProvider(Interface):
             cleaning up whatever was started).
         """
 
-    def stop(username):
+    def stop(username: str) -> Deferred:
         """Stop ``username``'s agent (politely, then by force after a grace period).
 
         Fires with None once it is gone; does nothing if it does not run.
         """
 
-    def running():
+    def running() -> Dict[str, RunningAgent]:
         """A snapshot ``{username: RunningAgent}`` of the agents that run now."""
 
-    def on_exit(callback):
+    def on_exit(callback: ExitCallback) -> None:
         """Call ``callback(username, reason)`` whenever a started agent ends
         (crash, kill, stop). Several callbacks may be registered."""
 
-    def close():
+    def close() -> Deferred:
         """The manager shuts down: fire once the provider is in a state that a
         restarted manager can pick up from (the process provider stops its
         agents; the docker provider leaves its containers running)."""
@@ -103,6 +103,6 @@ class IMeasuresMemory(Interface):
     resident memory of each agent's process tree (``agent_usage``), which
     needs the ``pid`` of :class:`RunningAgent`."""
 
-    def memory_usage():
+    def memory_usage() -> Deferred:
         """Fires with ``{username: bytes}`` for the agents running now;
         agents that cannot be measured are left out."""

@@ -15,10 +15,15 @@ affected. The rule stays when the manager stops, because the containers do.
 """
 import functools
 import re
+from typing import Any, Callable, Coroutine, Optional, Tuple, TypeVar
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
+
+from .docker_engine import IDockerEngine
+
+T = TypeVar("T")
 
 RULE = ["PREROUTING", "!", "-i", "lo", "-d", "127.0.0.0/8",
         "-m", "comment", "--comment", "pixelated-dispatcher loopback guard", "-j", "DROP"]
@@ -29,10 +34,10 @@ MODES = ("auto", "on", "off")
 FIXED_IN = 28
 
 
-def _deferred(method):
+def _deferred(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., "Deferred[T]"]:
     """Coroutine methods that hand Deferreds to their (Twisted) callers."""
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> "Deferred[T]":
         return ensureDeferred(method(*args, **kwargs))
     return wrapper
 
@@ -53,23 +58,23 @@ class LoopbackGuard:
 
     log = Logger()
 
-    def __init__(self, reactor, mode: str = "auto", iptables: str = "iptables") -> None:
+    def __init__(self, reactor: Any, mode: str = "auto", iptables: str = "iptables") -> None:
         if mode not in MODES:
             raise ValueError("loopback guard mode must be one of %s" % ", ".join(MODES))
         self.mode = mode
         self.iptables = iptables
         self.installed = False
-        self.needed = None
+        self.needed: Optional[bool] = None
         self._reactor = reactor
 
-    async def _run(self, *args):
+    async def _run(self, *args: str) -> Tuple[int, str]:
         out, err, code = await getProcessOutputAndValue(
             self.iptables, ["-w", "5", "-t", "raw"] + list(args),
             env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}, reactor=self._reactor)
         return code, (err or out).decode("utf-8", "replace").strip()
 
     @_deferred
-    async def ensure(self, engine) -> None:
+    async def ensure(self, engine: IDockerEngine) -> None:
         """Install the rule if this engine needs it; LoopbackGuardFailed if that fails."""
         if self.installed or self.mode == "off":
             return

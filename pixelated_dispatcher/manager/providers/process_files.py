@@ -241,7 +241,7 @@ def _load_record(path: str) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
-def is_int(value) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -277,7 +277,7 @@ def scan_records(state_dir: str) -> Tuple[List[dict], List[int]]:
         if match is None:
             continue
         record = _load_record(path)
-        if not _valid_record(record, match.group(1)):
+        if record is None or not _valid_record(record, match.group(1)):
             log.warn("discarding the unreadable agent record {path}", path=path)
             _unlink(path)
             continue
