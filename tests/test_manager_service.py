@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -329,6 +330,41 @@ class ManagerTests(TestCase):
         yield self.finish_starts(manager.ensure_agent("bob", bobs_new))
         self.assertEqual(self.password_received("bob"), "bob's password")
         self.assertEqual(self.provider.launches, ["bob"])
+
+    @inlineCallbacks
+    def test_an_ended_sessions_record_is_overwritten_not_left_in_free_pages(self):
+        token = yield self.log_in("alice")
+        digest = bytes.fromhex(p.token_digest(token))
+        record = yield self.manager._database.run(lambda c: bytes(c.execute(
+            "SELECT sealed_credentials FROM sessions WHERE token_hash = ?",
+            (digest,)).fetchone()[0]))
+
+        def checkpoint(connection):
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        yield self.manager._database.run(checkpoint)
+        files = [os.path.join(self.state_dir, name) for name in os.listdir(self.state_dir)
+                 if name.startswith("dispatcher.sqlite")]
+        self.assertTrue(any(record in open(path, "rb").read() for path in files))
+        yield self.finish_starts(self.manager.end_session(token))
+        yield self.manager._database.run(checkpoint)
+        self.assertEqual([path for path in files if record in open(path, "rb").read()], [])
+
+    @inlineCallbacks
+    def test_sealing_and_opening_run_off_the_reactor_thread(self):
+        from pixelated_dispatcher.manager import service
+        threads = []
+
+        def recorded(function):
+            def run(*args):
+                threads.append((function.__name__, threading.current_thread()))
+                return function(*args)
+            return run
+        self.patch(service, "seal", recorded(service.seal))
+        self.patch(service, "unseal", recorded(service.unseal))
+        token = yield self.log_in("alice")
+        yield self.finish_starts(self.manager.ensure_agent("alice", token))
+        self.assertEqual([name for name, _ in threads], ["seal", "unseal"])
+        self.assertNotIn(threading.main_thread(), [thread for _, thread in threads])
 
     @inlineCallbacks
     def test_the_state_directory_holds_no_password(self):

@@ -93,6 +93,10 @@ class Manager(MultiService):
         self._hasher = PasswordHasher(reactor, settings.hash_parameters,
                                       settings.hash_threads or None)
         self._file_pool = ThreadPool(minthreads=0, maxthreads=2, name="files")
+        # Sealing and opening credentials take microseconds; a pool of their
+        # own keeps logins and starts from queueing behind file work (a
+        # remove --purge of a large mailbox).
+        self._sealing_pool = ThreadPool(minthreads=0, maxthreads=1, name="sealing")
         self.invalidations = Invalidations()
         self.limiter = LoginLimiter(
             reactor, settings.login_free_failures, settings.login_backoff_base,
@@ -123,6 +127,7 @@ class Manager(MultiService):
         os.chmod(self.state_dir, 0o711)
         self._hasher.start()
         self._file_pool.start()
+        self._sealing_pool.start()
         d = self._database.start()
         d.addCallback(lambda _: self.supervisor.recover())
         d.addCallback(self._started)
@@ -152,6 +157,7 @@ class Manager(MultiService):
         finally:
             self._hasher.stop()
             self._file_pool.stop()
+            self._sealing_pool.stop()
             yield self._database.stop()
 
     @inlineCallbacks
@@ -176,6 +182,9 @@ class Manager(MultiService):
     def _in_files_thread(self, function, *args) -> Deferred:
         return deferToThreadPool(self._reactor, self._file_pool, function, *args)
 
+    def _in_sealing_thread(self, function: Callable, *args: object) -> Deferred:
+        return deferToThreadPool(self._reactor, self._sealing_pool, function, *args)
+
     # --- proxy questions -----------------------------------------------------
 
     @inlineCallbacks
@@ -196,7 +205,8 @@ class Manager(MultiService):
         self.limiter.succeeded(username, client)
         self.metrics.login("ok")
         token = new_token()
-        sealed = yield self._in_files_thread(seal, token, username, secrets_at_login(password))
+        sealed = yield self._in_sealing_thread(seal, token, username,
+                                                secrets_at_login(password))
         yield self.sessions.create(username, client, token, sealed)
         self.log.info("{username} logged in from {client}", username=username, client=client)
         return token
@@ -266,7 +276,7 @@ class Manager(MultiService):
         problem = "it has none (it predates sealed credentials)"
         if record is not None:
             try:
-                secrets = yield self._in_files_thread(unseal, token, username, record)
+                secrets = yield self._in_sealing_thread(unseal, token, username, record)
             except SealBroken as error:
                 problem = str(error)
             else:
