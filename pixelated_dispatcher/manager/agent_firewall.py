@@ -1,0 +1,471 @@
+"""Only root and the proxy open connections to agents: packet filtering.
+
+The Pixelated user agent trusts whoever connects to it, and it listens on
+TCP. Any local account (or another user's agent) that learns its port
+(``ss -ltn``, ``/proc/<pid>/cmdline``) could read that user's mailbox. So the
+manager keeps an nftables table of its own that lets only two kinds of
+sockets open a connection to an agent:
+
+* sockets of uid 0: the manager's own readiness probe, and Docker's port
+  proxy (``docker-proxy`` runs as root); root is root anyway;
+* sockets whose group is ``--proxy-group`` (``meta skgid``: the group the
+  socket's creator had, i.e. the proxy's primary group; the proxy runs with
+  it, as systemd's ``Group=`` or twistd's ``--gid`` give it). Whoever is a
+  member of that group may use the proxy's manager commands already, so the
+  filter draws the line where the manager socket draws it.
+
+Everything else sent to an agent's ``address . port`` from this host is
+answered with a TCP reset (``output`` hook), and whatever arrives for it on
+another interface than ``lo`` (other hosts, containers, a namespace that
+set ``route_localnet``) is dropped (``prerouting`` hook). Both chains run at
+priority -150: after conntrack (-200), before Docker's DNAT (-100), so they
+see the destination the client asked for. A drop in any base chain is final
+in netfilter, whatever other tables (Docker's) accept, so this table can only
+take reachability away, never give it.
+
+The table is per manager instance (its name is derived from the state
+directory: two managers on one machine never touch each other's rules) and
+holds one set element per agent (``127.0.0.1 . port``), added before the
+agent is spawned and deleted after it ended: one manager's rules never
+affect ports it did not hand out. Docker networks of agents are added as a
+whole (:meth:`IAgentFirewall.protect_network`, their bridge address
+excepted), so a container's address is filtered from its first moment.
+
+The table is created (or repaired: chains rewritten, set elements kept) at
+manager start, trimmed to the adopted agents after ``recover()``, and
+removed at manager stop unless agents run on for the next manager.
+``nft`` runs as a child process (``nft -f -``), never blocking the reactor,
+one invocation at a time.
+"""
+import hashlib
+import ipaddress
+import json
+from typing import Iterable, List, Optional, Set, Tuple
+
+import attr
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+log = Logger()
+
+#: an agent's address as the filter sees it: (IPv4 address, TCP port)
+Endpoint = Tuple[str, int]
+
+#: the ``--agent-firewall`` choices
+MODES = ("auto", "nftables", "none")
+
+#: table names start with this; the rest is derived from the state directory
+TABLE_PREFIX = "pixelated_"
+
+#: priority of both base chains: after conntrack (-200), before DNAT (-100)
+PRIORITY = -150
+
+
+class FirewallError(Exception):
+    """nft refused or could not run; ``str()`` says what and why."""
+
+
+def table_name_for(instance: str) -> str:
+    """The table of the manager identified by ``instance`` (its state
+    directory): a short, stable name nft accepts."""
+    digest = hashlib.sha256(instance.encode("utf-8")).hexdigest()[:16]
+    return TABLE_PREFIX + digest
+
+
+def _check_endpoint(host: str, port: int) -> Endpoint:
+    """``(host, port)`` as the table holds it; FirewallError unless an IPv4
+    address and a TCP port (nothing else ever reaches an nft script)."""
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise FirewallError("not an IPv4 address: %r" % (host,))
+    if type(port) is not int or not 0 < port < 65536:
+        raise FirewallError("not a TCP port: %r" % (port,))
+    return str(address), port
+
+
+def _check_network(subnet: str, gateway: str) -> Tuple[str, str]:
+    try:
+        return str(ipaddress.IPv4Network(subnet)), str(ipaddress.IPv4Address(gateway))
+    except ValueError as error:
+        raise FirewallError("not an IPv4 network and gateway: %s" % (error,))
+
+
+class IAgentFirewall(Interface):
+    """Who may open connections to the manager's agents (see the module
+    docstring). Every method fires once the rule is in force (or failed,
+    with :class:`FirewallError`); calls apply in the order they were made."""
+
+    enforcing = Attribute("True if this firewall filters anything at all.")
+
+    def start():
+        """Install the table, or repair one a previous manager left: rules
+        rewritten, the agents' entries kept (agents outlive managers)."""
+
+    def protect(host, port):
+        """From now on only root and the proxy may connect to ``host:port``."""
+
+    def release(host, port):
+        """``host:port`` is no agent's any more."""
+
+    def protect_network(subnet, gateway):
+        """Every address of ``subnet`` (an agents' Docker network) but
+        ``gateway`` (the host's own address on it) is an agent's."""
+
+    def retain_only(endpoints):
+        """Drop every entry but ``endpoints`` (after adopting agents: what
+        the previous manager protected and no agent holds any more)."""
+
+    def entries():
+        """Fires with the set of protected ``(host, port)``."""
+
+    def networks():
+        """Fires with the set of protected subnets (``"198.18.32.0/24"``)."""
+
+    def close(keep):
+        """The manager stops: remove the table, unless ``keep`` (agents run
+        on, and their entries must stay for the next manager)."""
+
+
+@attr.s(auto_attribs=True, eq=False)
+class _FakeTable:
+    entries: Set[Endpoint] = attr.ib(factory=set)
+    networks: Set[str] = attr.ib(factory=set)
+    gateways: Set[str] = attr.ib(factory=set)
+
+
+@implementer(IAgentFirewall)
+@attr.s(auto_attribs=True, eq=False)
+class FakeFirewall:
+    """The in-memory firewall of unit tests; passes the contract suite
+    (``tests/agent_firewall_contract.py``) like :class:`NftablesFirewall`.
+    ``kernel`` (table name -> table) outlives a FakeFirewall as the
+    kernel's tables outlive a manager."""
+
+    table: str = "fake"
+    kernel: dict = attr.ib(factory=dict)
+    #: every call, for tests that check the order (protect before spawn)
+    calls: List[Tuple] = attr.ib(factory=list)
+    enforcing = True
+
+    @property
+    def _table(self) -> _FakeTable:
+        if self.table not in self.kernel:
+            raise FirewallError("the table %s does not exist" % (self.table,))
+        return self.kernel[self.table]
+
+    def start(self) -> Deferred:
+        self.calls.append(("start",))
+        self.kernel.setdefault(self.table, _FakeTable())
+        return defer.succeed(None)
+
+    def protect(self, host: str, port: int) -> Deferred:
+        self.calls.append(("protect", host, port))
+        return defer.maybeDeferred(lambda: self._table.entries.add(_check_endpoint(host, port)))
+
+    def release(self, host: str, port: int) -> Deferred:
+        self.calls.append(("release", host, port))
+
+        def release() -> None:
+            endpoint = _check_endpoint(host, port)
+            if self.table in self.kernel:
+                self._table.entries.discard(endpoint)
+        return defer.maybeDeferred(release)
+
+    def protect_network(self, subnet: str, gateway: str) -> Deferred:
+        self.calls.append(("protect_network", subnet, gateway))
+
+        def protect() -> None:
+            network, gateway_address = _check_network(subnet, gateway)
+            self._table.networks.add(network)
+            self._table.gateways.add(gateway_address)
+        return defer.maybeDeferred(protect)
+
+    def retain_only(self, endpoints: Iterable[Endpoint]) -> Deferred:
+        def retain() -> None:
+            keep = {_check_endpoint(host, port) for host, port in endpoints}
+            self.calls.append(("retain_only", keep))
+            self._table.entries &= keep
+        return defer.maybeDeferred(retain)
+
+    def entries(self) -> Deferred:
+        return defer.maybeDeferred(lambda: set(self._table.entries))
+
+    def networks(self) -> Deferred:
+        return defer.maybeDeferred(lambda: set(self._table.networks))
+
+    def close(self, keep: bool) -> Deferred:
+        self.calls.append(("close", keep))
+        if not keep:
+            self.kernel.pop(self.table, None)
+        return defer.succeed(None)
+
+
+@implementer(IAgentFirewall)
+class NoFirewall:
+    """No filtering (``--agent-firewall none``, or a manager that is not
+    root): agents are reachable by every local user. Says so once."""
+
+    enforcing = False
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def start(self) -> Deferred:
+        log.warn("agents are reachable by every local user and process on this host:"
+                 " no agent firewall ({why})", why=self.why)
+        return defer.succeed(None)
+
+    def protect(self, host, port) -> Deferred:
+        return defer.succeed(None)
+
+    release = protect
+
+    def protect_network(self, subnet, gateway) -> Deferred:
+        return defer.succeed(None)
+
+    def retain_only(self, endpoints) -> Deferred:
+        return defer.succeed(None)
+
+    def entries(self) -> Deferred:
+        return defer.succeed(set())
+
+    def networks(self) -> Deferred:
+        return defer.succeed(set())
+
+    def close(self, keep) -> Deferred:
+        return defer.succeed(None)
+
+
+class _NftProcess(ProcessProtocol):
+    """``nft`` with a script on stdin; fires with (stdout, stderr, status)."""
+
+    def __init__(self, script: bytes, done: Deferred) -> None:
+        self._script = script
+        self._done = done
+        self._out: List[bytes] = []
+        self._err: List[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._script)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err.append(data)
+
+    def processEnded(self, reason) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        self._done.callback((b"".join(self._out), b"".join(self._err),
+                             -1 if code is None else code))
+
+
+def _elements(endpoints: Iterable[Endpoint]) -> str:
+    return ", ".join("%s . %d" % endpoint for endpoint in sorted(endpoints))
+
+
+@implementer(IAgentFirewall)
+class NftablesFirewall:
+    """:class:`IAgentFirewall` with a table of its own in the kernel's
+    nftables (see the module docstring).
+
+    :param table: the table's name (:func:`table_name_for`).
+    :param proxy_gid: the proxy group's id (None: only root reaches agents).
+    :param comment: what the table says it is (``nft list tables`` shows it).
+    """
+
+    enforcing = True
+
+    def __init__(self, reactor, table: str, proxy_gid: Optional[int], comment: str = "",
+                 nft: str = "nft") -> None:
+        if not table.replace("_", "").isalnum():
+            raise ValueError("not a table name for nft: %r" % (table,))
+        self._reactor = reactor
+        self.table = table
+        self.proxy_gid = proxy_gid
+        self.comment = comment.replace('"', "'")[:120]
+        self.nft = nft
+        self._lock = DeferredLock()  # one nft at a time, in call order
+
+    # -- running nft ---------------------------------------------------------
+
+    def _spawn(self, script: str, args: List[str]) -> Deferred:
+        done: Deferred = Deferred()
+        try:
+            self._reactor.spawnProcess(
+                _NftProcess(script.encode("utf-8"), done), self.nft, [self.nft] + args,
+                env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}, path="/")
+        except OSError as error:
+            return defer.fail(FirewallError("cannot run %s: %s" % (self.nft, error)))
+        return done
+
+    async def _run(self, script: str, what: str) -> None:
+        out, err, code = await self._spawn(script, ["-f", "-"])
+        if code != 0:
+            raise FirewallError("%s failed (nft exit status %s): %s" % (
+                what, code, (err or out).decode("utf-8", "replace").strip()[-2000:]))
+
+    async def _json(self, *args: str) -> list:
+        out, err, code = await self._spawn("", ["-j"] + list(args))
+        if code != 0:
+            raise FirewallError("nft -j %s failed: %s" % (
+                " ".join(args), (err or out).decode("utf-8", "replace").strip()[-2000:]))
+        return json.loads(out.decode("utf-8") or "{}").get("nftables", [])
+
+    def _queued(self, coroutine_function, *args) -> Deferred:
+        return self._lock.run(lambda: defer.ensureDeferred(coroutine_function(*args)))
+
+    # -- the ruleset ----------------------------------------------------------
+
+    def ruleset(self) -> str:
+        """The script that creates the table, or repairs it keeping its set
+        elements (``add`` is idempotent; chains are flushed and refilled in
+        the same transaction, so there is no moment without rules)."""
+        t = "inet " + self.table
+        allowed = ["meta skuid 0 accept"]
+        if self.proxy_gid is not None:
+            allowed.append("meta skgid %d accept" % (self.proxy_gid,))
+        lines = [
+            'add table %s { comment "%s"; }' % (t, self.comment),
+            "add set %s agents { type ipv4_addr . inet_service; }" % (t,),
+            "add set %s agent_nets { type ipv4_addr; flags interval; }" % (t,),
+            "add set %s gateways { type ipv4_addr; }" % (t,),
+            "add chain %s output { type filter hook output priority %d; policy accept; }"
+            % (t, PRIORITY),
+            "add chain %s prerouting { type filter hook prerouting priority %d;"
+            " policy accept; }" % (t, PRIORITY),
+            "flush chain %s output" % (t,),
+            "flush chain %s prerouting" % (t,),
+        ]
+        lines += ["add rule %s output %s" % (t, rule) for rule in allowed]
+        lines += [
+            "add rule %s output ip daddr . tcp dport @agents reject with tcp reset" % (t,),
+            "add rule %s output ip daddr @agent_nets ip daddr != @gateways"
+            " reject with icmpx admin-prohibited" % (t,),
+            'add rule %s prerouting iifname "lo" accept' % (t,),
+            "add rule %s prerouting ip daddr . tcp dport @agents drop" % (t,),
+            "add rule %s prerouting ip daddr @agent_nets ip daddr != @gateways"
+            " ct state new drop" % (t,),
+        ]
+        return "\n".join(lines) + "\n"
+
+    # -- IAgentFirewall -------------------------------------------------------
+
+    def start(self) -> Deferred:
+        return self._queued(self._start)
+
+    async def _start(self) -> None:
+        await self._run(self.ruleset(), "installing the agent firewall table %s" % self.table)
+        log.info("agent firewall: nftables table inet {table} lets only root{proxy} connect"
+                 " to agents", table=self.table,
+                 proxy="" if self.proxy_gid is None else " and gid %d (the proxy)"
+                 % (self.proxy_gid,))
+
+    def protect(self, host: str, port: int) -> Deferred:
+        try:
+            endpoint = _check_endpoint(host, port)
+        except FirewallError:
+            return defer.fail()
+        return self._queued(self._run, "add element inet %s agents { %s }\n" % (
+            self.table, _elements([endpoint])), "protecting %s:%d" % endpoint)
+
+    def release(self, host: str, port: int) -> Deferred:
+        try:
+            endpoint = _check_endpoint(host, port)
+        except FirewallError:
+            return defer.fail()
+        return self._queued(self._release, endpoint)
+
+    async def _release(self, endpoint: Endpoint) -> None:
+        # "delete element" fails for a missing one; "add" first makes it certain
+        element = _elements([endpoint])
+        await self._run("add element inet %s agents { %s }\n"
+                        "delete element inet %s agents { %s }\n"
+                        % (self.table, element, self.table, element),
+                        "releasing %s:%d" % endpoint)
+
+    def protect_network(self, subnet: str, gateway: str) -> Deferred:
+        try:
+            network, gateway = _check_network(subnet, gateway)
+        except FirewallError:
+            return defer.fail()
+        return self._queued(self._run, "add element inet %s agent_nets { %s }\n"
+                            "add element inet %s gateways { %s }\n"
+                            % (self.table, network, self.table, gateway),
+                            "protecting the agents' network %s" % network)
+
+    def retain_only(self, endpoints: Iterable[Endpoint]) -> Deferred:
+        try:
+            keep = {_check_endpoint(host, port) for host, port in endpoints}
+        except FirewallError:
+            return defer.fail()
+        return self._queued(self._retain, keep)
+
+    async def _retain(self, keep: Set[Endpoint]) -> None:
+        script = "flush set inet %s agents\n" % (self.table,)
+        if keep:
+            script += "add element inet %s agents { %s }\n" % (self.table, _elements(keep))
+        await self._run(script, "trimming the agent firewall to the adopted agents")
+
+    def entries(self) -> Deferred:
+        return self._queued(self._entries)
+
+    async def _entries(self) -> Set[Endpoint]:
+        found = set()
+        for item in await self._json("list", "set", "inet", self.table, "agents"):
+            for element in (item.get("set") or {}).get("elem", []):
+                host, port = element["concat"]
+                found.add((host, int(port)))
+        return found
+
+    def networks(self) -> Deferred:
+        return self._queued(self._networks)
+
+    async def _networks(self) -> Set[str]:
+        found = set()
+        for item in await self._json("list", "set", "inet", self.table, "agent_nets"):
+            for element in (item.get("set") or {}).get("elem", []):
+                if isinstance(element, dict) and "prefix" in element:
+                    prefix = element["prefix"]
+                    found.add("%s/%d" % (prefix["addr"], prefix["len"]))
+                elif isinstance(element, dict) and "range" in element:
+                    low, high = element["range"]
+                    found.update(str(n) for n in ipaddress.summarize_address_range(
+                        ipaddress.IPv4Address(low), ipaddress.IPv4Address(high)))
+                else:
+                    found.add("%s/32" % (element,))
+        return found
+
+    def close(self, keep: bool) -> Deferred:
+        return self._queued(self._close, keep)
+
+    async def _close(self, keep: bool) -> None:
+        if keep:
+            log.info("agent firewall table inet {table} stays: agents run on",
+                     table=self.table)
+            return
+        # "add" first: deleting a table that is gone already is no error here
+        await self._run("add table inet %s\ndelete table inet %s\n" % (self.table, self.table),
+                        "removing the agent firewall table %s" % self.table)
+        log.info("removed the agent firewall table inet {table}", table=self.table)
+
+
+def make_firewall(reactor, mode: str, instance: str, proxy_gid: Optional[int],
+                  is_root: bool) -> "IAgentFirewall":
+    """The firewall for ``--agent-firewall mode`` of the manager of the state
+    directory ``instance``."""
+    if mode not in MODES:
+        raise ValueError("--agent-firewall must be one of: " + ", ".join(MODES))
+    if mode == "none":
+        return NoFirewall("--agent-firewall none")
+    if not is_root:
+        if mode == "nftables":
+            raise ValueError("--agent-firewall nftables needs a manager running as root")
+        return NoFirewall("the manager is not root")
+    return NftablesFirewall(reactor, table_name_for(instance), proxy_gid,
+                            "pixelated-dispatcher agents of %s" % (instance,))

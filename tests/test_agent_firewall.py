@@ -1,0 +1,190 @@
+"""The agent firewall: the contract on the fake and on real nftables (as
+root, against the kernel), and what the real table does to connections
+made by other uids.
+
+Without root (or nft) the real parts skip, except under ``CI=true``, where
+they fail.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from pixelated_dispatcher.manager.agent_firewall import (
+    FakeFirewall, NftablesFirewall, NoFirewall, make_firewall, table_name_for)
+
+from .agent_firewall_contract import make_firewall_tests
+
+#: a uid and gid no account has: "another local user"
+STRANGER = 3990101
+#: the proxy group of these tests (no /etc/group entry needed: the kernel
+#: only compares numbers)
+PROXY_GID = 3990102
+
+
+def require_nft(test_case) -> None:
+    """Fail under CI=true, skip elsewhere, unless root with nft."""
+    reason = None
+    if os.geteuid() != 0:
+        reason = "needs root to change the kernel's nftables"
+    elif shutil.which("nft") is None:
+        reason = "needs nft (apt-get install nftables)"
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        test_case.fail(reason + " (CI=true, so this is a failure, not a skip)")
+    raise SkipTest(reason)
+
+
+def nft_tables():
+    """``nft list tables`` as a set of lines."""
+    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
+    return set(out.stdout.split("\n")) - {""}
+
+
+class _FakeFixture:
+    def __init__(self, test_case):
+        self.kernel = {}
+        self.firewall = FakeFirewall("fake_a", self.kernel)
+
+    def same_firewall(self):
+        return FakeFirewall("fake_a", self.kernel)
+
+    def new_firewall(self):
+        return FakeFirewall("fake_b", self.kernel)
+
+    def table_exists(self):
+        return succeed("fake_a" in self.kernel)
+
+
+class _RealFixture:
+    def __init__(self, test_case):
+        require_nft(test_case)
+        self.names = [table_name_for("/test/" + uuid.uuid4().hex) for _ in range(2)]
+        self.firewall = self.same_firewall()
+        test_case.addCleanup(self.cleanup)
+
+    def same_firewall(self):
+        return NftablesFirewall(reactor, self.names[0], PROXY_GID, "pixelated test")
+
+    def new_firewall(self):
+        return NftablesFirewall(reactor, self.names[1], PROXY_GID, "pixelated test")
+
+    def table_exists(self):
+        return deferToThread(lambda: any(self.names[0] in line for line in nft_tables()))
+
+    def cleanup(self):
+        for name in self.names:
+            subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
+
+
+class FakeFirewallContractTests(make_firewall_tests(_FakeFixture)):
+    pass
+
+
+class NftablesFirewallContractTests(make_firewall_tests(_RealFixture)):
+    pass
+
+
+#: connect to 127.0.0.1:PORT as whoever runs it; prints "connected" or the error
+CONNECT = """
+import socket, sys
+s = socket.socket()
+s.settimeout(3)
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+    print("connected")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def connect_as(uid, gid, port):
+    """What a process of ``uid``/``gid`` gets when it connects to the port."""
+    argv = [sys.executable, "-c", CONNECT, str(port)]
+    if uid is not None:
+        argv = ["setpriv", "--reuid", str(uid), "--regid", str(gid), "--clear-groups",
+                "--"] + argv
+    return subprocess.run(argv, capture_output=True, text=True, timeout=20,
+                          env={"PATH": "/usr/bin:/bin"}).stdout.strip()
+
+
+class NftablesFilteringTests(TestCase):
+    """The real table, the real kernel, real processes of other uids."""
+
+    timeout = 60
+
+    def setUp(self):
+        require_nft(self)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.addCleanup(self.listener.close)
+        self.port = self.listener.getsockname()[1]
+        self.name = table_name_for("/test/" + uuid.uuid4().hex)
+        self.firewall = NftablesFirewall(reactor, self.name, PROXY_GID, "pixelated test")
+        self.addCleanup(subprocess.run, ["nft", "delete", "table", "inet", self.name],
+                        capture_output=True)
+
+    def reach(self, uid, gid):
+        return deferToThread(connect_as, uid, gid, self.port)
+
+    @inlineCallbacks
+    def test_only_root_and_the_proxy_group_reach_a_protected_port(self):
+        yield self.firewall.start()
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "connected")  # not yet
+        yield self.firewall.protect("127.0.0.1", self.port)
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "ConnectionRefusedError")
+        self.assertEqual((yield self.reach(PROXY_GID, PROXY_GID)), "connected")
+        self.assertEqual((yield self.reach(STRANGER, PROXY_GID)), "connected")
+        self.assertEqual((yield self.reach(None, None)), "connected")  # root
+        # a supplementary membership is not enough: the socket's group counts
+        self.assertEqual((yield deferToThread(lambda: subprocess.run(
+            ["setpriv", "--reuid", str(STRANGER), "--regid", str(STRANGER), "--groups",
+             str(PROXY_GID), "--", sys.executable, "-c", CONNECT, str(self.port)],
+            capture_output=True, text=True, timeout=20).stdout.strip())),
+            "ConnectionRefusedError")
+        yield self.firewall.release("127.0.0.1", self.port)
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "connected")
+
+    @inlineCallbacks
+    def test_the_table_is_gone_after_close_and_stays_with_agents(self):
+        before = nft_tables()
+        yield self.firewall.start()
+        self.assertIn("table inet %s" % self.name, nft_tables())
+        yield self.firewall.protect("127.0.0.1", self.port)
+        yield self.firewall.close(keep=True)
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "ConnectionRefusedError")
+        again = NftablesFirewall(reactor, self.name, PROXY_GID, "pixelated test")
+        yield again.start()
+        self.assertEqual((yield again.entries()), {("127.0.0.1", self.port)})
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "ConnectionRefusedError")
+        yield again.close(keep=False)
+        self.assertEqual(nft_tables(), before)
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "connected")
+
+
+class MakeFirewallTests(SynchronousTestCase):
+    def test_none_and_non_root_managers_do_not_filter(self):
+        self.assertIsInstance(make_firewall(reactor, "none", "/s", 1, True), NoFirewall)
+        self.assertIsInstance(make_firewall(reactor, "auto", "/s", 1, False), NoFirewall)
+        self.assertFalse(make_firewall(reactor, "auto", "/s", 1, False).enforcing)
+
+    def test_root_managers_filter_with_a_table_named_after_their_state(self):
+        firewall = make_firewall(reactor, "auto", "/var/lib/pixelated", 7, True)
+        self.assertIsInstance(firewall, NftablesFirewall)
+        self.assertEqual(firewall.table, table_name_for("/var/lib/pixelated"))
+        self.assertNotEqual(firewall.table, table_name_for("/var/lib/pixelated2"))
+        self.assertIn("meta skgid 7 accept", firewall.ruleset())
+        self.assertNotIn("skgid", make_firewall(reactor, "auto", "/s", None, True).ruleset())
+
+    def test_nftables_asked_for_without_root_is_an_error(self):
+        self.assertRaises(ValueError, make_firewall, reactor, "nftables", "/s", 1, False)
+        self.assertRaises(ValueError, make_firewall, reactor, "iptables", "/s", 1, True)
