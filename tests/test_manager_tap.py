@@ -52,6 +52,24 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["agent-command"], "agent --port {port} --home '{data_dir}'")
 
 
+    def test_the_agent_port_range_must_lie_outside_the_ephemeral_ports(self):
+        self.assertEqual(str(self.parse()["agent-port-range"]), "20000-29999")
+        self.assertEqual(str(self.parse("--agent-port-range", "21000-21999")
+                             ["agent-port-range"]), "21000-21999")
+        for bad in ("40000-41000", "80-90", "2-1", "many"):
+            error = self.assertRaises(usage.UsageError, self.parse, "--agent-port-range", bad)
+            self.assertIn("--agent-port-range", str(error))
+        error = self.assertRaises(usage.UsageError, self.parse,
+                                  "--agent-port-range", "32000-33000")
+        self.assertIn("ip_local_port_range", str(error))
+
+    def test_the_agent_firewall_is_auto_nftables_or_none(self):
+        self.assertEqual(self.parse()["agent-firewall"], "auto")
+        self.assertEqual(self.parse("--agent-firewall", "none")["agent-firewall"], "none")
+        error = self.assertRaises(usage.UsageError, self.parse, "--agent-firewall", "pf")
+        self.assertIn("nftables", str(error))
+
+
 class MakeServiceTests(SynchronousTestCase):
 
     def test_socket_is_created_mode_0660_in_a_private_directory(self):

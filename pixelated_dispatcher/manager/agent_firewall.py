@@ -207,14 +207,18 @@ class FakeFirewall:
 @implementer(IAgentFirewall)
 class NoFirewall:
     """No filtering (``--agent-firewall none``, or a manager that is not
-    root): agents are reachable by every local user. Says so once."""
+    root): agents are reachable by every local user. Says so once at
+    start, with ``why`` (providers made without a firewall, in tests, say
+    nothing)."""
 
     enforcing = False
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: Optional[str] = None) -> None:
         self.why = why
 
     def start(self) -> Deferred:
+        if self.why is None:
+            return defer.succeed(None)
         log.warn("agents are reachable by every local user and process on this host:"
                  " no agent firewall ({why})", why=self.why)
         return defer.succeed(None)

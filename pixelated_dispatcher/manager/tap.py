@@ -20,10 +20,12 @@ from twisted.web.server import Site
 
 from ..protocol import DEFAULT_SOCKET
 from .agent_accounts import UidRange
+from .agent_firewall import MODES as FIREWALL_MODES, IAgentFirewall, make_firewall
 from .amp_server import ManagerAMPFactory
 from .culler import AGENT_IDLE_TIMEOUT
 from .passwords import PRODUCTION, HashParameters
 from .peer_policy import PeerPolicy, group_id
+from .providers.agent_ports import DEFAULT_AGENT_PORTS, PortRange, check_outside_ephemeral
 from .providers.interface import IAgentProvider
 from .providers.process import DEMO_AGENT_COMMAND as DEFAULT_AGENT_COMMAND
 from .service import Manager, ManagerSettings
@@ -112,6 +114,12 @@ class Options(usage.Options):
         ["metrics", None, None,
          "Serve Prometheus metrics on this endpoint, e.g. tcp:9101:interface=127.0.0.1"
          " (default: off)."],
+        ["agent-port-range", None, str(DEFAULT_AGENT_PORTS),
+         "Host ports for agents (process agents' ports, Docker's published ports);"
+         " must lie outside /proc/sys/net/ipv4/ip_local_port_range."],
+        ["agent-firewall", None, "auto",
+         "Who may connect to agents: auto (nftables when the manager is root: only root"
+         " and --proxy-group), nftables, or none (every local user)."],
         ["login-backoff-max", None, 900.0,
          "Longest wait (seconds) imposed after repeated failed logins.",
          _non_negative(float)],
@@ -140,6 +148,16 @@ class Options(usage.Options):
             self["agent-uid-range"] = UidRange.parse(self["agent-uid-range"])
         except ValueError as error:
             raise usage.UsageError("--agent-uid-range: %s" % error)
+        try:
+            self["agent-port-range"] = PortRange.parse(self["agent-port-range"])
+            check_outside_ephemeral(self["agent-port-range"])
+        except ValueError as error:
+            raise usage.UsageError("--agent-port-range: %s" % error)
+        if self["agent-firewall"] not in FIREWALL_MODES:
+            raise usage.UsageError("--agent-firewall must be one of: "
+                                   + ", ".join(FIREWALL_MODES))
+        if self["agent-firewall"] == "nftables" and os.geteuid() != 0:
+            raise usage.UsageError("--agent-firewall nftables needs a manager running as root")
         if self["argon2-time-cost"] < 1 or self["argon2-memory"] < 8:
             raise usage.UsageError("argon2 needs at least one pass and 8 KiB of memory")
         if self["leap-provider"] is None:
@@ -164,10 +182,18 @@ def settings_from(options: usage.Options) -> ManagerSettings:
         agent_uids=options["agent-uid-range"] if os.getuid() == 0 else None)
 
 
+def make_agent_firewall(reactor: Any, options: usage.Options) -> IAgentFirewall:
+    """The agents' firewall: its table is named after the state directory
+    (one per manager); the proxy group's sockets may connect."""
+    return make_firewall(reactor, options["agent-firewall"], options["state-dir"],
+                         group_id(options["proxy-group"]), os.geteuid() == 0)
+
+
 def make_provider(reactor: Any, options: usage.Options) -> IAgentProvider:
+    firewall = make_agent_firewall(reactor, options)
     if options["provider"] == "docker":
         from .providers.docker_options import make_docker_provider
-        return make_docker_provider(reactor, options)
+        return make_docker_provider(reactor, options, firewall=firewall)
     if options["provider"] == "swarm":
         from .providers.swarm_options import make_swarm_provider
         return make_swarm_provider(reactor, options)
@@ -176,7 +202,8 @@ def make_provider(reactor: Any, options: usage.Options) -> IAgentProvider:
                            start_timeout=options["agent-start-timeout"],
                            stop_grace=options["agent-stop-grace"],
                            state_dir=os.path.join(options["state-dir"], "agents"),
-                           keep_on_close=not options["stop-agents-on-exit"])
+                           keep_on_close=not options["stop-agents-on-exit"],
+                           agent_ports=options["agent-port-range"], firewall=firewall)
 
 
 class _ManagerSocket(StreamServerEndpointService):

@@ -119,7 +119,8 @@ def docker_host_from(config: Mapping[str, Any],
 
 
 def make_docker_provider(reactor: Any, config: Mapping[str, Any],
-                         environ: Optional[Mapping[str, str]] = None) -> DockerProvider:
+                         environ: Optional[Mapping[str, str]] = None,
+                         firewall: Optional[Any] = None) -> DockerProvider:
     """The docker provider for the parsed manager options (usage.UsageError if invalid)."""
     settings = settings_from_config(config)
     host = docker_host_from(config, environ)

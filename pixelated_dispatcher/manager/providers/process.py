@@ -3,12 +3,19 @@
 This is the embedded default provider: it needs nothing installed beyond
 util-linux and coreutils (Essential on Debian). What it guarantees, and why:
 
-* **The manager picks the port** (bind ``127.0.0.1:0``, read it back, release
-  it) and passes it on the command line; an agent that loses the race for it
-  ("address already in use") is retried on another port a few times. A port
-  another user's agent gave up in the last ten minutes is never handed out
-  (:data:`PORT_QUARANTINE`), so a proxy's cached address of a stopped agent
-  cannot lead to someone else's.
+* **The manager picks the port** from the agents' own range
+  (``agent_ports``: ``--agent-port-range``, outside the kernel's ephemeral
+  ports; never one another user's agent gave up in the last ten minutes, so
+  a proxy's cached address of a stopped agent cannot lead to someone
+  else's), closes it to everybody but root and the proxy (``firewall``,
+  :mod:`..agent_firewall`) *before* the agent exists, and passes it on the
+  command line; an agent that loses the race for it ("address already in
+  use") is retried on another port a few times.
+* **Running means the agent answers**, not just anybody: once something
+  answers HTTP on the port, the port's listeners (``/proc/net/tcp``) must
+  all be the agent's uid. A squatter of another uid that bound the port
+  first (it can read the port in ``/proc/<pid>/cmdline``) is never handed
+  out: the attempt is killed and another port tried.
 * **Credentials travel only on stdin**: one JSON line, then stdin is closed.
   Never argv (``/proc/<pid>/cmdline`` is world readable), never the
   environment, never a file.
@@ -94,6 +101,9 @@ from zope.interface import implementer
 from ...fanout import fire_all
 from ...protocol import AgentAddress
 from ...usernames import is_valid_username
+from ..agent_firewall import FirewallError, IAgentFirewall, NoFirewall
+from .agent_ports import (DEFAULT_AGENT_PORTS, PORT_QUARANTINE, NoFreePort, PortAllocator,
+                          PortRange)
 from .interface import (Accounts, AgentStartError, ExitCallback, IAgentProvider,
                         RunningAgent, notify_exit)
 from .process_files import (RECORD_VERSION, delete_record, is_int, prepare_data_dir,
@@ -111,16 +121,10 @@ DEMO_AGENT_COMMAND = (
     + " -m pixelated_dispatcher.demo_agent --port {port} --data-dir {data_dir}"
       " --username {username}")
 
-#: how often a start tries another port after "address already in use"
-PORT_ATTEMPTS = 3
+#: how often a start tries another port after "address already in use", or
+#: after finding its port held by another uid (a squatter)
+PORT_ATTEMPTS = 5
 
-#: Seconds during which a port an agent gave up is not handed to another
-#: user's agent. The proxy caches each user's agent address until the
-#: manager's AgentStopped push reaches it (milliseconds, and a proxy that
-#: loses the manager forgets every address): were the port reused at once,
-#: a request of the stopped agent's user could reach the new agent of
-#: someone else in between.
-PORT_QUARANTINE = 600.0
 
 #: readiness probe: one try at most this long, a new try this often
 PROBE_TIMEOUT = 1.0
@@ -205,18 +209,19 @@ class ProcessProvider:
     extra_env: Optional[Dict[str, str]] = None
     start_timeout: float = 60.0
     stop_grace: float = 10.0
-    choose_port: Callable[[], int] = free_loopback_port
+    choose_port: Optional[Callable[[], int]] = None
     accounts: Optional[Accounts] = None
     state_dir: Optional[str] = attr.ib(default=None, validator=_check_state_dir)
     keep_on_close: bool = True
     port_quarantine: float = PORT_QUARANTINE
+    agent_ports: PortRange = DEFAULT_AGENT_PORTS
+    firewall: IAgentFirewall = attr.Factory(NoFirewall)
 
     name = "process"
 
     _argv: List[str] = attr.ib(init=False)
     _agents: Dict[str, _Agent] = attr.ib(init=False, factory=dict)
-    #: port -> (user, when) of the ports agents gave up (PORT_QUARANTINE)
-    _released: Dict[int, Tuple[str, float]] = attr.ib(init=False, factory=dict)
+    _ports: PortAllocator = attr.ib(init=False)
     _callbacks: List[ExitCallback] = attr.ib(init=False, factory=list)
     _closing: bool = attr.ib(init=False, default=False)
     #: per user, the last file operation queued (they run one after another)
@@ -245,6 +250,7 @@ class ProcessProvider:
             raise RuntimeError("the process provider needs setpriv and setsid (util-linux)"
                                " and env (coreutils) on PATH")
         self._setpriv, self._setsid, self._env = setpriv, setsid, env
+        self._ports = PortAllocator(self.reactor, self.agent_ports, self.port_quarantine)
 
     @property
     def keeps_agents(self) -> bool:
@@ -269,10 +275,16 @@ class ProcessProvider:
 
     def recover(self) -> Deferred:
         """Adopt the agents a previous manager left running (see the module
-        docstring); fires with the adopted RunningAgents."""
-        if self.state_dir is None:
-            return defer.succeed([])
-        return defer.ensureDeferred(self._recover())
+        docstring); fires with the adopted RunningAgents. The firewall's
+        table is installed (or repaired) first, and afterwards holds exactly
+        the adopted agents' ports."""
+        return defer.ensureDeferred(self._recover_behind_firewall())
+
+    async def _recover_behind_firewall(self) -> List[RunningAgent]:
+        await self.firewall.start()
+        adopted = [] if self.state_dir is None else await self._recover()
+        await self.firewall.retain_only([(a.address.host, a.address.port) for a in adopted])
+        return adopted
 
     def running(self) -> Dict[str, RunningAgent]:
         return {name: agent.running for name, agent in self._agents.items()
@@ -323,17 +335,21 @@ class ProcessProvider:
         self._closing = True
         if self._log_trimmer is not None and self._log_trimmer.running:
             self._log_trimmer.stop()
-        stops = []
+        stops, handed = [], []
         for username, agent in list(self._agents.items()):
             if (self.keeps_agents and agent.running is not None and not agent.stopping
                     and agent.process is not None and not agent.process.ended):
                 self._hand_over(agent)
+                handed.append(agent)
             else:
                 stops.append(self.stop(username))
+        kept = bool(handed)
         d = defer.gatherResults(stops, consumeErrors=True)
         d.addCallback(lambda _: defer.gatherResults(
             [self._queue_disk(name, lambda: None) for name in list(self._disk)],
             consumeErrors=True))
+        # the table goes unless agents run on for the next manager
+        d.addCallback(lambda _: self.firewall.close(keep=kept))
         return d.addCallback(lambda _: None)
 
     def _hand_over(self, agent: _Agent) -> None:
@@ -441,23 +457,31 @@ class ProcessProvider:
             raise AgentStartError("the agent of %s was stopped while it was starting"
                                   % (agent.username,))
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            # Never hand out a port another of our agents holds or is about to
-            # bind: two agents on one port would let one user's readiness probe
-            # be answered by the other user's agent.
-            # Nor one another user's agent gave up lately (PORT_QUARANTINE).
-            taken = {a.port for a in self._agents.values() if a is not agent}
-            taken |= self._quarantined_ports(agent.username)
-            port = self.choose_port()
-            while port in taken:
-                port = free_loopback_port()
-            agent.port = port  # ours from now on, before any wait
+            port = await self._claim_port(agent)
             process = await self._spawn(agent, port, owner)
             outcome = await self._until_ready(port, deadline - self.reactor.seconds(), process)
             where = "%s:%d" % (LOOPBACK, port)
             if outcome == _READY and not agent.stopping:
-                return RunningAgent(agent.username, AgentAddress(LOOPBACK, port),
-                                    # the real reactor's clock is time.time()
-                                    process.pid, self.reactor.seconds())
+                strangers = await self._strangers_on(port, owner)
+                if not strangers:
+                    return RunningAgent(agent.username, AgentAddress(LOOPBACK, port),
+                                        # the real reactor's clock is time.time()
+                                        process.pid, self.reactor.seconds())
+                # Something answered, but not (only) the agent: a squatter
+                # bound the port first (the agent then fails to bind it).
+                # Never hand out its address; try another port.
+                log.warn("port {port} of the agent of {username} is held by uid {uids}, not"
+                         " only by the agent; trying another port", port=port,
+                         username=agent.username, uids=strangers)
+                process.signal_group(signal.SIGKILL)
+                await process.when_ended()
+                await self._give_up_port(port)
+                if attempt < PORT_ATTEMPTS:
+                    continue
+                raise AgentStartError(
+                    "the agent of %s could not start: %d times, another program (uid %s)"
+                    " took its port first" % (agent.username, PORT_ATTEMPTS,
+                                              ", ".join(map(str, strangers))))
             if outcome == _TIMED_OUT:
                 process.signal_group(signal.SIGKILL)
                 await process.when_ended()
@@ -474,12 +498,50 @@ class ProcessProvider:
             if process.says_address_in_use() and attempt < PORT_ATTEMPTS:
                 log.info("agent of {username} found port {port} taken; trying another",
                          username=agent.username, port=port)
+                await self._give_up_port(port)
                 continue
             raise AgentStartError(
                 "the agent of %s %s before it answered HTTP on %s.%s"
                 % (agent.username, process.exit_description, where,
                    process.output_for_error()))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _claim_port(self, agent: _Agent) -> int:
+        """A port for this start, protected by the firewall before the agent
+        exists (nobody but root and the proxy can connect to it even in the
+        moment the agent binds it)."""
+        # Never a port another of our agents holds or is about to bind: two
+        # agents on one port would let one user's readiness probe be
+        # answered by the other user's agent. Nor one another user's agent
+        # gave up lately (agent_ports.PORT_QUARANTINE).
+        taken = {a.port for a in self._agents.values() if a is not agent}
+        try:
+            port = self.choose_port() if self.choose_port is not None else None
+            if port is None or port in taken or port in self._ports.quarantined(agent.username):
+                port = self._ports.choose(agent.username, taken)
+        except NoFreePort as error:
+            raise AgentStartError(str(error))
+        agent.port = port  # ours from now on, before any wait
+        try:
+            await self.firewall.protect(LOOPBACK, port)
+        except FirewallError as error:
+            agent.port = 0
+            raise AgentStartError("not starting the agent of %s: its port could not be"
+                                  " closed to other local users: %s" % (agent.username, error))
+        return port
+
+    async def _give_up_port(self, port: int) -> None:
+        """An attempt's port that no agent of ours listens on any more."""
+        try:
+            await self.firewall.release(LOOPBACK, port)
+        except FirewallError as error:
+            log.warn("{error}", error=str(error))
+
+    async def _strangers_on(self, port: int, owner: Optional[Tuple[int, int]]) -> List[int]:
+        """The uids other than the agent's that listen on ``port``: a
+        listener that is not provably the agent is never handed out."""
+        uid = owner[0] if owner is not None else os.getuid()
+        return [other for other in await self._in_thread(listener_uids, port) if other != uid]
 
     async def _collect_output(self, process: AgentProcess) -> None:
         if process.log_path is not None:
@@ -733,19 +795,15 @@ class ProcessProvider:
         if self._agents.get(agent.username) is agent:
             del self._agents[agent.username]
         if agent.port:
-            self._released[agent.port] = (agent.username, self.reactor.seconds())
+            self._ports.released(agent.port, agent.username)
+            if not agent.handed_over:
+                # gone: its port is nobody's now (a handed over agent keeps
+                # its entry for the next manager)
+                self.firewall.release(LOOPBACK, agent.port).addErrback(
+                    lambda f: log.warn("{error}", error=f.getErrorMessage()))
         if agent.kill_timer is not None and agent.kill_timer.active():
             agent.kill_timer.cancel()
         agent.kill_timer = None
-
-    def _quarantined_ports(self, username: str) -> Set[int]:
-        """Ports that agents of users other than ``username`` gave up less
-        than ``port_quarantine`` seconds ago (older entries are dropped)."""
-        since = self.reactor.seconds() - self.port_quarantine
-        for port, (_, when) in list(self._released.items()):
-            if when <= since:
-                del self._released[port]
-        return {port for port, (user, _) in self._released.items() if user != username}
 
     @staticmethod
     def _wait(waiters: List[Deferred]) -> Deferred:
