@@ -18,9 +18,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from pixelated_dispatcher.manager.agent_firewall import (
-    FakeFirewall, NftablesFirewall, NoFirewall, make_firewall, table_name_for)
-
-from .agent_firewall_contract import make_firewall_tests
+    NftablesFirewall, NoFirewall, make_firewall, table_name_for)
+from pixelated_dispatcher.testing.agent_firewall_contract import make_firewall_tests
+from pixelated_dispatcher.testing.fake_firewall import FakeFirewall
 
 #: a uid and gid no account has: "another local user"
 STRANGER = 3990101

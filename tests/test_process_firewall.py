@@ -6,11 +6,11 @@ import threading
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from pixelated_dispatcher.manager.agent_firewall import FakeFirewall
 from pixelated_dispatcher.manager.providers.agent_ports import PortRange
 from pixelated_dispatcher.manager.providers.interface import AgentStartError
+from pixelated_dispatcher.testing.fake_firewall import FakeFirewall
+from pixelated_dispatcher.testing.provider_contract import credentials_for
 
-from .provider_contract import credentials_for
 from .test_process_isolation import IsolatedFixture, require_root
 from .test_process_provider import ProcessFixture, agent_url, http_get
 

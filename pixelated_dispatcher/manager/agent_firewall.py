@@ -42,7 +42,6 @@ import ipaddress
 import json
 from typing import Iterable, List, Optional, Set, Tuple
 
-import attr
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.protocol import ProcessProtocol
@@ -75,7 +74,7 @@ def table_name_for(instance: str) -> str:
     return TABLE_PREFIX + digest
 
 
-def _check_endpoint(host: str, port: int) -> Endpoint:
+def check_endpoint(host: str, port: int) -> Endpoint:
     """``(host, port)`` as the table holds it; FirewallError unless an IPv4
     address and a TCP port (nothing else ever reaches an nft script)."""
     try:
@@ -87,7 +86,7 @@ def _check_endpoint(host: str, port: int) -> Endpoint:
     return str(address), port
 
 
-def _check_network(subnet: str, gateway: str) -> Tuple[str, str]:
+def check_network(subnet: str, gateway: str) -> Tuple[str, str]:
     try:
         return str(ipaddress.IPv4Network(subnet)), str(ipaddress.IPv4Address(gateway))
     except ValueError as error:
@@ -128,80 +127,6 @@ class IAgentFirewall(Interface):
     def close(keep):
         """The manager stops: remove the table, unless ``keep`` (agents run
         on, and their entries must stay for the next manager)."""
-
-
-@attr.s(auto_attribs=True, eq=False)
-class _FakeTable:
-    entries: Set[Endpoint] = attr.ib(factory=set)
-    networks: Set[str] = attr.ib(factory=set)
-    gateways: Set[str] = attr.ib(factory=set)
-
-
-@implementer(IAgentFirewall)
-@attr.s(auto_attribs=True, eq=False)
-class FakeFirewall:
-    """The in-memory firewall of unit tests; passes the contract suite
-    (``tests/agent_firewall_contract.py``) like :class:`NftablesFirewall`.
-    ``kernel`` (table name -> table) outlives a FakeFirewall as the
-    kernel's tables outlive a manager."""
-
-    table: str = "fake"
-    kernel: dict = attr.ib(factory=dict)
-    #: every call, for tests that check the order (protect before spawn)
-    calls: List[Tuple] = attr.ib(factory=list)
-    enforcing = True
-
-    @property
-    def _table(self) -> _FakeTable:
-        if self.table not in self.kernel:
-            raise FirewallError("the table %s does not exist" % (self.table,))
-        return self.kernel[self.table]
-
-    def start(self) -> Deferred:
-        self.calls.append(("start",))
-        self.kernel.setdefault(self.table, _FakeTable())
-        return defer.succeed(None)
-
-    def protect(self, host: str, port: int) -> Deferred:
-        self.calls.append(("protect", host, port))
-        return defer.maybeDeferred(lambda: self._table.entries.add(_check_endpoint(host, port)))
-
-    def release(self, host: str, port: int) -> Deferred:
-        self.calls.append(("release", host, port))
-
-        def release() -> None:
-            endpoint = _check_endpoint(host, port)
-            if self.table in self.kernel:
-                self._table.entries.discard(endpoint)
-        return defer.maybeDeferred(release)
-
-    def protect_network(self, subnet: str, gateway: str) -> Deferred:
-        self.calls.append(("protect_network", subnet, gateway))
-
-        def protect() -> None:
-            network, gateway_address = _check_network(subnet, gateway)
-            self._table.networks.add(network)
-            self._table.gateways.add(gateway_address)
-        return defer.maybeDeferred(protect)
-
-    def retain_only(self, endpoints: Iterable[Endpoint]) -> Deferred:
-        def retain() -> None:
-            keep = {_check_endpoint(host, port) for host, port in endpoints}
-            self.calls.append(("retain_only", keep))
-            self._table.entries &= keep
-        return defer.maybeDeferred(retain)
-
-    def entries(self) -> Deferred:
-        return defer.maybeDeferred(lambda: set(self._table.entries))
-
-    def networks(self) -> Deferred:
-        return defer.maybeDeferred(lambda: set(self._table.networks))
-
-    def close(self, keep: bool) -> Deferred:
-        self.calls.append(("close", keep))
-        if not keep:
-            self.kernel.pop(self.table, None)
-        return defer.succeed(None)
 
 
 @implementer(IAgentFirewall)
@@ -372,7 +297,7 @@ class NftablesFirewall:
 
     def protect(self, host: str, port: int) -> Deferred:
         try:
-            endpoint = _check_endpoint(host, port)
+            endpoint = check_endpoint(host, port)
         except FirewallError:
             return defer.fail()
         return self._queued(self._run, "add element inet %s agents { %s }\n" % (
@@ -380,7 +305,7 @@ class NftablesFirewall:
 
     def release(self, host: str, port: int) -> Deferred:
         try:
-            endpoint = _check_endpoint(host, port)
+            endpoint = check_endpoint(host, port)
         except FirewallError:
             return defer.fail()
         return self._queued(self._release, endpoint)
@@ -395,7 +320,7 @@ class NftablesFirewall:
 
     def protect_network(self, subnet: str, gateway: str) -> Deferred:
         try:
-            network, gateway = _check_network(subnet, gateway)
+            network, gateway = check_network(subnet, gateway)
         except FirewallError:
             return defer.fail()
         return self._queued(self._run, "add element inet %s agent_nets { %s }\n"
@@ -405,7 +330,7 @@ class NftablesFirewall:
 
     def retain_only(self, endpoints: Iterable[Endpoint]) -> Deferred:
         try:
-            keep = {_check_endpoint(host, port) for host, port in endpoints}
+            keep = {check_endpoint(host, port) for host, port in endpoints}
         except FirewallError:
             return defer.fail()
         return self._queued(self._retain, keep)

@@ -14,7 +14,9 @@ expects. Each fake passes the same suite as the real thing (flocker's
     :class:`~.fake_provider.FakeProvider`, an ``IAgentProvider`` on a clock.
 ``fake_docker``
     :class:`~.fake_docker.FakeDockerEngine`, an ``IDockerEngine`` in memory.
-``manager_contract``, ``provider_contract``
+``fake_firewall``
+    :class:`~.fake_firewall.FakeFirewall`, an ``IAgentFirewall`` in memory.
+``manager_contract``, ``provider_contract``, ``agent_firewall_contract``
     the contract suites (trial test cases built from a fixture).
 
 Nothing in the running dispatcher imports this package.

@@ -2,8 +2,9 @@
 and the in-memory fake (flocker's verified fakes, as in provider_contract).
 
 ``make_firewall_tests(fixture_factory)`` returns a TestCase base class; the
-fixture has ``firewall`` and ``new_firewall()`` (another manager's: its own
-table), and cleans up what it made.
+fixture has ``firewall``, ``same_firewall()`` (the same table seen by a
+restarted manager), ``new_firewall()`` (another manager's: its own table)
+and ``table_exists()`` (a Deferred), and cleans up what it made.
 """
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
