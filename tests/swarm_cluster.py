@@ -38,6 +38,8 @@ LOCK_WAIT_SECONDS = 600
 AGENT_LABEL = "pixelated.agents"
 #: the swarm's heartbeat in the tests: a dead node is "down" within ~3 periods
 HEARTBEAT_SECONDS = 1
+#: the host's FORWARD rule for traffic between the nodes (-I ... / -D ...)
+FORWARD_RULE = ("-I", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT")
 
 
 def _run(*args, check=True, timeout=60, **kwargs):
@@ -199,8 +201,10 @@ class Node:
     def allow_only(self, source: str) -> None:
         """The node set-up step of docs/cluster.rst: only ``source`` (the proxy
         host) may open connections to the node's published container ports."""
+        # the original direction of published-port (DNAT) connections only:
+        # replies and the containers' own connections pass
         self.in_namespace("iptables", "-I", "DOCKER-USER", "-p", "tcp", "-m", "conntrack",
-                          "--ctstate", "NEW,DNAT", "!", "-s", source,
+                          "--ctstate", "DNAT", "--ctdir", "ORIGINAL", "!", "-s", source,
                           "-j", "REJECT", "--reject-with", "tcp-reset")
 
 
@@ -247,6 +251,9 @@ class Cluster:
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
         _run("ip", "addr", "add", HOST_ADDRESS + "/24", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
+        # bridged packets pass the host's iptables (br_netfilter, FORWARD
+        # policy DROP under Docker): let the nodes talk to each other
+        _run("iptables", *FORWARD_RULE[0:1], "FORWARD", *FORWARD_RULE[1:])
         _run("ip", "netns", "add", INTRUDER_NS)
         _run("ip", "link", "add", "pxsw-vi", "type", "veth", "peer", "name", "eth0",
              "netns", INTRUDER_NS)
@@ -331,6 +338,8 @@ class Cluster:
             _run("ip", "link", "del", node.veth, check=False)
         _run("ip", "netns", "del", INTRUDER_NS, check=False)
         _run("ip", "link", "del", "pxsw-vi", check=False)
+        while _run("iptables", "-D", "FORWARD", *FORWARD_RULE[1:], check=False).returncode == 0:
+            pass
         _run("ip", "link", "del", BRIDGE, check=False)
         for node in self.nodes:
             _unmount_under(node.directory)
