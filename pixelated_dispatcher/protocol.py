@@ -9,7 +9,7 @@ Error codes are stable names: ctl and the proxy map them to messages, and
 later versions only add new ones.
 """
 import hashlib
-from typing import Dict, List, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import attr
 from twisted.protocols import amp
@@ -92,7 +92,7 @@ def rate_limited(seconds: int) -> RateLimited:
     return RateLimited("too many failed logins; retry after %d seconds" % max(1, seconds))
 
 
-def retry_after(error: Exception, default: int = 60) -> int:
+def retry_after(error: Optional[BaseException], default: int = 60) -> int:
     """The wait, in seconds, that a RateLimited (or any) error asks for."""
     words = str(error).rsplit(" ", 2)
     if len(words) == 3 and words[2] == "seconds" and words[1].isdigit():

@@ -69,7 +69,7 @@ class SessionStore:
         opened before records were sealed)."""
         digest = _digest(token)
 
-        def lookup(connection) -> Optional[bytes]:
+        def lookup(connection: sqlite3.Connection) -> Optional[bytes]:
             row = connection.execute(
                 "SELECT sealed_credentials FROM sessions WHERE token_hash = ?",
                 (digest,)).fetchone()

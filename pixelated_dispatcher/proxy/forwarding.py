@@ -84,6 +84,9 @@ class IForwarder(Interface):
         ``agent_gone(request)`` instead, which answers the request.
         ``user`` (whose agent it is) names it in log lines."""
 
+    def close():
+        """Let go of every connection to an agent (the proxy stops)."""
+
 
 def public_origin(request: IRequest) -> bytes:
     """``https://host[:port]`` as the browser addressed the proxy."""

@@ -18,7 +18,7 @@ waiting page (``/auth/starting``), which sends it on to the page it first
 asked for (``next``, local paths only) as soon as the agent is ready.
 """
 import hmac
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
@@ -43,6 +43,10 @@ AGENT_CSRF_COOKIE = b"XSRF-TOKEN"
 AGENT_CSRF_FIELD = b"csrftoken"
 
 log = Logger()
+
+#: What a ``render`` method returns: a body, or ``NOT_DONE_YET`` when it
+#: finishes the request itself later.
+RenderResult = Union[bytes, int]
 
 #: Far above any real password, far below AMP's 64 KiB value limit.
 MAX_PASSWORD_BYTES = 4096
@@ -96,7 +100,7 @@ def agent_csrf_matches(request: IRequest) -> bool:
     return _equal(request.getCookie(AGENT_CSRF_COOKIE), form_field(request, AGENT_CSRF_FIELD))
 
 
-def _method_not_allowed(request: IRequest) -> bytes:
+def _method_not_allowed(request: IRequest) -> RenderResult:
     pages.method_not_allowed(request, [b"GET", b"HEAD", b"POST"])
     return NOT_DONE_YET
 
@@ -122,14 +126,14 @@ class LoginResource(Resource):
         self._manager = cache.manager
         self._banner = banner
 
-    def render_GET(self, request: IRequest) -> bytes:
+    def render_GET(self, request: IRequest) -> RenderResult:
         pages.login_form(request, ensure_csrf_cookie(request),
                          next_path=requested_next(request), banner=self._banner)
         return NOT_DONE_YET
 
     render_HEAD = render_GET
 
-    def render_POST(self, request: IRequest) -> bytes:
+    def render_POST(self, request: IRequest) -> RenderResult:
         if not csrf_matches(request):
             pages.csrf_refused(request)
             return NOT_DONE_YET
@@ -190,7 +194,7 @@ class LoginResource(Resource):
                          username=shown, next_path=next_path, banner=self._banner,
                          hint=hint, headers=headers)
 
-    def render(self, request: IRequest) -> bytes:
+    def render(self, request: IRequest) -> RenderResult:
         if request.method not in (b"GET", b"HEAD", b"POST"):
             return _method_not_allowed(request)
         return super().render(request)
@@ -207,7 +211,7 @@ class LogoutResource(Resource):
         self._cache = cache
         self._manager = cache.manager
 
-    def render_GET(self, request: IRequest) -> bytes:
+    def render_GET(self, request: IRequest) -> RenderResult:
         if session_token(request) is None:
             pages.redirect(request, pages.LOGIN_PATH)
         else:
@@ -216,7 +220,7 @@ class LogoutResource(Resource):
 
     render_HEAD = render_GET
 
-    def render_POST(self, request: IRequest) -> bytes:
+    def render_POST(self, request: IRequest) -> RenderResult:
         if not (csrf_matches(request) or agent_csrf_matches(request)):
             pages.csrf_refused(request)
             return NOT_DONE_YET
@@ -255,7 +259,7 @@ class LogoutResource(Resource):
         expire_session_cookie(request)
         pages.redirect(request, pages.LOGIN_PATH)
 
-    def render(self, request: IRequest) -> bytes:
+    def render(self, request: IRequest) -> RenderResult:
         if request.method not in (b"GET", b"HEAD", b"POST"):
             return _method_not_allowed(request)
         return super().render(request)

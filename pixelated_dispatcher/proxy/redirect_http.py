@@ -51,6 +51,6 @@ class RedirectToHTTPS(Resource):
 
 def make_redirect_site(https_port: int = 443) -> Site:
     site = Site(RedirectToHTTPS(https_port))
-    site.protocol = ProxyChannel
+    site.protocol = ProxyChannel  # type: ignore[assignment,method-assign]
     site.displayTracebacks = False
     return site

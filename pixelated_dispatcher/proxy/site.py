@@ -15,6 +15,7 @@ from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.internet.task import Clock
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web import http
 from twisted.web.server import Request, Site
 from zope.interface import implementer_only
 
@@ -29,6 +30,9 @@ from .starting_page import StartingPage
 
 class DispatcherRoot(Resource):
     """Routes requests; exactly ``/auth/login`` and ``/auth/logout`` are ours."""
+
+    #: the cache its pages share (set by :func:`make_root`)
+    cache: Optional[ManagerCache] = None
 
     def __init__(self, login: IResource, logout: IResource, agents: IResource,
                  starting: Optional[IResource] = None) -> None:
@@ -83,6 +87,7 @@ class ProxyRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if path.startswith(b"/auth/"):
             return super().requestReceived(command, path, version)
+        assert self.content is not None  # made by the channel with the request
         self.content.seek(0, 0)
         self.args = {}
         self.method, self.uri = command, path
@@ -114,7 +119,7 @@ class ProxySite(Site):
     #: what forwards the agents' paths (closed by whoever runs the site)
     forwarder: Optional[IForwarder] = None
 
-    def log(self, request: IRequest) -> None:
+    def log(self, request: http.Request) -> None:
         if self.logPath is not None:
             super().log(request)
 
@@ -133,7 +138,7 @@ def make_site(manager: IManager, reactor: Any,
     root = make_root(manager, forwarder, clock=reactor, banner=banner, cache=cache)
     site = ProxySite(root, logPath=access_log, timeout=IDLE_TIMEOUT)
     site.requestFactory = ProxyRequest
-    site.protocol = ProxyChannel
+    site.protocol = ProxyChannel  # type: ignore[assignment,method-assign]
     site.displayTracebacks = False
     site.cache = root.cache
     site.forwarder = forwarder
