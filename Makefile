@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo check install clean package-test
+.PHONY: demo check install clean package-test pypy-venv check-pypy
 
 # Runs "python ..." with .venv, or, as root in a clone that other users may
 # not enter, with a copy that the agents' accounts can read (tools/runtime_copy.py).
@@ -30,6 +30,32 @@ check: install
 package-test:
 	bash .ci/debian.sh --unit-tests --docker --nspawn
 
+# The proxy on PyPy, the faster way to run it on a busy host (docs/benchmarks.rst,
+# "The proxy on PyPy"): Debian 12's pypy3 7.3.11 (apt-get install pypy3
+# pypy3-venv pypy3-dev), with only what the proxy needs; the manager (argon2,
+# psutil) stays on CPython. tools/pypy-constraints.txt keeps cryptography and
+# pyOpenSSL at versions that have wheels for PyPy 3.9.
+PYPY       ?= pypy3
+PYPY_VENV  := .venv-pypy
+PYPY_BIN   := $(PYPY_VENV)/bin
+PROXY_DEPS := 'twisted[tls] >= 22.4' pyopenssl service-identity attrs zope.interface
+# The proxy's tests; those that start the real manager need its dependencies.
+PYPY_TESTS := $(filter-out tests/test_proxy_operations.py,$(wildcard tests/test_proxy_*.py))
+PYPY_SKIP  := not RealDispatcherTests and not ProxyUnderMemoryDenyWriteExecuteTests \
+              and not BodyWithoutSession and not StoppedAgentProcess
+
+$(PYPY_BIN)/.installed: setup.cfg pyproject.toml tools/pypy-constraints.txt
+	$(PYPY) -m venv $(PYPY_VENV)
+	$(PYPY_BIN)/pip install --quiet --upgrade pip
+	$(PYPY_BIN)/pip install --quiet -c tools/pypy-constraints.txt $(PROXY_DEPS) treq pytest hypothesis
+	$(PYPY_BIN)/pip install --quiet --no-deps --config-settings editable_mode=compat -e .
+	touch $@
+
+pypy-venv: $(PYPY_BIN)/.installed
+
+check-pypy: pypy-venv
+	$(PYPY_BIN)/python -m pytest -rs -k "$(PYPY_SKIP)" $(PYPY_TESTS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .hypothesis test-artifacts
+	rm -rf $(VENV) $(PYPY_VENV) build *.egg-info .hypothesis test-artifacts
 	find . -name dropin.cache -delete
