@@ -33,7 +33,7 @@ first agent, and refuses to start agents there if it is off.
 import os
 import secrets
 import time
-from typing import Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import attr
 from twisted.internet import task
@@ -174,7 +174,7 @@ class SwarmProvider:
     name = "swarm"
     log = Logger()
 
-    def __init__(self, reactor, engine: ISwarmEngine,
+    def __init__(self, reactor: Any, engine: ISwarmEngine,
                  settings: DockerAgentSettings = DockerAgentSettings(),
                  swarm: SwarmSettings = SwarmSettings(),
                  placements: Optional[PlacementBook] = None,
@@ -199,7 +199,8 @@ class SwarmProvider:
         self._nodes: Dict[str, NodeView] = {}
         self._loop: Optional[Deferred] = None
         self._first: Optional[SharedResult] = None
-        self._first_fired: Optional[Deferred] = None
+        #: fires with the agents adopted at the first reconcile
+        self._first_fired: Deferred = Deferred()
         self._engine_up = False
         self._closing = False
         self._wake: Optional[Deferred] = None
@@ -209,7 +210,6 @@ class SwarmProvider:
     def recover(self) -> Deferred:
         """Start polling; fire with the agents adopted at the first reconcile."""
         if self._first is None:
-            self._first_fired = Deferred()
             self._first = SharedResult(self._first_fired)
             self._loop = ensureDeferred(self._poll_loop())
             self._loop.addErrback(self._loop_ended)
@@ -333,7 +333,7 @@ class SwarmProvider:
 
     def _no_new_privileges_in_spec(self) -> bool:
         version = self._engine.api_version
-        return version is not None and parse_version(version) >= NNP_API
+        return version is not None and parse_version(str(version)) >= NNP_API
 
     async def _start(self, username: str, data_dir: str, credentials: bytes) -> RunningAgent:
         self._check_abort(username)
@@ -370,6 +370,7 @@ class SwarmProvider:
             await self._remove_secret(secret_id)
             raise
         port = _task_port(task_json, self.settings.port)
+        assert port is not None                 # _wait_ready returns a task with one
         agent = RunningAgent(username=username, address=AgentAddress(node.address, port),
                              pid=0, started=_started_at(task_json.get("CreatedAt", ""))
                              or time.time())
