@@ -274,6 +274,10 @@ async def _info(c: Invocation) -> None:
                  ("uptime", _duration(time.time() - info["started"])),
                  ("memory", _mib(info["memory"])),
                  ("last activity", _when(info["last_activity"]))]
+    if info.get("last_failure"):
+        rows.append(("last failure", info["last_failure"]))
+    if info.get("limits"):
+        rows.append(("limits", info["limits"]))
     c.say("\n".join(columns(rows)))
 
 

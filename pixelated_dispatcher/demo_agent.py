@@ -16,8 +16,9 @@ For the tests it has a few extra pages: ``/health``, ``/whoami``, ``/echo``
 (the headers it received, to prove what the proxy forwards and what it must
 not), ``/blob?size=N`` (a streamed download of N bytes), ``POST /upload``
 (byte count and SHA-256 of a streamed upload), ``/wait?seconds=N`` (a long
-poll: the answer comes after N seconds) and ``/tunnel`` (an ``Upgrade``
-answered with ``101``, then every byte echoed, as a WebSocket stand-in).
+poll: the answer comes after N seconds), ``/tunnel`` (an ``Upgrade``
+answered with ``101``, then every byte echoed, as a WebSocket stand-in) and
+``/hog?mib=N`` (allocates and keeps N MiB, as a runaway agent would).
 
 Run it as::
 
@@ -349,7 +350,7 @@ class WaitPage(Resource):
     """``/wait?seconds=N``: answer after N seconds (a long poll)."""
     isLeaf = True
 
-    def render_GET(self, request: server.Request):
+    def render_GET(self, request: server.Request) -> object:
         from twisted.internet import reactor
         values = request.args.get(b"seconds", [])
         if len(values) != 1 or not values[0].isdigit() or int(values[0]) > MAX_WAIT:
@@ -366,7 +367,7 @@ class TunnelPage(Resource):
     a WebSocket looks like to the dispatcher: a byte stream both ways)."""
     isLeaf = True
 
-    def render_GET(self, request: server.Request):
+    def render_GET(self, request: server.Request) -> object:
         upgrade = request.getHeader(b"upgrade")
         if not upgrade:
             return _text(request, "send Upgrade", http.BAD_REQUEST)
@@ -377,6 +378,27 @@ class TunnelPage(Resource):
         channel.setTimeout(None)
         channel.dataReceived = transport.write  # type: ignore[method-assign]
         return server.NOT_DONE_YET
+
+
+#: what ``/hog`` allocated (kept for the agent's life)
+_HOGGED: List[bytes] = []
+#: largest ``/hog``
+MAX_HOG_MIB = 4096
+
+
+class HogPage(Resource):
+    """``/hog?mib=N``: allocate (and write) N more MiB and keep them: a
+    runaway agent, to show the memory limit at work."""
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        values = request.args.get(b"mib", [])
+        if len(values) != 1 or not values[0].isdigit() or int(values[0]) > MAX_HOG_MIB:
+            return _text(request, "mib must be a whole number from 0 to %d" % (MAX_HOG_MIB,),
+                         http.BAD_REQUEST)
+        for _ in range(int(values[0])):
+            _HOGGED.append(b"h" * (1024 * 1024))  # written, so really resident
+        return _text(request, "holding %d MiB" % (len(_HOGGED),))
 
 
 class DemoRequest(server.Request):
@@ -395,6 +417,7 @@ def make_site(identity: Identity, counter: VisitCounter) -> server.Site:
     root.putChild(b"upload", UploadPage())
     root.putChild(b"wait", WaitPage())
     root.putChild(b"tunnel", TunnelPage())
+    root.putChild(b"hog", HogPage())
     site = server.Site(root)
     site.requestFactory = DemoRequest
     return site

@@ -313,7 +313,8 @@ class StopAgent(amp.Command):
 
 class AgentInfo(amp.Command):
     """One user's agent: state (and why it failed), address (empty when
-    stopped), pid, start time, resident memory, last activity."""
+    stopped), pid, start time, resident memory, last activity, and the
+    resource limits agents get."""
     arguments = [(b"username", amp.Unicode())]
     response = [(b"username", amp.Unicode()),
                 (b"state", amp.Unicode()),
@@ -325,7 +326,9 @@ class AgentInfo(amp.Command):
                 (b"memory", amp.Integer()),
                 (b"last_activity", amp.Float()),
                 # the cluster node it runs on (swarm provider); absent elsewhere
-                (b"node", amp.Unicode(optional=True))]
+                (b"node", amp.Unicode(optional=True)),
+                (b"limits", amp.Unicode(optional=True)),
+                (b"last_failure", amp.Unicode(optional=True))]
     errors = _errors(InvalidUsername, UnknownUser)
 
 

@@ -166,11 +166,13 @@ class ManagerTests(TestCase):
         self.assertEqual((yield self.manager.list_users()), [("alice", "stopped")])
 
     @inlineCallbacks
-    def test_crashed_agent_is_stopped_and_the_next_request_starts_it_again(self):
+    def test_crashed_agent_has_failed_and_the_next_request_starts_it_again(self):
         token = yield self.log_in("alice")
         yield self.finish_starts(self.manager.ensure_agent("alice", token))
-        self.provider.crash("alice")
-        self.assertEqual(self.manager.supervisor.state("alice"), "stopped")
+        self.provider.crash("alice", "was killed for running out of memory")
+        status = self.manager.supervisor.status("alice")
+        self.assertEqual((status.state, status.reason),
+                         ("failed", "was killed for running out of memory"))
         yield self.assertFailure(self.manager.locate_agent("alice", token), p.AgentNotRunning)
         yield self.finish_starts(self.manager.ensure_agent("alice", token))
         self.assertEqual(self.provider.launches, ["alice", "alice"])

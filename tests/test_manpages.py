@@ -287,9 +287,9 @@ class StalePageTests(Workspace):
         self.assertIn("%s is out of date; run python3 tools/manpages.py" % MANAGER_PAGE,
                       err.getvalue())
         self.assertNotIn(PROXY_PAGE, err.getvalue())
-        self.assertIn("-Memory limit of each agent container \\%(e.g. 512m, 1g). Default: 256m.\n"
-                      "+Memory limit of each agent container \\%(e.g. 512m, 1g). Default: 512m.\n",
-                      out.getvalue())
+        line = ("Memory limit of each agent \\%(e.g. 512m, 1g): its container, or its cgroup"
+                " with the process provider (0: none). Default: ")
+        self.assertIn("-" + line + "256m.\n+" + line + "512m.\n", out.getvalue())
         self.assertEqual(read(MANAGER_PAGE, self.root), text)
 
         with captured() as (out, err):

@@ -175,6 +175,8 @@ class ManagerLocator(amp.CommandLocator):
                     "started": agent.started if agent else 0.0,
                     "memory": details.memory,
                     "last_activity": details.last_activity,
+                    "limits": details.limits,
+                    "last_failure": status.last_failure,
                     **({"node": details.node} if details.node else {})}
         return self.manager.agent_info(username).addCallback(answer)
 

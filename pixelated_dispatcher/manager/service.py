@@ -30,7 +30,7 @@ from .legacy_import import LegacyUser, read_legacy_root
 from .login_limits import LoginLimiter
 from .metrics import ManagerMetrics
 from .passwords import PRODUCTION, HashParameters, PasswordHasher
-from .providers.interface import IAgentProvider, IMeasuresMemory
+from .providers.interface import IAgentProvider, ILimitsAgents, IMeasuresMemory
 from .registry import UserRegistry
 from .sealed_credentials import SealBroken, seal, unseal
 from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE, SessionStore, new_token
@@ -66,6 +66,8 @@ class AgentDetails:
     last_activity: float
     #: the cluster node the agent runs on ("" unless the provider has nodes)
     node: str = ""
+    #: the resource limits of agents, in words ("" when the provider has none)
+    limits: str = ""
 
 
 #: Seconds between two sweeps of expired sessions (and so of the
@@ -395,8 +397,10 @@ class Manager(MultiService):
         memory = 0
         if status.agent is not None:
             memory = (yield self._memory({username: status.agent})).get(username, 0)
+        limits = (ILimitsAgents(self._provider).limits()
+                  if ILimitsAgents.providedBy(self._provider) else "")
         return AgentDetails(status, memory, self.culler.last_activity(username) or 0.0,
-                            self.node_of(username))
+                            self.node_of(username), limits)
 
     def node_of(self, username: str) -> str:
         """The node ``username``'s agent runs on, for providers with nodes (swarm)."""

@@ -56,6 +56,9 @@ class AgentStatus:
     agent: Optional[RunningAgent]
     #: why the last start failed (state FAILED), else ""
     reason: str = ""
+    #: the last failure (failed start or unexpected end) with its time,
+    #: kept after the agent was started again, for ``pixelated-ctl info``
+    last_failure: str = ""
 
 
 class AgentSupervisor:
@@ -77,6 +80,7 @@ class AgentSupervisor:
         self._starting: Dict[str, SharedResult] = {}
         self._stopping: Dict[str, SharedResult] = {}
         self._failures: Dict[str, str] = {}
+        self._last_failures: Dict[str, str] = {}
         self._exit_listeners: List[Callable[[str, str], None]] = []
         self._metrics = metrics
         if metrics is not None:
@@ -114,7 +118,8 @@ class AgentSupervisor:
     def status(self, username: str) -> AgentStatus:
         return AgentStatus(username, self.state(username),
                            self._provider.running().get(username),
-                           self._failures.get(username, ""))
+                           self._failures.get(username, ""),
+                           self._last_failures.get(username, ""))
 
     def running(self) -> Dict[str, RunningAgent]:
         return dict(self._provider.running())
@@ -198,6 +203,7 @@ class AgentSupervisor:
             agent = yield self._provider.start(username, data_dir, line)
         except AgentStartError as error:
             self._failures[username] = str(error)
+            self._remember_failure(username, str(error))
             self.log.warn("agent of {username}: failed to start: {reason}",
                           username=username, reason=str(error))
             if self._metrics is not None:
@@ -224,9 +230,18 @@ class AgentSupervisor:
         maybeDeferred(operation).addBoth(forget).chainDeferred(source)
         return fanout.wait()
 
+    def _remember_failure(self, username: str, reason: str) -> None:
+        self._last_failures[username] = "%s at %s" % (
+            reason, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self._reactor.seconds())))
+
     def _agent_exited(self, username: str, reason: str) -> None:
         self.log.info("agent of {username}: stopped ({reason})", username=username,
                       reason=reason)
+        if reason != "stopped" and username not in self._stopping:
+            # Nobody asked it to stop (it crashed, the kernel killed it for
+            # memory): "failed", with the reason, until the next start.
+            self._failures[username] = reason
+            self._remember_failure(username, reason)
         tell_all(self._exit_listeners, lambda listener: listener(username, reason),
                  "agent exit", self.log)
 

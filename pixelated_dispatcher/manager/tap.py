@@ -7,7 +7,7 @@ protocol in ``amp_server``, who may do what in ``peer_policy``, agents in
 import os
 import shlex
 import socket
-from typing import Any, Callable, Collection, List, TypeVar
+from typing import Any, Callable, Collection, List, Optional, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application import strports
@@ -203,7 +203,27 @@ def make_provider(reactor: Any, options: usage.Options) -> IAgentProvider:
                            stop_grace=options["agent-stop-grace"],
                            state_dir=os.path.join(options["state-dir"], "agents"),
                            keep_on_close=not options["stop-agents-on-exit"],
-                           agent_ports=options["agent-port-range"], firewall=firewall)
+                           agent_ports=options["agent-port-range"], firewall=firewall,
+                           cgroups=process_cgroups(options))
+
+
+def process_cgroups(options: Any) -> Optional[Any]:
+    """The process provider's resource limits: a cgroup per agent when the
+    manager is root (without root, agents run as the manager's own user and
+    nothing is limited); a host where they cannot be applied is an error,
+    not a silent lack of limits."""
+    from .providers.agent_cgroup import (CgroupUnavailable, find_cgroups, group_name,
+                                         limits_from_config)
+    try:
+        limits = limits_from_config(options)
+    except ValueError as error:
+        raise usage.UsageError(str(error))
+    if os.getuid() != 0 or not limits.any:
+        return None
+    try:
+        return find_cgroups(limits, group_name(options["state-dir"]))
+    except (CgroupUnavailable, OSError) as error:
+        raise usage.UsageError("agents cannot get their resource limits: %s" % (error,))
 
 
 class _ManagerSocket(StreamServerEndpointService):

@@ -272,4 +272,6 @@ class ManagerCache:
     def agent_stopped(self, username: str) -> None:
         self._generation += 1
         self._addresses.pop(username, None)
-        self.exchanges.close_user(username, "agent stopped")
+        # Open exchanges stay: the agent's end closes their agent side, and
+        # a request in flight gets the "starting" page (or 503) instead of a
+        # cut connection.

@@ -7,7 +7,8 @@ revocation carries on for hours otherwise. :class:`OpenExchanges` records
 every forwarded request from the moment the session gate hands it to the
 forwarder until it finishes, and closes (aborts the browser's connection,
 which drops the agent's side) those of a user or of one session when the
-manager says so (``SessionsRevoked``, ``SessionEnded``, ``AgentStopped``).
+manager says so (``SessionsRevoked``, ``SessionEnded``). An agent that
+stops (``AgentStopped``) closes its side of them itself.
 A tunnel also counts as activity for idle culling while it is open, and
 only while it is open: a closed one is no longer reported.
 """

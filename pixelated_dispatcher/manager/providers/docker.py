@@ -45,10 +45,11 @@ from zope.interface import implementer
 from ...fanout import SharedResult
 from ...protocol import AgentAddress
 from ...usernames import is_valid_username
+from .agent_cgroup import AgentLimits
 from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, IDockerEngine,
                             NoSuchContainer, NoSuchImage, PullFailed, log_tail_lines)
 from .interface import (Accounts, AgentStartError, ExitCallback, IAgentProvider,
-                        IMeasuresMemory, RunningAgent, notify_exit)
+                        ILimitsAgents, IMeasuresMemory, RunningAgent, notify_exit)
 from .loopback_guard import LoopbackGuardFailed
 
 #: label on every container of ours; its value is the provider's instance name
@@ -69,6 +70,8 @@ class DockerAgentSettings:
     image: str = "pixelated/pixelated-user-agent"
     memory: int = 512 * MiB
     pids: int = 256
+    #: relative CPU weight under contention (Docker's CpuShares; 1024 normal)
+    cpu_shares: int = 1024
     user: str = "65534:65534"
     port: int = 4567
     data_mount: str = "/mnt/user"
@@ -114,6 +117,7 @@ class DockerAgentSettings:
                 "Memory": self.memory,
                 "MemorySwap": self.memory,
                 "PidsLimit": self.pids,
+                "CpuShares": self.cpu_shares,
                 "CapDrop": ["ALL"],
                 "SecurityOpt": ["no-new-privileges"],
                 "Mounts": [{"Type": "bind", "Source": data_dir, "Target": self.data_mount,
@@ -245,7 +249,7 @@ def exit_reason(exit_code: int, oom: bool, memory: int) -> str:
     return "exited with code %d" % exit_code
 
 
-@implementer(IAgentProvider, IMeasuresMemory)
+@implementer(IAgentProvider, IMeasuresMemory, ILimitsAgents)
 class DockerProvider:
     """Agents as Docker containers, one per user (see the module docstring)."""
 
@@ -287,6 +291,12 @@ class DockerProvider:
         self._closing = False
 
     # -- IAgentProvider --
+
+    def limits(self) -> str:
+        """The limits of every agent container, for ``pixelated-ctl info``."""
+        settings = self.settings
+        return "%s (container)" % (AgentLimits(settings.memory, settings.pids,
+                                               settings.cpu_shares).describe(),)
 
     def recover(self) -> Deferred:
         """Start following the engine; fire with the agents adopted at the

@@ -25,8 +25,15 @@ DOCKER_OPT_PARAMETERS = [
      " (default: $DOCKER_HOST, else %s)." % DEFAULT_DOCKER_HOST],
     ["agent-image", None, "pixelated/pixelated-user-agent",
      "Docker image of the agent (pulled when missing)."],
-    ["agent-memory", None, "512m", "Memory limit of each agent container (e.g. 512m, 1g)."],
-    ["agent-pids", None, "256", "Process limit of each agent container."],
+    ["agent-memory", None, "512m",
+     "Memory limit of each agent (e.g. 512m, 1g): its container, or its cgroup with the"
+     " process provider (0: none)."],
+    ["agent-pids", None, "256",
+     "Process limit of each agent (container, or cgroup with the process provider)."],
+    ["agent-cpu-shares", None, "1024",
+     "CPU share of each agent under contention, relative to the others' (Docker's"
+     " --cpu-shares; 1024 is normal; a cgroup's cpu.shares or cpu.weight with the"
+     " process provider)."],
     ["agent-user", None, "65534:65534",
      "Numeric UID:GID the agent runs as inside its container (not root)."],
     ["agent-port", None, "4567", "Port the agent listens on inside its container."],
@@ -102,6 +109,7 @@ def settings_from_config(config: Mapping[str, Any]) -> DockerAgentSettings:
     return DockerAgentSettings(
         image=image, memory=memory, instance=instance,
         pids=_number(config, "agent-pids", int, 1),
+        cpu_shares=_number(config, "agent-cpu-shares", int, 2),
         user=user, port=port, data_mount=mount.rstrip("/"),
         start_timeout=_number(config, "agent-start-timeout", float, 1),
         command=command,

@@ -106,3 +106,13 @@ class IMeasuresMemory(Interface):
     def memory_usage() -> Deferred:
         """Fires with ``{username: bytes}`` for the agents running now;
         agents that cannot be measured are left out."""
+
+
+class ILimitsAgents(Interface):
+    """A provider that limits its agents' resources (memory, processes, CPU
+    share): the docker provider in the container, the process provider in a
+    cgroup per agent."""
+
+    def limits():
+        """The limits every agent gets, and where they are applied, in
+        words (``pixelated-ctl info``)."""

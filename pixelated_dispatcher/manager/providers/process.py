@@ -85,7 +85,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import attr
 from twisted.internet import defer
@@ -104,8 +104,9 @@ from ...usernames import is_valid_username
 from ..agent_firewall import FirewallError, IAgentFirewall, NoFirewall
 from .agent_ports import (DEFAULT_AGENT_PORTS, PORT_QUARANTINE, NoFreePort, PortAllocator,
                           PortRange)
+from .agent_cgroup import AgentCgroups, out_of_memory_reason
 from .interface import (Accounts, AgentStartError, ExitCallback, IAgentProvider,
-                        RunningAgent, notify_exit)
+                        ILimitsAgents, RunningAgent, notify_exit)
 from .process_files import (RECORD_VERSION, delete_record, is_int, prepare_data_dir,
                             prepare_spawn, read_tail, scan_records, trim_logs, write_record)
 from .process_inspect import (AGENT_MARKER, LOOPBACK, MIN_AGENT_UID, RECOVER_KILL_WAIT,
@@ -168,6 +169,9 @@ class _Agent:
     stop_waiters: List[Deferred] = attr.Factory(list)
     #: left running at close() for the next manager
     handed_over: bool = False
+    #: why it ended when the provider knows better than the exit status
+    #: (its cgroup says the kernel killed it for memory)
+    end_reason: str = ""
 
 
 _READY, _EXITED, _TIMED_OUT = "ready", "exited", "timed out"
@@ -178,7 +182,7 @@ def _check_state_dir(instance, attribute, value) -> None:
         raise ValueError("state_dir must be an absolute path, not %r" % (value,))
 
 
-@implementer(IAgentProvider)
+@implementer(IAgentProvider, ILimitsAgents)
 @attr.s(auto_attribs=True, eq=False)
 class ProcessProvider:
     """Agents as local processes; see the module docstring for the guarantees.
@@ -216,6 +220,8 @@ class ProcessProvider:
     port_quarantine: float = PORT_QUARANTINE
     agent_ports: PortRange = DEFAULT_AGENT_PORTS
     firewall: IAgentFirewall = attr.Factory(NoFirewall)
+    #: resource limits: each agent in a cgroup of its own (None: no limits)
+    cgroups: Optional[AgentCgroups] = None
 
     name = "process"
 
@@ -230,6 +236,7 @@ class ProcessProvider:
     _setpriv: str = attr.ib(init=False)
     _setsid: str = attr.ib(init=False)
     _env: str = attr.ib(init=False)
+    _sh: str = attr.ib(init=False, default="/bin/sh")
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -251,6 +258,7 @@ class ProcessProvider:
                                " and env (coreutils) on PATH")
         self._setpriv, self._setsid, self._env = setpriv, setsid, env
         self._ports = PortAllocator(self.reactor, self.agent_ports, self.port_quarantine)
+        self._sh = shutil.which("sh") or "/bin/sh"
 
     @property
     def keeps_agents(self) -> bool:
@@ -348,6 +356,9 @@ class ProcessProvider:
         d.addCallback(lambda _: defer.gatherResults(
             [self._queue_disk(name, lambda: None) for name in list(self._disk)],
             consumeErrors=True))
+        if self.cgroups is not None:
+            # Empty by now unless agents were handed over (then they stay).
+            d.addCallback(lambda _: self._in_thread(self.cgroups.remove_bases))
         # the table goes unless agents run on for the next manager
         d.addCallback(lambda _: self.firewall.close(keep=kept))
         return d.addCallback(lambda _: None)
@@ -562,7 +573,7 @@ class ProcessProvider:
         env.update(self.extra_env or {})
         if self.state_dir is not None:
             env[AGENT_MARKER] = self.state_dir
-        command = self.wrapper(owner, agent.data_dir) + argv
+        command = (await self._enter_cgroup(agent)) + self.wrapper(owner, agent.data_dir) + argv
         record = {
             "version": RECORD_VERSION, "username": agent.username, "pid": None,
             "start_time": None, "pgid": None, "port": port, "started": time.time(),
@@ -612,10 +623,51 @@ class ProcessProvider:
                 os.close(log_fd)  # the agent has its own copy
         agent.process = process
         agent.port = port
+        self._watch_cgroup(agent, process)
         if self.state_dir is not None:
             self._record(agent, process, record)
             self._trim_logs_from_now_on()
         return process
+
+    # -- resource limits (agent_cgroup) -------------------------------------------
+
+    async def _enter_cgroup(self, agent: _Agent) -> List[str]:
+        """Make the agent's cgroup; the argv prefix that puts the agent in it
+        before it runs (nothing without limits)."""
+        if self.cgroups is None:
+            return []
+        try:
+            await self._queue_disk(agent.username, self.cgroups.create, agent.username,
+                                   quiet=False)
+        except OSError as error:
+            raise AgentStartError("cannot make the cgroup that limits the agent of %s: %s"
+                                  % (agent.username, error))
+        return self.cgroups.enter_argv(agent.username, self._sh)
+
+    def _watch_cgroup(self, agent: _Agent, process: Any) -> None:
+        """When the agent ends: learn whether the kernel killed it for memory
+        (read before the removal, in this same turn), then remove its cgroup."""
+        cgroups = self.cgroups
+        if cgroups is None:
+            return
+
+        def ended(_: object) -> None:
+            if agent.handed_over:
+                return  # the next manager's
+            if cgroups.limits.memory and cgroups.oom_killed(agent.username):
+                agent.end_reason = out_of_memory_reason(cgroups.limits.memory)
+                log.warn("agent of {username} {reason}", username=agent.username,
+                         reason=agent.end_reason)
+            if self._agents.get(agent.username) in (None, agent):
+                self._queue_disk(agent.username, cgroups.remove, agent.username)
+        process.when_ended().addCallback(ended)
+
+    def limits(self) -> str:
+        """The agents' resource limits, for ``pixelated-ctl info``."""
+        if self.cgroups is None:
+            return ("none (the manager is not root)" if self.accounts is None
+                    else "none")
+        return self.cgroups.describe()
 
     def _trim_logs_from_now_on(self) -> None:
         if self._log_trimmer is None:
@@ -713,6 +765,12 @@ class ProcessProvider:
         known = [agent.process.pid for agent in self._agents.values()
                  if agent.process is not None and agent.process.pid is not None]
         await self._in_thread(kill_orphans, self.state_dir, uids, known)
+        if self.cgroups is not None:
+            stale = await self._in_thread(self.cgroups.clean_stale,
+                                          [running.username for running in adopted])
+            if stale:
+                log.info("removed the cgroups of agents that were not adopted: {users}",
+                         users=" ".join(stale))
         return adopted
 
     async def _adopt(self, record: dict) -> Optional[RunningAgent]:
@@ -739,6 +797,7 @@ class ProcessProvider:
         if answers and record["uid"] in owners and not process.ended:
             running = RunningAgent(username, AgentAddress(LOOPBACK, port), pid,
                                    float(record["started"]))
+            self._watch_cgroup(agent, process)
             self._now_running(agent, running)
             process.when_ended().addCallback(
                 lambda _: self._queue_disk(username, delete_record, self.state_dir,
@@ -785,7 +844,8 @@ class ProcessProvider:
     def _running_agent_ended(self, agent: _Agent) -> None:
         if agent.handed_over:
             return  # the next manager's business
-        reason = "stopped" if agent.stopping else agent.process.exit_description
+        reason = ("stopped" if agent.stopping
+                  else agent.end_reason or agent.process.exit_description)
         log.info("agent of {username} ended: {reason}", username=agent.username, reason=reason)
         self._forget(agent)
         notify_exit(self._callbacks, agent.username, reason)
