@@ -231,8 +231,9 @@ class AgentSupervisor:
         return fanout.wait()
 
     def _remember_failure(self, username: str, reason: str) -> None:
+        now = self._reactor.seconds() if self._reactor is not None else time.time()
         self._last_failures[username] = "%s at %s" % (
-            reason, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self._reactor.seconds())))
+            reason, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)))
 
     def _agent_exited(self, username: str, reason: str) -> None:
         self.log.info("agent of {username}: stopped ({reason})", username=username,
