@@ -139,6 +139,18 @@ def make_docker_engine_tests(fixture):
                 self.engine.create_container(self.name(), self.config()), Conflict)
             self.assertIn(self.name(), str(error))
 
+        async def test_rename_frees_the_name(self):
+            cid = await self.engine.create_container(self.name(), self.config())
+            await self.engine.create_container(self.name("b"), self.config())
+            await self.assertFailure(self.engine.rename_container(cid, self.name("b")),
+                                     Conflict)
+            await self.engine.rename_container(cid, self.name("c"))
+            info = await self.engine.inspect_container(cid)
+            self.assertEqual(info["Name"], "/" + self.name("c"))
+            await self.engine.create_container(self.name(), self.config())  # free again
+            await self.assertFailure(self.engine.rename_container("pxcontract-nothere", "x"),
+                                     NoSuchContainer)
+
         async def test_missing_container_is_named(self):
             for call in (self.engine.inspect_container, self.engine.start_container,
                          self.engine.remove_container, self.engine.kill_container,

@@ -172,6 +172,22 @@ class DockerProviderTests(SynchronousTestCase):
         self.assertNotIn(old, self.engine.containers)
         self.assertEqual(self.container().stdin, CREDENTIALS)
 
+    def test_stale_container_that_docker_cannot_remove_is_renamed_aside(self):
+        """dockerd 20.10, stopped while a container started, may leave its root
+        file system mounted and fail every removal: the user still gets an
+        agent (bench/soak, dockerd-restart)."""
+        provider = self.provider()
+        old = self.successResultOf(self.engine.create_container(
+            "pixelated-agent-alice", {"Image": IMAGE, "Labels": {LABEL: "pixelated-agent",
+                                                                  USER_LABEL: "alice"}}))
+        self.engine.unremovable.add(old)
+        self.started(provider)
+        self.assertEqual(self.container().stdin, CREDENTIALS)
+        self.assertNotEqual(self.container().id, old)
+        self.assertTrue(self.engine.containers[old].name.startswith(
+            "pixelated-agent-alice-defunct-"))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
     def test_stale_container_and_missing_image_together(self):
         self.engine = FakeDockerEngine(images=[IMAGE], registry=[IMAGE])
         old = self.successResultOf(self.engine.create_container(

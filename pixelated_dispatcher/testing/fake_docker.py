@@ -17,14 +17,15 @@ import hashlib
 import itertools
 import signal as _signal
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from ..manager.providers.docker_engine import (Conflict, EngineUnavailable, IDockerEngine,
-                            IEventStream, NoSuchContainer, NoSuchImage, PullFailed,
-                            choose_api_version, split_reference)
+from ..manager.providers.docker_engine import (Conflict, DockerAPIError, EngineUnavailable,
+                                               IDockerEngine, IEventStream, NoSuchContainer,
+                                               NoSuchImage, PullFailed, choose_api_version,
+                                               split_reference)
 
 
 def _normal(reference: str) -> str:
@@ -99,6 +100,10 @@ class FakeDockerEngine:
         self.registry = {_normal(ref) for ref in registry}
         self.containers: Dict[str, _Container] = {}
         self.on_start: Optional[Callable[[str, Dict[str, int]], None]] = None
+        #: ids of containers whose removal fails, as with dockerd 20.10 when
+        #: it stopped while the container started and left its root file
+        #: system mounted ("device or resource busy")
+        self.unremovable: Set[str] = set()
         self.calls: List[str] = []
         self._streams: List[_FakeEventStream] = []
         self._ids = itertools.count(1)
@@ -270,6 +275,11 @@ class FakeDockerEngine:
     def remove_container(self, container_id):
         def remove():
             container = self._get(container_id)
+            if container.id in self.unremovable:
+                raise DockerAPIError(
+                    'container %s: driver "overlay2" failed to remove root filesystem:'
+                    ' unlinkat /var/lib/docker/overlay2/%s/merged: device or resource busy'
+                    % (container.id, container.id[:12]), 500)
             if container.running:
                 self._emit(container, "kill", signal=int(_signal.SIGKILL))
                 self._die(container, 137)
@@ -277,6 +287,18 @@ class FakeDockerEngine:
             self._emit(container, "destroy")
             return None
         return self._call("remove_container", remove)
+
+    def rename_container(self, container_id, name):
+        def rename():
+            container = self._get(container_id)
+            existing = self.by_name(name)
+            if existing is not None and existing is not container:
+                raise Conflict('Conflict. The container name "/%s" is already in use by'
+                               ' container "%s".' % (name, existing.id), 409)
+            container.name = name
+            self._emit(container, "rename")
+            return None
+        return self._call("rename_container", rename)
 
     def inspect_container(self, container_id):
         def inspect():

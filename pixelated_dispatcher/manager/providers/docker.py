@@ -451,7 +451,7 @@ class DockerProvider:
                 removed = True
                 # a stale container of that name (an agent that ended while no
                 # manager watched, or whose engine went away): a fresh one
-                await self._remove_quietly(name)
+                await self._clear_name(name)
         watch = self._start_watch[container_id] = _StartWatch(username)
         try:
             try:
@@ -646,6 +646,37 @@ class DockerProvider:
         except DockerEngineError as error:
             self.log.warn("could not remove container {container}: {error}",
                           container=container, error=error.message)
+
+    async def _clear_name(self, name: str) -> None:
+        """Free ``name`` of a stale container: remove it, or, if the engine
+        cannot, rename it aside so that the user's agent can start again.
+
+        dockerd 20.10 that stops while a container starts can leave that
+        container's root file system mounted, and then fails every removal
+        ("device or resource busy") until the operator unmounts it; without
+        this, its user could not get an agent until then (found by
+        ``bench/soak``'s dockerd restarts). The renamed container keeps our
+        labels, so later reconciliations try to remove it again.
+        """
+        try:
+            await self._engine.remove_container(name)
+            return
+        except NoSuchContainer:
+            return
+        except DockerEngineError as error:
+            reason = error.message
+        aside = "%s-defunct-%s" % (name, os.urandom(4).hex())
+        try:
+            await self._engine.rename_container(name, aside)
+        except NoSuchContainer:
+            return
+        except DockerEngineError as error:
+            self.log.warn("could not remove container {container} ({reason}) nor rename it"
+                          " aside: {error}", container=name, reason=reason, error=error.message)
+            return
+        self.log.warn("could not remove container {container} ({reason}); renamed it {aside}"
+                      " so that a new one can start: remove it once Docker can",
+                      container=name, reason=reason, aside=aside)
 
     def _notify(self, username: str, reason: str) -> None:
         notify_exit(self._callbacks, username, reason)

@@ -142,6 +142,10 @@ class IDockerEngine(Interface):
     def remove_container(container_id):
         """Remove it, even when running (``force``), with its anonymous volumes."""
 
+    def rename_container(container_id, name):
+        """Give it another name (``POST /containers/{id}/rename``); Conflict
+        if the name is taken."""
+
     def inspect_container(container_id):
         """``GET /containers/{id}/json``."""
 
@@ -483,6 +487,10 @@ class DockerEngine:
         return self._call("DELETE", "/containers/%s" % quote(container_id),
                           params={"force": "1", "v": "1"}, expect=(204,),
                           not_found=NoSuchContainer)
+
+    def rename_container(self, container_id, name):
+        return self._call("POST", "/containers/%s/rename" % quote(container_id),
+                          params={"name": name}, expect=(204,), not_found=NoSuchContainer)
 
     def inspect_container(self, container_id):
         return self._call("GET", "/containers/%s/json" % quote(container_id),
