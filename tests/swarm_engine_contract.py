@@ -167,6 +167,9 @@ def make_swarm_engine_tests(fixture):
             self.assertNotIn("s3cret", repr(service) + repr(task))
             listed = await self.engine.list_services(["%s=%s" % (self.label, self.value)])
             self.assertEqual([s["ID"] for s in listed], [service_id])
+            wanted = await self.engine.list_running_tasks()
+            self.assertIn(task["ID"], [t["ID"] for t in wanted])
+            self.assertEqual({t["DesiredState"] for t in wanted}, {"running"})
             # the name is taken; the secret is in use
             await self.assertFailure(self.engine.create_service(await self.spec(secret_id)),
                                      Conflict)
@@ -174,6 +177,8 @@ def make_swarm_engine_tests(fixture):
                                              DockerEngineError)
             self.assertIn(self.name(), str(error))
             await self.engine.remove_service(service_id)
+            self.assertNotIn(service_id, [t["ServiceID"]
+                                          for t in await self.engine.list_running_tasks()])
             await self.assertFailure(self.engine.inspect_service(service_id), NoSuchService)
             await self.assertFailure(self.engine.list_tasks([service_id]), NoSuchService)
             await self.assertFailure(self.engine.remove_service(service_id), NoSuchService)

@@ -177,6 +177,15 @@ class SwarmProviderTests(SynchronousTestCase):
         self.started(provider)
         self.assertEqual(list(provider.running()), ["alice"])
 
+    def test_a_poll_costs_two_calls_however_many_agents_run(self):
+        provider = self.provider()
+        for username in ("alice", "bob", "carol", "dave", "erin"):
+            self.started(provider, username)
+        del self.engine.calls[:]
+        self.clock.advance(POLL)
+        self.assertEqual(sorted(self.engine.calls), ["list_nodes", "list_running_tasks"])
+        self.assertEqual(len(provider.running()), 5)
+
     def test_a_node_without_the_image_gives_a_clear_error_at_once(self):
         self.workers[0].images.clear()
         self.workers[1].images.clear()

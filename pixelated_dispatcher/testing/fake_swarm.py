@@ -417,6 +417,10 @@ class FakeSwarmEngine(FakeDockerEngine):
             return [t.as_json() for t in self.tasks.values() if t.service_id in ids]
         return self._swarm_call("list_tasks", listing)
 
+    def list_running_tasks(self) -> Deferred:
+        return self._swarm_call("list_running_tasks", lambda: [
+            t.as_json() for t in self.tasks.values() if t.desired == "running"])
+
 
 class _LiveImages:
     """The images of the manager's own engine, as a node's image set."""

@@ -226,6 +226,10 @@ class ISwarmEngine(IDockerEngine):
     def list_tasks(services):
         """Tasks of the services named (by id or name) in ``services``."""
 
+    def list_running_tasks():
+        """Every task the swarm wants running (desired state ``running``), of
+        every service: one call however many services there are."""
+
 
 # --- helpers shared by the real engine and the fake ------------------------------
 
@@ -627,6 +631,10 @@ class DockerEngine:
         return self._call("GET", "/tasks",
                           params={"filters": json.dumps({"service": list(services)})},
                           not_found=NoSuchService)
+
+    def list_running_tasks(self) -> Deferred:
+        return self._call("GET", "/tasks",
+                          params={"filters": json.dumps({"desired-state": ["running"]})})
 
 
 def _label_filter(labels: Iterable[str]) -> Dict[str, str]:

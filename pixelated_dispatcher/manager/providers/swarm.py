@@ -549,16 +549,26 @@ class SwarmProvider:
         """One look at nodes and tasks: report the agents that ended."""
         nodes = {n["ID"]: NodeView.from_json(n) for n in await self._engine.list_nodes()}
         self._nodes = nodes
+        for node_id in list(self._nnp_checked):
+            if node_id not in nodes or nodes[node_id].state != "ready":
+                del self._nnp_checked[node_id]      # its dockerd may come back otherwise
         for secret_id in list(self._secrets_to_remove):
             await self._remove_secret(secret_id)
+        if not self._agents:
+            return
+        wanted = {t["ID"]: t for t in await self._engine.list_running_tasks()}
         for username, entry in list(self._agents.items()):
             if username in self._stopping or self._agents.get(username) is not entry:
                 continue
-            reason = await self._check_agent(entry, nodes)
+            reason = await self._check_agent(entry, nodes, wanted)
             if reason is not None and self._agents.get(username) is entry:
                 await self._ended(username, reason)
 
-    async def _check_agent(self, entry: _Agent, nodes: Dict[str, NodeView]) -> Optional[str]:
+    async def _check_agent(self, entry: _Agent, nodes: Dict[str, NodeView],
+                           wanted: Dict[str, dict]) -> Optional[str]:
+        """Why the agent ended, or None while it runs. ``wanted``: every task
+        the swarm wants running; only an agent whose task is not among them,
+        or no longer runs, costs a call of its own (for the reason)."""
         node = nodes.get(entry.node.id)
         if node is None:
             return "is gone (its node %s left the swarm)" % entry.node.describe()
@@ -566,6 +576,9 @@ class SwarmProvider:
             return "is unreachable: its node %s is %s" % (node.describe(), node.state)
         if node.availability != "active":
             return "was stopped: its node %s is %s" % (node.describe(), node.availability)
+        current = wanted.get(entry.task_id)
+        if current is not None and _task_state(current) == "running":
+            return None
         try:
             tasks = await self._engine.list_tasks([entry.service_id])
         except NoSuchService:
