@@ -186,6 +186,21 @@ class SwarmProviderTests(SynchronousTestCase):
         self.assertEqual(sorted(self.engine.calls), ["list_nodes", "list_running_tasks"])
         self.assertEqual(len(provider.running()), 5)
 
+    def test_manager_engine_outage_reports_agents_and_adopts_them_when_back(self):
+        provider = self.provider()
+        alice = self.started(provider)
+        self.engine.reachable = False
+        self.clock.advance(POLL)
+        self.assertEqual(self.exits, [("alice", "container engine unavailable")])
+        self.assertEqual(provider.running(), {})
+        error = self.failureResultOf(self.start(provider), AgentStartError).value
+        self.assertIn("container engine unavailable", str(error))
+        self.engine.reachable = True
+        self.clock.advance(POLL)
+        # the agent ran on through the outage: adopted, not started again
+        self.assertEqual(provider.running(), {"alice": alice})
+        self.assertEqual(len(self.engine.services), 1)
+
     def test_a_node_without_the_image_gives_a_clear_error_at_once(self):
         self.workers[0].images.clear()
         self.workers[1].images.clear()
