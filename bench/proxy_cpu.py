@@ -36,7 +36,7 @@ AGENT = AgentAddress("127.0.0.1", 41001)
 class Loop:
     """One browser connection and one agent connection, driven by hand."""
 
-    def __init__(self, body: int) -> None:
+    def __init__(self, body: int, minimal: bool = False) -> None:
         self.clock = MemoryReactorClock()
         manager = FakeManager()
         manager.add_user("alice", "a-secret")
@@ -54,6 +54,9 @@ class Loop:
             b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
             b"Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate\r\n"
             b"Cookie: pixelated-session=%s; theme=dark\r\n\r\n" % (body, token.encode()))
+        if minimal:  # what wrk sends
+            self.request = (b"GET /blob?size=%d HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                            b"Cookie: pixelated-session=%s\r\n\r\n" % (body, token.encode()))
         self.answer = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"
                        b"Date: Thu, 03 Dec 2026 03:00:00 GMT\r\n"
                        b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n"
@@ -86,9 +89,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--body", type=int, default=2048)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--minimal", action="store_true",
+                        help="the request wrk sends (Host and Cookie only)")
     parser.add_argument("--repeat", type=int, default=5)
     options = parser.parse_args()
-    loop = Loop(options.body)
+    loop = Loop(options.body, options.minimal)
     n = min(options.requests, 10 ** 6)
     if options.profile:
         profile = cProfile.Profile()

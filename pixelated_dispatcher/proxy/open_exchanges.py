@@ -30,7 +30,6 @@ class OpenExchange:
     request: IRequest
     username: str
     token: str
-    digest: str
     tunnel: bool
 
 
@@ -53,7 +52,7 @@ class OpenExchanges:
     def opened(self, request: IRequest, username: str, token: str, tunnel: bool) -> None:
         """``request`` of ``username``'s session ``token`` goes to the agent
         now; it is forgotten when it finishes (or its connection is lost)."""
-        entry = OpenExchange(request, username, token, token_digest(token), tunnel)
+        entry = OpenExchange(request, username, token, tunnel)
         self._by_user.setdefault(username, set()).add(entry)
         request.notifyFinish().addBoth(lambda _: self._forget(entry))
 
@@ -85,9 +84,11 @@ class OpenExchanges:
 
     def close_session(self, digest: str, why: str) -> int:
         """Close the open exchanges of the session whose token digest is
-        ``digest``."""
+        ``digest`` (digests are made here, for the few revocations, rather
+        than for every request)."""
         return self._close_all([entry for entries in self._by_user.values()
-                                for entry in entries if entry.digest == digest], why)
+                                for entry in entries if token_digest(entry.token) == digest],
+                               why)
 
     def close_token(self, token: str, why: str) -> int:
         return self.close_session(token_digest(token), why)
