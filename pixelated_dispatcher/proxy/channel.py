@@ -57,6 +57,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web.http import HTTPChannel
 
 from .cookie_policy import session_token
+from .twisted_internals import (forget_body_decoder, handling_request, hold_for_later,
+                                refuse_bad_request, take_held)
 
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[01]")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -141,7 +143,7 @@ class ProxyChannel(HTTPChannel):
 
     def _px_refuse(self) -> None:
         self._px_refused = True
-        self._respondToBadRequestAndDisconnect()
+        refuse_bad_request(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._px_refused:
@@ -164,8 +166,8 @@ class ProxyChannel(HTTPChannel):
             self._px_held_body.append(data)
             self._px_pause_reading()
             return
-        if self._handlingRequest:
-            self._dataBuffer.append(data)
+        if handling_request(self):
+            hold_for_later(self, data)
             return
         if self.length is None:  # chunked: count what comes
             self._px_body_seen += len(data)
@@ -221,7 +223,7 @@ class ProxyChannel(HTTPChannel):
         after the answer."""
         self._px_unread_body = True
         self.length = 0
-        self._transferDecoder = None
+        forget_body_decoder(self)
         # No "100 Continue": the browser must not send the body.
         self.requests[-1].requestHeaders.removeHeader(b"expect")
         super().allHeadersReceived()
@@ -266,10 +268,10 @@ class ProxyChannel(HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._px_refused:
             return
-        if self._handlingRequest:
+        if handling_request(self):
             # A pipelined request while one is being handled (Twisted 22.4
             # keeps parsing lines here; 26 buffers): keep it for later.
-            self._dataBuffer.append(line + b"\r\n")
+            hold_for_later(self, line + b"\r\n")
             self.setRawMode()
             return
         if self._px_in_head:
@@ -335,9 +337,7 @@ class ProxyChannel(HTTPChannel):
             transport.unregisterProducer()
             transport.registerProducer(agent, True)
             self._px_tunnel_agent = agent
-        buffered = b"".join(getattr(self, "_dataBuffer", None) or [])
-        if hasattr(self, "_dataBuffer"):
-            self._dataBuffer = []
+        buffered = take_held(self)
         self.dataReceived = to_agent  # type: ignore[method-assign]
 
         def connection_lost(reason: Any) -> None:

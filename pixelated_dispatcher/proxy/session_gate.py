@@ -32,6 +32,7 @@ from .forwarding import IForwarder, wants_upgrade
 from .manager_cache import ManagerCache
 from .manager_interface import ManagerUnavailable
 from .next_path import local_path
+from .twisted_internals import browser_disconnected
 
 log = Logger()
 
@@ -179,6 +180,6 @@ class SessionGate(Resource):
         browser waits on the waiting page, scripts are told to retry."""
         self._cache.forget_address(username)
         self._cache.ensure(username, token).addErrback(_ignore)
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or browser_disconnected(request):
             return
         pages.agent_starting(request, local_path(request.uri))
