@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo check install clean package-test pypy-venv check-pypy
+.PHONY: demo check check-oldest lint install clean package-test pypy-venv check-pypy
 
 # Runs "python ..." with .venv, or, as root in a clone that other users may
 # not enter, with a copy that the agents' accounts can read (tools/runtime_copy.py).
@@ -13,7 +13,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# compat mode: a plain path in a .pth, so twistd finds twisted/plugins here
-	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[test]'
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[test,lint]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -23,6 +23,29 @@ demo: install
 
 check: install
 	$(RUN) python -m pytest -rs tests
+
+# The style and type gate (settings in pyproject.toml and setup.cfg): ruff
+# (pyflakes, pycodestyle) and mypy with mypy-zope on the package.
+lint: install
+	$(BIN)/ruff check pixelated_dispatcher
+	$(BIN)/mypy pixelated_dispatcher
+
+# The proxy's tests once more on the oldest releases the dispatcher supports,
+# Debian 12's: Twisted 22.4, treq 22.2, pyOpenSSL 23.0 (make check runs the
+# newest). .ci/run runs it after make check.
+OLDEST       := .venv-oldest
+OLDEST_PINS  := 'twisted[tls]==22.4.0' 'treq==22.2.0' 'pyopenssl==23.0.0' 'cryptography==38.0.4'
+OLDEST_TESTS := tests/test_proxy_*.py tests/test_fake_manager.py tests/test_fanout.py
+
+$(OLDEST)/bin/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet --config-settings editable_mode=compat \
+	    $(OLDEST_PINS) -e '.[test]'
+	touch $@
+
+check-oldest: $(OLDEST)/bin/.installed
+	$(OLDEST)/bin/python tools/runtime_copy.py -- python -m pytest -rs $(OLDEST_TESTS)
 
 # Debian packages: build, lintian, the suite on Debian's Python, install, log
 # in with both providers, purge, and boot them in a Debian 12 container (root;
@@ -57,5 +80,5 @@ check-pypy: pypy-venv
 	$(PYPY_BIN)/python -m pytest -rs -k "$(PYPY_SKIP)" $(PYPY_TESTS)
 
 clean:
-	rm -rf $(VENV) $(PYPY_VENV) build *.egg-info .hypothesis test-artifacts
+	rm -rf $(VENV) $(OLDEST) $(PYPY_VENV) build *.egg-info .hypothesis test-artifacts
 	find . -name dropin.cache -delete
