@@ -201,6 +201,20 @@ class SwarmProviderTests(SynchronousTestCase):
         self.assertEqual(provider.running(), {"alice": alice})
         self.assertEqual(len(self.engine.services), 1)
 
+    def test_a_manager_started_while_the_swarm_is_away_adopts_once_it_is_back(self):
+        first = self.provider()
+        alice = self.started(first)
+        self.successResultOf(first.close())
+        self.engine.reachable = False
+        second = SwarmProvider(self.clock, self.engine, DockerAgentSettings(image=IMAGE),
+                               SwarmSettings(poll_interval=POLL),
+                               placements=PlacementBook(self.book_path),
+                               probe=lambda host, port: succeed(True))
+        self.assertEqual(self.successResultOf(second.recover()), [])
+        self.engine.reachable = True
+        self.clock.advance(POLL)
+        self.assertEqual(second.running(), {"alice": alice})
+
     def test_a_node_without_the_image_gives_a_clear_error_at_once(self):
         self.workers[0].images.clear()
         self.workers[1].images.clear()

@@ -202,6 +202,7 @@ class SwarmProvider:
         #: fires with the agents adopted at the first reconcile
         self._first_fired: Deferred = Deferred()
         self._engine_up = False
+        self._engine_problem = ""
         self._closing = False
         self._wake: Optional[Deferred] = None
 
@@ -529,9 +530,10 @@ class SwarmProvider:
             except (EngineUnavailable, NotSwarmManager) as error:
                 if self._closing:
                     break
-                if self._engine_up or not reconciled:
+                if self._engine_up or error.message != self._engine_problem:
                     self.log.error("swarm manager unavailable: {problem}",
                                    problem=error.message)
+                self._engine_problem = error.message
                 self._engine_up = False
                 reconciled = False
                 for username in list(self._agents):
@@ -541,6 +543,13 @@ class SwarmProvider:
                     self._first_fired.callback([])
             except DockerEngineError as error:
                 self.log.warn("polling the swarm failed: {error}", error=error.message)
+            except Exception:
+                if self._closing:
+                    break
+                # an answer we did not expect must not end the watching for good
+                self.log.failure("polling the swarm failed")
+            if not self._first_fired.called and not reconciled:
+                self._first_fired.callback([])      # recover() does not wait for the swarm
             if self._closing:
                 break
             await self._sleep(self.swarm.poll_interval)
