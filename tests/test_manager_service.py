@@ -302,6 +302,14 @@ class ManagerTests(TestCase):
         self.assertEqual(self.password_received("alice"), "alice's password")
 
     @inlineCallbacks
+    def test_a_session_ended_during_the_check_starts_nothing(self):
+        token = yield self.log_in("alice")
+        yield self.manager.sessions.end(token)
+        yield self.assertFailure(self.manager._open_credentials("alice", token),
+                                 p.InvalidSession)
+        self.assertEqual(self.provider.launches, [])
+
+    @inlineCallbacks
     def test_an_adopted_agent_serves_without_opening_the_credentials(self):
         token = yield self.log_in("alice")
         yield self.finish_starts(self.manager.stopService())

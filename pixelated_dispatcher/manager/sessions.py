@@ -65,16 +65,24 @@ class SessionStore:
         return self._database.run(insert)
 
     def sealed_credentials(self, token: str) -> "Deferred[Optional[bytes]]":
-        """The sealed record of a session (None: no such session, or one
-        opened before records were sealed)."""
+        """The sealed record of a session (None: a session opened before
+        records were sealed); fails with InvalidSession when the session is
+        gone (ended since the caller resolved it)."""
         digest = _digest(token)
 
-        def lookup(connection: sqlite3.Connection) -> Optional[bytes]:
+        def lookup(connection: sqlite3.Connection) -> Tuple[bool, Optional[bytes]]:
             row = connection.execute(
                 "SELECT sealed_credentials FROM sessions WHERE token_hash = ?",
                 (digest,)).fetchone()
-            return bytes(row[0]) if row and row[0] is not None else None
-        return self._database.run(lookup)
+            if row is None:
+                return False, None
+            return True, (bytes(row[0]) if row[0] is not None else None)
+
+        def check(found: Tuple[bool, Optional[bytes]]) -> Optional[bytes]:
+            if not found[0]:
+                raise InvalidSession("no such session, or it has expired")
+            return found[1]
+        return self._database.run(lookup).addCallback(check)
 
     def resolve(self, token: str) -> "Deferred[str]":
         """The user name of a live session, or fail with InvalidSession."""
