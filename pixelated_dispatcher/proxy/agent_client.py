@@ -41,6 +41,7 @@ Only documented Twisted APIs that exist since 22.4 are used.
 """
 from typing import Any, Dict, List, Optional, Tuple
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
@@ -72,6 +73,60 @@ NO_BODY_CODES = frozenset([204, 304])
 
 class AgentProtocolError(Exception):
     """The agent answered something that is not HTTP/1.x."""
+
+
+def parse_status_line(line: bytes) -> Tuple[int, bytes, bool]:
+    """``(code, reason, http11)`` of an agent's status line
+    (``HTTP/1.1 200 OK``); :class:`AgentProtocolError` if it is not HTTP/1.x."""
+    status = line.split(b" ", 2)
+    if len(status) < 2 or not status[0].startswith(b"HTTP/1.") \
+            or len(status[1]) != 3 or not status[1].isdigit():
+        raise AgentProtocolError("not an HTTP/1.x status line")
+    return int(status[1]), status[2] if len(status) > 2 else b"", status[0] == b"HTTP/1.1"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ResponseFraming:
+    """What a response head says about itself and its body."""
+    #: ``(lower-case name, value)`` in the agent's order
+    headers: List[Tuple[bytes, bytes]]
+    #: ``Content-Length``, or None
+    length: Optional[int]
+    #: ``Transfer-Encoding: chunked`` (then ``length`` does not count)
+    chunked: bool
+    #: whether the connection may carry another request afterwards
+    keep_alive: bool
+
+
+def parse_header_lines(lines: List[bytes], keep_alive: bool) -> ResponseFraming:
+    """The header lines of a response head (``lines[0]``, the status line,
+    is skipped); ``keep_alive`` is what the protocol version implies.
+    :class:`AgentProtocolError` for a malformed line or conflicting lengths."""
+    headers: List[Tuple[bytes, bytes]] = []
+    length: Optional[int] = None
+    chunked = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name[-1:] in b" \t" or name[:1] in b" \t":
+            raise AgentProtocolError("bad header line")
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name == b"content-length":
+            if not value.isdigit() or (length is not None and int(value) != length):
+                raise AgentProtocolError("bad Content-Length")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = value.lower().endswith(b"chunked")
+            if not chunked:
+                keep_alive = False
+        elif name == b"connection":
+            tokens = value.lower()
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens:
+                keep_alive = True
+        headers.append((name, value))
+    return ResponseFraming(headers, length, chunked, keep_alive)
 
 
 class AgentTimedOut(Exception):
@@ -279,6 +334,8 @@ class AgentConnection(Protocol):
             self._fail(Failure(e))
 
     def _parse_head(self, data: bytes) -> Optional[bytes]:
+        """Take bytes of a response head: once it is complete, hand it to
+        the exchange and return what follows it (body bytes), else None."""
         head = self._head + data if self._head else data
         end = head.find(b"\r\n\r\n")
         if end < 0:
@@ -289,57 +346,33 @@ class AgentConnection(Protocol):
         self._head = b""
         rest = head[end + 4:]
         lines = head[:end].split(b"\r\n")
-        status = lines[0].split(b" ", 2)
-        if len(status) < 2 or not status[0].startswith(b"HTTP/1.") \
-                or len(status[1]) != 3 or not status[1].isdigit():
-            raise AgentProtocolError("not an HTTP/1.x status line")
-        code = int(status[1])
-        reason = status[2] if len(status) > 2 else b""
+        code, reason, http11 = parse_status_line(lines[0])
         if 100 <= code < 200 and not (code == 101 and self._upgrade):
             # Interim answers (100 Continue, 103 Early Hints) are for this hop.
             return self._parse_head(rest) if rest else None
-        headers: List[Tuple[bytes, bytes]] = []
-        length: Optional[int] = None
-        chunked = False
-        keep_alive = status[0] == b"HTTP/1.1"
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[-1:] in b" \t" or name[:1] in b" \t":
-                raise AgentProtocolError("bad header line")
-            name = name.lower()
-            value = value.strip(b" \t")
-            if name == b"content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
-                    raise AgentProtocolError("bad Content-Length")
-                length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
-                if not chunked:
-                    keep_alive = False
-            elif name == b"connection":
-                tokens = value.lower()
-                if b"close" in tokens:
-                    keep_alive = False
-                elif b"keep-alive" in tokens:
-                    keep_alive = True
-            headers.append((name, value))
+        framing = parse_header_lines(lines, keep_alive=http11)
         self._in_head = False
         self._answered = True
-        self._keep_alive = keep_alive
+        self._keep_alive = framing.keep_alive
         if code == 101:
             # The agent switched protocols: from now on, raw bytes both ways,
             # and an idle tunnel is normal.
             self._stop_deadline()
             self._tunnel = True
             self._keep_alive = False
-            self.exchange.switched(headers, rest)
+            self.exchange.switched(framing.headers, rest)
             return None
+        return self._begin_body(code, reason, framing, rest)
+
+    def _begin_body(self, code: int, reason: bytes, framing: "ResponseFraming",
+                    rest: bytes) -> Optional[bytes]:
+        """Hand the head to the exchange and get ready for the body its
+        framing announces; the bytes that belong to the body, or None."""
         no_body = self._no_body or code in NO_BODY_CODES
-        if chunked:
-            length = None
+        length = None if framing.chunked else framing.length
         exchange = self.exchange
-        exchange.response_head(code, reason, headers, None if no_body and length is None
-                               else length)
+        exchange.response_head(code, reason, framing.headers,
+                               None if no_body and length is None else length)
         if self.exchange is None:
             return None
         if no_body:
@@ -347,7 +380,7 @@ class AgentConnection(Protocol):
                 self._keep_alive = False
             self._finished()
             return None
-        if chunked:
+        if framing.chunked:
             self._chunked = _ChunkedDecoder(exchange.response_data, self._finished)
         elif length is not None:
             self._remaining = length
