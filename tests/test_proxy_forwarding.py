@@ -20,6 +20,8 @@ from pixelated_dispatcher.protocol import AgentAddress
 from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.site import make_site
 
+from .helpers import make_certificate, temporary_directory
+
 
 class AgentStandIn(Resource):
     """A single-user web app: echoes what it received, sets cookies, or
@@ -166,7 +168,6 @@ class ForwardingSetup(TestCase):
     def listen_tls(self) -> Any:
         """Another listener of the proxy's site, speaking TLS: its port."""
         from pixelated_dispatcher.proxy.tls import parse_listen
-        from .test_proxy_tls import make_certificate, temporary_directory
         key, cert = make_certificate(temporary_directory(self))
         listener = parse_listen("ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1"
                                 % (key, cert))

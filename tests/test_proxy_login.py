@@ -1,97 +1,16 @@
 """The login and logout pages, driven through the real twisted.web stack in
 memory (StubTreq) against the in-memory manager."""
 import re
-from http.cookies import SimpleCookie
-from typing import Callable, Dict, List, Optional, Tuple
 
 from hypothesis import given, settings, strategies as st, HealthCheck
-from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.iweb import IResponse
 
 from pixelated_dispatcher.testing.fake_manager import FakeManager
-from pixelated_dispatcher.proxy.forwarding import IForwarder
 from pixelated_dispatcher.proxy.site import make_root
-from zope.interface import implementer
+
+from .helpers import Browser, RecordingForwarder, cookie_value, header, set_cookies
 
 NEUTRAL = b"Invalid username or password"
-
-
-@implementer(IForwarder)
-class RecordingForwarder:
-    """Answers for the agent: "agent HOST:PORT", and remembers what it got."""
-
-    def __init__(self) -> None:
-        self.forwarded: List[Tuple[bytes, object]] = []
-
-    def forward(self, request, address, agent_gone, user="") -> None:
-        self.forwarded.append((request.uri, address))
-        request.setResponseCode(200)
-        request.write(b"agent %s:%d" % (address.host.encode(), address.port))
-        request.finish()
-
-
-class Browser:
-    """One browser (its own cookie jar) talking to a proxy root in memory."""
-
-    def __init__(self, test: SynchronousTestCase, root, secure: bool = False) -> None:
-        self.test = test
-        self.stub = StubTreq(root)
-        self.origin = ("https" if secure else "http") + "://dispatcher.example"
-
-    def request(self, method: str, path: str, *, data: Optional[Dict[str, object]] = None,
-                headers: Optional[Dict[bytes, List[bytes]]] = None,
-                meanwhile: Optional[Callable[[], object]] = None
-                ) -> Tuple[IResponse, bytes]:
-        """``meanwhile`` runs after the request is sent and before the answer
-        is taken (a test moves its clock there)."""
-        d = self.stub.request(method, self.origin + path, data=data, headers=headers,
-                              allow_redirects=False)
-        self.stub.flush()
-        if meanwhile is not None:
-            meanwhile()
-            self.stub.flush()
-        response = self.test.successResultOf(d)
-        body = self.stub.content(response)
-        self.stub.flush()
-        return response, self.test.successResultOf(body)
-
-    def get(self, path: str, **kwargs: object) -> Tuple[IResponse, bytes]:
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, data: Dict[str, object], **kwargs: object
-             ) -> Tuple[IResponse, bytes]:
-        return self.request("POST", path, data=data, **kwargs)
-
-    def csrf_from_form(self, path: str = "/auth/login") -> str:
-        response, body = self.get(path)
-        match = re.search(rb'name="csrf_token" value="([^"]+)"', body)
-        self.test.assertIsNotNone(match, body)
-        return match.group(1).decode()
-
-    def login(self, username: str, password: str) -> Tuple[IResponse, bytes]:
-        csrf = self.csrf_from_form()
-        return self.post("/auth/login", {"username": username, "password": password,
-                                          "csrf_token": csrf})
-
-
-def set_cookies(response: IResponse) -> Dict[str, str]:
-    """Set-Cookie headers of a response: cookie name → the whole header."""
-    result = {}
-    for raw in response.headers.getRawHeaders(b"set-cookie", []):
-        result[raw.split(b"=", 1)[0].decode()] = raw.decode()
-    return result
-
-
-def cookie_value(header: str) -> str:
-    cookie = SimpleCookie()
-    cookie.load(header.split(";", 1)[0])
-    return next(iter(cookie.values())).value
-
-
-def header(response: IResponse, name: bytes) -> Optional[bytes]:
-    values = response.headers.getRawHeaders(name)
-    return values[0] if values else None
 
 
 class LoginPage(SynchronousTestCase):

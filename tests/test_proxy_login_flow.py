@@ -13,7 +13,8 @@ from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.next_path import local_path, with_next
 from pixelated_dispatcher.proxy.site import make_root
 
-from .test_proxy_login import Browser, RecordingForwarder, header, set_cookies
+from .helpers import Browser, RecordingForwarder, header, set_cookies
+
 
 NAVIGATION = {b"Accept": [b"text/html"], b"Sec-Fetch-Mode": [b"navigate"]}
 XHR = {b"X-Requested-With": [b"XMLHttpRequest"]}

@@ -19,8 +19,8 @@ from pixelated_dispatcher.proxy.open_exchanges import OpenExchanges
 from pixelated_dispatcher.proxy.manager_client import (ACTIVITY_BATCH_BYTES,
                                                        activity_batches)
 
-from .test_proxy_manager_client import (fast_retries, start_client, start_manager,
-                                        temporary_directory)
+from .helpers import fast_retries, start_client, start_manager, temporary_directory
+
 
 ALICE = AgentAddress("127.0.0.1", 41001)
 

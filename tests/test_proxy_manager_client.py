@@ -3,8 +3,6 @@ backed by FakeManager: the IManager contract survives the wire, errors keep
 their classes, and a missing, vanishing or silent manager gives
 ManagerUnavailable quickly instead of a hanging browser."""
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -18,30 +16,10 @@ from pixelated_dispatcher.protocol import (AgentAddress, AgentStartFailed, Ensur
 from pixelated_dispatcher.proxy.manager_client import AMPManagerClient
 from pixelated_dispatcher.proxy.manager_interface import ManagerUnavailable
 from pixelated_dispatcher.testing.fake_manager import FakeManager
-from pixelated_dispatcher.testing.fake_manager_server import FakeManagerResponder, ManagerSocket
+from pixelated_dispatcher.testing.fake_manager_server import FakeManagerResponder
 from pixelated_dispatcher.testing.manager_contract import manager_contract_tests
 
-
-def temporary_directory(test: TestCase) -> str:
-    # Short, outside the work tree: Unix socket paths are limited to 107 bytes.
-    path = tempfile.mkdtemp(prefix="pxd-")
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
-
-
-def start_client(test: TestCase, path: str, **kwargs: Any) -> AMPManagerClient:
-    client = AMPManagerClient.for_socket(reactor, path, **kwargs)
-    client.service.startService()
-    test.addCleanup(client.service.stopService)
-    return client
-
-
-def start_manager(test: TestCase, path: str, manager: FakeManager,
-                  locator: Optional[FakeManagerResponder] = None) -> ManagerSocket:
-    server = ManagerSocket(reactor, path, locator or FakeManagerResponder(manager))
-    server.start()
-    test.addCleanup(server.stop)
-    return server
+from .helpers import fast_retries, start_client, start_manager, temporary_directory
 
 
 class AMPFixture:
@@ -62,10 +40,6 @@ class AMPFixture:
 
 class AMPManagerClientContract(manager_contract_tests(AMPFixture)):
     """The IManager contract holds through AMP and the client's translation."""
-
-
-def fast_retries(attempt: int) -> float:
-    return 0.05
 
 
 class ManagerClientTests(TestCase):

@@ -25,8 +25,8 @@ from pixelated_dispatcher.proxy import tap
 from pixelated_dispatcher.proxy.redirect_http import make_redirect_site
 from pixelated_dispatcher.proxy.tls import PlainListener, parse_listen
 
-from .test_proxy_tap import free_port
-from .test_proxy_tls import handshake, make_certificate, temporary_directory
+from .helpers import free_port, handshake, make_certificate, temporary_directory
+
 
 
 

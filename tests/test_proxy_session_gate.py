@@ -15,7 +15,8 @@ from pixelated_dispatcher.protocol import AgentAddress
 from pixelated_dispatcher.testing.fake_manager import FakeManager
 from pixelated_dispatcher.proxy.site import make_root
 
-from .test_proxy_login import Browser, RecordingForwarder, header, set_cookies
+from .helpers import Browser, RecordingForwarder, header, set_cookies
+
 
 XHR = {b"X-Requested-With": [b"XMLHttpRequest"]}
 ALICE_AGENT = AgentAddress("127.0.0.1", 41001)

@@ -2,7 +2,6 @@
 real (manager stand-in on a Unix socket, agent stand-in on loopback)."""
 import os
 import re
-import socket
 from typing import Any, List
 
 import treq
@@ -22,14 +21,7 @@ from pixelated_dispatcher.proxy import tap
 from pixelated_dispatcher.testing.fake_manager import FakeManager
 
 from .test_proxy_forwarding import AgentStandIn
-from .test_proxy_manager_client import start_manager, temporary_directory
-from .test_proxy_tls import make_certificate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .helpers import free_port, make_certificate, start_manager, temporary_directory
 
 
 class OptionsTests(SynchronousTestCase):

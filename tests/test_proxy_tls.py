@@ -2,12 +2,9 @@
 listener on 127.0.0.1 with a certificate made for the test."""
 import os
 import shutil
-import socket
 import subprocess
 import ssl as stdlib_ssl
-import tempfile
-import warnings
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import inlineCallbacks
@@ -18,42 +15,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from pixelated_dispatcher.demo import write_self_signed_certificate
 from pixelated_dispatcher.proxy.tls import (PlainListener, TLSListener, parse_listen,
                                             split_description)
 
-
-def make_certificate(directory: str) -> Tuple[str, str]:
-    """A self-signed certificate for localhost and its key as PEM files
-    (the demo's); returns the key's and the certificate's paths."""
-    paths = write_self_signed_certificate(directory)
-    return paths["key"], paths["cert"]
-
-
-def temporary_directory(test: Any) -> str:
-    path = tempfile.mkdtemp(prefix="pxd-tls-")
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
-
-
-def handshake(port: int, minimum: stdlib_ssl.TLSVersion, maximum: stdlib_ssl.TLSVersion,
-              ciphers: Optional[str] = None) -> Tuple[str, str]:
-    """Connect with a client limited to [minimum, maximum]; returns the
-    negotiated (version, cipher) or raises ``ssl.SSLError``. Blocking: run it
-    in a thread."""
-    context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = stdlib_ssl.CERT_NONE
-    # Let the client itself offer old versions and weak suites, so that a
-    # refusal can only come from the server.
-    context.set_ciphers(ciphers or "ALL:@SECLEVEL=0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 on purpose
-        context.minimum_version = minimum
-        context.maximum_version = maximum
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with context.wrap_socket(raw) as tls:
-            return tls.version(), tls.cipher()[0]
+from .helpers import handshake, make_certificate, temporary_directory
 
 
 class HandshakeTests(TestCase):
