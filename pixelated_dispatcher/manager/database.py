@@ -19,7 +19,7 @@ import errno
 import os
 import sqlite3
 import threading
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -80,15 +80,15 @@ def is_storage_full(error: BaseException) -> bool:
 class Database:
     """Runs functions of a :class:`sqlite3.Connection` in the database thread."""
 
-    def __init__(self, reactor, path: str) -> None:
+    def __init__(self, reactor: Any, path: str) -> None:
         self._reactor = reactor
         self._path = path
         self._pool: Optional[ThreadPool] = None
-        self._connection = None
+        self._connection: Optional[sqlite3.Connection] = None
         # Jobs asked for and not yet taken by the database thread; guarded
         # by the lock, like the flag saying a drain is queued or running.
         self._lock = threading.Lock()
-        self._waiting: List[Tuple[Callable, Deferred]] = []
+        self._waiting: List[Tuple[Callable[[sqlite3.Connection], Any], Deferred]] = []
         self._draining = False
 
     def start(self) -> Deferred:
@@ -98,9 +98,17 @@ class Database:
         return deferToThreadPool(self._reactor, self._pool, self._open)
 
     def stop(self) -> Deferred:
-        d = deferToThreadPool(self._reactor, self._pool, self._close)
-        d.addBoth(lambda result: (self._pool.stop(), result)[1])
-        return d
+        pool = self._started_pool()
+
+        def stopped(result: Any) -> Any:
+            pool.stop()
+            return result
+        return deferToThreadPool(self._reactor, pool, self._close).addBoth(stopped)
+
+    def _started_pool(self) -> ThreadPool:
+        if self._pool is None:
+            raise RuntimeError("the database is not started")
+        return self._pool
 
     def run(self, function: Callable[[sqlite3.Connection], T]) -> "Deferred[T]":
         """Deferred firing with ``function(connection)``, run in one transaction.
@@ -113,7 +121,7 @@ class Database:
             if self._draining:
                 return d
             self._draining = True
-        self._pool.callInThread(self._drain)
+        self._started_pool().callInThread(self._drain)
         return d
 
     def _drain(self) -> None:
@@ -125,7 +133,7 @@ class Database:
                 if not batch:
                     self._draining = False
                     return
-            results = []
+            results: List[Tuple[bool, Any]] = []
             for function, _ in batch:
                 try:
                     results.append((True, self._transact(function)))
@@ -133,7 +141,7 @@ class Database:
                     results.append((False, Failure()))
             self._reactor.callFromThread(_deliver, batch, results)
 
-    def _transact(self, function):
+    def _transact(self, function: Callable[[sqlite3.Connection], T]) -> T:
         connection = self._connection
         if connection is None:
             raise RuntimeError("the database is not open")
@@ -165,7 +173,8 @@ class Database:
             self._connection = None
 
 
-def _deliver(batch, results) -> None:
+def _deliver(batch: List[Tuple[Callable[[sqlite3.Connection], Any], Deferred]],
+             results: List[Tuple[bool, Any]]) -> None:
     """In the reactor thread: fire each job's Deferred with its result."""
     for (_, d), (ok, result) in zip(batch, results):
         if ok:
