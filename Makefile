@@ -24,7 +24,7 @@ demo: install
 check: install
 	$(RUN) python -m pytest -rs tests
 
-# The style and type gate (settings in pyproject.toml and setup.cfg): ruff
+# The style and type gate (settings in pyproject.toml): ruff
 # (pyflakes, pycodestyle) and mypy with mypy-zope on the package.
 lint: install
 	$(BIN)/ruff check pixelated_dispatcher

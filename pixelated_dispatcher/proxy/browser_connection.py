@@ -8,10 +8,10 @@ about it, but it only reports a loss to those who asked *before* it happened,
 so watch at the start of rendering.
 """
 import attr
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 
-def client_ip(request: IRequest) -> str:
+def client_ip(request: Request) -> str:
     """The browser's IP address as the proxy sees it (``"unix"`` on a Unix
     socket listener), for ``X-Forwarded-For`` and the manager's rate limits."""
     host = getattr(request.getClientAddress(), "host", None)
@@ -25,7 +25,7 @@ class Disconnection:
     happened: bool = False
 
     @classmethod
-    def watch(cls, request: IRequest) -> "Disconnection":
+    def watch(cls, request: Request) -> "Disconnection":
         """Start watching ``request``; call while it is still being rendered."""
         watcher = cls()
         request.notifyFinish().addErrback(watcher._lost)

@@ -22,7 +22,7 @@ import re
 import secrets
 from typing import Optional
 
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 SESSION_COOKIE = b"pixelated-session"
 CSRF_COOKIE = b"pixelated-csrf"
@@ -84,33 +84,33 @@ def new_csrf_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def _name(request: IRequest, base: bytes) -> bytes:
+def _name(request: Request, base: bytes) -> bytes:
     return SECURE_PREFIX + base if request.isSecure() else base
 
 
-def session_cookie_name(request: IRequest) -> bytes:
+def session_cookie_name(request: Request) -> bytes:
     """The session cookie's name for this request (``__Host-`` on TLS)."""
     return _name(request, SESSION_COOKIE)
 
 
-def csrf_cookie_name(request: IRequest) -> bytes:
+def csrf_cookie_name(request: Request) -> bytes:
     """The CSRF cookie's name for this request (``__Host-`` on TLS)."""
     return _name(request, CSRF_COOKIE)
 
 
-def session_token(request: IRequest) -> Optional[str]:
+def session_token(request: Request) -> Optional[str]:
     """The session token the browser sent, if it looks like one."""
     value = request.getCookie(session_cookie_name(request))
     return value.decode("ascii") if is_plausible_token(value) else None
 
 
-def csrf_token(request: IRequest) -> Optional[str]:
+def csrf_token(request: Request) -> Optional[str]:
     """The CSRF token the browser holds, if it looks like one."""
     value = request.getCookie(csrf_cookie_name(request))
     return value.decode("ascii") if is_plausible_token(value) else None
 
 
-def set_session_cookie(request: IRequest, token: str) -> None:
+def set_session_cookie(request: Request, token: str) -> None:
     """Give the browser its session token (a browser-session cookie: it goes
     when the browser closes; the manager decides how long it is valid)."""
     encoded = token.encode("ascii")
@@ -120,14 +120,14 @@ def set_session_cookie(request: IRequest, token: str) -> None:
                       secure=request.isSecure(), httpOnly=True, sameSite="lax")
 
 
-def expire_session_cookie(request: IRequest) -> None:
+def expire_session_cookie(request: Request) -> None:
     """Tell the browser to forget its session token."""
     request.addCookie(session_cookie_name(request), b"", path=b"/",
                       expires=_EXPIRED, max_age="0",
                       secure=request.isSecure(), httpOnly=True, sameSite="lax")
 
 
-def ensure_csrf_cookie(request: IRequest) -> str:
+def ensure_csrf_cookie(request: Request) -> str:
     """The browser's CSRF token, issuing a new cookie when it has none, so that
     several open forms (tabs) keep working together."""
     token = csrf_token(request)

@@ -42,7 +42,7 @@ from typing import Any, Callable, List, Optional, Tuple
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, toChunk
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
 from ..protocol import AgentAddress
@@ -65,7 +65,7 @@ SMALL_BODY = 64 * 1024
 #: Methods whose requests carry a body (``Content-Length: 0`` when empty).
 BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
 
-AgentGone = Callable[[IRequest], None]
+AgentGone = Callable[[Request], None]
 
 
 def _discard(data: bytes) -> None:
@@ -88,13 +88,13 @@ class IForwarder(Interface):
         """Let go of every connection to an agent (the proxy stops)."""
 
 
-def public_origin(request: IRequest) -> bytes:
+def public_origin(request: Request) -> bytes:
     """``https://host[:port]`` as the browser addressed the proxy."""
     host = request.getHeader(b"host") or b"localhost"
     return (b"https://" if request.isSecure() else b"http://") + host
 
 
-def body_of(request: IRequest) -> Tuple[Any, Optional[int]]:
+def body_of(request: Request) -> Tuple[Any, Optional[int]]:
     """The spooled request body and its length (None: the request has none)."""
     headers = request.requestHeaders
     if not (headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
@@ -117,7 +117,7 @@ class Exchange:
                  "_agent_gone", "_user", "_connection", "_gone", "_retried", "_producing",
                  "_head_out")
 
-    def __init__(self, forwarder: "StreamingForwarder", request: IRequest,
+    def __init__(self, forwarder: "StreamingForwarder", request: Request,
                  address: Tuple[str, int], head: bytes, body: Any,
                  length: Optional[int], agent_gone: AgentGone, user: str = "") -> None:
         self._forwarder = forwarder
@@ -284,7 +284,7 @@ class Exchange:
             pages.agent_timed_out(self._request)
 
 
-def wants_upgrade(request: IRequest) -> bool:
+def wants_upgrade(request: Request) -> bool:
     """Whether the browser asks to switch protocols (WebSocket) on a channel
     that can become a tunnel."""
     if not request.requestHeaders.hasHeader(b"upgrade"):
@@ -371,7 +371,7 @@ class StreamingForwarder:
             self._authorities[address] = found
         return found
 
-    def forward(self, request: IRequest, address: AgentAddress,
+    def forward(self, request: Request, address: AgentAddress,
                 agent_gone: AgentGone, user: str = "") -> None:
         upgrade = wants_upgrade(request)
         body, length = body_of(request)

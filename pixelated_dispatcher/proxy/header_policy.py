@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from .cookie_policy import is_dispatcher_set_cookie, strip_dispatcher_cookies
 
@@ -263,7 +263,7 @@ OWN_PAGE_HEADERS: Sequence[Tuple[bytes, bytes]] = (
 )
 
 
-def describe_proxy(request: IRequest) -> None:
+def describe_proxy(request: Request) -> None:
     """The headers every answer of the proxy carries, its own or an agent's,
     set before anything is written: no ``Server`` (twisted.web's default),
     and ``Strict-Transport-Security`` over TLS."""
@@ -272,7 +272,7 @@ def describe_proxy(request: IRequest) -> None:
         request.setHeader(b"strict-transport-security", HSTS)
 
 
-def add_own_page_headers(request: IRequest, *, no_store: bool = False) -> None:
+def add_own_page_headers(request: Request, *, no_store: bool = False) -> None:
     """The headers every response written by the proxy itself carries."""
     for name, value in OWN_PAGE_HEADERS:
         request.setHeader(name, value)

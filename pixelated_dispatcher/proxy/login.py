@@ -23,9 +23,8 @@ from typing import Any, List, Optional, Union
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from ..protocol import (DispatcherError, InvalidCredentials, InvalidSession,
                         RateLimited, retry_after)
@@ -52,7 +51,7 @@ RenderResult = Union[bytes, int]
 MAX_PASSWORD_BYTES = 4096
 
 
-def form_field(request: IRequest, name: bytes) -> Optional[str]:
+def form_field(request: Request, name: bytes) -> Optional[str]:
     """The first value of a form field as text, or None when it is missing or
     is not UTF-8 (no stored user name or password can match such bytes)."""
     values: List[bytes] = (request.args or {}).get(name) or []
@@ -70,7 +69,7 @@ def _equal(expected: Optional[bytes], submitted: Optional[str]) -> bool:
     return hmac.compare_digest(expected, submitted.encode("utf-8"))
 
 
-def same_origin(request: IRequest) -> bool:
+def same_origin(request: Request) -> bool:
     """Whether nothing in the request says it comes from another site."""
     fetch_site = (request.getHeader(b"sec-fetch-site") or b"").strip().lower()
     if fetch_site == b"cross-site":
@@ -83,7 +82,7 @@ def same_origin(request: IRequest) -> bool:
     return origin.strip().lower() == (scheme + host).lower()
 
 
-def csrf_matches(request: IRequest) -> bool:
+def csrf_matches(request: Request) -> bool:
     """Whether the form was sent by a page this browser got from us."""
     if not same_origin(request):
         return False
@@ -92,7 +91,7 @@ def csrf_matches(request: IRequest) -> bool:
                   form_field(request, b"csrf_token"))
 
 
-def agent_csrf_matches(request: IRequest) -> bool:
+def agent_csrf_matches(request: Request) -> bool:
     """The Pixelated agent's double submit: field ``csrftoken`` equals the
     ``XSRF-TOKEN`` cookie (which only pages of this origin can read)."""
     if not same_origin(request):
@@ -100,12 +99,12 @@ def agent_csrf_matches(request: IRequest) -> bool:
     return _equal(request.getCookie(AGENT_CSRF_COOKIE), form_field(request, AGENT_CSRF_FIELD))
 
 
-def _method_not_allowed(request: IRequest) -> RenderResult:
+def _method_not_allowed(request: Request) -> RenderResult:
     pages.method_not_allowed(request, [b"GET", b"HEAD", b"POST"])
     return NOT_DONE_YET
 
 
-def _manager_trouble(request: IRequest, failure: Failure, doing: str) -> None:
+def _manager_trouble(request: Request, failure: Failure, doing: str) -> None:
     """Log what went wrong with the manager and tell the browser to retry."""
     if failure.check(ManagerUnavailable):
         log.warn("Manager unavailable while {doing}: {error}",
@@ -126,14 +125,14 @@ class LoginResource(Resource):
         self._manager = cache.manager
         self._banner = banner
 
-    def render_GET(self, request: IRequest) -> RenderResult:
+    def render_GET(self, request: Request) -> RenderResult:
         pages.login_form(request, ensure_csrf_cookie(request),
                          next_path=requested_next(request), banner=self._banner)
         return NOT_DONE_YET
 
     render_HEAD = render_GET
 
-    def render_POST(self, request: IRequest) -> RenderResult:
+    def render_POST(self, request: Request) -> RenderResult:
         if not csrf_matches(request):
             pages.csrf_refused(request)
             return NOT_DONE_YET
@@ -185,7 +184,7 @@ class LoginResource(Resource):
         d.addErrback(lambda f: log.failure("Failed to answer a login", f))
         return NOT_DONE_YET
 
-    def _refuse(self, request: IRequest, csrf: str, username: Optional[str],
+    def _refuse(self, request: Request, csrf: str, username: Optional[str],
                 next_path: bytes, code: int = 401, hint: Optional[str] = None,
                 headers: Any = ()) -> None:
         """The one answer to every failed login: the form, one neutral message."""
@@ -194,7 +193,7 @@ class LoginResource(Resource):
                          username=shown, next_path=next_path, banner=self._banner,
                          hint=hint, headers=headers)
 
-    def render(self, request: IRequest) -> RenderResult:
+    def render(self, request: Request) -> RenderResult:
         if request.method not in (b"GET", b"HEAD", b"POST"):
             return _method_not_allowed(request)
         return super().render(request)
@@ -211,7 +210,7 @@ class LogoutResource(Resource):
         self._cache = cache
         self._manager = cache.manager
 
-    def render_GET(self, request: IRequest) -> RenderResult:
+    def render_GET(self, request: Request) -> RenderResult:
         if session_token(request) is None:
             pages.redirect(request, pages.LOGIN_PATH)
         else:
@@ -220,7 +219,7 @@ class LogoutResource(Resource):
 
     render_HEAD = render_GET
 
-    def render_POST(self, request: IRequest) -> RenderResult:
+    def render_POST(self, request: Request) -> RenderResult:
         if not (csrf_matches(request) or agent_csrf_matches(request)):
             pages.csrf_refused(request)
             return NOT_DONE_YET
@@ -255,11 +254,11 @@ class LogoutResource(Resource):
         return NOT_DONE_YET
 
     @staticmethod
-    def _logged_out(request: IRequest) -> None:
+    def _logged_out(request: Request) -> None:
         expire_session_cookie(request)
         pages.redirect(request, pages.LOGIN_PATH)
 
-    def render(self, request: IRequest) -> RenderResult:
+    def render(self, request: Request) -> RenderResult:
         if request.method not in (b"GET", b"HEAD", b"POST"):
             return _method_not_allowed(request)
         return super().render(request)

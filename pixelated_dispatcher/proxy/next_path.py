@@ -11,7 +11,7 @@ import re
 from typing import Optional
 from urllib.parse import quote
 
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 HOME = b"/"
 MAX_LENGTH = 2048
@@ -30,7 +30,7 @@ def local_path(value: Optional[bytes]) -> bytes:
     return value
 
 
-def requested_next(request: IRequest) -> bytes:
+def requested_next(request: Request) -> bytes:
     """The ``next`` argument of a request (query or form), made safe."""
     values = (request.args or {}).get(b"next") or [None]
     return local_path(values[0])

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set
 
 import attr
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from ..protocol import token_digest
 
@@ -27,13 +27,13 @@ log = Logger()
 class OpenExchange:
     """One forwarded request (or the tunnel it became)."""
 
-    request: IRequest
+    request: Request
     username: str
     token: str
     tunnel: bool
 
 
-def abort_browser_connection(request: IRequest) -> None:
+def abort_browser_connection(request: Request) -> None:
     """End the browser's side of ``request`` at once: the channel learns it
     is lost, the forwarder drops the agent's side (tunnel or request)."""
     channel = getattr(request, "channel", None)
@@ -45,11 +45,11 @@ def abort_browser_connection(request: IRequest) -> None:
 class OpenExchanges:
     """Forwarded requests still open, by user; closes them on revocation."""
 
-    def __init__(self, close: Callable[[IRequest], None] = abort_browser_connection) -> None:
+    def __init__(self, close: Callable[[Request], None] = abort_browser_connection) -> None:
         self._close = close
         self._by_user: Dict[str, Set[OpenExchange]] = {}
 
-    def opened(self, request: IRequest, username: str, token: str, tunnel: bool) -> None:
+    def opened(self, request: Request, username: str, token: str, tunnel: bool) -> None:
         """``request`` of ``username``'s session ``token`` goes to the agent
         now; it is forgotten when it finishes (or its connection is lost)."""
         entry = OpenExchange(request, username, token, tunnel)

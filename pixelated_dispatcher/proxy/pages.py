@@ -14,7 +14,7 @@ import json
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from twisted.python.filepath import FilePath
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from twisted.web.template import (Element, Tag, XMLFile, flatten, renderer,
                                   tags)
 
@@ -68,13 +68,13 @@ def _flatten(element: Element) -> bytes:
     return b"<!DOCTYPE html>\n" + b"".join(chunks)
 
 
-def is_script_request(request: IRequest) -> bool:
+def is_script_request(request: Request) -> bool:
     """Whether the request comes from a script rather than a navigation."""
     value = request.getHeader(b"x-requested-with") or b""
     return value.strip().lower() == b"xmlhttprequest"
 
 
-def _finish(request: IRequest, code: int, content_type: bytes, body: bytes, *,
+def _finish(request: Request, code: int, content_type: bytes, body: bytes, *,
             no_store: bool, headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
     request.setResponseCode(code)
     add_own_page_headers(request, no_store=no_store)
@@ -87,7 +87,7 @@ def _finish(request: IRequest, code: int, content_type: bytes, body: bytes, *,
     request.finish()
 
 
-def write_page(request: IRequest, code: int, title: str, content: Iterable[object],
+def write_page(request: Request, code: int, title: str, content: Iterable[object],
                *, no_store: bool = False,
                headers: Iterable[Tuple[bytes, bytes]] = (),
                head: Iterable[object] = ()) -> None:
@@ -96,14 +96,14 @@ def write_page(request: IRequest, code: int, title: str, content: Iterable[objec
             _flatten(Page(title, content, head)), no_store=no_store, headers=headers)
 
 
-def write_json(request: IRequest, code: int, document: dict, *,
+def write_json(request: Request, code: int, document: dict, *,
                headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
     """Write a small JSON answer for scripts and finish the request."""
     _finish(request, code, b"application/json",
             json.dumps(document).encode("utf-8"), no_store=True, headers=headers)
 
 
-def write_error(request: IRequest, code: int, error: str, title: str,
+def write_error(request: Request, code: int, error: str, title: str,
                 content: Iterable[object], *,
                 headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
     """An error answer in the form the client reads: ``{"error": error}`` for
@@ -114,7 +114,7 @@ def write_error(request: IRequest, code: int, error: str, title: str,
         write_page(request, code, title, content, no_store=True, headers=headers)
 
 
-def redirect(request: IRequest, location: bytes) -> None:
+def redirect(request: Request, location: bytes) -> None:
     """303 See Other to a local path (the browser then GETs it)."""
     link = location.decode("ascii")
     write_page(request, 303, "Redirecting",
@@ -138,7 +138,7 @@ def banner_content(text: Optional[str]) -> List[object]:
                      role="note", **{"aria-label": "Notice"})]
 
 
-def login_form(request: IRequest, csrf_token: str, *, code: int = 200,
+def login_form(request: Request, csrf_token: str, *, code: int = 200,
                message: Optional[str] = None, username: str = "",
                next_path: bytes = b"/", banner: Optional[str] = None,
                hint: Optional[str] = None,
@@ -169,7 +169,7 @@ def login_form(request: IRequest, csrf_token: str, *, code: int = 200,
     write_page(request, code, "Log in", content, no_store=True, headers=headers)
 
 
-def logout_form(request: IRequest, csrf_token: str) -> None:
+def logout_form(request: Request, csrf_token: str) -> None:
     """A one-button page to log out (where agents link their logout to)."""
     write_page(request, 200, "Log out", [
         tags.p("Log out and close your mailbox?"),
@@ -185,7 +185,7 @@ def _back_to_login() -> Tag:
 
 # --- error pages -------------------------------------------------------------
 
-def csrf_refused(request: IRequest) -> None:
+def csrf_refused(request: Request) -> None:
     """403: the form did not come with this browser's CSRF token."""
     write_page(request, 403, "Form expired", [
         tags.p("This form has expired or did not come from this site. "
@@ -194,7 +194,7 @@ def csrf_refused(request: IRequest) -> None:
     ], no_store=True)
 
 
-def not_logged_in(request: IRequest, next_path: bytes = b"/") -> None:
+def not_logged_in(request: Request, next_path: bytes = b"/") -> None:
     """No valid session: browsers go to the login form (which remembers the
     page asked for), scripts get 401."""
     if is_script_request(request):
@@ -213,7 +213,7 @@ STARTING_PATH = b"/auth/starting"
 WAITING_REFRESH = 1
 
 
-def is_navigation(request: IRequest) -> bool:
+def is_navigation(request: Request) -> bool:
     """Whether a browser is loading a page (rather than a script fetching
     data or an image): ``Sec-Fetch-Mode: navigate``, or, from browsers that
     do not send it, an ``Accept`` that asks for HTML."""
@@ -225,7 +225,7 @@ def is_navigation(request: IRequest) -> bool:
     return b"text/html" in (request.getHeader(b"accept") or b"")
 
 
-def waiting(request: IRequest, next_path: bytes) -> None:
+def waiting(request: Request, next_path: bytes) -> None:
     """200: "starting your mailbox", reloading itself every second (meta
     refresh, no JavaScript) until the agent is ready."""
     again = with_next(STARTING_PATH, next_path).decode("ascii")
@@ -238,7 +238,7 @@ def waiting(request: IRequest, next_path: bytes) -> None:
                      "content": "%d;url=%s" % (WAITING_REFRESH, again)})])
 
 
-def agent_starting(request: IRequest, next_path: bytes) -> None:
+def agent_starting(request: Request, next_path: bytes) -> None:
     """The agent is being started: scripts get 503 with Retry-After,
     browsers the waiting page."""
     if is_script_request(request) or not is_navigation(request):
@@ -249,7 +249,7 @@ def agent_starting(request: IRequest, next_path: bytes) -> None:
     waiting(request, next_path)
 
 
-def capacity_reached(request: IRequest) -> None:
+def capacity_reached(request: Request) -> None:
     """503: no more mailboxes can run right now."""
     write_error(request, 503, "capacity reached", "Please try again later", [
         tags.p("Too many mailboxes are open right now, so yours cannot be "
@@ -259,7 +259,7 @@ def capacity_reached(request: IRequest) -> None:
     ], headers=[(b"retry-after", CAPACITY_RETRY_AFTER)])
 
 
-def manager_unavailable(request: IRequest) -> None:
+def manager_unavailable(request: Request) -> None:
     """503: the manager cannot be asked right now."""
     write_error(request, 503, "service unavailable", "Temporarily unavailable", [
         tags.p("The service is temporarily unavailable. "
@@ -268,7 +268,7 @@ def manager_unavailable(request: IRequest) -> None:
     ], headers=[(b"retry-after", MANAGER_RETRY_AFTER)])
 
 
-def agent_start_failed(request: IRequest) -> None:
+def agent_start_failed(request: Request) -> None:
     """503: the user's agent could not be started."""
     write_error(request, 503, "mailbox could not be started", "Mailbox unavailable", [
         tags.p("Your mailbox could not be started. Please try again in a "
@@ -279,7 +279,7 @@ def agent_start_failed(request: IRequest) -> None:
     ], headers=[(b"retry-after", AGENT_RETRY_AFTER)])
 
 
-def agent_timed_out(request: IRequest) -> None:
+def agent_timed_out(request: Request) -> None:
     """504: the agent took the request but stayed silent too long (hung,
     stopped, swapping). Unlike 502 it is running, so nothing is restarted;
     the user can only try again."""
@@ -291,20 +291,20 @@ def agent_timed_out(request: IRequest) -> None:
                 ])
 
 
-def bad_request(request: IRequest) -> None:
+def bad_request(request: Request) -> None:
     """400: a request the proxy will not pass on."""
     write_page(request, 400, "Bad request", [tags.p("The request was malformed.")],
                no_store=True)
 
 
-def method_not_allowed(request: IRequest, allowed: Sequence[bytes]) -> None:
+def method_not_allowed(request: Request, allowed: Sequence[bytes]) -> None:
     """405 with the methods this address does accept."""
     write_page(request, 405, "Method not allowed",
                [tags.p("This address does not accept that method.")],
                no_store=True, headers=[(b"allow", b", ".join(allowed))])
 
 
-def internal_error(request: IRequest) -> None:
+def internal_error(request: Request) -> None:
     """500: something the proxy did not expect; the log has the details."""
     write_page(request, 500, "Something went wrong", [
         tags.p("Something went wrong on our side. Please try again."),

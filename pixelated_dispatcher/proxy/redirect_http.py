@@ -11,9 +11,8 @@ answer carries the proxy's own security headers. A request without a usable
 import re
 from typing import Any
 
-from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import pages
 from .channel import ProxyChannel
@@ -31,7 +30,7 @@ class RedirectToHTTPS(Resource):
         super().__init__()
         self._port = https_port
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: Request) -> Any:
         describe_proxy(request)  # plain HTTP: no HSTS, which needs TLS
         match = _HOST.fullmatch(request.getHeader(b"host") or b"")
         if match is None or not request.uri.startswith(b"/"):

@@ -18,9 +18,8 @@ from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from ..protocol import (AgentAddress, AgentStartFailed, CapacityReached,
                         DispatcherError, InvalidSession, InvalidUsername,
@@ -42,7 +41,7 @@ log = Logger()
 START_GRACE = 1.0
 
 
-def answer_failure(request: IRequest, failure: Failure, cache: ManagerCache,
+def answer_failure(request: Request, failure: Failure, cache: ManagerCache,
                    token: Optional[str], next_path: bytes) -> None:
     """The page for what went wrong while finding a session or an agent."""
     if failure.check(InvalidSession, UnknownUser, InvalidUsername):
@@ -69,7 +68,7 @@ def answer_failure(request: IRequest, failure: Failure, cache: ManagerCache,
         pages.internal_error(request)
 
 
-def last_resort(request: IRequest, gone: Disconnection) -> Callable[[Failure], None]:
+def last_resort(request: Request, gone: Disconnection) -> Callable[[Failure], None]:
     """An errback for a bug in a callback: log it, and give the browser a
     500 if nothing has been sent yet."""
     def answer(failure: Failure) -> None:
@@ -97,7 +96,7 @@ class SessionGate(Resource):
         self._clock = clock
         self._start_grace = start_grace
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: Request) -> Any:
         if not request.uri.startswith(b"/"):
             # Absolute-form or asterisk request targets are for proxies; this
             # is not one.
@@ -126,7 +125,7 @@ class SessionGate(Resource):
         d.addErrback(last_resort(request, gone))
         return NOT_DONE_YET
 
-    def _for_user(self, request: IRequest, token: str, username: str) -> None:
+    def _for_user(self, request: Request, token: str, username: str) -> None:
         self._cache.touch(username)
         address = self._cache.cached_address(username)
         if address is not None:
@@ -134,7 +133,7 @@ class SessionGate(Resource):
         else:
             self._start_then_forward(request, token, username)
 
-    def _forward(self, request: IRequest, token: str, username: str,
+    def _forward(self, request: Request, token: str, username: str,
                  address: AgentAddress) -> None:
         # Open until it finishes: a revocation closes it (a WebSocket may
         # carry the user's activity for hours and counts as activity while
@@ -144,7 +143,7 @@ class SessionGate(Resource):
                                 lambda request: self._agent_gone(request, token, username),
                                 username)
 
-    def _start_then_forward(self, request: IRequest, token: str, username: str) -> None:
+    def _start_then_forward(self, request: Request, token: str, username: str) -> None:
         gone = Disconnection.watch(request)
         d = self._cache.ensure(username, token)
         answered = []
@@ -174,7 +173,7 @@ class SessionGate(Resource):
         d.addCallbacks(ready, failed)
         d.addErrback(last_resort(request, gone))
 
-    def _agent_gone(self, request: IRequest, token: str, username: str) -> None:
+    def _agent_gone(self, request: Request, token: str, username: str) -> None:
         """The agent did not answer at its address: start it again (with
         this request's session, which opens the agent's credentials); the
         browser waits on the waiting page, scripts are told to retry."""

@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.internet.task import Clock
-from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web import http
 from twisted.web.server import Request, Site
@@ -42,20 +41,21 @@ class DispatcherRoot(Resource):
         self._agents = agents
         self._starting = starting
 
-    def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
+    def getChildWithDefault(self, name: bytes, request: Request) -> IResource:
         # Traversal always starts here, after twisted.web has set its defaults
         # and before anything is written: the one place for site-wide headers.
         describe_proxy(request)
-        if name == b"auth" and len(request.postpath) == 1:
-            if request.postpath[0] == b"login":
+        rest = request.postpath or []
+        if name == b"auth" and len(rest) == 1:
+            if rest[0] == b"login":
                 return self._login
-            if request.postpath[0] == b"logout":
+            if rest[0] == b"logout":
                 return self._logout
-            if request.postpath[0] == b"starting" and self._starting is not None:
+            if rest[0] == b"starting" and self._starting is not None:
                 return self._starting
         return self._agents
 
-    def render(self, request: IRequest) -> bytes:
+    def render(self, request: Request) -> Any:
         return self._agents.render(request)
 
 

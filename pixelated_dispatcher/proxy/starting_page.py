@@ -8,9 +8,8 @@ from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from . import pages
 from .browser_connection import Disconnection
@@ -37,7 +36,7 @@ class StartingPage(Resource):
         self._clock = clock
         self._grace = grace
 
-    def render_GET(self, request: IRequest) -> Any:
+    def render_GET(self, request: Request) -> Any:
         next_path = requested_next(request)
         token = session_token(request)
         if token is None:
@@ -95,12 +94,12 @@ class StartingPage(Resource):
 
     render_HEAD = render_GET
 
-    def _failed(self, request: IRequest, failure: Failure, username: str,
+    def _failed(self, request: Request, failure: Failure, username: str,
                 token: str, next_path: bytes) -> None:
         self._cache.start_failure(token)
         answer_failure(request, failure, self._cache, token, next_path)
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: Request) -> Any:
         if request.method not in (b"GET", b"HEAD"):
             pages.method_not_allowed(request, [b"GET", b"HEAD"])
             return NOT_DONE_YET
