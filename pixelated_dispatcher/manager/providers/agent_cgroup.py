@@ -379,14 +379,14 @@ def find_cgroups(limits: AgentLimits, group: str, *, pid: Optional[int] = None,
             return _prepare_v2(limits, group, mount.point)
     bases = []
     for controller in V1_CONTROLLERS:
-        mount = next((m for m in mounts if m.fstype == "cgroup" and controller in m.options),
-                     None)
-        if mount is None or controller not in own:
+        v1 = next((m for m in mounts if m.fstype == "cgroup" and controller in m.options),
+                  None)
+        if v1 is None or controller not in own:
             raise CgroupUnavailable(
                 "no cgroup %s controller is mounted (neither on cgroup v2 nor v1), so agents"
                 " cannot be limited; mount it, or set --agent-memory 0 --agent-pids 0"
                 " --agent-cpu-shares 0" % (controller,))
-        bases.append(os.path.join(_inside(mount, own[controller]), group))
+        bases.append(os.path.join(_inside(v1, own[controller]), group))
     for base in bases:
         os.makedirs(base, 0o755, exist_ok=True)
     return V1Cgroups(limits, "v1", tuple(bases))

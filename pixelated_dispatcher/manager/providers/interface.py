@@ -113,6 +113,6 @@ class ILimitsAgents(Interface):
     share): the docker provider in the container, the process provider in a
     cgroup per agent."""
 
-    def limits():
+    def limits() -> str:
         """The limits every agent gets, and where they are applied, in
         words (``pixelated-ctl info``)."""
