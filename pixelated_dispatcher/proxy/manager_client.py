@@ -27,7 +27,7 @@ from twisted.internet.defer import (CancelledError, Deferred, DeferredList,
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectionClosed, ConnectionLost
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -110,7 +110,7 @@ class _ManagerConnection(amp.AMP):
         super().__init__(locator=PushedInvalidations(client.listeners))
         self._client = client
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self._client._connection_lost(self)
 
@@ -134,10 +134,14 @@ def default_retry_policy() -> Callable[[int], float]:
                          jitter=lambda: random.uniform(0, 0.25))
 
 
+def _type_name(failure: Failure) -> str:
+    return failure.type.__name__ if failure.type is not None else "error"
+
+
 def _unavailable(why: str) -> Callable[[Failure], Failure]:
     def translate(failure: Failure) -> Failure:
         return Failure(ManagerUnavailable("%s: %s" % (why, failure.getErrorMessage()
-                                                      or failure.type.__name__)))
+                                                      or _type_name(failure))))
     return translate
 
 
@@ -167,7 +171,7 @@ class AMPManagerClient:
 
     # --- subscription -----------------------------------------------------------
 
-    def _prepare(self, protocol: amp.AMP) -> Deferred:
+    def _prepare(self, protocol: Any) -> Deferred:
         """Subscribe each new connection before calls use it; a manager that
         does not know ``Subscribe`` leaves the proxy unsubscribed (its caches
         then keep entries for less than a second), not unusable."""
@@ -268,7 +272,8 @@ class AMPManagerClient:
         d = DeferredList(calls, fireOnOneErrback=True, consumeErrors=True)
 
         def first_error(failure: Failure) -> Failure:
-            return failure.value.subFailure
+            error: Any = failure.value  # FirstError: which call failed, and how
+            return error.subFailure
         return d.addCallbacks(lambda _: None, first_error)
 
     def subscribe(self, listener: Any) -> Deferred:
@@ -277,12 +282,15 @@ class AMPManagerClient:
         if self.subscribed:
             listener.subscribed()
             return succeed(None)
-        waiter = Deferred()
+        waiter: Deferred = Deferred()
         self._subscription_waiters.append(waiter)
-        # Make sure a connection is being attempted, and report its failure.
-        self._connection().addErrback(
-            lambda f: None if waiter.called else (
+
+        def not_connected(failure: Failure) -> None:
+            if waiter.called:
+                return
+            if waiter in self._subscription_waiters:
                 self._subscription_waiters.remove(waiter)
-                if waiter in self._subscription_waiters else None,
-                waiter.errback(f)))
+            waiter.errback(failure)
+        # Make sure a connection is being attempted, and report its failure.
+        self._connection().addErrback(not_connected)
         return waiter
