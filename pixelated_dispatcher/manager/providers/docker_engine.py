@@ -1,11 +1,14 @@
-"""The Docker Engine HTTP API, the few calls the docker provider needs.
+"""The Docker Engine HTTP API, the few calls the docker and swarm providers need.
 
 :class:`IDockerEngine` is the boundary; :class:`DockerEngine` speaks it with
 treq over the engine's Unix socket (or plain TCP), and
 ``pixelated_dispatcher.testing.fake_docker.FakeDockerEngine`` is the in-memory
 double. Both pass the same contract suite
 (``tests/docker_engine_contract.py``), once against a real ``dockerd``, so
-the fake stays honest.
+the fake stays honest. The swarm calls (:class:`ISwarmEngine`: nodes,
+services, tasks, secrets) have their own suite,
+``tests/swarm_engine_contract.py``, run against
+``pixelated_dispatcher.testing.fake_swarm.FakeSwarmEngine`` and a real swarm.
 
 Results are Docker's own JSON (dicts with Docker's key names); errors are the
 named exceptions below and carry Docker's message. The API version is
