@@ -30,11 +30,11 @@ import html
 import json
 import os
 import sys
-from typing import IO, List, Optional, Tuple
+from typing import IO, Any, Dict, List, Optional, Tuple, Union
 
 import attr
 from twisted.internet.interfaces import IPullProducer
-from twisted.logger import Logger, eventAsText, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, eventAsText, globalLogBeginner
 from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
@@ -241,7 +241,7 @@ class EchoPage(Resource):
         self.identity = identity
 
     def render(self, request: server.Request) -> bytes:
-        headers = {}
+        headers: Dict[str, List[str]] = {}
         for name, values in request.requestHeaders.getAllRawHeaders():
             key = name.decode("latin-1").lower()
             headers.setdefault(key, []).extend(v.decode("latin-1") for v in values)
@@ -287,7 +287,7 @@ class BlobPage(Resource):
     """``/blob?size=N``: stream N bytes (0..8 GiB) of a known pattern."""
     isLeaf = True
 
-    def render_GET(self, request: server.Request):
+    def render_GET(self, request: server.Request) -> Union[bytes, int]:
         values = request.args.get(b"size", [])
         size = None
         if len(values) == 1 and values[0].isdigit():
@@ -309,7 +309,7 @@ class UploadPage(Resource):
     isLeaf = True
 
     def render_POST(self, request: server.Request) -> bytes:
-        body = request.content
+        body: Any = request.content  # a DigestingBody (see make_site)
         return _json(request, {"bytes": body.size, "sha256": body.digest.hexdigest()})
 
 
@@ -358,7 +358,10 @@ class WaitPage(Resource):
                          http.BAD_REQUEST)
         call = reactor.callLater(int(values[0]), lambda: (
             request.write(_text(request, "waited")), request.finish()))
-        request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+        def gone(_: object) -> None:
+            if call.active():
+                call.cancel()
+        request.notifyFinish().addErrback(gone)
         return server.NOT_DONE_YET
 
 
@@ -372,7 +375,7 @@ class TunnelPage(Resource):
         if not upgrade:
             return _text(request, "send Upgrade", http.BAD_REQUEST)
         channel = request.channel
-        transport = channel.transport
+        transport: Any = channel.transport
         transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + upgrade
                         + b"\r\nConnection: Upgrade\r\n\r\n")
         channel.setTimeout(None)
@@ -425,7 +428,8 @@ def make_site(identity: Identity, counter: VisitCounter) -> server.Site:
 
 def _start_logging() -> None:
     """Plain lines on stderr (unbuffered): the provider adds time and user name."""
-    def observer(event) -> None:
+    @implementer(ILogObserver)
+    def observer(event: dict) -> None:
         text = eventAsText(event, includeTimestamp=False, includeSystem=False)
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
@@ -467,8 +471,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from twisted.internet import reactor
     from twisted.internet.error import CannotListenError
     try:
-        port = reactor.listenTCP(args.port, make_site(identity, counter),
-                                 interface=args.interface)
+        port: Any = reactor.listenTCP(args.port, make_site(identity, counter),  # type: ignore[arg-type]
+                                      interface=args.interface)
     except CannotListenError as e:
         # the provider looks for "address already in use" to retry on another port
         log.error("cannot listen on {interface}:{port}: {error}",
