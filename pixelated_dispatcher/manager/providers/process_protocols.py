@@ -12,7 +12,7 @@ decisions.
 import collections
 import os
 import signal
-from typing import Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
@@ -60,10 +60,14 @@ class Probe(Protocol):
     def __init__(self, request: bytes) -> None:
         self._request = request
         self._head = b""
-        self.answered: Deferred = Deferred(lambda _: self.transport.abortConnection())
+        self.answered: Deferred = Deferred(lambda _: self._transport().abortConnection())
+
+    def _transport(self) -> Any:
+        # connected: a TCP transport (abortConnection is not in ITransport)
+        return self.transport
 
     def connectionMade(self) -> None:
-        self.transport.write(self._request)
+        self._transport().write(self._request)
 
     def dataReceived(self, data: bytes) -> None:
         self._head += data
@@ -73,7 +77,7 @@ class Probe(Protocol):
             self.answered.callback(None)
         else:
             self.answered.errback(ValueError("the answer is not HTTP"))
-        self.transport.loseConnection()
+        self._transport().loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.answered.called:
@@ -86,7 +90,7 @@ class OneProtocolFactory(Factory):
     def __init__(self, protocol: Protocol) -> None:
         self._protocol = protocol
 
-    def buildProtocol(self, addr) -> Protocol:
+    def buildProtocol(self, addr: object) -> Protocol:
         return self._protocol
 
 
@@ -103,7 +107,7 @@ class _Ending:
 
     def when_ended(self) -> Deferred:
         """Fires (with None) once the process has gone."""
-        d = Deferred()
+        d: Deferred = Deferred()
         if self._ended:
             d.callback(None)
         else:
@@ -122,7 +126,7 @@ class AgentProcess(_Ending, ProcessProtocol):
     line by line when it comes through pipes (no ``log_path``), and says when
     it has ended."""
 
-    def __init__(self, reactor, username: str, credentials: bytes,
+    def __init__(self, reactor: Any, username: str, credentials: bytes,
                  log_path: Optional[str] = None, log_offset: int = 0) -> None:
         _Ending.__init__(self)
         self._reactor = reactor
@@ -145,9 +149,10 @@ class AgentProcess(_Ending, ProcessProtocol):
     # -- life cycle ------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-        self.transport.write(self._credentials)
-        self.transport.closeStdin()
+        transport: Any = self.transport
+        self.pid = transport.pid
+        transport.write(self._credentials)
+        transport.closeStdin()
         self._credentials = b""
 
     def processExited(self, reason: Failure) -> None:
@@ -253,7 +258,7 @@ class AdoptedProcess(_Ending):
 
     exit_description = "exited"
 
-    def __init__(self, reactor, username: str, pid: int, start_time: int,
+    def __init__(self, reactor: Any, username: str, pid: int, start_time: int,
                  pidfd: Optional[int]) -> None:
         _Ending.__init__(self)
         self._reactor = reactor
