@@ -68,13 +68,14 @@ class V2(SynchronousTestCase):
         host, root = self.host()
         cgroups = host.find()
         self.assertIsInstance(cgroups, V2Cgroups)
-        self.assertEqual(read(os.path.join(root, "cgroup.subtree_control")),
-                         "+memory +pids +cpu")
         base = os.path.join(root, "pixelated-agents-x")
         self.assertEqual(cgroups.bases, (base,))
+        self.assertFalse(os.path.exists(base))  # made at the first start
+        cgroups.create("alice")
+        self.assertEqual(read(os.path.join(root, "cgroup.subtree_control")),
+                         "+memory +pids +cpu")
         self.assertEqual(read(os.path.join(base, "cgroup.subtree_control")),
                          "+memory +pids +cpu")
-        cgroups.create("alice")
         alice = os.path.join(base, "alice")
         self.assertEqual(read(os.path.join(alice, "memory.max")), str(64 * MiB))
         self.assertEqual(read(os.path.join(alice, "pids.max")), "100")
@@ -87,7 +88,7 @@ class V2(SynchronousTestCase):
 
     def test_controllers_already_enabled_are_left_alone(self):
         host, root = self.host(enabled="cpu memory pids io\n")
-        host.find()
+        host.find().create("alice")
         self.assertEqual(read(os.path.join(root, "cgroup.subtree_control")),
                          "cpu memory pids io\n")
 
@@ -109,6 +110,9 @@ class V1(SynchronousTestCase):
             host.path("sys/fs/cgroup/memory/box/7/pixelated-agents-x"),
             host.path("sys/fs/cgroup/pids/pixelated-agents-x"),
             host.path("sys/fs/cgroup/cpu,cpuacct/pixelated-agents-x")))
+        for base in cgroups.bases:
+            self.assertFalse(os.path.exists(base))  # made at the first start
+        cgroups._prepare()
         memory = host.path("sys/fs/cgroup/memory/box/7/pixelated-agents-x/alice")
         os.makedirs(memory)
         write(os.path.join(memory, "memory.memsw.limit_in_bytes"), "")

@@ -192,10 +192,18 @@ class AgentCgroups:
     def create(self, username: str) -> None:
         """Make the user's cgroup (again) with the limits; a leftover of an
         earlier agent is emptied and replaced first."""
+        self._prepare()
         _empty_and_remove(self.directories(username))
         for directory in self.directories(username):
             os.mkdir(directory, 0o755)
         self._apply(username)
+
+    def _prepare(self) -> None:
+        """Make the base directories (at the first start, not when the
+        manager is configured: a manager that never starts an agent, or a
+        test that only builds one, leaves nothing behind)."""
+        for base in self.bases:
+            os.makedirs(base, 0o755, exist_ok=True)
 
     def _apply(self, username: str) -> None:
         raise NotImplementedError
@@ -267,6 +275,19 @@ class V1Cgroups(AgentCgroups):
 
 class V2Cgroups(AgentCgroups):
     """cgroup v2: one directory on the unified hierarchy."""
+
+    def _prepare(self) -> None:
+        """Enable the controllers for the base (in its parent, the
+        hierarchy's root, which the kernel allows with processes in it) and
+        for the agents' cgroups below it."""
+        (base,) = self.bases
+        root = os.path.dirname(base)
+        enable = " ".join("+" + c for c in V2_CONTROLLERS)
+        enabled = _read(os.path.join(root, "cgroup.subtree_control")).split()
+        if any(c not in enabled for c in V2_CONTROLLERS):
+            _write(os.path.join(root, "cgroup.subtree_control"), enable)
+        os.makedirs(base, 0o755, exist_ok=True)
+        _write(os.path.join(base, "cgroup.subtree_control"), enable)
 
     def _apply(self, username: str) -> None:
         (directory,) = self.directories(username)
@@ -363,9 +384,8 @@ def limits_from_config(config: Dict[str, object]) -> AgentLimits:
 
 def find_cgroups(limits: AgentLimits, group: str, *, pid: Optional[int] = None,
                  proc: str = "/proc") -> AgentCgroups:
-    """The agents' cgroups for this manager (prepared: base directories made,
-    on v2 the manager moved into a leaf and controllers enabled), or
-    :class:`CgroupUnavailable`."""
+    """The agents' cgroups for this manager, or :class:`CgroupUnavailable`.
+    Nothing is written yet: the directories are made at the first start."""
     pid = os.getpid() if pid is None else pid
     mounts = _mounts(_read(os.path.join(proc, "self", "mountinfo")))
     own = _own_paths(_read(os.path.join(proc, str(pid), "cgroup")))
@@ -387,25 +407,19 @@ def find_cgroups(limits: AgentLimits, group: str, *, pid: Optional[int] = None,
                 " cannot be limited; mount it, or set --agent-memory 0 --agent-pids 0"
                 " --agent-cpu-shares 0" % (controller,))
         bases.append(os.path.join(_inside(v1, own[controller]), group))
-    for base in bases:
-        os.makedirs(base, 0o755, exist_ok=True)
     return V1Cgroups(limits, "v1", tuple(bases))
 
 
+#: The controllers the agents' cgroups use.
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+
+
 def _prepare_v2(limits: AgentLimits, group: str, root: str) -> AgentCgroups:
-    """``<root>/<group>`` with the controllers enabled for the agents' cgroups
-    below it (and in ``root``, which the kernel allows with processes in it)."""
-    wanted = ["memory", "pids", "cpu"]
+    """The agents' cgroups at ``<root>/<group>``, if ``root`` has the
+    controllers."""
     available = _read(os.path.join(root, "cgroup.controllers")).split()
-    missing = [c for c in wanted if c not in available]
+    missing = [c for c in V2_CONTROLLERS if c not in available]
     if missing:
         raise CgroupUnavailable("the cgroup controllers %s are not available in %s"
                                 % (", ".join(missing), root))
-    enable = " ".join("+" + c for c in wanted)
-    enabled = _read(os.path.join(root, "cgroup.subtree_control")).split()
-    if any(c not in enabled for c in wanted):
-        _write(os.path.join(root, "cgroup.subtree_control"), enable)
-    base = os.path.join(root, group)
-    os.makedirs(base, 0o755, exist_ok=True)
-    _write(os.path.join(base, "cgroup.subtree_control"), enable)
-    return V2Cgroups(limits, "v2", (base,))
+    return V2Cgroups(limits, "v2", (os.path.join(root, group),))
