@@ -15,12 +15,13 @@ need not). A connection that sends ``Subscribe`` receives the manager's
 invalidations (``SessionEnded``, ``SessionsRevoked``, ``AgentStopped``).
 """
 from functools import wraps
-from typing import Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Type
 
-from twisted.internet.defer import maybeDeferred
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import protocol as p
@@ -32,11 +33,11 @@ from .service import NO_SUCH_SESSION, Manager
 log = Logger()
 
 
-def _translated(command):
+def _translated(command: Type[amp.Command]) -> Callable[[Callable[..., Any]], Any]:
     """Wrap a responder: check the policy, translate unexpected errors."""
-    def decorate(method):
+    def decorate(method: Callable[..., Any]) -> Any:
         @wraps(method)
-        def responder(self, **kwargs):
+        def responder(self: "ManagerLocator", **kwargs: Any) -> Deferred:
             if not self.policy.allows(self.peer, command):
                 log.warn("refused {command} to {peer}", command=command.__name__, peer=self.peer)
                 raise p.PermissionDenied("permission denied")
@@ -47,10 +48,10 @@ def _translated(command):
     return decorate
 
 
-def _translate_unexpected(failure, command):
-    if failure.check(*command.allErrors):
+def _translate_unexpected(failure: Failure, command: Type[amp.Command]) -> Failure:
+    if failure.check(*command.allErrors):  # type: ignore[attr-defined]  # set by amp's metaclass
         return failure
-    if is_storage_full(failure.value):
+    if failure.value is not None and is_storage_full(failure.value):
         log.error("{command} failed: no space left in the state directory ({error})",
                   command=command.__name__, error=failure.value)
         raise p.StorageFull("the manager cannot write its state: no space left on its"
@@ -59,7 +60,7 @@ def _translate_unexpected(failure, command):
     raise p.InternalError("internal error in the manager (see its log)")
 
 
-def _address(address):
+def _address(address: p.AgentAddress) -> Dict[str, Any]:
     return {"host": address.host, "port": address.port}
 
 
@@ -68,7 +69,7 @@ def _node(node: str) -> dict:
     return {"node": node} if node else {}
 
 
-def _empty(_):
+def _empty(_: object) -> Dict[str, Any]:
     return {}
 
 
@@ -76,7 +77,8 @@ class ManagerLocator(amp.CommandLocator):
     """Answers the commands of one connection."""
 
     def __init__(self, manager: Manager, policy: PeerPolicy,
-                 peer: Optional[PeerCredentials], connection=None) -> None:
+                 peer: Optional[PeerCredentials],
+                 connection: Optional["ManagerAMP"] = None) -> None:
         self.manager = manager
         self.policy = policy
         self.peer = peer
@@ -85,16 +87,16 @@ class ManagerLocator(amp.CommandLocator):
     # -- proxy --
 
     @_translated(p.Authenticate)
-    def authenticate(self, username, password, client):
+    def authenticate(self, username: str, password: str, client: str) -> Deferred:
         d = self.manager.authenticate(username, password, client)
         return d.addCallback(lambda token: {"token": token})
 
     @_translated(p.ResolveSession)
-    def resolve_session(self, token):
+    def resolve_session(self, token: str) -> Deferred:
         return self.manager.resolve_session(token).addCallback(lambda u: {"username": u})
 
     @_translated(p.EndSession)
-    def end_session(self, token):
+    def end_session(self, token: str) -> Deferred:
         return self.manager.end_session(token).addCallback(lambda u: {"username": u})
 
     def _session_for(self, command: Type[amp.Command], token: Optional[str]) -> Optional[str]:
@@ -107,22 +109,22 @@ class ManagerLocator(amp.CommandLocator):
         return token
 
     @_translated(p.EnsureAgent)
-    def ensure_agent(self, username, token=None):
+    def ensure_agent(self, username: str, token: Optional[str] = None) -> Deferred:
         token = self._session_for(p.EnsureAgent, token)
         return self.manager.ensure_agent(username, token).addCallback(_address)
 
     @_translated(p.LocateAgent)
-    def locate_agent(self, username, token=None):
+    def locate_agent(self, username: str, token: Optional[str] = None) -> Deferred:
         token = self._session_for(p.LocateAgent, token)
         return self.manager.locate_agent(username, token).addCallback(_address)
 
     @_translated(p.ReportActivity)
-    def report_activity(self, usernames):
+    def report_activity(self, usernames: List[str]) -> Dict[str, Any]:
         self.manager.report_activity(usernames)
         return {}
 
     @_translated(p.Subscribe)
-    def subscribe(self):
+    def subscribe(self) -> Dict[str, Any]:
         if self.connection is None:
             raise p.InternalError("this connection cannot receive invalidations")
         self.manager.invalidations.subscribe(self.connection)
@@ -131,41 +133,41 @@ class ManagerLocator(amp.CommandLocator):
     # -- administration --
 
     @_translated(p.AddUser)
-    def add_user(self, username, password):
+    def add_user(self, username: str, password: str) -> Deferred:
         return self.manager.add_user(username, password).addCallback(_empty)
 
     @_translated(p.SetPassword)
-    def set_password(self, username, password):
+    def set_password(self, username: str, password: str) -> Deferred:
         return self.manager.set_password(username, password).addCallback(_empty)
 
     @_translated(p.RemoveUser)
-    def remove_user(self, username, purge=False):
+    def remove_user(self, username: str, purge: bool = False) -> Deferred:
         return self.manager.remove_user(username, bool(purge)).addCallback(_empty)
 
     @_translated(p.ResetData)
-    def reset_data(self, username):
+    def reset_data(self, username: str) -> Deferred:
         return self.manager.reset_data(username).addCallback(_empty)
 
     @_translated(p.ListUsers)
-    def list_users(self, after=None, limit=None):
+    def list_users(self, after: Optional[str] = None, limit: Optional[int] = None) -> Deferred:
         limit = p.LIST_PAGE if limit is None else max(1, min(limit, p.LIST_PAGE))
 
-        def answer(users):
+        def answer(users: Any) -> Dict[str, Any]:
             text, taken = p.format_user_page(users, limit)
             return {"users": text, "more": len(users) > taken}
         return self.manager.list_users(after or "", limit + 1).addCallback(answer)
 
     @_translated(p.StartAgent)
-    def start_agent(self, username):
+    def start_agent(self, username: str) -> Deferred:
         return self.manager.start_agent(username).addCallback(_address)
 
     @_translated(p.StopAgent)
-    def stop_agent(self, username):
+    def stop_agent(self, username: str) -> Deferred:
         return self.manager.stop_agent(username).addCallback(_empty)
 
     @_translated(p.AgentInfo)
-    def agent_info(self, username):
-        def answer(details):
+    def agent_info(self, username: str) -> Deferred:
+        def answer(details: Any) -> Dict[str, Any]:
             status, agent = details.status, details.status.agent
             return {"username": status.username, "state": status.state,
                     "reason": status.reason,
@@ -181,21 +183,21 @@ class ManagerLocator(amp.CommandLocator):
         return self.manager.agent_info(username).addCallback(answer)
 
     @_translated(p.ListSessions)
-    def list_sessions(self, username):
+    def list_sessions(self, username: str) -> Deferred:
         return self.manager.list_sessions(username).addCallback(lambda sessions: {
             "sessions": [{"created": c, "last_seen": s, "client": client}
                          for c, s, client in sessions[:p.SESSIONS_LISTED]]})
 
     @_translated(p.RevokeSessions)
-    def revoke_sessions(self, username):
+    def revoke_sessions(self, username: str) -> Deferred:
         return self.manager.revoke_sessions(username).addCallback(lambda n: {"count": n})
 
     @_translated(p.Stats)
-    def stats(self):
+    def stats(self) -> Deferred:
         # only a manager whose provider has nodes (swarm) knows them
         node_of = getattr(self.manager, "node_of", lambda name: "")
 
-        def answer(result):
+        def answer(result: Any) -> Dict[str, Any]:
             users, sessions, agents = result
             return {"users": users, "sessions": sessions, "running": len(agents),
                     "memory": sum(memory for memory, _ in agents.values()),
@@ -206,10 +208,11 @@ class ManagerLocator(amp.CommandLocator):
         return self.manager.stats().addCallback(answer)
 
     @_translated(p.ImportLegacy)
-    def import_legacy(self, root, after=None, limit=None):
+    def import_legacy(self, root: str, after: Optional[str] = None,
+                      limit: Optional[int] = None) -> Deferred:
         limit = p.IMPORT_PAGE if limit is None else max(1, min(limit, p.IMPORT_PAGE_MAX))
 
-        def answer(result):
+        def answer(result: Any) -> Dict[str, Any]:
             entries, more = result
             return {"entries": [{"username": u, "outcome": o, "detail": d[:p.IMPORT_DETAIL]}
                                 for u, o, d in entries], "more": more}
@@ -230,7 +233,7 @@ class ManagerAMP(amp.AMP):
         self.locator = ManagerLocator(self._manager, self._policy,
                                       peer_credentials(self.transport), self)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._manager.invalidations.unsubscribe(self)
         super().connectionLost(reason)
 
@@ -245,7 +248,7 @@ class ManagerAMP(amp.AMP):
     def agent_stopped(self, username: str) -> None:
         self._push(p.AgentStopped, username=username)
 
-    def _push(self, command, **kwargs) -> None:
+    def _push(self, command: Type[amp.Command], **kwargs: Any) -> None:
         d = self.callRemote(command, **kwargs)
         d.addErrback(lambda failure: log.warn("could not push {command}: {error}",
                                               command=command.__name__,
@@ -258,5 +261,5 @@ class ManagerAMPFactory(Factory):
         self._manager = manager
         self._policy = policy
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: object) -> "ManagerAMP":
         return ManagerAMP(self._manager, self._policy)
