@@ -7,7 +7,7 @@ and the idle culler, starts them in order and stops them in reverse.
 """
 import os
 import shutil
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 
 import attr
 from twisted.application.internet import TimerService
@@ -15,6 +15,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ..protocol import (AgentAddress, AgentNotRunning, BadRequest, InvalidCredentials,
@@ -30,11 +31,16 @@ from .legacy_import import LegacyUser, read_legacy_root
 from .login_limits import LoginLimiter
 from .metrics import ManagerMetrics
 from .passwords import PRODUCTION, HashParameters, PasswordHasher
-from .providers.interface import IAgentProvider, ILimitsAgents, IMeasuresMemory
+from .providers.interface import IAgentProvider, ILimitsAgents, IMeasuresMemory, RunningAgent
 from .registry import UserRegistry
 from .sealed_credentials import SealBroken, seal, unseal
 from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE, SessionStore, new_token
 from .supervisor import STOPPED, AgentStatus, AgentSupervisor
+
+
+#: What an ``inlineCallbacks`` method is, before the decorator makes it a
+#: Deferred.
+Steps = Generator[Deferred, Any, Any]
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -84,7 +90,7 @@ class Manager(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor, state_dir: str, provider: IAgentProvider,
+    def __init__(self, reactor: Any, state_dir: str, provider: IAgentProvider,
                  settings: ManagerSettings = ManagerSettings()) -> None:
         super().__init__()
         self._reactor = reactor
@@ -135,7 +141,7 @@ class Manager(MultiService):
         d.addCallback(self._started)
         d.addErrback(self._failed_to_start)
 
-    def _started(self, _) -> None:
+    def _started(self, _: object) -> None:
         # Children (the culler's timer) start only once agents are recovered.
         self.culler.service().setServiceParent(self)
         sweeper = TimerService(SESSION_SWEEP_INTERVAL, self._sweep_sessions)
@@ -145,14 +151,14 @@ class Manager(MultiService):
         self.log.info("manager ready, state in {dir}", dir=self.state_dir)
         self._ready.callback(None)
 
-    def _failed_to_start(self, failure) -> None:
+    def _failed_to_start(self, failure: Failure) -> None:
         self.log.failure("manager could not start", failure)
         self._ready.errback(failure)
         self._ready.addErrback(lambda _: None)
         self._reactor.stop()
 
     @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Steps:
         yield super().stopService()
         try:
             yield self.supervisor.close()
@@ -163,7 +169,7 @@ class Manager(MultiService):
             yield self._database.stop()
 
     @inlineCallbacks
-    def _sweep_sessions(self):
+    def _sweep_sessions(self) -> Steps:
         """Delete expired sessions, and with them the credentials sealed
         under them. Never fails (the timer would stop)."""
         try:
@@ -178,10 +184,14 @@ class Manager(MultiService):
     def ready(self) -> Deferred:
         """Fires once the database is open and agents are recovered."""
         d: Deferred = Deferred()
-        self._ready.addBoth(lambda result: (d.callback(result), result)[1])
+
+        def tell(result: Any) -> Any:
+            d.callback(result)
+            return result
+        self._ready.addBoth(tell)
         return d
 
-    def _in_files_thread(self, function, *args) -> Deferred:
+    def _in_files_thread(self, function: Callable[..., Any], *args: object) -> Deferred:
         return deferToThreadPool(self._reactor, self._file_pool, function, *args)
 
     def _in_sealing_thread(self, function: Callable, *args: object) -> Deferred:
@@ -190,7 +200,7 @@ class Manager(MultiService):
     # --- proxy questions -----------------------------------------------------
 
     @inlineCallbacks
-    def authenticate(self, username: str, password: str, client: str):
+    def authenticate(self, username: str, password: str, client: str) -> Steps:
         yield self.ready()
         wait = self.limiter.wait_for(username, client)
         if wait > 0:
@@ -221,7 +231,7 @@ class Manager(MultiService):
         return self.ready().addCallback(lambda _: self.sessions.resolve(token))
 
     @inlineCallbacks
-    def end_session(self, token: str):
+    def end_session(self, token: str) -> Steps:
         """Log out (deleting the credentials sealed under the session). When
         it was the user's last session, stop the agent."""
         yield self.ready()
@@ -233,7 +243,7 @@ class Manager(MultiService):
         return username
 
     @inlineCallbacks
-    def _require_owner(self, username: str, token: Optional[str]):
+    def _require_owner(self, username: str, token: Optional[str]) -> Steps:
         """With a token: it must be a live session of ``username``, else
         ``InvalidSession`` -- the same answer for another user's name, a
         name nobody has and a name that breaks the rule, so that a proxy
@@ -251,7 +261,7 @@ class Manager(MultiService):
 
     @inlineCallbacks
     def ensure_agent(self, username: str, token: Optional[str] = None,
-                     reason: str = "request"):
+                     reason: str = "request") -> Steps:
         """The address of the user's agent, started if needed with the
         credentials sealed under the session ``token``. Without a token
         (an operator) a stopped agent is not started: it would have no
@@ -266,7 +276,7 @@ class Manager(MultiService):
         return address
 
     @inlineCallbacks
-    def _open_credentials(self, username: str, token: str):
+    def _open_credentials(self, username: str, token: str) -> Steps:
         """The credentials line sealed under this session at login.
 
         A session without a record that opens (one opened before the
@@ -292,7 +302,7 @@ class Manager(MultiService):
                              % (username,))
 
     @inlineCallbacks
-    def locate_agent(self, username: str, token: Optional[str] = None):
+    def locate_agent(self, username: str, token: Optional[str] = None) -> Steps:
         yield self.ready()
         yield self._require_owner(username, token)
         agent = self.supervisor.running().get(username)
@@ -306,13 +316,13 @@ class Manager(MultiService):
     # --- administration --------------------------------------------------------
 
     @inlineCallbacks
-    def add_user(self, username: str, password: str):
+    def add_user(self, username: str, password: str) -> Steps:
         yield self.ready()
         yield self.users.add(username, password)
         self.log.info("added user {username}", username=username)
 
     @inlineCallbacks
-    def set_password(self, username: str, password: str):
+    def set_password(self, username: str, password: str) -> Steps:
         """Change the password and end every session (a stolen session must
         not outlive a password change)."""
         yield self.ready()
@@ -321,7 +331,7 @@ class Manager(MultiService):
         self.log.info("changed the password of {username}", username=username)
 
     @inlineCallbacks
-    def revoke_sessions(self, username: str):
+    def revoke_sessions(self, username: str) -> Steps:
         yield self.ready()
         yield self.users.require(username)
         count = yield self._revoke(username)
@@ -329,7 +339,7 @@ class Manager(MultiService):
         return count
 
     @inlineCallbacks
-    def _revoke(self, username: str):
+    def _revoke(self, username: str) -> Steps:
         """End every session of the user, and so delete every record of
         their credentials."""
         count = yield self.sessions.end_all(username)
@@ -337,7 +347,7 @@ class Manager(MultiService):
         return count
 
     @inlineCallbacks
-    def remove_user(self, username: str, purge: bool = False):
+    def remove_user(self, username: str, purge: bool = False) -> Steps:
         """Remove the user, end their sessions and stop their agent. Their
         data directory stays on disk unless ``purge``."""
         yield self.ready()
@@ -358,7 +368,7 @@ class Manager(MultiService):
                       purged=" and their data" if purge else "")
 
     @inlineCallbacks
-    def reset_data(self, username: str):
+    def reset_data(self, username: str) -> Steps:
         """Stop the agent and empty the user's data directory."""
         yield self.ready()
         yield self.users.require(username)
@@ -367,7 +377,7 @@ class Manager(MultiService):
         self.log.info("emptied the data of {username}", username=username)
 
     @inlineCallbacks
-    def list_users(self, after: str = "", limit: int = -1):
+    def list_users(self, after: str = "", limit: int = -1) -> Steps:
         """``[(username, agent state)]`` sorted by name."""
         yield self.ready()
         names = yield self.users.usernames(after, limit)
@@ -375,7 +385,7 @@ class Manager(MultiService):
         return result
 
     @inlineCallbacks
-    def stop_agent(self, username: str):
+    def stop_agent(self, username: str) -> Steps:
         yield self.ready()
         yield self.users.require(username)
         if self.supervisor.state(username) == STOPPED:
@@ -390,7 +400,7 @@ class Manager(MultiService):
         return self.ensure_agent(username, None, reason="operator")
 
     @inlineCallbacks
-    def agent_info(self, username: str):
+    def agent_info(self, username: str) -> Steps:
         yield self.ready()
         yield self.users.require(username)
         status: AgentStatus = self.supervisor.status(username)
@@ -407,7 +417,7 @@ class Manager(MultiService):
         find = getattr(self._provider, "node_of", None)
         return (find(username) or "") if find is not None else ""
 
-    def _memory(self, agents) -> "Deferred[Dict[str, int]]":
+    def _memory(self, agents: Dict[str, RunningAgent]) -> "Deferred[Dict[str, int]]":
         """Memory of these running agents: as the provider measures it (the
         docker provider asks the engine's stats), else the resident memory
         of each agent's process tree."""
@@ -418,14 +428,14 @@ class Manager(MultiService):
             lambda: {name: resident_memory(agent.pid) for name, agent in agents.items()})
 
     @inlineCallbacks
-    def list_sessions(self, username: str):
+    def list_sessions(self, username: str) -> Steps:
         yield self.ready()
         yield self.users.require(username)
         sessions = yield self.sessions.of_user(username)
         return sessions
 
     @inlineCallbacks
-    def stats(self):
+    def stats(self) -> Steps:
         """``(users, sessions, {username: (memory, started)})``."""
         yield self.ready()
         users = yield self.users.count()
@@ -437,7 +447,7 @@ class Manager(MultiService):
         return users, sessions, agents
 
     @inlineCallbacks
-    def import_legacy(self, root: str, after: str = "", limit: int = 100):
+    def import_legacy(self, root: str, after: str = "", limit: int = 100) -> Steps:
         """Import a page of an original dispatcher's users; see legacy_import.
 
         Returns ``([(username, outcome, detail)], more)``; outcome is
@@ -460,9 +470,9 @@ class Manager(MultiService):
         return report, more
 
     @inlineCallbacks
-    def _import_one(self, user: LegacyUser):
-        if user.problem:
-            return "skipped", user.problem
+    def _import_one(self, user: LegacyUser) -> Steps:
+        if user.problem or user.password_hash is None:  # read_legacy_root sets one
+            return "skipped", user.problem or "no password set in user.cfg"
         try:
             yield self.users.add_with_hash(user.username, user.password_hash)
         except UserExists:
