@@ -31,7 +31,8 @@ from .legacy_import import LegacyUser, read_legacy_root
 from .login_limits import LoginLimiter
 from .metrics import ManagerMetrics
 from .passwords import PRODUCTION, HashParameters, PasswordHasher
-from .providers.interface import IAgentProvider, ILimitsAgents, IMeasuresMemory, RunningAgent
+from .providers.interface import (IAgentProvider, ILimitsAgents, IMeasuresMemory,
+                                  IRunsOnNodes, RunningAgent)
 from .registry import UserRegistry
 from .sealed_credentials import SealBroken, seal, unseal
 from .sessions import SESSION_IDLE_TIMEOUT, SESSION_MAX_AGE, SessionStore, new_token
@@ -116,9 +117,8 @@ class Manager(MultiService):
         self.accounts = AgentAccounts(self._database, settings.agent_uids) \
             if settings.agent_uids else None
         self.metrics = ManagerMetrics()
-        per_node = getattr(provider, "agents_per_node", None)
-        if per_node is not None:
-            self.metrics.watch_nodes(per_node)
+        if IRunsOnNodes.providedBy(provider):
+            self.metrics.watch_nodes(IRunsOnNodes(provider).agents_per_node)
         self.supervisor = AgentSupervisor(
             reactor, provider, os.path.join(state_dir, "users"), self._file_pool,
             settings.max_agents, settings.max_concurrent_starts, self.metrics)
@@ -414,8 +414,9 @@ class Manager(MultiService):
 
     def node_of(self, username: str) -> str:
         """The node ``username``'s agent runs on, for providers with nodes (swarm)."""
-        find = getattr(self._provider, "node_of", None)
-        return (find(username) or "") if find is not None else ""
+        if not IRunsOnNodes.providedBy(self._provider):
+            return ""
+        return IRunsOnNodes(self._provider).node_of(username) or ""
 
     def _memory(self, agents: Dict[str, RunningAgent]) -> "Deferred[Dict[str, int]]":
         """Memory of these running agents: as the provider measures it (the

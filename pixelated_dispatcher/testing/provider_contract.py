@@ -46,7 +46,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
 from pixelated_dispatcher.manager.providers.interface import (
-    AgentStartError, IAgentProvider, IMeasuresMemory, RunningAgent)
+    AgentStartError, IAgentProvider, IMeasuresMemory, IRunsOnNodes, RunningAgent)
 
 
 def credentials_for(username: str, password: str = "correct horse battery staple") -> bytes:
@@ -96,6 +96,19 @@ def make_provider_tests(fixture_factory: Callable[[TestCase], Any]) -> Type[Test
             self.assertTrue(verifyObject(IAgentProvider, self.provider))
             if IMeasuresMemory.providedBy(self.provider):
                 self.assertTrue(verifyObject(IMeasuresMemory, self.provider))
+            if IRunsOnNodes.providedBy(self.provider):
+                self.assertTrue(verifyObject(IRunsOnNodes, self.provider))
+
+        @inlineCallbacks
+        def test_node_of_running_agents_when_they_run_on_nodes(self) -> Any:
+            nodes = IRunsOnNodes(self.provider, None)
+            if nodes is None:
+                raise SkipTest("this provider's agents run on the manager's machine")
+            self.assertIsNone(nodes.node_of("alice"))
+            yield self.fixture.settle(self.start("alice"))
+            node = nodes.node_of("alice")
+            self.assertTrue(node)
+            self.assertEqual(nodes.agents_per_node(), {node: 1})
 
         def test_accounts_can_be_given(self) -> Any:
             """The manager sets ``accounts`` on every provider it runs as root."""

@@ -5,7 +5,7 @@ but nothing about users, passwords or sessions. The supervisor decides *when*;
 the provider decides *how*. Every provider (and its in-memory fake) passes the
 same contract tests in ``pixelated_dispatcher.testing.provider_contract``.
 """
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, Optional
 
 import attr
 from twisted.internet.defer import Deferred
@@ -106,6 +106,19 @@ class IMeasuresMemory(Interface):
     def memory_usage() -> Deferred:
         """Fires with ``{username: bytes}`` for the agents running now;
         agents that cannot be measured are left out."""
+
+
+class IRunsOnNodes(Interface):
+    """A provider whose agents run on several machines (the swarm provider):
+    ``pixelated-ctl info``, ``stats`` and ``list --json`` name the node, and
+    the metrics count agents per node."""
+
+    def node_of(username: str) -> Optional[str]:
+        """The name of the node ``username``'s agent runs on (None: it does
+        not run)."""
+
+    def agents_per_node() -> Dict[str, int]:
+        """How many agents run on each node now."""
 
 
 class ILimitsAgents(Interface):

@@ -52,8 +52,8 @@ from .docker import (LABEL, USER_LABEL, ContainerEngineUnavailable, DockerAgentS
 from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, ISwarmEngine,
                             NoSuchImage, NoSuchSecret, NoSuchService, NotSwarmManager,
                             parse_version)
-from .interface import (AgentStartError, ExitCallback, IAgentProvider, RunningAgent,
-                        notify_exit)
+from .interface import (AgentStartError, ExitCallback, IAgentProvider, IRunsOnNodes,
+                        RunningAgent, notify_exit)
 from .swarm_placement import (NodeView, PlacementBook, PlacementError, choose_node,
                               recorded_node)
 
@@ -167,7 +167,7 @@ def _current_task(tasks: List[dict]) -> Optional[dict]:
     return max(pool, key=lambda t: t.get("CreatedAt", "")) if pool else None
 
 
-@implementer(IAgentProvider)
+@implementer(IAgentProvider, IRunsOnNodes)
 class SwarmProvider:
     """Agents as swarm services, one per user (see the module docstring)."""
 
