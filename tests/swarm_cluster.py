@@ -95,7 +95,7 @@ class Node:
 
     # -- the daemon --
 
-    def start_daemon(self, timeout: float = 60.0) -> None:
+    def start_daemon(self, timeout: float = 60.0, no_new_privileges: bool = True) -> None:
         os.makedirs(os.path.join(self.directory, "data"), exist_ok=True)
         os.makedirs(os.path.join(self.directory, "exec"), exist_ok=True)
         for path in (self.socket, self.pidfile):
@@ -112,8 +112,8 @@ class Node:
              "--exec-root", os.path.join(self.directory, "exec"),
              "--pidfile", self.pidfile, "--group", "root",
              "--bip", "198.19.%d.1/24" % (10 + self.index),
-             "--default-address-pool", pool,
-             "--no-new-privileges"],
+             "--default-address-pool", pool]
+            + (["--no-new-privileges"] if no_new_privileges else []),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         log.close()

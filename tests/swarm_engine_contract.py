@@ -177,8 +177,13 @@ def make_swarm_engine_tests(fixture):
                                              DockerEngineError)
             self.assertIn(self.name(), str(error))
             await self.engine.remove_service(service_id)
-            self.assertNotIn(service_id, [t["ServiceID"]
-                                          for t in await self.engine.list_running_tasks()])
+            # its tasks leave the running set (a real swarm: within moments)
+            for _ in range(100):
+                running = [t["ServiceID"] for t in await self.engine.list_running_tasks()]
+                if service_id not in running:
+                    break
+                await sleep(0.1)
+            self.assertNotIn(service_id, running)
             await self.assertFailure(self.engine.inspect_service(service_id), NoSuchService)
             await self.assertFailure(self.engine.list_tasks([service_id]), NoSuchService)
             await self.assertFailure(self.engine.remove_service(service_id), NoSuchService)

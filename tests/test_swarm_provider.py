@@ -329,3 +329,28 @@ class MoveTests(SynchronousTestCase):
         self.assertIn("cannot move alice to worker-2", result.stderr)
         self.assertIn("not supported", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+
+class ReconcileDuringCheckTests(SynchronousTestCase):
+
+    def test_the_first_reconcile_leaves_a_check_in_flight_alone(self):
+        """recover() and the first start run together: the reconcile must not
+        take the no-new-privileges check of that start for a stale service."""
+        clock = Clock()
+        engine = FakeSwarmEngine(images=[IMAGE])
+        engine.self_node.labels["pixelated.agents"] = "true"
+        provider = SwarmProvider(clock, engine, DockerAgentSettings(image=IMAGE),
+                                 SwarmSettings(poll_interval=POLL),
+                                 probe=lambda host, port: succeed(True))
+        directory = tempfile.mkdtemp(prefix="pxswu-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        # the check's task has not finished when the reconcile looks
+        engine.hold_checks = True
+        starting = provider.start("alice", directory, credentials_for("alice"))
+        self.assertEqual(len(engine.services), 1)       # the check
+        self.successResultOf(provider.recover())
+        self.assertEqual(len(engine.services), 1, "the reconcile removed the check")
+        engine.hold_checks = False
+        engine.finish_checks()
+        clock.advance(1)
+        self.assertEqual(self.successResultOf(starting).username, "alice")

@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from pixelated_dispatcher.manager.providers.docker import LABEL, USER_LABEL, DockerAgentSettings
 from pixelated_dispatcher.manager.providers.docker_engine import DockerEngine, demultiplex
+from pixelated_dispatcher.manager.providers.interface import AgentStartError
 from pixelated_dispatcher.manager.providers.swarm import (
     CREDENTIALS_FILE, SwarmProvider, SwarmSettings)
 from pixelated_dispatcher.manager.providers.swarm_placement import PlacementBook
@@ -137,6 +138,28 @@ class SwarmProviderRealTests(TestCase):
         self.assertEqual(self.ours("services"), [])
         await eventually(lambda: self.ours("secrets") == [], 10, "removal of the secret")
         self.assertEqual(self.exits, [("alice", "stopped")])
+
+    async def test_a_node_whose_dockerd_lacks_no_new_privileges_gets_no_agent(self):
+        """Engine API 1.41 (Debian 12's docker.io): the service cannot ask for
+        no-new-privileges, so the node's dockerd must; a real dockerd without
+        the flag is refused, with nothing left behind."""
+        self.node.stop_daemon()
+        self.node.start_daemon(no_new_privileges=False)
+        try:
+            self.cluster.wait_nodes_ready()
+            provider = self.provider()
+            await provider.recover()
+            error = await self.assertFailure(
+                provider.start("alice", self.data_dir("alice"), credentials_for("alice")),
+                AgentStartError)
+            self.assertIn("does not run with --no-new-privileges", str(error))
+            self.assertEqual(self.ours("services"), [])
+            self.assertEqual(self.ours("secrets"), [])
+            self.assertEqual(provider.running(), {})
+        finally:
+            self.node.stop_daemon()
+            self.node.start_daemon()
+            self.cluster.wait_nodes_ready()
 
     async def test_a_killed_container_is_noticed_and_the_next_request_starts_it(self):
         provider = self.provider()

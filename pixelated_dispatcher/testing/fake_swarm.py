@@ -129,6 +129,8 @@ class FakeSwarmEngine(FakeDockerEngine):
         self.on_task_start: Optional[Callable[[dict, FakeNode], None]] = None
         #: that many next tasks fail at once (exit code 3), as a broken agent would
         self.fail_next_tasks = 0
+        #: the no-new-privileges checks run until :meth:`finish_checks`
+        self.hold_checks = False
         self._object_ids = itertools.count(1)
         self._node_ports: Dict[str, itertools.count] = {}
         self.self_node = self.add_node("manager-1", address, role="manager",
@@ -191,6 +193,15 @@ class FakeSwarmEngine(FakeDockerEngine):
             return
         service["_restarts"] = restarts + 1
         self._replace(task)
+
+    def finish_checks(self) -> None:
+        """The held no-new-privileges checks end (as their node's flag says)."""
+        for task in self.tasks.values():
+            if task.spec.get("_check") and task.state == "running":
+                ok = self.nodes[task.node_id].no_new_privileges
+                task.exit_code = 0 if ok else 1
+                task.state = "complete" if ok else "failed"
+                task.desired = "shutdown"
 
     def task_files(self, task_id: str) -> Dict[str, dict]:
         """``{path: {"data", "uid", "gid", "mode"}}`` under /run/secrets of a task."""
@@ -279,6 +290,10 @@ class FakeSwarmEngine(FakeDockerEngine):
                                 "gid": reference["File"].get("GID"),
                                 "mode": reference["File"].get("Mode")}
         command = " ".join(container.get("Command") or [])
+        if "NoNewPrivs" in command and self.hold_checks:
+            task.state = "running"              # finishes at finish_checks()
+            task.spec["_check"] = True
+            return
         if "NoNewPrivs" in command:
             # the one-shot check of the swarm provider: grep /proc/self/status
             task.exit_code = 0 if node.no_new_privileges else 1

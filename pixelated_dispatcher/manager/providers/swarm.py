@@ -196,6 +196,8 @@ class SwarmProvider:
         self._callbacks: List[ExitCallback] = []
         self._secrets_to_remove: Set[str] = set()
         self._nnp_checked: Dict[str, bool] = {}
+        #: names of the one-shot check services running now (not stale)
+        self._checks: Set[str] = set()
         self._nodes: Dict[str, NodeView] = {}
         self._loop: Optional[Deferred] = None
         self._first: Optional[SharedResult] = None
@@ -425,7 +427,12 @@ class SwarmProvider:
                 "RestartPolicy": {"Condition": "none"},
                 "Placement": {"Constraints": ["node.id==%s" % node.id]}},
             "Mode": {"Replicated": {"Replicas": 1}}}
-        service_id = await self._engine.create_service(spec)
+        self._checks.add(name)
+        try:
+            service_id = await self._engine.create_service(spec)
+        except BaseException:
+            self._checks.discard(name)
+            raise
         try:
             deadline = self._reactor.seconds() + self.settings.start_timeout
             while True:
@@ -439,6 +446,7 @@ class SwarmProvider:
                 await self._sleep(0.1)
         finally:
             await self._remove_service(service_id)
+            self._checks.discard(name)
         status = done[0].get("Status") or {}
         if status.get("State") == "complete":
             self._nnp_checked[node.id] = True
@@ -614,6 +622,8 @@ class SwarmProvider:
             username = (spec.get("Labels") or {}).get(USER_LABEL, "")
             refs = ((spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get(
                 "Secrets") or []
+            if spec.get("Name") in self._checks:
+                continue                        # a check of a start in flight
             if service["ID"] in known or username in self._starting:
                 in_use.update(r.get("SecretID") for r in refs)
                 continue
