@@ -5,6 +5,7 @@ allowed to do, where the password goes, what a failed start says, what happens
 when an agent dies or the engine goes away. The same behaviour is checked
 against a real dockerd in ``test_docker_provider_real.py``.
 """
+import itertools
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from zope.interface.verify import verifyObject
 from pixelated_dispatcher.manager.providers.docker import (
     LABEL, USER_LABEL, ContainerEngineUnavailable, DockerAgentSettings, DockerProvider)
 from pixelated_dispatcher.testing.fake_docker import FakeDockerEngine
+from pixelated_dispatcher.manager.providers.agent_ports import PortAllocator, PortRange
 from pixelated_dispatcher.manager.providers.interface import AgentStartError, IAgentProvider
 from pixelated_dispatcher.manager.providers.loopback_guard import LoopbackGuardFailed
 
@@ -48,6 +50,16 @@ class _Guard:
             raise LoopbackGuardFailed(self.error)
 
 
+class _InOrder:
+    """randint in order: the first port of the range first."""
+
+    def __init__(self):
+        self.count = itertools.count()
+
+    def randint(self, low, high):
+        return low + next(self.count) % (high - low + 1)
+
+
 class DockerProviderTests(SynchronousTestCase):
 
     def setUp(self):
@@ -59,8 +71,11 @@ class DockerProviderTests(SynchronousTestCase):
 
     def provider(self, **settings):
         settings.setdefault("start_timeout", 5)
+        # host ports handed out in order from 32768, as the fake engine did
+        ports = PortAllocator(self.clock, PortRange(32768, 33767), is_free=lambda port: True,
+                              random=_InOrder())
         provider = DockerProvider(self.clock, self.engine, DockerAgentSettings(**settings),
-                                  probe=self.probe)
+                                  probe=self.probe, ports=ports)
         provider.on_exit(lambda username, reason: self.exits.append((username, reason)))
         return provider
 
@@ -103,8 +118,12 @@ class DockerProviderTests(SynchronousTestCase):
         self.assertEqual(host["RestartPolicy"], {"Name": "no"})
         self.assertEqual(host["Mounts"], [{"Type": "bind", "Source": self.data_dir("alice"),
                                            "Target": "/mnt/user", "ReadOnly": False}])
+        # a host port the manager chose from --agent-port-range, on the agents' network
         self.assertEqual(host["PortBindings"], {"4567/tcp": [{"HostIp": "127.0.0.1",
-                                                              "HostPort": ""}]})
+                                                              "HostPort": "32768"}]})
+        network = self.engine.networks["pixelated-agent-net"]
+        self.assertEqual(host["NetworkMode"], network["Id"])
+        self.assertEqual(network["Options"], {"com.docker.network.bridge.enable_icc": "false"})
         self.assertNotIn("Cmd", config, "the image's own command runs")
         self.assertEqual(config["Env"], ["DISPATCHER_LOGOUT_URL=/auth/logout"])
         # the address is the one the engine picked, read back with inspect

@@ -22,10 +22,9 @@ from typing import Callable, Dict, List, Optional, Set
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from ..manager.providers.docker_engine import (Conflict, DockerAPIError, EngineUnavailable,
-                                               IDockerEngine, IEventStream, NoSuchContainer,
-                                               NoSuchImage, PullFailed, choose_api_version,
-                                               split_reference)
+from ..manager.providers.docker_engine import (
+    Conflict, DockerAPIError, EngineUnavailable, IDockerEngine, IEventStream, NoSuchContainer,
+    NoSuchImage, NoSuchNetwork, PullFailed, choose_api_version, split_reference)
 
 
 def _normal(reference: str) -> str:
@@ -108,6 +107,11 @@ class FakeDockerEngine:
         self._streams: List[_FakeEventStream] = []
         self._ids = itertools.count(1)
         self._ports = itertools.count(32768)
+        self.networks: Dict[str, dict] = {}
+        #: host ports something other than the engine holds (a squatter):
+        #: publishing on one fails as dockerd's bind would
+        self.taken_host_ports: set = set()
+        self._subnets = itertools.count(1)
 
     # -- test knobs --
 
@@ -234,6 +238,22 @@ class FakeDockerEngine:
             host_config = container.config.get("HostConfig") or {}
             published = {}
             for port, bindings in (host_config.get("PortBindings") or {}).items():
+                for binding in bindings or [{}]:
+                    wanted = binding.get("HostPort")
+                    if wanted and int(wanted) in self.taken_host_ports:
+                        raise DockerAPIError(
+                            "driver failed programming external connectivity on endpoint %s:"
+                            " Error starting userland proxy: listen tcp4 %s:%s: bind: address"
+                            " already in use" % (container.name, binding.get("HostIp"),
+                                                 wanted), 500)
+                    if wanted and any(b.get("HostPort") == wanted
+                                      for other in self.containers.values() if other.running
+                                      for bs in other.ports.values() for b in bs):
+                        raise DockerAPIError(
+                            "driver failed programming external connectivity on endpoint %s:"
+                            " Bind for %s:%s failed: port is already allocated"
+                            % (container.name, binding.get("HostIp"), wanted), 500)
+            for port, bindings in (host_config.get("PortBindings") or {}).items():
                 container.ports[port] = []
                 for binding in bindings or [{}]:
                     host_port = binding.get("HostPort") or str(next(self._ports))
@@ -313,7 +333,8 @@ class FakeDockerEngine:
                 "State": {"Status": c.state, "Running": c.running,
                           "OOMKilled": c.oom_killed, "Pid": c.pid,
                           "ExitCode": c.exit_code, "StartedAt": c.started_at},
-                "NetworkSettings": {"Ports": {k: list(v) for k, v in c.ports.items()}},
+                "NetworkSettings": {"Ports": {k: list(v) for k, v in c.ports.items()},
+                                    "Networks": self._container_networks(c)},
             }
         return self._call("inspect_container", inspect)
 
@@ -338,6 +359,52 @@ class FakeDockerEngine:
             return {"id": c.id, "name": "/" + c.name,
                     "memory_stats": {"usage": usage, "limit": limit} if c.running else {}}
         return self._call("container_stats", stats)
+
+    def _container_networks(self, container: _Container) -> Dict[str, dict]:
+        mode = (container.config.get("HostConfig") or {}).get("NetworkMode") or "bridge"
+        network = next((n for n in self.networks.values() if mode in (n["Name"], n["Id"])),
+                       None)
+        if network is None or not container.running:
+            return {mode: {"IPAddress": ""}}
+        base = network["IPAM"]["Config"][0]["Subnet"].split("/")[0].rsplit(".", 1)[0]
+        return {mode: {"IPAddress": "%s.%d" % (base, 2 + list(self.containers).index(
+            container.id) % 250)}}
+
+    def _network(self, ref: str) -> dict:
+        for network in self.networks.values():
+            if ref in (network["Name"], network["Id"]):
+                return network
+        raise NoSuchNetwork("network %s not found" % ref, 404)
+
+    def inspect_network(self, name):
+        return self._call("inspect_network", lambda: dict(self._network(name)))
+
+    def list_networks(self, name):
+        return self._call("list_networks", lambda: [
+            dict(network) for network in self.networks.values() if network["Name"] == name])
+
+    def create_network(self, name, config):
+        def create():
+            if name in self.networks:
+                raise Conflict("network with name %s already exists" % name, 409)
+            ipam = [dict(c) for c in (config.get("IPAM") or {}).get("Config") or []] or [{}]
+            if not ipam[0].get("Subnet"):
+                ipam[0]["Subnet"] = "172.30.%d.0/24" % next(self._subnets)
+            if not ipam[0].get("Gateway"):
+                ipam[0]["Gateway"] = ipam[0]["Subnet"].rsplit(".", 1)[0] + ".1"
+            network_id = hashlib.sha256(name.encode()).hexdigest()
+            self.networks[name] = {"Name": name, "Id": network_id, "Created": time.time(),
+                                   "Driver": config.get("Driver", "bridge"),
+                                   "Options": dict(config.get("Options") or {}),
+                                   "Labels": dict(config.get("Labels") or {}),
+                                   "IPAM": {"Driver": "default", "Config": ipam}}
+            return network_id
+        return self._call("create_network", create)
+
+    def remove_network(self, name):
+        def remove():
+            del self.networks[self._network(name)["Name"]]
+        return self._call("remove_network", remove)
 
     def inspect_image(self, reference):
         def inspect():

@@ -33,8 +33,11 @@ import time
 from calendar import timegm
 from typing import Callable, Dict, List, Optional
 
+import re
+
 import attr
 from twisted.internet import task
+from twisted.internet.threads import deferToThread
 from twisted.internet.defer import (CancelledError, Deferred, DeferredList,
                                     ensureDeferred, succeed)
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -45,12 +48,16 @@ from zope.interface import implementer
 from ...fanout import SharedResult
 from ...protocol import AgentAddress
 from ...usernames import is_valid_username
+from ..agent_firewall import FirewallError, IAgentFirewall, NoFirewall
+from .agent_ports import DEFAULT_AGENT_PORTS, NoFreePort, PortAllocator, PortRange, port_is_free
 from .agent_cgroup import AgentLimits
 from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, IDockerEngine,
-                            NoSuchContainer, NoSuchImage, PullFailed, log_tail_lines)
+                            NoSuchContainer, NoSuchImage, NoSuchNetwork, PullFailed,
+                            log_tail_lines)
 from .interface import (Accounts, AgentStartError, ExitCallback, IAgentProvider,
                         ILimitsAgents, IMeasuresMemory, RunningAgent, notify_exit)
 from .loopback_guard import LoopbackGuardFailed
+from .process_inspect import listener_uids
 
 #: label on every container of ours; its value is the provider's instance name
 LABEL = "org.pixelated.dispatcher"
@@ -58,6 +65,20 @@ LABEL = "org.pixelated.dispatcher"
 USER_LABEL = "org.pixelated.dispatcher.user"
 
 MiB = 1024 * 1024
+
+#: the bridge driver's option that stops containers of one network from
+#: talking to each other
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
+
+#: how often a start tries another host port when it is taken
+PORT_ATTEMPTS = 5
+
+#: what dockerd says when it cannot publish on the host port we chose
+_PORT_TAKEN = re.compile(r"port is already allocated|address already in use", re.I)
+
+
+class _PortTaken(Exception):
+    """The chosen host port was taken by somebody else; try another."""
 
 
 class ContainerEngineUnavailable(AgentStartError):
@@ -85,6 +106,26 @@ class DockerAgentSettings:
         lambda: {"DISPATCHER_LOGOUT_URL": "/auth/logout"})
     #: lines of the container's log quoted in errors and in the manager's log
     log_lines: int = 20
+    #: the agents' own Docker network (made if missing, containers on it
+    #: cannot talk to each other; None: ``<instance>-net``) and its subnet
+    #: (None: Docker chooses from its address pools)
+    network: Optional[str] = None
+    network_subnet: Optional[str] = None
+    #: where published ports come from (``--agent-port-range``)
+    host_ports: PortRange = DEFAULT_AGENT_PORTS
+
+    @property
+    def network_name(self) -> str:
+        return self.network or "%s-net" % (self.instance,)
+
+    def network_config(self) -> dict:
+        """The body of ``POST /networks/create`` for :attr:`network`."""
+        config = {"Driver": "bridge", "CheckDuplicate": True,
+                  "Options": {ICC_OPTION: "false"},
+                  "Labels": {LABEL: self.instance}}
+        if self.network_subnet:
+            config["IPAM"] = {"Config": [{"Subnet": self.network_subnet}]}
+        return config
 
     def container_name(self, username: str) -> str:
         return "%s-%s" % (self.instance, username)
@@ -99,9 +140,11 @@ class DockerAgentSettings:
         return [word.format(port=self.port, data_dir=self.data_mount, username=username)
                 for word in shlex.split(self.command)]
 
-    def container_config(self, username: str, data_dir: str, user: Optional[str] = None) -> dict:
+    def container_config(self, username: str, data_dir: str, user: Optional[str] = None,
+                         host_port: Optional[int] = None) -> dict:
         """The body of ``POST /containers/create`` for ``username``'s agent
-        (``user``: its ``UID:GID``, by default :attr:`user`)."""
+        (``user``: its ``UID:GID``, by default :attr:`user`; ``host_port``:
+        where it is published on 127.0.0.1, None: wherever Docker likes)."""
         config = {
             "Image": self.image,
             "User": user or self.user,
@@ -122,8 +165,9 @@ class DockerAgentSettings:
                 "SecurityOpt": ["no-new-privileges"],
                 "Mounts": [{"Type": "bind", "Source": data_dir, "Target": self.data_mount,
                             "ReadOnly": False}],
-                "PortBindings": {self.container_port(): [{"HostIp": "127.0.0.1",
-                                                          "HostPort": ""}]},
+                "PortBindings": {self.container_port(): [{
+                    "HostIp": "127.0.0.1", "HostPort": str(host_port or "")}]},
+                "NetworkMode": self.network_name,
                 "RestartPolicy": {"Name": "no"},
             },
         }
@@ -259,10 +303,15 @@ class DockerProvider:
     def __init__(self, reactor, engine: IDockerEngine,
                  settings: DockerAgentSettings = DockerAgentSettings(),
                  probe: Optional[Callable[[str, int], Deferred]] = None,
-                 loopback_guard=None, keep_on_close: bool = True) -> None:
+                 loopback_guard=None, keep_on_close: bool = True,
+                 firewall: Optional[IAgentFirewall] = None,
+                 ports: Optional[PortAllocator] = None) -> None:
         """
         :param keep_on_close: ``close()`` leaves the agents running for the
             next manager to adopt (the default); if false it stops them.
+        :param firewall: closes the published ports and the agents' network
+            to everybody but root and the proxy (see ``agent_firewall``).
+        :param ports: chooses host ports (default: from ``settings.host_ports``).
         """
         self._reactor = reactor
         self.keep_on_close = keep_on_close
@@ -270,6 +319,17 @@ class DockerProvider:
         self.settings = settings
         self._probe = probe or (lambda host, port: http_answers(reactor, host, port))
         self._guard = loopback_guard
+        self._firewall: IAgentFirewall = firewall if firewall is not None else NoFirewall()
+        #: the engine is on this machine: its ports and listeners can be checked here
+        self._local = engine.host.startswith("unix:")
+        self._ports = ports or PortAllocator(
+            reactor, settings.host_ports,
+            is_free=port_is_free if self._local else lambda port: True)
+        self._firewall_problem: Optional[str] = None
+        self._network_ready = False
+        #: the agents' network's id once ensured (names can be ambiguous in Docker)
+        self._network_id: Optional[str] = None
+        self._network_ensuring: Optional[SharedResult] = None
         #: set by the manager when it gives every user an own uid:
         #: ``accounts(username) -> Deferred[(uid, gid)]``; else ``settings.user``
         self.accounts: Optional[Accounts] = None
@@ -351,7 +411,9 @@ class DockerProvider:
             self._watcher.cancel()              # whatever it waits for: a call, a sleep
         await DeferredList([shared.wait() for shared in list(self._starting.values())],
                            consumeErrors=True)
+        kept = False
         if self.keep_on_close:
+            kept = bool(self._agents)
             self._agents.clear()
             self._by_id.clear()
         else:
@@ -359,6 +421,13 @@ class DockerProvider:
                                consumeErrors=True)
         await DeferredList([shared.wait() for shared in list(self._stopping.values())],
                            consumeErrors=True)
+        # the rules and the network go unless agents run on
+        try:
+            await self._firewall.close(keep=kept)
+        except FirewallError as error:
+            self.log.warn("{error}", error=str(error))
+        if not kept and self._network_ready:
+            await self._remove_network()
         await self._engine.close()
 
     # -- extras for the manager (ctl stats) --
@@ -427,12 +496,58 @@ class DockerProvider:
                 await self._guard.ensure(self._engine)
             except LoopbackGuardFailed as error:
                 raise AgentStartError(str(error))
-        name = self.settings.container_name(username)
+        if self._firewall_problem is not None:
+            raise AgentStartError("not starting agents: %s" % (self._firewall_problem,))
+        await self._ensure_network()
         user = self.settings.user
         if self.accounts is not None:
             user = "%d:%d" % tuple(await self.accounts(username))
         self._prepare_data_dir(data_dir, user)
-        config = self.settings.container_config(username, data_dir, user)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = await self._claim_port(username)
+            try:
+                return await self._start_on(username, data_dir, credentials, user, port)
+            except _PortTaken as taken:
+                self._release_port(username, port, quarantine=False)
+                self.log.warn("host port {port} for the agent of {username} was taken"
+                              " ({why}); trying another", port=port, username=username,
+                              why=str(taken))
+                if attempt == PORT_ATTEMPTS:
+                    raise AgentStartError(
+                        "the agent of %s could not be published: %d times its host port was"
+                        " taken by another program first (%s)"
+                        % (username, PORT_ATTEMPTS, taken))
+            except BaseException:
+                self._release_port(username, port)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _claim_port(self, username: str) -> int:
+        """A host port for this start, closed by the firewall to all but root
+        and the proxy before the container exists."""
+        busy = {entry.agent.address.port for entry in self._agents.values()}
+        try:
+            port = self._ports.choose(username, busy)
+        except NoFreePort as error:
+            raise AgentStartError(str(error))
+        try:
+            await self._firewall.protect("127.0.0.1", port)
+        except FirewallError as error:
+            raise AgentStartError("not starting the agent of %s: its port could not be closed"
+                                  " to other local users: %s" % (username, error))
+        return port
+
+    def _release_port(self, username: str, port: int, quarantine: bool = True) -> None:
+        """No agent of ours is published on ``port`` any more."""
+        if quarantine:
+            self._ports.released(port, username)
+        self._firewall.release("127.0.0.1", port).addErrback(
+            lambda f: self.log.warn("{error}", error=f.getErrorMessage()))
+
+    async def _start_on(self, username, data_dir, credentials, user, port) -> RunningAgent:
+        name = self.settings.container_name(username)
+        config = self.settings.container_config(username, data_dir, user, port)
+        config["HostConfig"]["NetworkMode"] = self._network_id or self.settings.network_name
         # optimistic: the image is usually there and the name usually free, so
         # create first and fix up only when the engine says otherwise
         pulled = removed = False
@@ -456,18 +571,25 @@ class DockerProvider:
         try:
             try:
                 self._check_abort(username)         # a stop or close came meanwhile
-                await self._engine.start_container(container_id)
+                try:
+                    await self._engine.start_container(container_id)
+                except DockerEngineError as error:
+                    if _PORT_TAKEN.search(error.message or ""):
+                        raise _PortTaken(error.message)
+                    raise
                 await self._engine.attach_stdin(container_id, credentials)
                 self._check_abort(username)
                 info = await self._engine.inspect_container(container_id)
                 state = info.get("State") or {}
                 if not state.get("Running") and watch.died is None:
                     watch.died = int(state.get("ExitCode") or 0)   # gone already
-                port = _host_port(info, self.settings.container_port())
-                if port is None and watch.died is None:
+                published = _host_port(info, self.settings.container_port())
+                if published != port and watch.died is None:
                     raise AgentStartError(
-                        "Docker published no 127.0.0.1 port for the agent of %s" % username)
+                        "Docker did not publish the agent of %s on 127.0.0.1:%d (%s)"
+                        % (username, port, published))
                 await self._wait_ready(container_id, username, port, watch)
+                await self._check_listeners(port)
             except BaseException:
                 await self._remove_quietly(container_id)
                 raise
@@ -483,6 +605,87 @@ class DockerProvider:
             # it died in the moment between its answer and our bookkeeping
             self._reactor.callLater(0, self._container_died, container_id, watch.died)
         return agent
+
+    async def _remove_network(self) -> None:
+        """Remove the agents' network once no agent of ours uses it (another
+        manager's containers on it make Docker refuse: then it stays)."""
+        name = self.settings.network_name
+        try:
+            await self._engine.remove_network(name)
+            self.log.info("removed the agents' Docker network {name}", name=name)
+        except NoSuchNetwork:
+            pass
+        except DockerEngineError as error:
+            self.log.info("the Docker network {name} stays: {error}", name=name,
+                          error=error.message)
+        self._network_ready = False
+        self._network_id = None
+
+    async def _check_listeners(self, port: int) -> None:
+        """What answered on the published port must be Docker's: the port
+        is bound by dockerd's port proxy (``docker-proxy``, root) from the
+        container's start (a squatter who bound it first made the start
+        fail: "address already in use"). Any listener of another uid is a
+        squatter; its address is never handed out. (A remote engine's ports
+        cannot be checked from here.)"""
+        if not self._local:
+            return
+        strangers = [uid for uid in await deferToThread(listener_uids, port) if uid != 0]
+        if strangers:
+            raise _PortTaken("uid %s listens on it too" % ", ".join(map(str, strangers)))
+
+    async def _ensure_network(self) -> None:
+        """The agents' network exists (made if missing, inter-container
+        traffic off) and its subnet is closed by the firewall; one at a time
+        (two creations at once would make two networks of one name)."""
+        if self._network_ready:
+            return
+        if self._network_ensuring is None or self._network_ensuring.done:
+            self._network_ensuring = SharedResult(ensureDeferred(self._make_network()))
+        await self._network_ensuring.wait()
+
+    async def _make_network(self) -> None:
+        name = self.settings.network_name
+        try:
+            found = await self._engine.list_networks(name)
+            created = None
+            if not found:
+                try:
+                    created = await self._engine.create_network(
+                        name, self.settings.network_config())
+                    self.log.info("created the agents' Docker network {name}", name=name)
+                except Conflict:
+                    pass                        # another manager made it meanwhile
+                found = await self._engine.list_networks(name)
+            if not found:
+                raise AgentStartError("the agents' Docker network %s vanished as it was made"
+                                      % (name,))
+            # Docker does not check names atomically: of twins made at the
+            # same moment, every manager takes the oldest, and drops its own
+            chosen = min(found, key=lambda n: (str(n.get("Created", "")), n["Id"]))
+            if created is not None and created != chosen["Id"]:
+                await self._engine.remove_network(created)
+            info = await self._engine.inspect_network(chosen["Id"])
+        except EngineUnavailable:
+            raise
+        except DockerEngineError as error:
+            raise AgentStartError("the agents' Docker network %s cannot be made: %s"
+                                  % (name, error.message))
+        if (info.get("Options") or {}).get(ICC_OPTION) != "false":
+            self.log.warn("the Docker network {name} lets its containers talk to each other"
+                          " ({option} is not false): give the agents a network of their own",
+                          name=name, option=ICC_OPTION)
+        for config in (info.get("IPAM") or {}).get("Config") or []:
+            subnet, gateway = config.get("Subnet", ""), config.get("Gateway", "")
+            if ":" in subnet or not subnet:
+                continue                        # IPv6: agents are published on IPv4 only
+            try:
+                await self._firewall.protect_network(subnet, gateway or subnet.split("/")[0])
+            except FirewallError as error:
+                raise AgentStartError("the agents' network %s cannot be closed to other local"
+                                      " users: %s" % (subnet, error))
+        self._network_id = chosen["Id"]
+        self._network_ready = True
 
     async def _wait_ready(self, container_id: str, username: str, port: int,
                           watch: _StartWatch) -> None:
@@ -580,6 +783,7 @@ class DockerProvider:
             self.log.warn("could not stop the agent of {username}: {error}",
                           username=username, error=error.message)
         await self._remove_quietly(entry.container_id)
+        self._release_port(username, entry.agent.address.port)
         self._notify(username, "stopped")
 
     def _on_event(self, event: dict) -> None:
@@ -606,15 +810,17 @@ class DockerProvider:
         username = self._by_id.pop(container_id, None)
         if username is None or username not in self._agents:
             return succeed(None)
-        del self._agents[username]
-        return ensureDeferred(self._report_death(username, container_id, exit_code))
+        port = self._agents.pop(username).agent.address.port
+        return ensureDeferred(self._report_death(username, container_id, exit_code, port))
 
-    async def _report_death(self, username: str, container_id: str, exit_code: int) -> None:
+    async def _report_death(self, username: str, container_id: str, exit_code: int,
+                            port: int) -> None:
         reason = await self._death_reason(container_id, exit_code)
         tail = await self._log_tail(container_id)
         self.log.warn("agent of {username} {reason}; last lines of its log:\n{tail}",
                       username=username, reason=reason, tail=tail)
         await self._remove_quietly(container_id)
+        self._release_port(username, port)
         self._notify(username, reason)
 
     async def _death_reason(self, container_id: str, exit_code: int) -> str:
@@ -690,6 +896,12 @@ class DockerProvider:
             self._first_reconcile.callback([])
 
     async def _watch(self) -> None:
+        try:
+            await self._firewall.start()
+        except FirewallError as error:
+            # fail closed: no agent starts unprotected
+            self._firewall_problem = str(error)
+            self.log.error("{error}", error=self._firewall_problem)
         delay = 0.5
         while not self._closing:
             try:
@@ -705,8 +917,13 @@ class DockerProvider:
                     self.log.info("container engine at {host} is available again",
                                   host=self._engine.host)
                 self._engine_up = True
+                try:
+                    await self._ensure_network()
+                except AgentStartError as error:
+                    self.log.error("{error}", error=str(error))
                 adopted = await self._reconcile()
                 if not self._first_reconcile.called:
+                    await self._retain_only_agents()
                     self._first_reconcile.callback(adopted)
                 delay = 0.5
                 await self._stream.done
@@ -726,6 +943,18 @@ class DockerProvider:
             delay = min(delay * 2, 5.0)
         if not self._first_reconcile.called:
             self._first_reconcile.callback([])
+
+    async def _retain_only_agents(self) -> None:
+        """After the first reconcile the firewall holds exactly the ports of
+        the agents (a previous manager may have left entries of agents that
+        ended while no manager watched)."""
+        if self._firewall_problem is not None:
+            return
+        try:
+            await self._firewall.retain_only(
+                [("127.0.0.1", entry.agent.address.port) for entry in self._agents.values()])
+        except FirewallError as error:
+            self.log.warn("{error}", error=str(error))
 
     def _engine_lost(self, problem: str) -> None:
         self._stream = None
@@ -786,6 +1015,10 @@ class DockerProvider:
                              started=_started_at(state.get("StartedAt", "")) or time.time())
         self._agents[username] = _Agent(container_id, agent)
         self._by_id[container_id] = username
+        try:
+            await self._firewall.protect("127.0.0.1", port)
+        except FirewallError as error:
+            self.log.warn("{error}", error=str(error))
         self.log.info("adopted the running agent of {username} at 127.0.0.1:{port}",
                       username=username, port=port)
         return agent

@@ -79,6 +79,10 @@ class Conflict(DockerEngineError):
     """409: e.g. the container name is taken, or removal of a running container."""
 
 
+class NoSuchNetwork(DockerEngineError):
+    """404 for a network."""
+
+
 class PullFailed(DockerEngineError):
     """An image pull failed, before or inside its 200 progress stream."""
 
@@ -172,6 +176,20 @@ class IDockerEngine(Interface):
 
     def attach_stdin(container_id, data):
         """Attach to the container's stdin, write ``data``, close stdin."""
+
+    def inspect_network(name):
+        """The network's inspect document; NoSuchNetwork if there is none."""
+
+    def list_networks(name):
+        """The networks called exactly ``name`` (Docker may hold several:
+        creation does not check names atomically); their id, Name, Created."""
+
+    def create_network(name, config):
+        """``POST /networks/create`` with ``config`` (Driver, Options, IPAM,
+        Labels); fires with its id; Conflict if the name is taken."""
+
+    def remove_network(name):
+        """Remove a network (NoSuchNetwork if there is none)."""
 
     def close():
         """Close idle connections (the manager stops); fires None."""
@@ -530,6 +548,26 @@ class DockerEngine:
     def inspect_image(self, reference):
         return self._call("GET", "/images/%s/json" % quote(reference, safe="/:@"),
                           not_found=NoSuchImage)
+
+    def inspect_network(self, name):
+        return self._call("GET", "/networks/%s" % quote(name), not_found=NoSuchNetwork)
+
+    @inlineCallbacks
+    def list_networks(self, name):
+        found = yield self._call("GET", "/networks",
+                                 params={"filters": json.dumps({"name": [name]})})
+        # the filter matches parts of names
+        return [network for network in found or [] if network.get("Name") == name]
+
+    @inlineCallbacks
+    def create_network(self, name, config):
+        result = yield self._call("POST", "/networks/create", body=dict(config, Name=name, CheckDuplicate=True),
+                                  expect=(201,))
+        return result["Id"]
+
+    def remove_network(self, name):
+        return self._call("DELETE", "/networks/%s" % quote(name), expect=(204, 200),
+                          not_found=NoSuchNetwork)
 
     @inlineCallbacks
     def pull_image(self, reference, on_progress):

@@ -6,6 +6,7 @@ The manager tap adds :data:`DOCKER_OPT_PARAMETERS` to its options and calls
 ``{username}``) replaces the image's command when given, and
 ``--agent-stop-grace`` is Docker's stop timeout.
 """
+import ipaddress
 import os
 import re
 import shlex
@@ -13,6 +14,7 @@ from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from twisted.python import usage
 
+from .agent_ports import DEFAULT_AGENT_PORTS, PortRange
 from .docker import DockerAgentSettings, DockerProvider
 from .docker_engine import DEFAULT_DOCKER_HOST, DockerEngine, check_docker_host
 from .loopback_guard import MODES, LoopbackGuard
@@ -44,6 +46,12 @@ DOCKER_OPT_PARAMETERS = [
     ["docker-instance", None, "pixelated-agent",
      "Prefix of the agent containers' names and value of their"
      " org.pixelated.dispatcher label; give each dispatcher sharing one engine its own."],
+    ["docker-network", None, None,
+     "Docker network of the agents, made if missing with inter-container traffic off"
+     " (default: <docker-instance>-net)."],
+    ["docker-network-subnet", None, None,
+     "IPv4 subnet for that network when the manager makes it, e.g. 10.99.0.0/24"
+     " (default: Docker chooses)."],
     ["docker-loopback-guard", None, "auto",
      "Drop packets for 127.0.0.0/8 that arrive from the network (iptables raw table):"
      " auto (for Docker < 28, which lets them reach published ports), on, or off."],
@@ -106,8 +114,24 @@ def settings_from_config(config: Mapping[str, Any]) -> DockerAgentSettings:
     instance = config.get("docker-instance") or "pixelated-agent"
     if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", instance):
         raise usage.UsageError("--docker-instance must be letters, digits, '.', '_' or '-'")
+    network = config.get("docker-network") or None
+    if network is not None and not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", network):
+        raise usage.UsageError("--docker-network must be letters, digits, '.', '_' or '-'")
+    subnet = config.get("docker-network-subnet") or None
+    if subnet is not None:
+        try:
+            subnet = str(ipaddress.IPv4Network(subnet))
+        except ValueError as error:
+            raise usage.UsageError("--docker-network-subnet: %s" % (error,))
+    host_ports = config.get("agent-port-range") or DEFAULT_AGENT_PORTS
+    if not isinstance(host_ports, PortRange):
+        try:
+            host_ports = PortRange.parse(host_ports)
+        except ValueError as error:
+            raise usage.UsageError("--agent-port-range: %s" % (error,))
     return DockerAgentSettings(
         image=image, memory=memory, instance=instance,
+        network=network, network_subnet=subnet, host_ports=host_ports,
         pids=_number(config, "agent-pids", int, 1),
         cpu_shares=_number(config, "agent-cpu-shares", int, 2),
         user=user, port=port, data_mount=mount.rstrip("/"),
@@ -136,4 +160,4 @@ def make_docker_provider(reactor: Any, config: Mapping[str, Any],
     if mode not in MODES:
         raise usage.UsageError("--docker-loopback-guard must be one of: " + ", ".join(MODES))
     return DockerProvider(reactor, DockerEngine(reactor, host), settings,
-                          loopback_guard=LoopbackGuard(reactor, mode))
+                          loopback_guard=LoopbackGuard(reactor, mode), firewall=firewall)
