@@ -93,22 +93,23 @@ class NftablesFirewallContractTests(make_firewall_tests(_RealFixture)):
     pass
 
 
-#: connect to 127.0.0.1:PORT as whoever runs it; prints "connected" or the error
+#: connect to PORT (on 127.0.0.1 or HOST) as whoever runs it; prints
+#: "connected" or the error
 CONNECT = """
 import socket, sys
 s = socket.socket()
 s.settimeout(3)
 try:
-    s.connect(("127.0.0.1", int(sys.argv[1])))
+    s.connect((sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1", int(sys.argv[1])))
     print("connected")
 except OSError as e:
     print(type(e).__name__)
 """
 
 
-def connect_as(uid, gid, port):
-    """What a process of ``uid``/``gid`` gets when it connects to the port."""
-    argv = [sys.executable, "-c", CONNECT, str(port)]
+def connect_as(uid, gid, port, host="127.0.0.1"):
+    """What a process of ``uid``/``gid`` (None: root) gets when it connects."""
+    argv = [sys.executable, "-c", CONNECT, str(port), host]
     if uid is not None:
         argv = ["setpriv", "--reuid", str(uid), "--regid", str(gid), "--clear-groups",
                 "--"] + argv

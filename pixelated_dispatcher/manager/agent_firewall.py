@@ -274,6 +274,8 @@ class NftablesFirewall:
         lines += ["add rule %s output %s" % (t, rule) for rule in allowed]
         lines += [
             "add rule %s output ip daddr . tcp dport @agents reject with tcp reset" % (t,),
+            "add rule %s output ip daddr @agent_nets ip daddr != @gateways meta l4proto tcp"
+            " reject with tcp reset" % (t,),
             "add rule %s output ip daddr @agent_nets ip daddr != @gateways"
             " reject with icmpx admin-prohibited" % (t,),
             'add rule %s prerouting iifname "lo" accept' % (t,),

@@ -26,6 +26,7 @@ agent is reported ended ("container engine unavailable"), starts fail with
 when the engine is back it reconciles (adopts containers that still run,
 removes the rest).
 """
+import ipaddress
 import math
 import os
 import shlex
@@ -124,7 +125,8 @@ class DockerAgentSettings:
                   "Options": {ICC_OPTION: "false"},
                   "Labels": {LABEL: self.instance}}
         if self.network_subnet:
-            config["IPAM"] = {"Config": [{"Subnet": self.network_subnet}]}
+            config["IPAM"] = {"Config": [{"Subnet": self.network_subnet,
+                                          "Gateway": _first_host(self.network_subnet)}]}
         return config
 
     def container_name(self, username: str) -> str:
@@ -260,6 +262,12 @@ def _host_port(info: dict, container_port: str) -> Optional[int]:
         if binding.get("HostIp") == "127.0.0.1" and str(binding.get("HostPort", "")).isdigit():
             return int(binding["HostPort"])
     return None
+
+
+def _first_host(subnet: str) -> str:
+    """The first address of ``subnet``: where a Docker bridge sits by default."""
+    network = ipaddress.IPv4Network(subnet, strict=False)
+    return str(network.network_address + 1)
 
 
 def _mib(value: int) -> str:
@@ -680,7 +688,8 @@ class DockerProvider:
             if ":" in subnet or not subnet:
                 continue                        # IPv6: agents are published on IPv4 only
             try:
-                await self._firewall.protect_network(subnet, gateway or subnet.split("/")[0])
+                # Docker 20.10 leaves out the gateway it took: the first address
+                await self._firewall.protect_network(subnet, gateway or _first_host(subnet))
             except FirewallError as error:
                 raise AgentStartError("the agents' network %s cannot be closed to other local"
                                       " users: %s" % (subnet, error))
