@@ -63,6 +63,19 @@ def uid_of(user):
     return entry.pw_uid, entry.pw_gid
 
 
+def protected_ports_of(table):
+    """The ports in the agents set of ``table`` (None: no such table)."""
+    out = subprocess.run(["nft", "-j", "list", "set", "inet", table, "agents"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    ports = set()
+    for item in json.loads(out.stdout)["nftables"]:
+        for element in (item.get("set") or {}).get("elem", []):
+            ports.add(element["concat"][1])
+    return ports
+
+
 class DeployedDispatcherCase(DispatcherCase):
     """Root manager, proxy as PROXY_USER in PROXY_GROUP, users alice and bob."""
 
@@ -113,15 +126,7 @@ class DeployedDispatcherCase(DispatcherCase):
         return table_name_for(self.dispatcher.state_dir)
 
     def protected_ports(self):
-        out = subprocess.run(["nft", "-j", "list", "set", "inet", self.table(), "agents"],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            return None
-        ports = set()
-        for item in json.loads(out.stdout)["nftables"]:
-            for element in (item.get("set") or {}).get("elem", []):
-                ports.add(element["concat"][1])
-        return ports
+        return protected_ports_of(self.table())
 
 
 class OnlyTheProxyReachesAgentsTests(DeployedDispatcherCase):

@@ -219,3 +219,42 @@ def _credentials(username):
     import json
     return json.dumps({"leap_provider_hostname": "example.org", "user": username,
                        "password": "pw"}).encode() + b"\n"
+
+
+class DockerDispatcherCleanupTests(TestCase):
+    """The real daemons with ``--provider docker``: ``remove --purge`` and a
+    manager stopped with ``--stop-agents-on-exit`` leave no rule behind."""
+
+    timeout = 180
+
+    def test_purge_and_stop_leave_no_rules_and_no_network(self):
+        from .test_agent_reachability import protected_ports_of
+        from .test_docker_integration import DockerStack
+        require_nft(self)
+        host = dockerd.engine_or_skip()
+        image = dockerd.ensure_agent_image(host)
+        before = nft_tables()
+        stack = DockerStack(self, image, host, extra_manager_args=[
+            "--docker-network-subnet", "198.18.%d.0/24" % random.randrange(32, 47)])
+        table = table_name_for(stack.dispatcher.state_dir)
+        stack.dispatcher.add_user("alice", "alice's password")
+        browser = stack.browser()
+        self.assertEqual(browser.log_in("alice", "alice's password").status, 303)
+        deadline = time.monotonic() + 60
+        page = browser.get("/")
+        while "Mailbox of alice" not in page.text and time.monotonic() < deadline:
+            time.sleep(0.3)
+            page = browser.get("/")
+        self.assertIn("Mailbox of alice", page.text, stack.logs())
+        port = int(stack.info("alice")["address"].rsplit(":", 1)[1])
+        self.assertEqual(protected_ports_of(table), {port})
+        self.assertEqual(connect_as(STRANGER, STRANGER, port), "ConnectionRefusedError")
+        network = "%s-net" % stack.instance
+        dockerd.api(host, "GET", "/networks/%s" % network)  # it exists
+        result = stack.dispatcher.ctl("remove", "--purge", "alice")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(protected_ports_of(table), set())
+        stack.dispatcher.stop()
+        self.assertEqual(nft_tables(), before)
+        with self.assertRaises(RuntimeError):
+            dockerd.api(host, "GET", "/networks/%s" % network)
