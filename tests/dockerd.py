@@ -235,12 +235,17 @@ def ensure_agent_image(host):
 
 
 def remove_labelled(host, label):
-    """Force-remove every container carrying ``label`` (test clean-up)."""
+    """Force-remove every container and network carrying ``label`` (test clean-up)."""
     found = api(host, "GET", "/containers/json",
                 params={"all": "1", "filters": json.dumps({"label": [label]})})
     for c in found:
         api(host, "DELETE", "/containers/%s" % c["Id"], params={"force": "1"},
             expect=(204, 404, 409))
+    # and the agents' networks the docker provider made for that instance
+    networks = api(host, "GET", "/networks",
+                   params={"filters": json.dumps({"label": [label]})})
+    for network in networks or []:
+        api(host, "DELETE", "/networks/%s" % network["Id"], expect=(204, 404, 403, 409, 500))
 
 
 def coroutine_tests(cls):
