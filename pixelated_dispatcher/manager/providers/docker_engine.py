@@ -561,7 +561,8 @@ class DockerEngine:
 
     @inlineCallbacks
     def create_network(self, name, config):
-        result = yield self._call("POST", "/networks/create", body=dict(config, Name=name, CheckDuplicate=True),
+        result = yield self._call("POST", "/networks/create",
+                                  body=dict(config, Name=name, CheckDuplicate=True),
                                   expect=(201,))
         return result["Id"]
 
