@@ -126,7 +126,6 @@ class DockerIsolationTests(TestCase):
         return dockerd.api(self.host, "GET", "/networks/%s-net" % self.instance)
 
     async def test_nobody_but_root_and_the_proxy_reaches_an_agent_container(self):
-        tables_before = nft_tables()
         provider = self.provider()
         await provider.recover()
         agent = await provider.start("alice", _data_dir(self), _credentials("alice"))
@@ -173,7 +172,7 @@ class DockerIsolationTests(TestCase):
         await provider.stop("alice")
         self.assertNotIn(("127.0.0.1", port), await provider._firewall.entries())
         await provider.close()
-        self.assertEqual(nft_tables(), tables_before)
+        self.assertNotIn("table inet %s" % self.table, nft_tables())
         with self.assertRaises(RuntimeError):
             self.network()
 
@@ -233,7 +232,6 @@ class DockerDispatcherCleanupTests(TestCase):
         require_nft(self)
         host = dockerd.engine_or_skip()
         image = dockerd.ensure_agent_image(host)
-        before = nft_tables()
         stack = DockerStack(self, image, host, extra_manager_args=[
             "--docker-network-subnet", "198.18.%d.0/24" % random.randrange(32, 47)])
         table = table_name_for(stack.dispatcher.state_dir)
@@ -255,6 +253,6 @@ class DockerDispatcherCleanupTests(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(protected_ports_of(table), set())
         stack.dispatcher.stop()
-        self.assertEqual(nft_tables(), before)
+        self.assertNotIn("table inet %s" % table, nft_tables())
         with self.assertRaises(RuntimeError):
             dockerd.api(host, "GET", "/networks/%s" % network)
