@@ -39,7 +39,7 @@ import re
 import attr
 from twisted.internet import task
 from twisted.internet.threads import deferToThread
-from twisted.internet.defer import (CancelledError, Deferred, DeferredList,
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredLock,
                                     ensureDeferred, succeed)
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -70,6 +70,9 @@ MiB = 1024 * 1024
 #: the bridge driver's option that stops containers of one network from
 #: talking to each other
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
+
+#: (engine, network name) -> the lock under which that network is ensured
+_NETWORK_LOCKS: Dict[tuple, DeferredLock] = {}
 
 #: how often a start tries another host port when it is taken
 PORT_ATTEMPTS = 5
@@ -614,6 +617,18 @@ class DockerProvider:
             self._reactor.callLater(0, self._container_died, container_id, watch.died)
         return agent
 
+    async def _remove_twin(self, network_id: str) -> None:
+        """Remove a network that has the agents' network's name but is not
+        the one we use (Docker refuses while containers use it: it stays)."""
+        try:
+            await self._engine.remove_network(network_id)
+        except EngineUnavailable:
+            raise
+        except DockerEngineError as error:
+            self.log.warn("a second Docker network named {name} ({id}) stays: {error}",
+                          name=self.settings.network_name, id=network_id[:12],
+                          error=error.message)
+
     async def _remove_network(self) -> None:
         """Remove the agents' network once no agent of ours uses it (another
         manager's containers on it make Docker refuse: then it stays)."""
@@ -649,18 +664,21 @@ class DockerProvider:
         if self._network_ready:
             return
         if self._network_ensuring is None or self._network_ensuring.done:
-            self._network_ensuring = SharedResult(ensureDeferred(self._make_network()))
+            # one at a time per engine and name in this process, too (a
+            # restarted provider next to the old one, as in the tests)
+            key = (self._engine.host, self.settings.network_name)
+            lock = _NETWORK_LOCKS.setdefault(key, DeferredLock())
+            self._network_ensuring = SharedResult(
+                lock.run(lambda: ensureDeferred(self._make_network())))
         await self._network_ensuring.wait()
 
     async def _make_network(self) -> None:
         name = self.settings.network_name
         try:
             found = await self._engine.list_networks(name)
-            created = None
             if not found:
                 try:
-                    created = await self._engine.create_network(
-                        name, self.settings.network_config())
+                    await self._engine.create_network(name, self.settings.network_config())
                     self.log.info("created the agents' Docker network {name}", name=name)
                 except Conflict:
                     pass                        # another manager made it meanwhile
@@ -671,8 +689,9 @@ class DockerProvider:
             # Docker does not check names atomically: of twins made at the
             # same moment, every manager takes the oldest, and drops its own
             chosen = min(found, key=lambda n: (str(n.get("Created", "")), n["Id"]))
-            if created is not None and created != chosen["Id"]:
-                await self._engine.remove_network(created)
+            for twin in found:
+                if twin["Id"] != chosen["Id"]:
+                    await self._remove_twin(twin["Id"])
             info = await self._engine.inspect_network(chosen["Id"])
         except EngineUnavailable:
             raise
