@@ -74,6 +74,11 @@ ICC_OPTION = "com.docker.network.bridge.enable_icc"
 #: (engine, network name) -> the lock under which that network is ensured
 _NETWORK_LOCKS: Dict[tuple, DeferredLock] = {}
 
+#: seconds during which a container that was created but never started may
+#: be another provider's start in flight (while it waits for the network,
+#: say): reconciling leaves it alone that long
+FRESH_CONTAINER = 30.0
+
 #: how often a start tries another host port when it is taken
 PORT_ATTEMPTS = 5
 
@@ -432,6 +437,11 @@ class DockerProvider:
                                consumeErrors=True)
         await DeferredList([shared.wait() for shared in list(self._stopping.values())],
                            consumeErrors=True)
+        if self._network_ensuring is not None and not self._network_ensuring.done:
+            try:
+                await self._network_ensuring.wait()  # its calls end before the engine
+            except Exception:
+                pass
         # the rules and the network go unless agents run on
         try:
             await self._firewall.close(keep=kept)
@@ -1007,6 +1017,9 @@ class DockerProvider:
             username = (container.get("Labels") or {}).get(USER_LABEL, "")
             if container_id in self._start_watch or username in self._starting:
                 continue                        # a start in flight owns it
+            if (container.get("State") == "created"
+                    and time.time() - float(container.get("Created") or 0) < FRESH_CONTAINER):
+                continue                        # maybe another provider's start in flight
             if container.get("State") == "running":
                 running_ids.add(container_id)
                 if self._by_id.get(container_id) == username:
