@@ -40,12 +40,13 @@ one invocation at a time.
 import hashlib
 import ipaddress
 import json
-from typing import Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Coroutine, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 log = Logger()
@@ -100,31 +101,31 @@ class IAgentFirewall(Interface):
 
     enforcing = Attribute("True if this firewall filters anything at all.")
 
-    def start():
+    def start() -> Deferred:
         """Install the table, or repair one a previous manager left: rules
         rewritten, the agents' entries kept (agents outlive managers)."""
 
-    def protect(host, port):
+    def protect(host: str, port: int) -> Deferred:
         """From now on only root and the proxy may connect to ``host:port``."""
 
-    def release(host, port):
+    def release(host: str, port: int) -> Deferred:
         """``host:port`` is no agent's any more."""
 
-    def protect_network(subnet, gateway):
+    def protect_network(subnet: str, gateway: str) -> Deferred:
         """Every address of ``subnet`` (an agents' Docker network) but
         ``gateway`` (the host's own address on it) is an agent's."""
 
-    def retain_only(endpoints):
+    def retain_only(endpoints: Iterable[Endpoint]) -> Deferred:
         """Drop every entry but ``endpoints`` (after adopting agents: what
         the previous manager protected and no agent holds any more)."""
 
-    def entries():
+    def entries() -> Deferred:
         """Fires with the set of protected ``(host, port)``."""
 
-    def networks():
+    def networks() -> Deferred:
         """Fires with the set of protected subnets (``"198.18.32.0/24"``)."""
 
-    def close(keep):
+    def close(keep: bool) -> Deferred:
         """The manager stops: remove the table, unless ``keep`` (agents run
         on, and their entries must stay for the next manager)."""
 
@@ -148,15 +149,16 @@ class NoFirewall:
                  " no agent firewall ({why})", why=self.why)
         return defer.succeed(None)
 
-    def protect(self, host, port) -> Deferred:
+    def protect(self, host: str, port: int) -> Deferred:
         return defer.succeed(None)
 
-    release = protect
-
-    def protect_network(self, subnet, gateway) -> Deferred:
+    def release(self, host: str, port: int) -> Deferred:
         return defer.succeed(None)
 
-    def retain_only(self, endpoints) -> Deferred:
+    def protect_network(self, subnet: str, gateway: str) -> Deferred:
+        return defer.succeed(None)
+
+    def retain_only(self, endpoints: Iterable[Endpoint]) -> Deferred:
         return defer.succeed(None)
 
     def entries(self) -> Deferred:
@@ -165,7 +167,7 @@ class NoFirewall:
     def networks(self) -> Deferred:
         return defer.succeed(set())
 
-    def close(self, keep) -> Deferred:
+    def close(self, keep: bool) -> Deferred:
         return defer.succeed(None)
 
 
@@ -179,6 +181,7 @@ class _NftProcess(ProcessProtocol):
         self._err: List[bytes] = []
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(self._script)
         self.transport.closeStdin()
 
@@ -188,7 +191,7 @@ class _NftProcess(ProcessProtocol):
     def errReceived(self, data: bytes) -> None:
         self._err.append(data)
 
-    def processEnded(self, reason) -> None:
+    def processEnded(self, reason: Failure) -> None:
         code = getattr(reason.value, "exitCode", None)
         self._done.callback((b"".join(self._out), b"".join(self._err),
                              -1 if code is None else code))
@@ -210,7 +213,7 @@ class NftablesFirewall:
 
     enforcing = True
 
-    def __init__(self, reactor, table: str, proxy_gid: Optional[int], comment: str = "",
+    def __init__(self, reactor: Any, table: str, proxy_gid: Optional[int], comment: str = "",
                  nft: str = "nft") -> None:
         if not table.replace("_", "").isalnum():
             raise ValueError("not a table name for nft: %r" % (table,))
@@ -246,7 +249,8 @@ class NftablesFirewall:
                 " ".join(args), (err or out).decode("utf-8", "replace").strip()[-2000:]))
         return json.loads(out.decode("utf-8") or "{}").get("nftables", [])
 
-    def _queued(self, coroutine_function, *args) -> Deferred:
+    def _queued(self, coroutine_function: Callable[..., Coroutine[Any, Any, Any]],
+                *args: Any) -> Deferred:
         return self._lock.run(lambda: defer.ensureDeferred(coroutine_function(*args)))
 
     # -- the ruleset ----------------------------------------------------------
@@ -386,7 +390,7 @@ class NftablesFirewall:
         log.info("removed the agent firewall table inet {table}", table=self.table)
 
 
-def make_firewall(reactor, mode: str, instance: str, proxy_gid: Optional[int],
+def make_firewall(reactor: Any, mode: str, instance: str, proxy_gid: Optional[int],
                   is_root: bool) -> "IAgentFirewall":
     """The firewall for ``--agent-firewall mode`` of the manager of the state
     directory ``instance``."""

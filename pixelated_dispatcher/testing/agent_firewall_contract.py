@@ -6,6 +6,8 @@ fixture has ``firewall``, ``same_firewall()`` (the same table seen by a
 restarted manager), ``new_firewall()`` (another manager's: its own table)
 and ``table_exists()`` (a Deferred), and cleans up what it made.
 """
+from typing import Any, Callable
+
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
@@ -13,21 +15,21 @@ from zope.interface.verify import verifyObject
 from pixelated_dispatcher.manager.agent_firewall import FirewallError, IAgentFirewall
 
 
-def make_firewall_tests(fixture_factory):
+def make_firewall_tests(fixture_factory: Callable[[TestCase], Any]) -> type:
 
     class FirewallContractTests(TestCase):
         timeout = 30
 
-        def setUp(self):
+        def setUp(self) -> Any:
             self.f = fixture_factory(self)
             self.firewall = self.f.firewall
 
-        def test_provides_the_interface(self):
+        def test_provides_the_interface(self) -> Any:
             self.assertTrue(verifyObject(IAgentFirewall, self.firewall))
             self.assertTrue(self.firewall.enforcing)
 
         @inlineCallbacks
-        def test_protected_endpoints_are_listed_until_released(self):
+        def test_protected_endpoints_are_listed_until_released(self) -> Any:
             yield self.firewall.start()
             self.assertEqual((yield self.firewall.entries()), set())
             yield self.firewall.protect("127.0.0.1", 20001)
@@ -38,7 +40,7 @@ def make_firewall_tests(fixture_factory):
             self.assertEqual((yield self.firewall.entries()), {("127.0.0.1", 20002)})
 
         @inlineCallbacks
-        def test_releasing_twice_or_what_was_never_protected_is_no_error(self):
+        def test_releasing_twice_or_what_was_never_protected_is_no_error(self) -> Any:
             yield self.firewall.start()
             yield self.firewall.release("127.0.0.1", 20003)
             yield self.firewall.protect("127.0.0.1", 20003)
@@ -47,7 +49,7 @@ def make_firewall_tests(fixture_factory):
             self.assertEqual((yield self.firewall.entries()), set())
 
         @inlineCallbacks
-        def test_calls_apply_in_the_order_they_were_made(self):
+        def test_calls_apply_in_the_order_they_were_made(self) -> Any:
             yield self.firewall.start()
             first = self.firewall.protect("127.0.0.1", 20004)
             second = self.firewall.release("127.0.0.1", 20004)
@@ -58,11 +60,11 @@ def make_firewall_tests(fixture_factory):
             self.assertEqual((yield self.firewall.entries()), {("127.0.0.1", 20005)})
 
         @inlineCallbacks
-        def test_nothing_is_protected_before_the_table_exists(self):
+        def test_nothing_is_protected_before_the_table_exists(self) -> Any:
             yield self.assertFailure(self.firewall.protect("127.0.0.1", 20006), FirewallError)
 
         @inlineCallbacks
-        def test_bad_endpoints_are_refused(self):
+        def test_bad_endpoints_are_refused(self) -> Any:
             yield self.firewall.start()
             for host, port in (("localhost", 20007), ("::1", 20007), ("127.0.0.1", 0),
                                ("127.0.0.1", 70000), ("127.0.0.1; drop", 1)):
@@ -70,7 +72,7 @@ def make_firewall_tests(fixture_factory):
             self.assertEqual((yield self.firewall.entries()), set())
 
         @inlineCallbacks
-        def test_a_restarted_manager_repairs_the_table_and_keeps_the_agents(self):
+        def test_a_restarted_manager_repairs_the_table_and_keeps_the_agents(self) -> Any:
             yield self.firewall.start()
             yield self.firewall.protect("127.0.0.1", 20008)
             yield self.firewall.close(keep=True)
@@ -80,7 +82,7 @@ def make_firewall_tests(fixture_factory):
             self.assertEqual((yield again.entries()), {("127.0.0.1", 20008)})
 
         @inlineCallbacks
-        def test_after_recovery_only_the_adopted_agents_stay(self):
+        def test_after_recovery_only_the_adopted_agents_stay(self) -> Any:
             yield self.firewall.start()
             for port in (20009, 20010, 20011):
                 yield self.firewall.protect("127.0.0.1", port)
@@ -90,7 +92,7 @@ def make_firewall_tests(fixture_factory):
             self.assertEqual((yield self.firewall.entries()), set())
 
         @inlineCallbacks
-        def test_closing_without_agents_removes_everything(self):
+        def test_closing_without_agents_removes_everything(self) -> Any:
             yield self.firewall.start()
             yield self.firewall.protect("127.0.0.1", 20012)
             yield self.firewall.protect_network("198.18.32.0/24", "198.18.32.1")
@@ -99,7 +101,7 @@ def make_firewall_tests(fixture_factory):
             yield self.firewall.close(keep=False)  # twice: no error
 
         @inlineCallbacks
-        def test_two_managers_never_touch_each_others_entries(self):
+        def test_two_managers_never_touch_each_others_entries(self) -> Any:
             other = self.f.new_firewall()
             yield self.firewall.start()
             yield other.start()
@@ -111,7 +113,7 @@ def make_firewall_tests(fixture_factory):
             self.assertEqual((yield self.firewall.entries()), {("127.0.0.1", 20013)})
 
         @inlineCallbacks
-        def test_agents_networks_are_listed(self):
+        def test_agents_networks_are_listed(self) -> Any:
             yield self.firewall.start()
             yield self.firewall.protect_network("198.18.33.0/24", "198.18.33.1")
             self.assertEqual((yield self.firewall.networks()), {"198.18.33.0/24"})

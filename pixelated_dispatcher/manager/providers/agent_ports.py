@@ -23,9 +23,10 @@ published ports) choose ports here, so the policy has one home:
 import errno
 import random
 import socket
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import AbstractSet, Callable, Dict, Optional, Set, Tuple
 
 import attr
+from twisted.internet.interfaces import IReactorTime
 
 #: Seconds during which a port an agent gave up is not handed to another
 #: user's agent (see the module docstring).
@@ -116,7 +117,7 @@ class PortAllocator:
     :param is_free: ``is_free(port)``: may the port be handed out now
         (the Docker provider with a remote engine cannot know).
     """
-    clock: object
+    clock: IReactorTime
     ports: PortRange = DEFAULT_AGENT_PORTS
     quarantine: float = PORT_QUARANTINE
     is_free: Callable[[int], bool] = port_is_free
@@ -124,7 +125,7 @@ class PortAllocator:
     #: port -> (user, when) of the ports agents gave up
     _released: Dict[int, Tuple[str, float]] = attr.ib(init=False, factory=dict)
 
-    def choose(self, username: str, busy: Set[int] = frozenset()) -> int:
+    def choose(self, username: str, busy: AbstractSet[int] = frozenset()) -> int:
         """A port for ``username``'s agent: in the range, not in ``busy``
         (ports of the caller's other agents), not quarantined for this user,
         free a moment ago; NoFreePort after CHOICE_ATTEMPTS tries."""
