@@ -21,11 +21,12 @@ install: $(BIN)/.installed
 demo: install
 	$(RUN) python -m pixelated_dispatcher.demo
 
-check: install
+check: lint
 	$(RUN) python -m pytest -rs tests
 
-# The style and type gate (settings in pyproject.toml): ruff
-# (pyflakes, pycodestyle) and mypy with mypy-zope on the package.
+# The style and type gate, run first by make check (settings in
+# pyproject.toml): ruff (pyflakes, pycodestyle) and mypy with mypy-zope on the
+# package.
 lint: install
 	$(BIN)/ruff check pixelated_dispatcher
 	$(BIN)/mypy pixelated_dispatcher

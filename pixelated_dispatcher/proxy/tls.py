@@ -396,10 +396,11 @@ class RecordTLSProtocol(TLSMemoryBIOProtocol):
             pieces.append(_openssl_ffi.buffer(fast, n)[:])
             if n < TLS_BIO_READ:
                 break
+        transport: Any = self.transport  # connected: the TCP transport
         if len(pieces) == 1:
-            self.transport.write(pieces[0])
+            transport.write(pieces[0])
         elif pieces:
-            self.transport.writeSequence(pieces)
+            transport.writeSequence(pieces)
 
     def _flushReceiveBIO(self) -> None:
         fast = self._buffer()
