@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 
 from twisted.internet import reactor
@@ -169,6 +170,32 @@ class NftablesFilteringTests(TestCase):
         yield again.close(keep=False)
         self.assertNotIn("table inet %s" % self.name, nft_tables())
         self.assertEqual((yield self.reach(STRANGER, STRANGER)), "connected")
+
+
+class OrphanTableTests(TestCase):
+    """A manager killed with its state directory deleted leaves a table no
+    manager can recover: the next manager to start removes it, and never a
+    table whose state directory exists."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_tables_of_vanished_state_directories_are_removed(self):
+        require_nft(self)
+        gone = "/tmp/pxnet-gone-" + uuid.uuid4().hex
+        alive = tempfile.mkdtemp(prefix="pxnet-alive-")
+        self.addCleanup(os.rmdir, alive)
+        tables = [table_name_for(path) for path in (gone, alive, "/test/" + uuid.uuid4().hex)]
+        for name in tables:
+            self.addCleanup(subprocess.run, ["nft", "delete", "table", "inet", name],
+                            capture_output=True)
+        for directory in (gone, alive):
+            yield make_firewall(reactor, "nftables", directory, PROXY_GID, True).start()
+        yield NftablesFirewall(reactor, tables[2], PROXY_GID, "pixelated test").start()
+        listed = nft_tables()
+        self.assertNotIn("table inet %s" % tables[0], listed)
+        self.assertIn("table inet %s" % tables[1], listed)
+        self.assertIn("table inet %s" % tables[2], listed)  # no state dir named: kept
 
 
 class MakeFirewallTests(SynchronousTestCase):

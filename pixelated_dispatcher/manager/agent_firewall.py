@@ -40,6 +40,8 @@ one invocation at a time.
 import hashlib
 import ipaddress
 import json
+import os
+import re
 from typing import Any, Callable, Coroutine, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet import defer
@@ -59,6 +61,9 @@ MODES = ("auto", "nftables", "none")
 
 #: table names start with this; the rest is derived from the state directory
 TABLE_PREFIX = "pixelated_"
+
+#: what a table's comment says before the state directory of its manager
+COMMENT_PREFIX = "pixelated-dispatcher agents of "
 
 #: priority of both base chains: after conntrack (-200), before DNAT (-100)
 PRIORITY = -150
@@ -296,10 +301,40 @@ class NftablesFirewall:
 
     async def _start(self) -> None:
         await self._run(self.ruleset(), "installing the agent firewall table %s" % self.table)
+        await self._remove_orphans()
         log.info("agent firewall: nftables table inet {table} lets only root{proxy} connect"
                  " to agents", table=self.table,
                  proxy="" if self.proxy_gid is None else " and gid %d (the proxy)"
                  % (self.proxy_gid,))
+
+    async def _remove_orphans(self) -> None:
+        """Remove the tables of managers whose state directory is gone (a
+        manager killed, its directory deleted): no manager can ever recover
+        them, and their stale entries would keep ports from the proxies of
+        other managers. Tables of live state directories are never touched."""
+        try:
+            names = [item["table"]["name"] for item in await self._json("list", "tables")
+                     if "table" in item and item["table"].get("family") == "inet"
+                     and item["table"].get("name", "").startswith(TABLE_PREFIX)
+                     and item["table"]["name"] != self.table]
+        except (FirewallError, ValueError, KeyError):
+            return
+        for name in names:
+            out, _, code = await self._spawn("", ["list", "table", "inet", name])
+            match = re.search(r'comment "%s([^"]*)"' % re.escape(COMMENT_PREFIX),
+                              out.decode("utf-8", "replace"))
+            if code != 0 or match is None:
+                continue
+            directory = match.group(1)
+            if not os.path.isabs(directory) or os.path.exists(directory):
+                continue
+            try:
+                await self._run("delete table inet %s\n" % (name,),
+                                "removing the orphaned table %s" % (name,))
+                log.info("removed the agent firewall table inet {table} of {directory},"
+                         " which no longer exists", table=name, directory=directory)
+            except FirewallError as error:
+                log.warn("{error}", error=str(error))
 
     def protect(self, host: str, port: int) -> Deferred:
         try:
@@ -403,4 +438,4 @@ def make_firewall(reactor: Any, mode: str, instance: str, proxy_gid: Optional[in
             raise ValueError("--agent-firewall nftables needs a manager running as root")
         return NoFirewall("the manager is not root")
     return NftablesFirewall(reactor, table_name_for(instance), proxy_gid,
-                            "pixelated-dispatcher agents of %s" % (instance,))
+                            COMMENT_PREFIX + instance)
