@@ -76,7 +76,8 @@ def _discard(data: bytes) -> None:
 class IForwarder(Interface):
     """Something that passes one browser request on to an agent."""
 
-    def forward(request, address, agent_gone, user=""):
+    def forward(request: Request, address: AgentAddress, agent_gone: AgentGone,
+                user: str = "") -> None:
         """Send ``request`` to the agent at ``address`` (an
         :class:`~pixelated_dispatcher.protocol.AgentAddress`) and write the
         agent's answer to ``request``, finishing it. If the agent cannot be
@@ -84,7 +85,7 @@ class IForwarder(Interface):
         ``agent_gone(request)`` instead, which answers the request.
         ``user`` (whose agent it is) names it in log lines."""
 
-    def close():
+    def close() -> None:
         """Let go of every connection to an agent (the proxy stops)."""
 
 
@@ -316,14 +317,14 @@ class UpgradeExchange(Exchange):
         connection = self._connection
         if self._gone or connection is None:
             return
-        channel = request.channel
-        transport = channel.transport
+        channel: Any = request.channel  # a ProxyChannel
+        transport: Any = channel.transport
         transport.write(switching_protocols_head(
             headers, agent_authorities=self._forwarder.authorities(self._address),
             public_origin=public_origin(request)))
         if rest:
             transport.write(rest)
-        agent = connection.transport
+        agent: Any = connection.transport
 
         def browser_lost(reason: Any) -> None:
             self._gone = True
@@ -336,12 +337,13 @@ class UpgradeExchange(Exchange):
 
     def tunnel_data(self, data: bytes) -> None:
         if not self._gone:
-            self._request.channel.transport.write(data)
+            channel: Any = self._request.channel  # a ProxyChannel
+            channel.transport.write(data)
 
     def tunnel_closed(self) -> None:
         if not self._gone:
             self._gone = True
-            channel = self._request.channel
+            channel: Any = self._request.channel  # a ProxyChannel
             channel.end_tunnel()  # else the transport waits for its producer
             channel.transport.loseConnection()
 

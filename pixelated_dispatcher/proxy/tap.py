@@ -182,7 +182,11 @@ class ProxyService(MultiService):
         d = maybeDeferred(self.cache.stop)
         d.addErrback(lambda f: log.failure("Last activity report failed", f))
         d.addBoth(lambda _: super(ProxyService, self).stopService())
-        d.addBoth(lambda result: (self.forwarder.close(), result)[1])
+
+        def close_forwarder(result: Any) -> Any:
+            self.forwarder.close()
+            return result
+        d.addBoth(close_forwarder)
         return d
 
 
