@@ -39,7 +39,7 @@ unregisters both and closes the other.
 
 Only documented Twisted APIs that exist since 22.4 are used.
 """
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import attr
 from twisted.internet.defer import Deferred
@@ -137,19 +137,20 @@ class AgentTimedOut(Exception):
 class IExchange(Interface):
     """One request to an agent, as the client reports its progress."""
 
-    def response_head(code, reason, headers, length):
+    def response_head(code: int, reason: bytes, headers: List[Tuple[bytes, bytes]],
+                      length: Optional[int]) -> None:
         """The status line and headers arrived. ``headers`` is a list of
         ``(name, value)`` byte pairs in the agent's order, with ``name``
         lower-cased; ``length`` is the body length when the agent gave
         ``Content-Length``, else None."""
 
-    def response_data(data):
+    def response_data(data: bytes) -> None:
         """A piece of the (de-chunked) body."""
 
-    def response_done():
+    def response_done() -> None:
         """The body is complete."""
 
-    def exchange_failed(reason, answered):
+    def exchange_failed(reason: Failure, answered: bool) -> None:
         """The exchange ended early (``answered``: whether the head had
         arrived). Never called after ``response_done``."""
 
@@ -216,10 +217,14 @@ class _ChunkedDecoder:
 class AgentConnection(Protocol):
     """One kept-alive HTTP/1.1 connection to one agent."""
 
+    #: once connected, a TCP transport (also a producer and consumer, with
+    #: abortConnection): more than ``ITransport`` says
+    transport: Any
+
     def __init__(self, pool: "AgentPool", address: Tuple[str, int]) -> None:
         self._pool = pool
         self.address = address
-        self.exchange: Optional[Any] = None
+        self.exchange: Any = None  # the IExchange in progress, or None
         self.reused = False
         self.lost = False
         self.idle_since = 0.0
@@ -308,9 +313,10 @@ class AgentConnection(Protocol):
         self.heard_at = self._seconds()
         try:
             if self._in_head:
-                data = self._parse_head(data)
-                if data is None or self.exchange is None:
+                body = self._parse_head(data)
+                if body is None or self.exchange is None:
                     return
+                data = body
             if self._chunked is not None:
                 rest = self._chunked.feed(data)
                 if rest and self.exchange is None:
@@ -628,7 +634,7 @@ class AgentPool:
     def connect(self, address: Tuple[str, int]) -> Deferred:
         """A Deferred new connection to ``address``."""
         factory = _ConnectingFactory(self, address)
-        d = factory.deferred
+        d = cast(Deferred, factory.deferred)  # set until the connection is made
         self._reactor.connectTCP(address[0], address[1], factory,
                                  timeout=self.connect_timeout)
         self.opened += 1
