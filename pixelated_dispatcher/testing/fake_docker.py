@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import signal as _signal
 import time
-from typing import Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -59,11 +59,13 @@ class _Container:
 
 @implementer(IEventStream)
 class _FakeEventStream:
-    def __init__(self, engine, on_event, labels) -> None:
+    def __init__(self, engine: "FakeDockerEngine",
+                 on_event: Optional[Callable[[Dict[str, Any]], None]],
+                 labels: Iterable[str]) -> None:
         self._engine = engine
         self.on_event = on_event
         self.labels = list(labels)
-        self.done = Deferred()
+        self.done: Deferred = Deferred()
 
     def matches(self, container: _Container) -> bool:
         labels = container.labels
@@ -84,7 +86,8 @@ class _FakeEventStream:
 class FakeDockerEngine:
     """In-memory Docker engine (one per test)."""
 
-    def __init__(self, images=("pixelated/pixelated-user-agent:latest",), registry=(),
+    def __init__(self, images: Iterable[str] = ("pixelated/pixelated-user-agent:latest",),
+                 registry: Iterable[str] = (),
                  server_api_version: str = "1.41", server_min_api_version: str = "1.12",
                  engine_version: str = "20.10.24+dfsg1") -> None:
         self.host = "fake://docker"
@@ -115,7 +118,7 @@ class FakeDockerEngine:
 
     # -- test knobs --
 
-    def add_image(self, reference: str, cmd=("/entrypoint",)) -> None:
+    def add_image(self, reference: str, cmd: Sequence[str] = ("/entrypoint",)) -> None:
         ref = _normal(reference)
         digest = hashlib.sha256(ref.encode()).hexdigest()
         self.images[ref] = {"Id": "sha256:" + digest, "RepoTags": [ref],
@@ -169,7 +172,7 @@ class FakeDockerEngine:
                 return container
         raise NoSuchContainer("No such container: %s" % ref, 404)
 
-    def _emit(self, container: _Container, action: str, **attributes) -> None:
+    def _emit(self, container: _Container, action: str, **attributes: Any) -> None:
         now = time.time()
         attrs = dict(container.labels, name=container.name,
                      image=container.config.get("Image", ""))
@@ -179,7 +182,7 @@ class FakeDockerEngine:
                  "Actor": {"ID": container.id, "Attributes": attrs},
                  "scope": "local", "time": int(now), "timeNano": int(now * 1e9)}
         for stream in list(self._streams):
-            if stream.matches(container):
+            if stream.on_event is not None and stream.matches(container):
                 stream.on_event(dict(event))
 
     def _die(self, container: _Container, exit_code: int) -> None:
@@ -189,7 +192,7 @@ class FakeDockerEngine:
         container.ports = {}
         self._emit(container, "die", exitCode=exit_code)
 
-    def _call(self, what: str, fn, *args):
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Deferred:
         try:
             self._check(what)
             return succeed(fn(*args))
@@ -198,19 +201,19 @@ class FakeDockerEngine:
 
     # -- IDockerEngine --
 
-    def version(self):
-        def version():
+    def version(self) -> Deferred:
+        def version() -> Any:
             self.api_version = choose_api_version(self.server_api_version,
                                                   self.server_min_api_version)
             return {"Version": self.engine_version, "ApiVersion": self.server_api_version,
                     "MinAPIVersion": self.server_min_api_version, "Os": "linux"}
         return self._call("version", version)
 
-    def ping(self):
+    def ping(self) -> Deferred:
         return self._call("ping", lambda: None)
 
-    def create_container(self, name, config):
-        def create():
+    def create_container(self, name: str, config: Dict[str, Any]) -> Deferred:
+        def create() -> Any:
             ref = _normal(config.get("Image", ""))
             if ref not in self.images:
                 raise NoSuchImage("No such image: %s" % config.get("Image"), 404)
@@ -227,8 +230,8 @@ class FakeDockerEngine:
             return cid
         return self._call("create_container", create)
 
-    def start_container(self, container_id):
-        def start():
+    def start_container(self, container_id: str) -> Deferred:
+        def start() -> Any:
             container = self._get(container_id)
             if container.running:
                 return None
@@ -270,8 +273,8 @@ class FakeDockerEngine:
             return None
         return self._call("start_container", start)
 
-    def stop_container(self, container_id, timeout):
-        def stop():
+    def stop_container(self, container_id: str, timeout: float) -> Deferred:
+        def stop() -> Any:
             container = self._get(container_id)
             if container.running:
                 self._emit(container, "kill", signal=int(_signal.SIGTERM))
@@ -280,8 +283,8 @@ class FakeDockerEngine:
             return None
         return self._call("stop_container", stop)
 
-    def kill_container(self, container_id, signal="SIGKILL"):
-        def kill():
+    def kill_container(self, container_id: str, signal: str = "SIGKILL") -> Deferred:
+        def kill() -> Any:
             container = self._get(container_id)
             if not container.running:
                 raise Conflict("Cannot kill container: %s: Container %s is not running"
@@ -292,8 +295,8 @@ class FakeDockerEngine:
             return None
         return self._call("kill_container", kill)
 
-    def remove_container(self, container_id):
-        def remove():
+    def remove_container(self, container_id: str) -> Deferred:
+        def remove() -> Any:
             container = self._get(container_id)
             if container.id in self.unremovable:
                 raise DockerAPIError(
@@ -308,8 +311,8 @@ class FakeDockerEngine:
             return None
         return self._call("remove_container", remove)
 
-    def rename_container(self, container_id, name):
-        def rename():
+    def rename_container(self, container_id: str, name: str) -> Deferred:
+        def rename() -> Any:
             container = self._get(container_id)
             existing = self.by_name(name)
             if existing is not None and existing is not container:
@@ -320,8 +323,8 @@ class FakeDockerEngine:
             return None
         return self._call("rename_container", rename)
 
-    def inspect_container(self, container_id):
-        def inspect():
+    def inspect_container(self, container_id: str) -> Deferred:
+        def inspect() -> Any:
             c = self._get(container_id)
             config = dict(c.config)
             config.setdefault("Cmd", c.image["Config"]["Cmd"])
@@ -338,8 +341,8 @@ class FakeDockerEngine:
             }
         return self._call("inspect_container", inspect)
 
-    def list_containers(self, labels, all=True):
-        def listing():
+    def list_containers(self, labels: Iterable[str], all: bool = True) -> Deferred:
+        def listing() -> Any:
             probe = _FakeEventStream(self, None, labels)
             return [{"Id": c.id, "Names": ["/" + c.name], "Image": c.config.get("Image"),
                      "Labels": c.labels, "State": c.state}
@@ -347,12 +350,12 @@ class FakeDockerEngine:
                     if probe.matches(c) and (all or c.running)]
         return self._call("list_containers", listing)
 
-    def container_logs(self, container_id, tail):
+    def container_logs(self, container_id: str, tail: int) -> Deferred:
         return self._call("container_logs",
                           lambda: list(self._get(container_id).logs[-int(tail):]) if tail else [])
 
-    def container_stats(self, container_id):
-        def stats():
+    def container_stats(self, container_id: str) -> Deferred:
+        def stats() -> Any:
             c = self._get(container_id)
             limit = (c.config.get("HostConfig") or {}).get("Memory") or 2 ** 34
             usage = c.memory_usage if c.running else 0
@@ -376,15 +379,15 @@ class FakeDockerEngine:
                 return network
         raise NoSuchNetwork("network %s not found" % ref, 404)
 
-    def inspect_network(self, name):
+    def inspect_network(self, name: str) -> Deferred:
         return self._call("inspect_network", lambda: dict(self._network(name)))
 
-    def list_networks(self, name):
+    def list_networks(self, name: str) -> Deferred:
         return self._call("list_networks", lambda: [
             dict(network) for network in self.networks.values() if network["Name"] == name])
 
-    def create_network(self, name, config):
-        def create():
+    def create_network(self, name: str, config: Dict[str, Any]) -> Deferred:
+        def create() -> Any:
             if name in self.networks:
                 raise Conflict("network with name %s already exists" % name, 409)
             ipam = [dict(c) for c in (config.get("IPAM") or {}).get("Config") or []] or [{}]
@@ -401,21 +404,21 @@ class FakeDockerEngine:
             return network_id
         return self._call("create_network", create)
 
-    def remove_network(self, name):
-        def remove():
+    def remove_network(self, name: str) -> Deferred:
+        def remove() -> Any:
             del self.networks[self._network(name)["Name"]]
         return self._call("remove_network", remove)
 
-    def inspect_image(self, reference):
-        def inspect():
+    def inspect_image(self, reference: str) -> Deferred:
+        def inspect() -> Any:
             ref = _normal(reference)
             if ref not in self.images:
                 raise NoSuchImage("No such image: %s" % reference, 404)
             return dict(self.images[ref])
         return self._call("inspect_image", inspect)
 
-    def pull_image(self, reference, on_progress):
-        def pull():
+    def pull_image(self, reference: str, on_progress: Callable[[Dict[str, Any]], None]) -> Deferred:
+        def pull() -> Any:
             ref = _normal(reference)
             if ref not in self.registry:
                 first = ref.split("/")[0]
@@ -432,19 +435,20 @@ class FakeDockerEngine:
             return None
         return self._call("pull_image", pull)
 
-    def attach_stdin(self, container_id, data):
-        def attach():
+    def attach_stdin(self, container_id: str, data: bytes) -> Deferred:
+        def attach() -> Any:
             container = self._get(container_id)
             if container.config.get("OpenStdin"):
                 container.stdin += data
             return None
         return self._call("attach_stdin", attach)
 
-    def close(self):
+    def close(self) -> Deferred:
         return succeed(None)
 
-    def follow_events(self, on_event, labels):
-        def follow():
+    def follow_events(self, on_event: Callable[[Dict[str, Any]], None],
+                      labels: Iterable[str]) -> Deferred:
+        def follow() -> Any:
             stream = _FakeEventStream(self, on_event, labels)
             self._streams.append(stream)
             return stream
