@@ -12,10 +12,12 @@ has gone out (the data is in the engine's socket buffer, followed by EOF) we
 consider it delivered and close the connection ourselves.
 """
 import json
+from typing import Any, List, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (IHalfCloseableProtocol, IReactorTime,
+                                         IStreamClientEndpoint)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -40,6 +42,9 @@ _HEADERS, _RAW, _ERROR = "headers", "raw", "error"
 class AttachStdinProtocol(Protocol):
     """Sends the attach request, then ``data`` on the hijacked stream, then EOF."""
 
+    #: once connected, a half-closeable stream transport (loseWriteConnection)
+    transport: Any
+
     def __init__(self, path: str, data: bytes, done: Deferred, engine_host: str) -> None:
         self._request = (
             "POST %s?stream=1&stdin=1&stdout=0&stderr=0 HTTP/1.1\r\n"
@@ -55,7 +60,7 @@ class AttachStdinProtocol(Protocol):
         self._state = _HEADERS
         self._buffer = b""
         self._status = 0
-        self._body_length = None
+        self._body_length: Optional[int] = None
         self._chunked = False
         self.delivered = False
 
@@ -110,7 +115,7 @@ class AttachStdinProtocol(Protocol):
     def readConnectionLost(self) -> None:
         self.transport.loseConnection()
 
-    def _error_body(self):
+    def _error_body(self) -> Optional[bytes]:
         if self._body_length is not None:
             if len(self._buffer) >= self._body_length:
                 return self._buffer[:self._body_length]
@@ -132,7 +137,7 @@ class AttachStdinProtocol(Protocol):
         if not self._done.called:
             self._done.errback(Failure(error))
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._done.called:
             return
         if self._state == _RAW:
@@ -158,7 +163,8 @@ def error_message(body: bytes) -> str:
     return body.decode("utf-8", "replace").strip() or "(no message)"
 
 
-def attach_stdin(endpoint, path: str, data: bytes, reactor, timeout: float = 30.0,
+def attach_stdin(endpoint: IStreamClientEndpoint, path: str, data: bytes, reactor: IReactorTime,
+                 timeout: float = 30.0,
                  engine_host: str = "the Docker engine") -> Deferred:
     """Connect with ``endpoint``, attach at ``path``, deliver ``data``, close stdin.
 
@@ -166,15 +172,15 @@ def attach_stdin(endpoint, path: str, data: bytes, reactor, timeout: float = 30.
     with :class:`AttachRefused` (an HTTP error, e.g. no such container) or
     :class:`AttachConnectionFailed`.
     """
-    done = Deferred()
-    protocols = []
+    done: Deferred = Deferred()
+    protocols: List[AttachStdinProtocol] = []
 
-    def build():
+    def build() -> AttachStdinProtocol:
         proto = AttachStdinProtocol(path, data, done, engine_host)
         protocols.append(proto)
         return proto
 
-    def connect_failed(failure):
+    def connect_failed(failure: Failure) -> None:
         if not done.called:
             done.errback(AttachConnectionFailed(
                 "cannot reach the Docker engine at %s: %s"
@@ -183,7 +189,7 @@ def attach_stdin(endpoint, path: str, data: bytes, reactor, timeout: float = 30.
     connecting = endpoint.connect(Factory.forProtocol(build))
     connecting.addErrback(connect_failed)
 
-    def timed_out():
+    def timed_out() -> None:
         if done.called:
             return
         proto = protocols[0] if protocols else None
@@ -196,7 +202,7 @@ def attach_stdin(endpoint, path: str, data: bytes, reactor, timeout: float = 30.
 
     timer = reactor.callLater(timeout, timed_out)
 
-    def cancel_timer(result):
+    def cancel_timer(result: Any) -> Any:
         if timer.active():
             timer.cancel()
         return result
