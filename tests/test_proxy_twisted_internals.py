@@ -79,6 +79,13 @@ class Meaning(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
         self.assertTrue(transport.disconnecting)
 
+    def test_the_network_producer_pauses_reading(self) -> None:
+        channel, transport, _ = connected_channel()
+        internals.network_producer(channel).pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        internals.network_producer(channel).resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
     def test_a_disconnected_browser_is_seen(self) -> None:
         channel, transport, resource = connected_channel()
         channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")

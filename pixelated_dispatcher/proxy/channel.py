@@ -51,14 +51,16 @@ the agent), and the agent's transport pauses the browser's reading (see
 :meth:`.agent_client.AgentConnection.link_tunnel`).
 """
 import re
-from typing import Any, Callable
+from typing import Any, Callable, List, Optional
 
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
 from .cookie_policy import session_token
 from .twisted_internals import (forget_body_decoder, handling_request, hold_for_later,
-                                refuse_bad_request, take_held)
+                                network_producer, refuse_bad_request, take_held)
 
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[01]")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -106,6 +108,16 @@ class ProxyChannel(HTTPChannel):
     #: Request line plus all headers.
     totalHeadersSize = 16384
     maxHeaders = 100
+
+    #: connected: the TCP or TLS transport (a producer and consumer too)
+    transport: Any
+    #: set by the site that made the channel (``ProxySite``)
+    site: Any
+    #: the request line being read: its target and protocol version, and how
+    #: many ``Host`` headers came (set for every request before its headers)
+    _px_target: bytes
+    _px_version: bytes
+    _px_host: int
 
     _px_body_limit = MAX_BODY
     _px_body_seen = 0
@@ -176,7 +188,7 @@ class ProxyChannel(HTTPChannel):
         super().rawDataReceived(data)
 
     #: Body bytes received while the session is being resolved (else None).
-    _px_held_body = None
+    _px_held_body: Optional[List[bytes]] = None
     #: The current request's body is not read (no live session).
     _px_unread_body = False
 
@@ -208,7 +220,7 @@ class ProxyChannel(HTTPChannel):
     _px_deciding = False
 
     def _px_pause_reading(self) -> None:
-        producer = getattr(self, "_networkProducer", None) or self.transport
+        producer = network_producer(self)
         producer.pauseProducing()
 
     def _px_grant_body(self, limit: int) -> None:
@@ -240,7 +252,7 @@ class ProxyChannel(HTTPChannel):
         if held:
             self.rawDataReceived(b"".join(held))
         if not self._px_refused and not self._px_lost:
-            producer = getattr(self, "_networkProducer", None) or self.transport
+            producer = network_producer(self)
             producer.resumeProducing()
 
     def _px_no_session(self, _failure: Any) -> None:
@@ -253,7 +265,7 @@ class ProxyChannel(HTTPChannel):
 
     _px_lost = False
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._px_lost = True
         super().connectionLost(reason)
 
@@ -330,22 +342,23 @@ class ProxyChannel(HTTPChannel):
         agent is paused. :meth:`end_tunnel` unregisters it again."""
         self._px_tunnel = True
         self.setTimeout(None)
-        transport = self.transport
-        if agent is not None and transport is not None and IPushProducer.providedBy(transport):
+        transport: Any = self.transport
+        if agent is not None and transport is not None \
+                and IPushProducer.providedBy(self.transport):
             # HTTPChannel.connectionMade registered the channel itself, which
             # would pause only a request's producer; a transport takes one.
             transport.unregisterProducer()
             transport.registerProducer(agent, True)
             self._px_tunnel_agent = agent
         buffered = take_held(self)
-        self.dataReceived = to_agent  # type: ignore[method-assign]
+        self.dataReceived = to_agent  # type: ignore[method-assign,assignment]
 
         def connection_lost(reason: Any) -> None:
             self.end_tunnel()
             lost(reason)
             # Let the request learn it is over (notifyFinish), as usual.
             HTTPChannel.connectionLost(self, reason)
-        self.connectionLost = connection_lost  # type: ignore[method-assign]
+        self.connectionLost = connection_lost  # type: ignore[method-assign,assignment]
         if transport is not None:
             transport.resumeProducing()  # before the agent may pause it again
         if buffered:

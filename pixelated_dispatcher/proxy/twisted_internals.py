@@ -16,7 +16,7 @@ from twisted.web.http import HTTPChannel
 
 #: ``HTTPChannel`` attributes and methods used below (the test checks them).
 CHANNEL_INTERNALS = ("_handlingRequest", "_dataBuffer", "_respondToBadRequestAndDisconnect",
-                     "_transferDecoder")
+                     "_transferDecoder", "_networkProducer")
 #: ``Request`` attributes used below.
 REQUEST_INTERNALS = ("_disconnected",)
 
@@ -51,6 +51,13 @@ def refuse_bad_request(channel: HTTPChannel) -> None:
 def forget_body_decoder(channel: HTTPChannel) -> None:
     """The request's body will not be read: drop the decoder the head set up."""
     channel._transferDecoder = None
+
+
+def network_producer(channel: HTTPChannel) -> Any:
+    """What pauses and resumes reading the browser's connection: the
+    producer ``HTTPChannel`` itself pauses (the transport, or a stand-in
+    for a transport that is not one), else the transport."""
+    return getattr(channel, "_networkProducer", None) or channel.transport
 
 
 def browser_disconnected(request: Any) -> bool:
