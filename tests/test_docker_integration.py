@@ -168,7 +168,7 @@ class DockerDispatcherTests(SynchronousTestCase):
 
         dockerd.api(self.host, "POST", "/containers/%s/kill" % first["Id"])
         started = time.monotonic()
-        wait_until(lambda: stack.info("bob").get("state") == "stopped", 10,
+        wait_until(lambda: stack.info("bob").get("state") == "failed", 10,
                    "the manager noticing the kill", stack)
         self.assertLess(time.monotonic() - started, 10)
         with open(stack.dispatcher.manager_log) as f:
@@ -281,7 +281,7 @@ class EngineOutageTests(SynchronousTestCase):
         self.assertEqual(agent_page(browser).text.strip(), "Mailbox of carol")
 
         relay.down()
-        wait_until(lambda: stack.info("carol").get("state") == "stopped", 10,
+        wait_until(lambda: stack.info("carol").get("state") == "failed", 10,
                    "the manager noticing the engine's loss", stack)
         page = browser.get("/")  # carol's session asks for a start
         self.assertNotIn("Mailbox of carol", page.text, "no agent while the engine is away")

@@ -19,7 +19,6 @@ from pixelated_dispatcher.demo import CTL
 
 from .dispatcher_case import DispatcherCase
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROXY_USER, ADMIN_USER, OTHER_USER = "pxdt-proxy", "pxdt-operator", "pxdt-other"
 PROXY_GROUP, ADMIN_GROUP = "pxdt-proxies", "pxdt-admins"
 
@@ -86,12 +85,14 @@ class PrivilegeTests(DispatcherCase):
             capture_output=True, text=True, timeout=60, input="pw\n")
 
     def amp_as(self, user, calls):
-        """Run AMP ``calls`` (see tests/amp_peer.py) as ``user``; the answers."""
+        """Run AMP ``calls`` (see ``pixelated_dispatcher.testing.amp_peer``)
+        as ``user``; the answers. From ``/``: the clone may be closed to
+        ``user``, the runtime copy is not."""
         result = subprocess.run(
             ["setpriv", "--reuid", user, "--regid", str(pwd.getpwnam(user).pw_gid),
-             "--init-groups", "--", sys.executable, "-m", "tests.amp_peer",
+             "--init-groups", "--", sys.executable, "-m", "pixelated_dispatcher.testing.amp_peer",
              self.dispatcher.socket],
-            capture_output=True, text=True, timeout=60, input=json.dumps(calls), cwd=ROOT)
+            capture_output=True, text=True, timeout=60, input=json.dumps(calls), cwd="/")
         self.assertEqual(result.returncode, 0, result.stderr)
         return json.loads(result.stdout)
 

@@ -1,7 +1,7 @@
 """A peer of the manager socket that runs AMP calls as told, for tests that
 must ask as another Unix user (a compromised proxy, an admin).
 
-    python -m tests.amp_peer SOCKET < calls.json
+    python -m pixelated_dispatcher.testing.amp_peer SOCKET < calls.json
 
 ``calls.json`` is a list of ``[command name, {argument: value}]``; a value
 ``"$N.key"`` is the ``key`` of answer N. Prints a JSON list with one entry
