@@ -9,6 +9,7 @@ per call: ``{"answer": {...}}`` or ``{"error": CODE, "message": text}``.
 """
 import json
 import sys
+from typing import Any, Dict, Generator, List
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
@@ -18,7 +19,7 @@ from twisted.protocols import amp
 from pixelated_dispatcher import protocol as p
 
 
-def _value(value, answers):
+def _value(value: Any, answers: List[Dict[str, Any]]) -> Any:
     if isinstance(value, str) and value.startswith("$"):
         index, key = value[1:].split(".", 1)
         return answers[int(index)]["answer"][key]
@@ -26,10 +27,10 @@ def _value(value, answers):
 
 
 @inlineCallbacks
-def main(reactor, path):
+def main(reactor: Any, path: str) -> Generator[Any, Any, None]:
     calls = json.load(sys.stdin)
     connection = yield connectProtocol(UNIXClientEndpoint(reactor, path, timeout=5), amp.AMP())
-    answers = []
+    answers: List[Dict[str, Any]] = []
     for name, arguments in calls:
         command = getattr(p, name)
         arguments = {key: _value(value, answers) for key, value in arguments.items()}
