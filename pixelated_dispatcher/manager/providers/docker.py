@@ -32,7 +32,7 @@ import os
 import shlex
 import time
 from calendar import timegm
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import re
 
@@ -42,8 +42,9 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredLock,
                                     ensureDeferred, succeed)
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ...fanout import SharedResult
@@ -53,11 +54,11 @@ from ..agent_firewall import FirewallError, IAgentFirewall, NoFirewall
 from .agent_ports import DEFAULT_AGENT_PORTS, NoFreePort, PortAllocator, PortRange, port_is_free
 from .agent_cgroup import AgentLimits
 from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, IDockerEngine,
-                            NoSuchContainer, NoSuchImage, NoSuchNetwork, PullFailed,
+                            IEventStream, NoSuchContainer, NoSuchImage, NoSuchNetwork, PullFailed,
                             log_tail_lines)
 from .interface import (Accounts, AgentStartError, ExitCallback, IAgentProvider,
                         ILimitsAgents, IMeasuresMemory, RunningAgent, notify_exit)
-from .loopback_guard import LoopbackGuardFailed
+from .loopback_guard import LoopbackGuard, LoopbackGuardFailed
 from .process_inspect import listener_uids
 
 #: label on every container of ours; its value is the provider's instance name
@@ -201,6 +202,9 @@ class _StartWatch:
 
 
 class _HTTPProbe(Protocol):
+    #: once connected, a TCP transport (abortConnection)
+    transport: Any
+
     def __init__(self, answer: Deferred) -> None:
         self._answer = answer
         self._seen = b""
@@ -215,29 +219,33 @@ class _HTTPProbe(Protocol):
             self._answer.callback(self._seen.startswith(b"HTTP/"))
             self.transport.loseConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self._answer.called:
             self._answer.callback(False)
 
 
-def http_answers(reactor, host: str, port: int, timeout: float = 2.0) -> Deferred:
+def http_answers(reactor: Any, host: str, port: int, timeout: float = 2.0) -> Deferred:
     """Fires True if something answers HTTP at ``host:port`` within ``timeout``.
 
     A connection that is accepted and then closed (Docker's port proxy does
     that while nothing listens in the container) is not an answer.
     """
-    answer = Deferred()
+    answer: Deferred = Deferred()
     endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    protocols = []
+    protocols: List[_HTTPProbe] = []
 
-    def build():
+    def build() -> _HTTPProbe:
         proto = _HTTPProbe(answer)
         protocols.append(proto)
         return proto
     connecting = endpoint.connect(Factory.forProtocol(build))
-    connecting.addErrback(lambda _: answer.called or answer.callback(False))
 
-    def give_up():
+    def not_connected(_: Failure) -> None:
+        if not answer.called:
+            answer.callback(False)
+    connecting.addErrback(not_connected)
+
+    def give_up() -> None:
         if not answer.called:
             answer.callback(False)
         for proto in protocols:
@@ -316,10 +324,10 @@ class DockerProvider:
     name = "docker"
     log = Logger()
 
-    def __init__(self, reactor, engine: IDockerEngine,
+    def __init__(self, reactor: Any, engine: IDockerEngine,
                  settings: DockerAgentSettings = DockerAgentSettings(),
                  probe: Optional[Callable[[str, int], Deferred]] = None,
-                 loopback_guard=None, keep_on_close: bool = True,
+                 loopback_guard: Optional[LoopbackGuard] = None, keep_on_close: bool = True,
                  firewall: Optional[IAgentFirewall] = None,
                  ports: Optional[PortAllocator] = None) -> None:
         """
@@ -358,10 +366,12 @@ class DockerProvider:
         self._oom: set = set()
         self._callbacks: List[ExitCallback] = []
         self._pulls: Dict[str, SharedResult] = {}
-        self._stream = None
+        self._stream: Optional[IEventStream] = None
         self._watcher: Optional[Deferred] = None
-        self._first_reconcile: Optional[Deferred] = None
-        self._first_reconciled: Optional[SharedResult] = None
+        #: fires with the agents adopted at the first reconcile (the watcher
+        #: that recover() starts fires it)
+        self._first_reconcile: Deferred = Deferred()
+        self._first_reconciled = SharedResult(self._first_reconcile)
         self._engine_up = False
         self._engine_problem = "not contacted yet"
         self._closing = False
@@ -378,9 +388,7 @@ class DockerProvider:
         """Start following the engine; fire with the agents adopted at the
         first reconcile ([] when the engine cannot be reached: the provider
         keeps trying and reconciles when it appears)."""
-        if self._first_reconcile is None:
-            self._first_reconcile = Deferred()
-            self._first_reconciled = SharedResult(self._first_reconcile)
+        if self._watcher is None:
             self._watcher = ensureDeferred(self._watch())
             self._watcher.addErrback(self._watcher_ended)
         return self._first_reconciled.wait()
@@ -481,7 +489,8 @@ class DockerProvider:
 
     # -- starting --
 
-    async def _start_after_stop(self, username, data_dir, credentials) -> RunningAgent:
+    async def _start_after_stop(self, username: str, data_dir: str,
+                                credentials: bytes) -> RunningAgent:
         if username in self._stopping:
             try:
                 await self._stopping[username].wait()
@@ -509,7 +518,8 @@ class DockerProvider:
             raise AgentStartError("Docker refused to run the agent of %s: %s"
                                   % (username, error.message))
 
-    async def _start_container(self, username, data_dir, credentials) -> RunningAgent:
+    async def _start_container(self, username: str, data_dir: str,
+                               credentials: bytes) -> RunningAgent:
         if self._closing:
             raise AgentStartError("the manager is shutting down")
         if self._guard is not None:
@@ -565,7 +575,8 @@ class DockerProvider:
         self._firewall.release("127.0.0.1", port).addErrback(
             lambda f: self.log.warn("{error}", error=f.getErrorMessage()))
 
-    async def _start_on(self, username, data_dir, credentials, user, port) -> RunningAgent:
+    async def _start_on(self, username: str, data_dir: str, credentials: bytes, user: str,
+                        port: int) -> RunningAgent:
         name = self.settings.container_name(username)
         config = self.settings.container_config(username, data_dir, user, port)
         config["HostConfig"]["NetworkMode"] = self._network_id or self.settings.network_name
@@ -776,7 +787,7 @@ class DockerProvider:
         await self._pulls[image].wait()
 
     async def _pull(self, image: str) -> None:
-        seen = {}
+        seen: Dict[str, str] = {}
 
         def progress(message: dict) -> None:
             status = message.get("status", "")
@@ -927,7 +938,7 @@ class DockerProvider:
 
     # -- following the engine --
 
-    def _watcher_ended(self, failure) -> None:
+    def _watcher_ended(self, failure: Failure) -> None:
         if not failure.check(CancelledError) or not self._closing:
             self.log.failure("engine watcher crashed", failure)
         if not self._first_reconcile.called:
@@ -949,7 +960,7 @@ class DockerProvider:
                         await self._guard.ensure(self._engine)
                     except LoopbackGuardFailed as error:
                         self.log.error("{error}", error=str(error))
-                self._stream = await self._engine.follow_events(
+                self._stream = stream = await self._engine.follow_events(
                     self._on_event, ["%s=%s" % (LABEL, self.settings.instance)])
                 if not self._engine_up and self._engine_problem != "not contacted yet":
                     self.log.info("container engine at {host} is available again",
@@ -964,7 +975,7 @@ class DockerProvider:
                     await self._retain_only_agents()
                     self._first_reconcile.callback(adopted)
                 delay = 0.5
-                await self._stream.done
+                await stream.done
                 if self._closing:
                     return
                 # the stream ended: is the engine still there?

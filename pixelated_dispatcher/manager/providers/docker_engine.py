@@ -22,7 +22,8 @@ so it lives in :mod:`.docker_attach`.
 import base64
 import json
 import struct
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import (Any, Callable, Dict, Generator, Iterable, List, NoReturn, Optional, Tuple,
+                    Type)
 from urllib.parse import quote
 
 import treq
@@ -31,10 +32,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import (ConnectError, ConnectingCancelledError, ConnectionLost,
                                     TimeoutError as _Timeout)
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import Attribute, Interface, implementer
@@ -46,6 +48,10 @@ CLIENT_MIN_API = "1.40"
 CLIENT_MAX_API = "1.47"
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+#: what an ``inlineCallbacks`` method of the engine is: it yields Deferreds
+#: and its Deferred fires with what it returns
+_Calls = Generator[Deferred, Any, Any]
 
 
 # --- errors ------------------------------------------------------------------
@@ -115,7 +121,7 @@ class IEventStream(Interface):
     done = Attribute("Deferred: fires None when stopped, fails with EngineUnavailable "
                      "when the engine closed or lost the stream.")
 
-    def stop():
+    def stop() -> None:
         """Stop following; ``done`` fires None."""
 
 
@@ -128,73 +134,74 @@ class IDockerEngine(Interface):
     host = Attribute("The engine's address, e.g. 'unix:///var/run/docker.sock'.")
     api_version = Attribute("The negotiated API version ('1.41'), None before negotiation.")
 
-    def version():
+    def version() -> Deferred:
         """``GET /version``; negotiates ``api_version``; fires with Docker's dict."""
 
-    def ping():
+    def ping() -> Deferred:
         """Fires None when the engine answers, fails with EngineUnavailable otherwise."""
 
-    def create_container(name, config):
+    def create_container(name: str, config: Dict[str, Any]) -> Deferred:
         """``POST /containers/create``; fires with the new container's id."""
 
-    def start_container(container_id):
+    def start_container(container_id: str) -> Deferred:
         """Start it (an already running container is fine)."""
 
-    def stop_container(container_id, timeout):
+    def stop_container(container_id: str, timeout: float) -> Deferred:
         """SIGTERM (the image's stop signal), SIGKILL after ``timeout`` seconds."""
 
-    def kill_container(container_id, signal="SIGKILL"):
+    def kill_container(container_id: str, signal: str = "SIGKILL") -> Deferred:
         """Send a signal to the container's main process."""
 
-    def remove_container(container_id):
+    def remove_container(container_id: str) -> Deferred:
         """Remove it, even when running (``force``), with its anonymous volumes."""
 
-    def rename_container(container_id, name):
+    def rename_container(container_id: str, name: str) -> Deferred:
         """Give it another name (``POST /containers/{id}/rename``); Conflict
         if the name is taken."""
 
-    def inspect_container(container_id):
+    def inspect_container(container_id: str) -> Deferred:
         """``GET /containers/{id}/json``."""
 
-    def list_containers(labels, all=True):
+    def list_containers(labels: Iterable[str], all: bool = True) -> Deferred:
         """Containers carrying every label in ``labels`` (``"key"`` or
         ``"key=value"``), stopped ones too unless ``all`` is false."""
 
-    def container_logs(container_id, tail):
+    def container_logs(container_id: str, tail: int) -> Deferred:
         """The last ``tail`` lines of stdout and stderr, as a list of str."""
 
-    def container_stats(container_id):
+    def container_stats(container_id: str) -> Deferred:
         """One stats sample (``stream=false``) as Docker's dict."""
 
-    def inspect_image(reference):
+    def inspect_image(reference: str) -> Deferred:
         """``GET /images/{name}/json``; NoSuchImage if missing."""
 
-    def pull_image(reference, on_progress):
+    def pull_image(reference: str, on_progress: Callable[[Dict[str, Any]], None]) -> Deferred:
         """Pull ``reference`` (tag ``latest`` when none is given), calling
         ``on_progress(dict)`` for every progress message; fails with
         PullFailed, also for an error reported inside the 200 stream."""
 
-    def attach_stdin(container_id, data):
+    def attach_stdin(container_id: str, data: bytes) -> Deferred:
         """Attach to the container's stdin, write ``data``, close stdin."""
 
-    def inspect_network(name):
+    def inspect_network(name: str) -> Deferred:
         """The network's inspect document; NoSuchNetwork if there is none."""
 
-    def list_networks(name):
+    def list_networks(name: str) -> Deferred:
         """The networks called exactly ``name`` (Docker may hold several:
         creation does not check names atomically); their id, Name, Created."""
 
-    def create_network(name, config):
+    def create_network(name: str, config: Dict[str, Any]) -> Deferred:
         """``POST /networks/create`` with ``config`` (Driver, Options, IPAM,
         Labels); fires with its id; Conflict if the name is taken."""
 
-    def remove_network(name):
+    def remove_network(name: str) -> Deferred:
         """Remove a network (NoSuchNetwork if there is none)."""
 
-    def close():
+    def close() -> Deferred:
         """Close idle connections (the manager stops); fires None."""
 
-    def follow_events(on_event, labels):
+    def follow_events(on_event: Callable[[Dict[str, Any]], None],
+                      labels: Iterable[str]) -> Deferred:
         """Follow container events of containers carrying ``labels``.
 
         Fires with an :class:`IEventStream` once the engine has accepted the
@@ -210,51 +217,51 @@ class ISwarmEngine(IDockerEngine):
     is not a swarm manager fail with :class:`NotSwarmManager`.
     """
 
-    def info():
+    def info() -> Deferred:
         """``GET /info`` (``Swarm``: this node's id, state and managers)."""
 
-    def list_nodes():
+    def list_nodes() -> Deferred:
         """``GET /nodes``: every node of the swarm."""
 
-    def inspect_node(node_id):
+    def inspect_node(node_id: str) -> Deferred:
         """``GET /nodes/{id}``; NoSuchNode if unknown."""
 
-    def create_secret(name, data, labels):
+    def create_secret(name: str, data: bytes, labels: Dict[str, str]) -> Deferred:
         """``POST /secrets/create`` with ``data`` (bytes); fires with its id."""
 
-    def inspect_secret(secret_id):
+    def inspect_secret(secret_id: str) -> Deferred:
         """``GET /secrets/{id}``: its spec, never its data; NoSuchSecret."""
 
-    def list_secrets(labels):
+    def list_secrets(labels: Iterable[str]) -> Deferred:
         """Secrets carrying every label in ``labels``."""
 
-    def remove_secret(secret_id):
+    def remove_secret(secret_id: str) -> Deferred:
         """Remove it (Conflict while a service uses it); NoSuchSecret."""
 
-    def create_service(spec):
+    def create_service(spec: dict) -> Deferred:
         """``POST /services/create``; fires with the new service's id
         (Conflict when the name is taken)."""
 
-    def inspect_service(service_id):
+    def inspect_service(service_id: str) -> Deferred:
         """``GET /services/{id}`` by id or name; NoSuchService."""
 
-    def list_services(labels):
+    def list_services(labels: Iterable[str]) -> Deferred:
         """Services carrying every label in ``labels``."""
 
-    def remove_service(service_id):
+    def remove_service(service_id: str) -> Deferred:
         """Remove it; its tasks' containers are shut down by their nodes."""
 
-    def list_tasks(services):
+    def list_tasks(services: Iterable[str]) -> Deferred:
         """Tasks of the services named (by id or name) in ``services``."""
 
-    def list_running_tasks():
+    def list_running_tasks() -> Deferred:
         """Every task the swarm wants running (desired state ``running``), of
         every service: one call however many services there are."""
 
 
 # --- helpers shared by the real engine and the fake ------------------------------
 
-def parse_version(text: str):
+def parse_version(text: str) -> Tuple[int, ...]:
     return tuple(int(part) for part in str(text).split("."))
 
 
@@ -269,7 +276,7 @@ def choose_api_version(server_max: str, server_min: Optional[str]) -> str:
     return "%d.%d" % chosen
 
 
-def split_reference(reference: str):
+def split_reference(reference: str) -> Tuple[str, str]:
     """``(fromImage, tag)`` for a pull: tag ``latest`` unless given (a
     pull without tag would fetch *every* tag); digests pass unchanged."""
     if "@" in reference:
@@ -287,7 +294,7 @@ def demultiplex(data: bytes) -> bytes:
     Frames are ``[stream, 0, 0, 0, size (uint32 BE)] payload``; anything that
     does not look like that is returned unchanged (a TTY's raw stream).
     """
-    out = []
+    out: List[bytes] = []
     offset = 0
     while offset < len(data):
         header = data[offset:offset + 8]
@@ -308,12 +315,12 @@ _message = docker_attach.error_message
 class _EngineEndpointFactory:
     """Every URL goes to the engine, whatever host name it names."""
 
-    def __init__(self, reactor, host: str, timeout: float) -> None:
+    def __init__(self, reactor: Any, host: str, timeout: float) -> None:
         self._reactor = reactor
         self._host = host
         self._timeout = timeout
 
-    def endpoint(self):
+    def endpoint(self) -> IStreamClientEndpoint:
         if self._host.startswith("unix://"):
             return UNIXClientEndpoint(self._reactor, self._host[len("unix://"):],
                                       timeout=self._timeout)
@@ -321,7 +328,7 @@ class _EngineEndpointFactory:
         host, _, port = hostport.rpartition(":")
         return TCP4ClientEndpoint(self._reactor, host, int(port), timeout=self._timeout)
 
-    def endpointForURI(self, uri):
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         return self.endpoint()
 
 
@@ -347,6 +354,9 @@ _UNREACHABLE = (ConnectError, ConnectingCancelledError, ConnectionLost, _Timeout
 
 class _JSONLines(Protocol):
     """Body consumer for newline-delimited JSON streams, one dict at a time."""
+
+    #: once delivered to, the response body's transport (a push producer)
+    transport: Any
 
     def __init__(self, on_object: Callable[[dict], None], finished: Deferred,
                  engine_host: str) -> None:
@@ -381,7 +391,7 @@ class _JSONLines(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._buffer.strip():
             self.dataReceived(b"\n")
         if self._stopped:
@@ -398,9 +408,9 @@ class _JSONLines(Protocol):
 class _EventStream:
     def __init__(self, lines: _JSONLines, finished: Deferred, host: str) -> None:
         self._lines = lines
-        self.done = Deferred()
+        self.done: Deferred = Deferred()
 
-        def ended(result):
+        def ended(result: str) -> None:
             if result == "end":
                 raise EngineUnavailable("the Docker engine at %s ended the event stream" % host)
             return None
@@ -414,7 +424,8 @@ class _EventStream:
 class DockerEngine:
     """:class:`IDockerEngine` over HTTP with treq; ``host`` as in DOCKER_HOST."""
 
-    def __init__(self, reactor, host: str = DEFAULT_DOCKER_HOST, timeout: float = 30.0) -> None:
+    def __init__(self, reactor: Any, host: str = DEFAULT_DOCKER_HOST,
+                 timeout: float = 30.0) -> None:
         self.host = check_docker_host(host)
         self.api_version: Optional[str] = None
         self._reactor = reactor
@@ -430,19 +441,22 @@ class DockerEngine:
 
     # -- plumbing --
 
-    def _unavailable(self, failure: Failure):
+    def _unavailable(self, failure: Failure) -> NoReturn:
         failure.trap(*_UNREACHABLE, *_treq_errors())
         self.api_version = None      # renegotiate with whatever engine comes back
         raise EngineUnavailable("cannot reach the Docker engine at %s: %s"
                                 % (self.host, failure.getErrorMessage()))
 
     @inlineCallbacks
-    def _call(self, method: str, path: str, params=None, body=None, expect=(200,),
-              not_found=DockerAPIError, timeout=None, versioned=True, raw=False):
+    def _call(self, method: str, path: str, params: Optional[Dict[str, str]] = None,
+              body: Any = None, expect: Tuple[int, ...] = (200,),
+              not_found: Type[DockerEngineError] = DockerAPIError,
+              timeout: Optional[float] = None, versioned: bool = True,
+              raw: bool = False) -> _Calls:
         if versioned and self.api_version is None:
             yield self.version()
-        prefix = "/v" + self.api_version if versioned else ""
-        kwargs = {"params": params or {}, "timeout": timeout or self._timeout}
+        prefix = "/v%s" % (self.api_version,) if versioned else ""
+        kwargs: Dict[str, Any] = {"params": params or {}, "timeout": timeout or self._timeout}
         if body is not None:
             kwargs["data"] = json.dumps(body).encode("utf-8")
             kwargs["headers"] = {b"Content-Type": [b"application/json"]}
@@ -459,7 +473,9 @@ class DockerEngine:
         return json.loads(content) if content.strip() else None
 
     @inlineCallbacks
-    def _stream(self, method: str, path: str, params, on_object, not_found=DockerAPIError):
+    def _stream(self, method: str, path: str, params: Dict[str, str],
+                on_object: Callable[[dict], None],
+                not_found: Type[DockerEngineError] = DockerAPIError) -> _Calls:
         """Start a streaming call; fires ``(lines, finished)`` once the 200 arrived."""
         if self.api_version is None:
             yield self.version()
@@ -472,7 +488,7 @@ class DockerEngine:
         if response.code != 200:
             content = yield treq.content(response)
             raise _error_for(response.code, _message(content), not_found)
-        finished = Deferred()
+        finished: Deferred = Deferred()
         lines = _JSONLines(on_object, finished, self.host)
         response.deliverBody(lines)
         return (lines, finished)
@@ -480,54 +496,54 @@ class DockerEngine:
     # -- IDockerEngine --
 
     @inlineCallbacks
-    def version(self):
+    def version(self) -> _Calls:
         info = yield self._call("GET", "/version", versioned=False)
         self.api_version = choose_api_version(info["ApiVersion"], info.get("MinAPIVersion"))
         return info
 
     @inlineCallbacks
-    def ping(self):
+    def ping(self) -> _Calls:
         yield self._call("GET", "/_ping", versioned=False, raw=True, timeout=5)
 
     @inlineCallbacks
-    def create_container(self, name, config):
+    def create_container(self, name: str, config: Dict[str, Any]) -> _Calls:
         result = yield self._call("POST", "/containers/create", params={"name": name},
                                   body=config, expect=(201,), not_found=NoSuchImage)
         return result["Id"]
 
-    def start_container(self, container_id):
+    def start_container(self, container_id: str) -> Deferred:
         return self._call("POST", "/containers/%s/start" % quote(container_id),
                           expect=(204, 304), not_found=NoSuchContainer)
 
-    def stop_container(self, container_id, timeout):
+    def stop_container(self, container_id: str, timeout: float) -> Deferred:
         return self._call("POST", "/containers/%s/stop" % quote(container_id),
                           params={"t": str(int(timeout))}, expect=(204, 304),
                           not_found=NoSuchContainer, timeout=timeout + self._timeout)
 
-    def kill_container(self, container_id, signal="SIGKILL"):
+    def kill_container(self, container_id: str, signal: str = "SIGKILL") -> Deferred:
         return self._call("POST", "/containers/%s/kill" % quote(container_id),
                           params={"signal": signal}, expect=(204,), not_found=NoSuchContainer)
 
-    def remove_container(self, container_id):
+    def remove_container(self, container_id: str) -> Deferred:
         return self._call("DELETE", "/containers/%s" % quote(container_id),
                           params={"force": "1", "v": "1"}, expect=(204,),
                           not_found=NoSuchContainer)
 
-    def rename_container(self, container_id, name):
+    def rename_container(self, container_id: str, name: str) -> Deferred:
         return self._call("POST", "/containers/%s/rename" % quote(container_id),
                           params={"name": name}, expect=(204,), not_found=NoSuchContainer)
 
-    def inspect_container(self, container_id):
+    def inspect_container(self, container_id: str) -> Deferred:
         return self._call("GET", "/containers/%s/json" % quote(container_id),
                           not_found=NoSuchContainer)
 
-    def list_containers(self, labels, all=True):
+    def list_containers(self, labels: Iterable[str], all: bool = True) -> Deferred:
         return self._call("GET", "/containers/json",
                           params={"all": "1" if all else "0",
                                   "filters": json.dumps({"label": list(labels)})})
 
     @inlineCallbacks
-    def container_logs(self, container_id, tail):
+    def container_logs(self, container_id: str, tail: int) -> _Calls:
         data = yield self._call("GET", "/containers/%s/logs" % quote(container_id),
                                 params={"stdout": "1", "stderr": "1", "tail": str(int(tail))},
                                 not_found=NoSuchContainer, raw=True)
@@ -535,9 +551,10 @@ class DockerEngine:
         return text.splitlines()[-int(tail):] if tail else []
 
     @inlineCallbacks
-    def container_stats(self, container_id):
+    def container_stats(self, container_id: str) -> _Calls:
         if self.api_version is None:
             yield self.version()
+        assert self.api_version is not None    # version() just negotiated it
         params = {"stream": "false"}
         if parse_version(self.api_version) >= (1, 41):
             params["one-shot"] = "true"
@@ -545,40 +562,41 @@ class DockerEngine:
                                  params=params, not_found=NoSuchContainer)
         return stats
 
-    def inspect_image(self, reference):
+    def inspect_image(self, reference: str) -> Deferred:
         return self._call("GET", "/images/%s/json" % quote(reference, safe="/:@"),
                           not_found=NoSuchImage)
 
-    def inspect_network(self, name):
+    def inspect_network(self, name: str) -> Deferred:
         return self._call("GET", "/networks/%s" % quote(name), not_found=NoSuchNetwork)
 
     @inlineCallbacks
-    def list_networks(self, name):
+    def list_networks(self, name: str) -> _Calls:
         found = yield self._call("GET", "/networks",
                                  params={"filters": json.dumps({"name": [name]})})
         # the filter matches parts of names
         return [network for network in found or [] if network.get("Name") == name]
 
     @inlineCallbacks
-    def create_network(self, name, config):
+    def create_network(self, name: str, config: Dict[str, Any]) -> _Calls:
         result = yield self._call("POST", "/networks/create",
                                   body=dict(config, Name=name, CheckDuplicate=True),
                                   expect=(201,))
         return result["Id"]
 
-    def remove_network(self, name):
+    def remove_network(self, name: str) -> Deferred:
         return self._call("DELETE", "/networks/%s" % quote(name), expect=(204, 200),
                           not_found=NoSuchNetwork)
 
     @inlineCallbacks
-    def pull_image(self, reference, on_progress):
+    def pull_image(self, reference: str,
+                   on_progress: Callable[[Dict[str, Any]], None]) -> _Calls:
         from_image, tag = split_reference(reference)
         params = {"fromImage": from_image}
         if tag:
             params["tag"] = tag
-        errors = []
+        errors: List[str] = []
 
-        def progress(obj):
+        def progress(obj: Dict[str, Any]) -> None:
             if "error" in obj:
                 errors.append(obj.get("errorDetail", {}).get("message") or obj["error"])
             else:
@@ -596,8 +614,8 @@ class DockerEngine:
         if errors:
             raise PullFailed(errors[-1], 200)
 
-    def attach_stdin(self, container_id, data):
-        def attach(_):
+    def attach_stdin(self, container_id: str, data: bytes) -> Deferred:
+        def attach(_: object) -> Deferred:
             return docker_attach.attach_stdin(
                 self._endpoints.endpoint(),
                 "/v%s/containers/%s/attach" % (self.api_version, quote(container_id)),
@@ -608,20 +626,21 @@ class DockerEngine:
         d.addErrback(self._attach_error)
         return d
 
-    def _attach_error(self, failure):
-        if failure.check(docker_attach.AttachRefused):
-            error = failure.value
+    def _attach_error(self, failure: Failure) -> Failure:
+        error = failure.value
+        if isinstance(error, docker_attach.AttachRefused):
             raise _error_for(error.status, error.message, NoSuchContainer)
         if failure.check(docker_attach.AttachConnectionFailed):
             self.api_version = None
             raise EngineUnavailable(str(failure.value))
         return failure
 
-    def close(self):
+    def close(self) -> Deferred:
         return self._pool.closeCachedConnections()
 
     @inlineCallbacks
-    def follow_events(self, on_event, labels):
+    def follow_events(self, on_event: Callable[[Dict[str, Any]], None],
+                      labels: Iterable[str]) -> _Calls:
         params = {"filters": json.dumps({"type": ["container"], "label": list(labels)})}
         lines, finished = yield self._stream("GET", "/events", params, on_event)
         return _EventStream(lines, finished, self.host)
@@ -638,7 +657,7 @@ class DockerEngine:
         return self._call("GET", "/nodes/%s" % quote(node_id), not_found=NoSuchNode)
 
     @inlineCallbacks
-    def create_secret(self, name: str, data: bytes, labels: Dict[str, str]) -> Deferred:
+    def create_secret(self, name: str, data: bytes, labels: Dict[str, str]) -> _Calls:
         body = {"Name": name, "Labels": dict(labels),
                 "Data": base64.b64encode(data).decode("ascii")}
         result = yield self._call("POST", "/secrets/create", body=body, expect=(201,))
@@ -655,7 +674,7 @@ class DockerEngine:
                           not_found=NoSuchSecret)
 
     @inlineCallbacks
-    def create_service(self, spec: dict) -> Deferred:
+    def create_service(self, spec: dict) -> _Calls:
         result = yield self._call("POST", "/services/create", body=spec, expect=(200, 201))
         return result["ID"]
 
@@ -683,13 +702,13 @@ def _label_filter(labels: Iterable[str]) -> Dict[str, str]:
     return {"filters": json.dumps({"label": list(labels)})}
 
 
-def _succeed(value):
-    d = Deferred()
+def _succeed(value: Any) -> Deferred:
+    d: Deferred = Deferred()
     d.callback(value)
     return d
 
 
-def _treq_errors():
+def _treq_errors() -> Tuple[Type[BaseException], ...]:
     from twisted.web._newclient import (RequestGenerationFailed, RequestTransmissionFailed,
                                         ResponseFailed, ResponseNeverReceived)
     from twisted.internet.defer import CancelledError
@@ -697,7 +716,8 @@ def _treq_errors():
             RequestGenerationFailed, CancelledError)
 
 
-def _error_for(status: int, message: str, not_found) -> DockerEngineError:
+def _error_for(status: int, message: str,
+               not_found: Type[DockerEngineError]) -> DockerEngineError:
     if status == 404:
         return not_found(message, status)
     if status == 409:

@@ -85,7 +85,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import attr
 from twisted.internet import defer
@@ -163,7 +163,7 @@ class _Agent:
     stopping: bool = False
     #: the port of the current (or last) attempt; 0 before the first
     port: int = 0
-    process: Optional[object] = None  # AgentProcess or AdoptedProcess
+    process: Optional["_Process"] = None
     kill_timer: Optional[IDelayedCall] = None
     start_waiters: List[Deferred] = attr.Factory(list)
     stop_waiters: List[Deferred] = attr.Factory(list)
@@ -174,10 +174,13 @@ class _Agent:
     end_reason: str = ""
 
 
+#: an agent's process: one this provider spawned, or one it adopted
+_Process = Union[AgentProcess, AdoptedProcess]
+
 _READY, _EXITED, _TIMED_OUT = "ready", "exited", "timed out"
 
 
-def _check_state_dir(instance, attribute, value) -> None:
+def _check_state_dir(instance: object, attribute: object, value: Optional[str]) -> None:
     if value is not None and not os.path.isabs(value):
         raise ValueError("state_dir must be an absolute path, not %r" % (value,))
 
@@ -208,7 +211,7 @@ class ProcessProvider:
         agents for the next manager's ``recover()``; without one (or when
         false) ``close()`` stops them.
     """
-    reactor: object
+    reactor: Any
     agent_command: str
     extra_env: Optional[Dict[str, str]] = None
     start_timeout: float = 60.0
@@ -356,14 +359,17 @@ class ProcessProvider:
         d.addCallback(lambda _: defer.gatherResults(
             [self._queue_disk(name, lambda: None) for name in list(self._disk)],
             consumeErrors=True))
-        if self.cgroups is not None:
+        cgroups = self.cgroups
+        if cgroups is not None:
             # Empty by now unless agents were handed over (then they stay).
-            d.addCallback(lambda _: self._in_thread(self.cgroups.remove_bases))
+            d.addCallback(lambda _: self._in_thread(cgroups.remove_bases))
         # the table goes unless agents run on for the next manager
         d.addCallback(lambda _: self.firewall.close(keep=kept))
         return d.addCallback(lambda _: None)
 
     def _hand_over(self, agent: _Agent) -> None:
+        # close() hands over only running agents with a live process
+        assert agent.running is not None and agent.process is not None
         log.info("leaving the agent of {username} (pid {pid}) running for the next manager",
                  username=agent.username, pid=agent.running.pid)
         agent.handed_over = True
@@ -372,10 +378,11 @@ class ProcessProvider:
 
     # -- file work, one operation at a time per user ----------------------------
 
-    def _in_thread(self, function, *args) -> Deferred:
+    def _in_thread(self, function: Callable[..., Any], *args: Any) -> Deferred:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
 
-    def _queue_disk(self, username: str, function, *args, quiet: bool = True) -> Deferred:
+    def _queue_disk(self, username: str, function: Callable[..., Any], *args: Any,
+                    quiet: bool = True) -> Deferred:
         """Run ``function(*args)`` in a thread after the user's earlier file
         operations (a record must never be deleted before it was written);
         fires with its result. With ``quiet``, errors are logged, not raised:
@@ -385,7 +392,7 @@ class ProcessProvider:
         self._disk[username] = mine
         result: Deferred = Deferred()
 
-        def finish(outcome) -> None:
+        def finish(outcome: Any) -> None:
             if self._disk.get(username) is mine:
                 del self._disk[username]
             mine.callback(None)  # lets the next operation run
@@ -398,7 +405,7 @@ class ProcessProvider:
             else:
                 result.callback(outcome)
 
-        def run(_) -> None:
+        def run(_: object) -> None:
             self._in_thread(function, *args).addBoth(finish)
 
         if previous is None:
@@ -424,10 +431,12 @@ class ProcessProvider:
             fire_all(agent.stop_waiters, None)
             return
         agent.credentials = b""  # delivered; keep the password no longer than needed
+        process = agent.process
+        assert isinstance(process, AgentProcess)  # _launch spawned it
         self._now_running(agent, running)
-        if agent.process.record is not None:
+        if process.record is not None:
             # the next manager adopts it as this very RunningAgent
-            record = dict(agent.process.record, started=running.started)
+            record = dict(process.record, started=running.started)
             self._queue_disk(agent.username, write_record, self.state_dir, record)
         log.info("agent of {username} running at {host}:{port} (pid {pid})",
                  username=agent.username, host=running.address.host,
@@ -436,6 +445,7 @@ class ProcessProvider:
 
     def _now_running(self, agent: _Agent, running: RunningAgent) -> None:
         agent.running = running
+        assert agent.process is not None  # started or adopted: it has its process
         agent.process.when_ended().addCallback(lambda _: self._running_agent_ended(agent))
 
     async def _owner(self, agent: _Agent) -> Optional[Tuple[int, int]]:
@@ -475,6 +485,7 @@ class ProcessProvider:
             if outcome == _READY and not agent.stopping:
                 strangers = await self._strangers_on(port, owner)
                 if not strangers:
+                    assert process.pid is not None  # set as spawnProcess connected it
                     return RunningAgent(agent.username, AgentAddress(LOOPBACK, port),
                                         # the real reactor's clock is time.time()
                                         process.pid, self.reactor.seconds())
@@ -676,6 +687,7 @@ class ProcessProvider:
             self._log_trimmer.start(LOG_CHECK_INTERVAL, now=False)
 
     def _trim_logs(self) -> Deferred:
+        assert self.state_dir is not None  # only agents with records have their logs trimmed
         paths = [os.path.join(self.state_dir, username + ".log") for username in self._agents]
         return self._in_thread(trim_logs, paths).addErrback(
             lambda f: log.failure("trimming agent logs failed", f))
@@ -683,6 +695,7 @@ class ProcessProvider:
     def _record(self, agent: _Agent, process: AgentProcess, intent: dict) -> None:
         """Complete the record with the pid, and delete it when the process ends."""
         pid = process.pid
+        assert pid is not None  # set as spawnProcess connected it
         process.when_ended().addCallback(
             lambda _: None if process.handed_over else
             self._queue_disk(agent.username, delete_record, self.state_dir,
@@ -832,7 +845,7 @@ class ProcessProvider:
         process.signal_group(signal.SIGTERM)
         agent.kill_timer = self.reactor.callLater(self.stop_grace, self._kill, agent, process)
 
-    def _kill(self, agent: _Agent, process) -> None:
+    def _kill(self, agent: _Agent, process: _Process) -> None:
         agent.kill_timer = None
         if process.ended:
             return
@@ -844,6 +857,7 @@ class ProcessProvider:
     def _running_agent_ended(self, agent: _Agent) -> None:
         if agent.handed_over:
             return  # the next manager's business
+        assert agent.process is not None  # it ended: it had a process
         reason = ("stopped" if agent.stopping
                   else agent.end_reason or agent.process.exit_description)
         log.info("agent of {username} ended: {reason}", username=agent.username, reason=reason)
@@ -867,6 +881,6 @@ class ProcessProvider:
 
     @staticmethod
     def _wait(waiters: List[Deferred]) -> Deferred:
-        d = Deferred()
+        d: Deferred = Deferred()
         waiters.append(d)
         return d
