@@ -3,7 +3,11 @@ certificates and TLS handshakes, the fake manager on a socket and the
 proxy's client to it, and an in-memory browser for the proxy's pages.
 
 Test modules import from here, not from each other (importing a test module
-also imports, and may run again, its test cases).
+also imports, and may run again, its test cases). Larger fixtures have a
+module of their own, named after what it holds: ``dispatcher_case``,
+``docker_stack``, ``real_docker_case``, ``dockerd``, ``process_fixtures``,
+``firewall_probes``, ``netns``, ``forwarding_setup``, ``clocked_proxy``,
+``real_proxy``, ``https_browser``, ``swarm_cluster``.
 """
 import re
 import shutil

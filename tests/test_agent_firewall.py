@@ -6,7 +6,6 @@ Without root (or nft) the real parts skip, except under ``CI=true``, where
 they fail.
 """
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,38 +15,14 @@ import uuid
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pixelated_dispatcher.manager.agent_firewall import (
     NftablesFirewall, NoFirewall, make_firewall, table_name_for)
 from pixelated_dispatcher.testing.agent_firewall_contract import make_firewall_tests
 from pixelated_dispatcher.testing.fake_firewall import FakeFirewall
 
-#: a uid and gid no account has: "another local user"
-STRANGER = 3990101
-#: the proxy group of these tests (no /etc/group entry needed: the kernel
-#: only compares numbers)
-PROXY_GID = 3990102
-
-
-def require_nft(test_case) -> None:
-    """Fail under CI=true, skip elsewhere, unless root with nft."""
-    reason = None
-    if os.geteuid() != 0:
-        reason = "needs root to change the kernel's nftables"
-    elif shutil.which("nft") is None:
-        reason = "needs nft (apt-get install nftables)"
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        test_case.fail(reason + " (CI=true, so this is a failure, not a skip)")
-    raise SkipTest(reason)
-
-
-def nft_tables():
-    """``nft list tables`` as a set of lines."""
-    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
-    return set(out.stdout.split("\n")) - {""}
+from .firewall_probes import CONNECT, PROXY_GID, STRANGER, connect_as, nft_tables, require_nft
 
 
 class _FakeFixture:
@@ -92,30 +67,6 @@ class FakeFirewallContractTests(make_firewall_tests(_FakeFixture)):
 
 class NftablesFirewallContractTests(make_firewall_tests(_RealFixture)):
     pass
-
-
-#: connect to PORT (on 127.0.0.1 or HOST) as whoever runs it; prints
-#: "connected" or the error
-CONNECT = """
-import socket, sys
-s = socket.socket()
-s.settimeout(3)
-try:
-    s.connect((sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1", int(sys.argv[1])))
-    print("connected")
-except OSError as e:
-    print(type(e).__name__)
-"""
-
-
-def connect_as(uid, gid, port, host="127.0.0.1"):
-    """What a process of ``uid``/``gid`` (None: root) gets when it connects."""
-    argv = [sys.executable, "-c", CONNECT, str(port), host]
-    if uid is not None:
-        argv = ["setpriv", "--reuid", str(uid), "--regid", str(gid), "--clear-groups",
-                "--"] + argv
-    return subprocess.run(argv, capture_output=True, text=True, timeout=20,
-                          env={"PATH": "/usr/bin:/bin"}).stdout.strip()
 
 
 class NftablesFilteringTests(TestCase):

@@ -19,7 +19,7 @@ from pixelated_dispatcher.manager.agent_firewall import table_name_for
 
 from .dispatcher_case import DispatcherCase, wait_until
 from .netns import AttackNamespace
-from .test_agent_firewall import connect_as, nft_tables
+from .firewall_probes import connect_as, nft_tables, protected_ports_of
 
 PROXY_USER, OTHER_USER, PROXY_GROUP = "pxnet-proxy", "pxnet-other", "pxnet-proxies"
 PASSWORDS = {"alice": "alice's password", "bob": "bob's password"}
@@ -61,19 +61,6 @@ def remove_accounts():
 def uid_of(user):
     entry = pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
-
-
-def protected_ports_of(table):
-    """The ports in the agents set of ``table`` (None: no such table)."""
-    out = subprocess.run(["nft", "-j", "list", "set", "inet", table, "agents"],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        return None
-    ports = set()
-    for item in json.loads(out.stdout)["nftables"]:
-        for element in (item.get("set") or {}).get("elem", []):
-            ports.add(element["concat"][1])
-    return ports
 
 
 class DeployedDispatcherCase(DispatcherCase):

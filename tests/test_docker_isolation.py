@@ -23,9 +23,11 @@ from pixelated_dispatcher.manager.providers.docker import (
 from pixelated_dispatcher.manager.providers.docker_engine import DockerEngine, demultiplex
 
 from . import dockerd
+from .docker_stack import DockerStack
 from .dockerd import coroutine_tests
 from .netns import AttackNamespace
-from .test_agent_firewall import PROXY_GID, STRANGER, connect_as, nft_tables, require_nft
+from .firewall_probes import (PROXY_GID, STRANGER, connect_as, nft_tables, protected_ports_of,
+                              require_nft)
 
 #: what an attacker container runs: one line per target, REACHED or BLOCKED
 PROBE = ('for target in "$@"; do'
@@ -227,8 +229,6 @@ class DockerDispatcherCleanupTests(TestCase):
     timeout = 180
 
     def test_purge_and_stop_leave_no_rules_and_no_network(self):
-        from .test_agent_reachability import protected_ports_of
-        from .test_docker_integration import DockerStack
         require_nft(self)
         host = dockerd.engine_or_skip()
         image = dockerd.ensure_agent_image(host)

@@ -21,7 +21,7 @@ from pixelated_dispatcher.manager.providers.loopback_guard import (
 
 from . import dockerd
 from .dockerd import coroutine_tests
-from .test_docker_provider_real import RealDockerTestCase, credentials, get
+from .real_docker_case import RealDockerTestCase, credentials, get
 
 _CLIENT = ("import socket, sys\n"
            "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 2)\n"

@@ -25,7 +25,7 @@ from pixelated_dispatcher.manager.providers.docker_engine import DockerEngine, P
 
 from . import dockerd
 from .dockerd import coroutine_tests
-from .test_docker_provider_real import credentials, get
+from .real_docker_case import credentials, get
 
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 

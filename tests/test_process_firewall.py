@@ -11,8 +11,7 @@ from pixelated_dispatcher.manager.providers.interface import AgentStartError
 from pixelated_dispatcher.testing.fake_firewall import FakeFirewall
 from pixelated_dispatcher.testing.provider_contract import credentials_for
 
-from .test_process_isolation import IsolatedFixture, require_root
-from .test_process_provider import ProcessFixture, agent_url, http_get
+from .process_fixtures import IsolatedFixture, ProcessFixture, agent_url, http_get, require_root
 
 
 class FirewalledFixture(ProcessFixture):

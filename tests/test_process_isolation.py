@@ -11,62 +11,23 @@ import subprocess
 import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from pixelated_dispatcher.manager.providers.interface import AgentStartError
 
 from pixelated_dispatcher.testing.provider_contract import credentials_for
-from .test_process_provider import (
-    ProcessFixture, agent_url, http_get, is_alive, wait_until)
 
-#: agent uids of the tests: far above any system or login account, no
-#: /etc/passwd entry (as the manager's allocation from --agent-uid-range)
-TEST_UIDS = {"alice": 3990001, "bob": 3990002}
+from .process_fixtures import (
+    TEST_UIDS, IsolatedFixture, agent_url, http_get, is_alive, require_root, wait_until)
 
 _CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
-
-
-def require_root(test_case) -> None:
-    if os.geteuid() == 0:
-        return
-    reason = "needs root: agents run under their own uids"
-    if _in_ci():
-        test_case.fail(reason + " (CI=true, so this is a failure, not a skip)")
-    raise SkipTest(reason)
 
 
 def proc_status(pid: int) -> dict:
     with open("/proc/%d/status" % (pid,)) as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def accounts(username):
-    return succeed((TEST_UIDS[username], TEST_UIDS[username]))
-
-
-class IsolatedFixture(ProcessFixture):
-    """Data dirs as the supervisor makes them: ``<root>/users/<name>/data``,
-    mode 0700, owned by root, below directories others may pass through."""
-
-    def __init__(self, test_case, **options):
-        options.setdefault("accounts", accounts)
-        super().__init__(test_case, **options)
-        os.chmod(self.root, 0o711)
-
-    def data_dir(self, username: str) -> str:
-        path = os.path.join(self.root, "users", username, "data")
-        if not os.path.isdir(path):
-            os.makedirs(path, mode=0o711)
-            os.chmod(path, 0o700)
-            os.chmod(os.path.dirname(path), 0o711)
-            os.chmod(os.path.dirname(os.path.dirname(path)), 0o711)
-        return path
 
 
 class ProcessIsolationTests(TestCase):

@@ -17,7 +17,7 @@ import os
 from pixelated_dispatcher.manager.providers.agent_cgroup import MiB
 
 from .dispatcher_case import DispatcherCase, agent_pid, wait_until
-from .test_process_isolation import require_root
+from .process_fixtures import require_root
 
 LIMIT = "96m"
 

@@ -13,13 +13,10 @@ import sys
 import tempfile
 import time
 
-import psutil
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import HTTPConnectionPool
 
 from pixelated_dispatcher.manager.providers import process as process_module
 from pixelated_dispatcher.manager.providers import process_files
@@ -30,55 +27,9 @@ from pixelated_dispatcher.manager.providers.process_inspect import AGENT_MARKER,
 
 from pixelated_dispatcher.testing.provider_contract import credentials_for, make_provider_tests
 
+from .process_fixtures import ProcessFixture, agent_url, http_get, is_alive, wait_until
+
 # --- helpers ------------------------------------------------------------------
-
-
-def http_get(url: str):
-    """Fires with (status code, body); one connection, closed afterwards."""
-    d = treq.get(url, pool=HTTPConnectionPool(reactor, persistent=False))
-    d.addCallback(lambda response: treq.content(response).addCallback(
-        lambda body: (response.code, body)))
-    return d
-
-
-def agent_url(agent, path="/"):
-    return "http://%s:%d%s" % (agent.address.host, agent.address.port, path)
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def processes_mentioning(text: str):
-    """Live processes whose command line mentions ``text`` (a unique temp path)."""
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if process.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if any(text in arg for arg in process.info["cmdline"] or ()):
-                found.append(process)
-        except psutil.Error:
-            pass
-    return found
-
-
-def wait_until(predicate, timeout=5.0):
-    """Poll ``predicate`` without blocking the reactor; fires with its last value."""
-    deadline = time.monotonic() + timeout
-
-    @inlineCallbacks
-    def poll():
-        while True:
-            value = predicate()
-            if value or time.monotonic() > deadline:
-                return value
-            yield deferLater(reactor, 0.05, lambda: None)
-    return poll()
-
 
 #: a tiny agent for behaviours the demo agent does not have. It reads stdin
 #: to EOF (so it only starts if the provider closes stdin), records what it
@@ -115,68 +66,6 @@ def script_command(*words: str) -> str:
 FAILING_AGENT = shlex.join([sys.executable, "-c",
                             "import sys; sys.stderr.write('cannot open the mailbox store\\n');"
                             " sys.exit(3)", "{port}"])
-
-
-class ProcessFixture:
-    """Real processes in a temp dir; cleanup fails the test if any agent
-    process outlives the ``close()`` of every provider it made.
-
-    With ``state`` (the default) providers keep records and logs in
-    ``<root>/agents``, as in production; without, agents' output comes
-    through pipes and nothing outlives a provider."""
-
-    adopted_exit_reason = "exited"
-
-    def __init__(self, test_case, command=DEMO_AGENT_COMMAND, state=True, **options):
-        self.root = tempfile.mkdtemp(prefix="pixelated-provider-test-")
-        self.state_dir = os.path.join(self.root, "agents") if state else None
-        options.setdefault("start_timeout", 15.0)
-        options.setdefault("stop_grace", 5.0)
-        self._command, self._options = command, options
-        self.providers = []
-        self.provider = self.new_provider(keep_on_close=False)
-        test_case.addCleanup(self.cleanup)
-
-    def new_provider(self, keep_on_close, **options):
-        provider = ProcessProvider(reactor, self._command, state_dir=self.state_dir,
-                                   keep_on_close=keep_on_close,
-                                   **dict(self._options, **options))
-        self.providers.append(provider)
-        return provider
-
-    def data_dir(self, username: str) -> str:
-        path = os.path.join(self.root, "users", username, "data")
-        os.makedirs(path, exist_ok=True)
-        return path
-
-    def settle(self, d):
-        return d
-
-    def received(self, username: str, provider=None):
-        agent = (provider or self.provider).running()[username]
-        return http_get(agent_url(agent, "/whoami")).addCallback(
-            lambda result: json.loads(result[1]))
-
-    def kill_from_outside(self, username: str, provider=None) -> None:
-        os.kill((provider or self.provider).running()[username].pid, signal.SIGKILL)
-
-    def break_next_start(self, username: str) -> None:
-        # the demo agent refuses to start when it cannot read its visit counter
-        os.makedirs(os.path.join(self.data_dir(username), "visits"))
-
-    def live_agents(self, username: str) -> int:
-        return len(processes_mentioning(self.data_dir(username)))
-
-    def cleanup(self):
-        def check(_):
-            leftovers = processes_mentioning(self.root)
-            for process in leftovers:
-                process.kill()
-            shutil.rmtree(self.root, ignore_errors=True)
-            if leftovers:
-                raise AssertionError("agent processes outlived close(): %r" % (leftovers,))
-        closing = gatherResults([provider.close() for provider in self.providers])
-        return closing.addCallback(check)
 
 
 class ProcessProviderContractTests(make_provider_tests(ProcessFixture)):

@@ -3,7 +3,7 @@ the kernel spreads new browser connections over all of them, every one of
 them serves logged-in requests (they share the manager, so a session made
 through one is valid in all), and when one stops, the others go on serving
 the port alone. Real ``twistd pixelated-proxy`` processes
-(:class:`.test_proxy_memory.RealProxy`)."""
+(:class:`.real_proxy.RealProxy`)."""
 import os
 import socket
 import subprocess
@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pixelated_dispatcher.proxy.tls import PlainListener, ReusePortEndpoint, parse_listen
 
-from .test_proxy_memory import RealProxy, read_head
+from .real_proxy import RealProxy, read_head
 
 #: Connections opened at once; all landing on one of two processes by
 #: chance has a probability of 2 ** -31.

@@ -7,7 +7,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from .test_proxy_forwarding import ForwardingSetup, RawBrowser
+from .forwarding_setup import ForwardingSetup, RawBrowser
 
 SESSION = b"Cookie: pixelated-session=%s\r\n"
 

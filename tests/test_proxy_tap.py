@@ -20,7 +20,7 @@ from pixelated_dispatcher.protocol import AgentAddress
 from pixelated_dispatcher.proxy import tap
 from pixelated_dispatcher.testing.fake_manager import FakeManager
 
-from .test_proxy_forwarding import AgentStandIn
+from .forwarding_setup import AgentStandIn
 from .helpers import free_port, make_certificate, start_manager, temporary_directory
 
 

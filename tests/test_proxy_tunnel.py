@@ -4,12 +4,12 @@ waits in its sender, not in the proxy's memory; either side's end closes the
 other once and unregisters both producers.
 
 :class:`FastTunnel` plays browser and agent on ``StringTransport``s through
-the proxy's real site (:class:`.test_proxy_agent_timeout.ClockedProxy`);
+the proxy's real site (:class:`.clocked_proxy.ClockedProxy`);
 :class:`TunnelEnds` closes real tunnels, over TCP and TLS (a TLS transport
 with a producer registered would never close);
 :class:`TunnelMemory` floods a real ``twistd pixelated-proxy`` process in
 both directions and measures its peak RSS
-(:mod:`.test_proxy_memory`'s helpers).
+(:mod:`.real_proxy`).
 """
 import socket
 import sys
@@ -25,9 +25,9 @@ from twisted.python.failure import Failure
 
 from pixelated_dispatcher.protocol import AgentAddress
 
-from .test_proxy_agent_timeout import ClockedProxy
-from .test_proxy_forwarding import ForwardingSetup, RawBrowser, UpgradingAgent
-from .test_proxy_memory import PATTERN, RealProxy, read_head, reset_peak, status_kib
+from .clocked_proxy import ClockedProxy
+from .forwarding_setup import ForwardingSetup, RawBrowser, UpgradingAgent
+from .real_proxy import PATTERN, RealProxy, read_head, reset_peak, status_kib
 
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket",
            "Sec-WebSocket-Key": "k", "Sec-WebSocket-Version": "13"}
