@@ -9,6 +9,7 @@ Error codes are stable names: ctl and the proxy map them to messages, and
 later versions only add new ones.
 """
 import hashlib
+import re
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import attr
@@ -83,21 +84,32 @@ class CapacityReached(DispatcherError):
 class RateLimited(DispatcherError):
     """Too many failed logins for this user name or client address.
 
-    The message ends with "retry after N seconds"; :func:`retry_after`
-    reads N back.
+    The message ends with "retry after N seconds": AMP errors carry only a
+    code and a text, so the wait travels in the text (why it is not a typed
+    field: ``docs/architecture.rst``, the contract). :func:`rate_limited`
+    writes it and :func:`retry_after` reads it back; nothing else does.
     """
 
 
+#: the longest wait a RATE_LIMITED error can ask for (nine digits)
+MAX_RETRY_AFTER = 999_999_999
+
+
 def rate_limited(seconds: int) -> RateLimited:
-    return RateLimited("too many failed logins; retry after %d seconds" % max(1, seconds))
+    wait = min(max(1, seconds), MAX_RETRY_AFTER)
+    return RateLimited("too many failed logins; retry after %d seconds" % wait)
+
+
+#: the end of a message that asks for a wait: ASCII digits only (int() also
+#: takes other scripts' digits, and refuses more than 4300 of them)
+_WAIT = re.compile(r" ([0-9]{1,9}) seconds\Z")
 
 
 def retry_after(error: Optional[BaseException], default: int = 60) -> int:
-    """The wait, in seconds, that a RateLimited (or any) error asks for."""
-    words = str(error).rsplit(" ", 2)
-    if len(words) == 3 and words[2] == "seconds" and words[1].isdigit():
-        return int(words[1])
-    return default
+    """The wait, in seconds, that a RateLimited (or any) error asks for:
+    ``default`` when its message does not end with one."""
+    match = _WAIT.search(str(error))
+    return int(match.group(1)) if match else default
 
 
 COMMON_ERRORS: Dict[Type[Exception], bytes] = {

@@ -4,7 +4,7 @@ import errno
 import sqlite3
 import string
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from twisted.internet.defer import fail, succeed
 from twisted.test.iosim import connectedServerAndClient
 from twisted.protocols import amp
@@ -231,6 +231,46 @@ class ContractTests(SynchronousTestCase):
             self.manager.failure = error
             failure = self.failureResultOf(self.call(command, **kwargs), type(error))
             self.assertEqual(str(failure.value), str(error))
+
+    @settings(max_examples=60)
+    @given(st.integers(min_value=-10, max_value=10 ** 12))
+    def test_a_rate_limit_carries_its_wait_across_the_wire(self, seconds):
+        """RATE_LIMITED has no typed field (docs/architecture.rst): the wait
+        the manager writes into the message is the one the proxy reads back
+        from the error AMP delivers, from one second up to the longest."""
+        self.connect()
+        self.manager.failure = p.rate_limited(seconds)
+        failure = self.failureResultOf(
+            self.call(p.Authenticate, username="alice", password="x", client="192.0.2.7"),
+            p.RateLimited)
+        self.assertEqual(p.retry_after(failure.value, default=-1),
+                         min(max(1, seconds), p.MAX_RETRY_AFTER))
+
+    @given(st.text(max_size=300), st.integers(min_value=0, max_value=p.MAX_RETRY_AFTER))
+    def test_the_wait_is_read_from_the_end_of_any_message(self, text, seconds):
+        error = p.RateLimited("%s retry after %d seconds" % (text, seconds))
+        self.assertEqual(p.retry_after(error, default=-1), seconds)
+
+    @example("too many failed logins; retry after \u00b2 seconds")
+    @example("too many failed logins; retry after %s seconds" % ("9" * 5000))
+    @given(st.text(max_size=300))
+    def test_any_message_gives_a_wait_without_failing(self, text):
+        """Whatever text a RATE_LIMITED error brings (AMP decodes any bytes
+        with "replace"), the proxy gets a wait to show: the number, in ASCII
+        digits, that the message ends with, or the default."""
+        wait = p.retry_after(p.RateLimited(text), default=-1)
+        if wait != -1:
+            self.assertTrue(text.endswith(" seconds"), text)
+            number = text[:-len(" seconds")].rsplit(" ", 1)[-1]
+            self.assertTrue(number.isascii() and number.isdigit(), text)
+            self.assertEqual(int(number), wait)
+
+    def test_a_wait_in_other_digits_or_too_long_is_the_default(self):
+        # int() reads "\u0663" (Arabic-Indic three) and fails on "\u00b2"
+        # and on 5000 digits, which str.isdigit() all let through
+        for number in ["\u00b2", "\u0663", "9" * 5000, "1" * 10, "", "-5", "5.5"]:
+            error = p.RateLimited("too many failed logins; retry after %s seconds" % number)
+            self.assertEqual(p.retry_after(error, default=60), 60, number[:12])
 
     def test_unexpected_error_becomes_internal_error_and_connection_survives(self):
         self.connect()
