@@ -92,5 +92,5 @@ class DockerFixture:
         return len(found)
 
 
-class DockerProviderContractTests(make_provider_tests(DockerFixture)):
+class DockerProviderContractTests(make_provider_tests(DockerFixture, measures_memory=True)):
     timeout = 120

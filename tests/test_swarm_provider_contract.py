@@ -103,7 +103,7 @@ class FakeSwarmFixture:
                    if s["Spec"]["Labels"].get(USER_LABEL) == username)
 
 
-class FakeSwarmProviderContractTests(make_provider_tests(FakeSwarmFixture)):
+class FakeSwarmProviderContractTests(make_provider_tests(FakeSwarmFixture, runs_on_nodes=True)):
     pass
 
 
@@ -194,5 +194,5 @@ def remove_services(node, instance):
         node.api("DELETE", "/secrets/%s" % secret["ID"], expect=(200, 204, 400, 404))
 
 
-class RealSwarmProviderContractTests(make_provider_tests(RealSwarmFixture)):
+class RealSwarmProviderContractTests(make_provider_tests(RealSwarmFixture, runs_on_nodes=True)):
     timeout = 120

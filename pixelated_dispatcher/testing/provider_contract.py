@@ -42,7 +42,7 @@ import json
 from typing import Any, Callable, List, Tuple, Type
 
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from pixelated_dispatcher.manager.providers.interface import (
@@ -75,9 +75,18 @@ class _Exits:
         return d
 
 
-def make_provider_tests(fixture_factory: Callable[[TestCase], Any]) -> Type[TestCase]:
+def make_provider_tests(fixture_factory: Callable[[TestCase], Any], *,
+                        runs_on_nodes: bool = False,
+                        measures_memory: bool = False) -> Type[TestCase]:
     """A TestCase base class running the provider contract on
-    ``fixture_factory(test_case)``."""
+    ``fixture_factory(test_case)``.
+
+    ``runs_on_nodes`` and ``measures_memory`` declare the optional
+    interfaces (``IRunsOnNodes``, ``IMeasuresMemory``) the provider has:
+    the contract checks the declaration, and holds the provider to the
+    interfaces it declares (a test that does not apply is not there, rather
+    than skipped).
+    """
 
     class ProviderContractTests(TestCase):
         timeout = 30
@@ -94,38 +103,38 @@ def make_provider_tests(fixture_factory: Callable[[TestCase], Any]) -> Type[Test
 
         def test_provides_interface(self) -> Any:
             self.assertTrue(verifyObject(IAgentProvider, self.provider))
-            if IMeasuresMemory.providedBy(self.provider):
+            self.assertEqual(IMeasuresMemory.providedBy(self.provider), measures_memory)
+            self.assertEqual(IRunsOnNodes.providedBy(self.provider), runs_on_nodes)
+            if measures_memory:
                 self.assertTrue(verifyObject(IMeasuresMemory, self.provider))
-            if IRunsOnNodes.providedBy(self.provider):
+            if runs_on_nodes:
                 self.assertTrue(verifyObject(IRunsOnNodes, self.provider))
 
-        @inlineCallbacks
-        def test_node_of_running_agents_when_they_run_on_nodes(self) -> Any:
-            nodes = IRunsOnNodes(self.provider, None)
-            if nodes is None:
-                raise SkipTest("this provider's agents run on the manager's machine")
-            self.assertIsNone(nodes.node_of("alice"))
-            yield self.fixture.settle(self.start("alice"))
-            node = nodes.node_of("alice")
-            self.assertTrue(node)
-            self.assertEqual(nodes.agents_per_node(), {node: 1})
+        if runs_on_nodes:
+            @inlineCallbacks
+            def test_node_of_running_agents(self) -> Any:
+                nodes = IRunsOnNodes(self.provider)
+                self.assertIsNone(nodes.node_of("alice"))
+                yield self.fixture.settle(self.start("alice"))
+                node = nodes.node_of("alice")
+                self.assertTrue(node)
+                self.assertEqual(nodes.agents_per_node(), {node: 1})
 
         def test_accounts_can_be_given(self) -> Any:
             """The manager sets ``accounts`` on every provider it runs as root."""
             self.assertTrue(self.provider.accounts is None or callable(self.provider.accounts))
 
-        @inlineCallbacks
-        def test_memory_of_running_agents_when_measured_by_the_provider(self) -> Any:
-            measures = IMeasuresMemory(self.provider, None)
-            if measures is None:
-                raise SkipTest("the manager measures this provider's agents by their pid")
-            yield self.fixture.settle(self.start("alice"))
-            usage = yield self.fixture.settle(measures.memory_usage())
-            self.assertEqual(list(usage), ["alice"])
-            self.assertGreater(usage["alice"], 0)
-            yield self.fixture.settle(self.provider.stop("alice"))
-            usage = yield self.fixture.settle(measures.memory_usage())
-            self.assertEqual(usage, {})
+        if measures_memory:
+            @inlineCallbacks
+            def test_memory_of_running_agents_measured_by_the_provider(self) -> Any:
+                measures = IMeasuresMemory(self.provider)
+                yield self.fixture.settle(self.start("alice"))
+                usage = yield self.fixture.settle(measures.memory_usage())
+                self.assertEqual(list(usage), ["alice"])
+                self.assertGreater(usage["alice"], 0)
+                yield self.fixture.settle(self.provider.stop("alice"))
+                usage = yield self.fixture.settle(measures.memory_usage())
+                self.assertEqual(usage, {})
 
         @inlineCallbacks
         def test_start_gives_a_running_agent(self) -> Any:
