@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.internet.task import Clock
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pixelated_dispatcher.manager.providers.docker import LABEL, USER_LABEL, DockerAgentSettings
@@ -20,19 +21,27 @@ from pixelated_dispatcher.manager.providers.interface import AgentStartError
 from pixelated_dispatcher.manager.service import Manager, ManagerSettings
 from pixelated_dispatcher.manager.providers.swarm import (
     CREDENTIALS_FILE, SwarmProvider, SwarmSettings)
+from pixelated_dispatcher.manager.providers.swarm_options import swarm_settings_from_config
 from pixelated_dispatcher.manager.providers.swarm_placement import PlacementBook
 from pixelated_dispatcher.testing.fake_swarm import FakeSwarmEngine
 from pixelated_dispatcher.testing.provider_contract import credentials_for
 
 IMAGE = "pixelated-test-agent:fake"
 POLL = 1.0
+#: the proxy's (and manager process's) host, not a node -- as in tests/swarm_cluster.py
+PROXY_HOST = "198.19.0.1"
 
 
-class SwarmProviderTests(SynchronousTestCase):
+def is_proxy_host(address):
+    return address == PROXY_HOST
+
+
+class SwarmCase(SynchronousTestCase):
+    """Two labelled workers and the (unlabelled) manager node on a fake clock."""
 
     def setUp(self):
         self.clock = Clock()
-        self.engine = FakeSwarmEngine(images=[IMAGE])
+        self.engine = FakeSwarmEngine(images=[IMAGE], address="198.19.0.11")
         self.manager_node = self.engine.self_node
         self.workers = [self.engine.add_node("worker-%d" % i, "198.19.0.%d" % (11 + i),
                                              labels={"pixelated.agents": "true"},
@@ -42,13 +51,13 @@ class SwarmProviderTests(SynchronousTestCase):
         self.book_path = os.path.join(self.directory, "placement.json")
         self.exits = []
 
-    def provider(self, **settings):
+    def provider(self, swarm=SwarmSettings(poll_interval=POLL), **settings):
         settings.setdefault("start_timeout", 5)
         provider = SwarmProvider(self.clock, self.engine,
-                                 DockerAgentSettings(image=IMAGE, **settings),
-                                 SwarmSettings(poll_interval=POLL),
+                                 DockerAgentSettings(image=IMAGE, **settings), swarm,
                                  placements=PlacementBook(self.book_path),
-                                 probe=lambda host, port: succeed(True))
+                                 probe=lambda host, port: succeed(True),
+                                 is_local=is_proxy_host)
         provider.on_exit(lambda username, reason: self.exits.append((username, reason)))
         self.successResultOf(provider.recover())
         return provider
@@ -70,6 +79,9 @@ class SwarmProviderTests(SynchronousTestCase):
 
     def node_of(self, provider, username="alice"):
         return provider._agents[username].node
+
+
+class SwarmProviderTests(SwarmCase):
 
     def test_agents_go_to_the_labelled_node_with_fewest_agents_and_stay_there(self):
         provider = self.provider()
@@ -209,7 +221,7 @@ class SwarmProviderTests(SynchronousTestCase):
         second = SwarmProvider(self.clock, self.engine, DockerAgentSettings(image=IMAGE),
                                SwarmSettings(poll_interval=POLL),
                                placements=PlacementBook(self.book_path),
-                               probe=lambda host, port: succeed(True))
+                               probe=lambda host, port: succeed(True), is_local=is_proxy_host)
         self.assertEqual(self.successResultOf(second.recover()), [])
         self.engine.reachable = True
         self.clock.advance(POLL)
@@ -300,7 +312,8 @@ class ManagerWithSwarmTests(TestCase):
                         images=[IMAGE])
         provider = SwarmProvider(reactor, engine, DockerAgentSettings(image=IMAGE),
                                  SwarmSettings(poll_interval=60),
-                                 probe=lambda host, port: succeed(True), keep_on_close=False)
+                                 probe=lambda host, port: succeed(True), keep_on_close=False,
+                                 is_local=is_proxy_host)
         manager = Manager(reactor, state_dir, provider,
                           ManagerSettings(leap_provider="example.org",
                                           hash_parameters=FAST_FOR_TESTS))
@@ -339,8 +352,9 @@ class ReconcileDuringCheckTests(SynchronousTestCase):
         clock = Clock()
         engine = FakeSwarmEngine(images=[IMAGE])
         engine.self_node.labels["pixelated.agents"] = "true"
+        # one node: nothing to probe its firewall from
         provider = SwarmProvider(clock, engine, DockerAgentSettings(image=IMAGE),
-                                 SwarmSettings(poll_interval=POLL),
+                                 SwarmSettings(poll_interval=POLL, firewall_check=False),
                                  probe=lambda host, port: succeed(True))
         directory = tempfile.mkdtemp(prefix="pxswu-")
         self.addCleanup(shutil.rmtree, directory, True)
@@ -354,3 +368,146 @@ class ReconcileDuringCheckTests(SynchronousTestCase):
         engine.finish_checks()
         clock.advance(1)
         self.assertEqual(self.successResultOf(starting).username, "alice")
+
+
+class FirewallCheckTests(SwarmCase):
+    """Only the proxy host may reach agent ports (docs/cluster.rst step 4): a
+    node whose firewall lets a probe from another node through never serves
+    an agent, and the operator is told which node and what to do."""
+
+    RECHECK = 60.0
+
+    def checked(self, **swarm):
+        """A provider whose engine records every service spec it is given."""
+        self.specs = []
+        create = self.engine.create_service
+
+        def recording(spec):
+            self.specs.append(json.loads(json.dumps(spec)))
+            return create(spec)
+        self.engine.create_service = recording
+        swarm.setdefault("firewall_recheck", self.RECHECK)
+        return self.provider(swarm=SwarmSettings(poll_interval=POLL, **swarm))
+
+    def probes(self):
+        return [s for s in self.specs if "nc -w" in " ".join(
+            s["TaskTemplate"]["ContainerSpec"].get("Command") or [])]
+
+    def test_a_node_that_lets_other_hosts_in_gets_no_agent_and_nothing_more(self):
+        open_node, safe_node = self.workers
+        open_node.firewall = False              # its DOCKER-USER rule is missing
+        provider = self.checked()
+        # alice is placed on worker-1 (fewest agents, then by name): the probe
+        # from another node reaches her agent there, so the start fails
+        error = self.failureResultOf(self.start(provider, "alice"), AgentStartError).value
+        message = str(error)
+        self.assertIn("worker-1", message)
+        self.assertIn("docs/cluster.rst, set-up step 4", message)
+        self.assertIn("DOCKER-USER", message)
+        self.assertIn("%s:" % open_node.address, message)
+        self.assertEqual(provider.running(), {})
+        self.assertEqual(self.engine.services, {}, "her agent was stopped, the probe removed")
+        self.assertEqual(self.engine.secrets, {})
+        # the probe ran on another node, not the proxy host, hardened as agents are
+        (probe,) = self.probes()
+        (constraint,) = probe["TaskTemplate"]["Placement"]["Constraints"]
+        self.assertNotIn(open_node.id, constraint)
+        container = probe["TaskTemplate"]["ContainerSpec"]
+        self.assertEqual(container["CapabilityDrop"], ["ALL"])
+        self.assertTrue(container["ReadOnly"])
+        self.assertEqual(container["User"], "65534:65534")
+        self.assertNotIn("Networks", probe["TaskTemplate"])     # a normal bridge network
+        # nothing more goes to that node while it is unsafe: alice (whose
+        # placement never held data) and the others go to worker-2
+        for username in ("alice", "bob", "carol"):
+            self.started(provider, username)
+            self.assertEqual(self.node_of(provider, username).id, safe_node.id)
+        self.assertEqual(len(self.probes()), 2, "worker-2 checked once, worker-1 not again")
+        # the operator adds the rule; after the recheck period a start there works
+        open_node.firewall = True
+        self.clock.advance(self.RECHECK)
+        self.started(provider, "dave")
+        self.assertEqual(self.node_of(provider, "dave").id, open_node.id)
+
+    def test_a_node_that_loses_its_rule_is_found_at_the_recheck_and_its_agents_stop(self):
+        provider = self.checked()
+        for username in ("alice", "bob", "carol"):      # worker-1, worker-2, worker-1
+            self.started(provider, username)
+        self.assertEqual(self.node_of(provider, "carol").id, self.workers[0].id)
+        self.successResultOf(provider.stop("carol"))
+        self.workers[0].firewall = False                 # e.g. a reboot without the rule
+        self.clock.advance(self.RECHECK)
+        error = self.failureResultOf(self.start(provider, "carol"), AgentStartError).value
+        self.assertIn("worker-1", str(error))
+        self.assertIn("docs/cluster.rst, set-up step 4", str(error))
+        # alice, on the same node, is stopped and told why; bob runs on
+        self.assertEqual(sorted(provider.running()), ["bob"])
+        ((who, reason),) = [e for e in self.exits if e[0] != "carol"]
+        self.assertEqual(who, "alice")
+        self.assertIn("DOCKER-USER", reason)
+        # carol's data is on worker-1: her next start is refused at once,
+        # without a service (the verdict is kept until the recheck)
+        services = len(self.specs)
+        again = self.failureResultOf(self.start(provider, "carol"), AgentStartError).value
+        self.assertIn("worker-1", str(again))
+        self.assertEqual(len(self.specs), services)
+        self.assertEqual(self.node_of(provider, "bob").id, self.workers[1].id)
+
+    def test_a_node_found_safe_is_not_probed_again_until_the_recheck(self):
+        provider = self.checked()
+        for username in ("alice", "bob", "carol", "dave"):
+            self.started(provider, username)
+        self.assertEqual(len(self.probes()), 2)          # one per worker
+        self.successResultOf(provider.stop("dave"))
+        self.clock.advance(self.RECHECK)
+        self.started(provider, "dave")
+        self.assertEqual(len(self.probes()), 3)
+        # a node that went down may come back without its rule: checked again
+        self.engine.node_down(self.workers[0].id)
+        self.clock.advance(POLL)
+        self.engine.node_up(self.workers[0].id)
+        self.clock.advance(POLL)
+        self.started(provider, "alice")
+        self.assertEqual(len(self.probes()), 4)
+
+    def test_without_a_node_to_probe_from_the_start_fails_loudly(self):
+        # the proxy host is the swarm manager's node (the usual set-up) and
+        # there is one agent node: nothing else can try to connect
+        self.engine.self_node.address = PROXY_HOST
+        self.engine.drain(self.workers[1].id)
+        provider = self.checked()
+        error = self.failureResultOf(self.start(provider), AgentStartError).value
+        self.assertIn("cannot check that only the proxy host reaches agent ports",
+                      str(error))
+        self.assertIn("--swarm-skip-firewall-check", str(error))
+        self.assertEqual(self.engine.services, {})
+        # the operator who filters elsewhere turns the check off
+        provider = self.checked(firewall_check=False)
+        self.started(provider)
+        self.assertEqual(self.probes(), [])
+
+    def test_an_image_without_nc_says_what_the_check_needs(self):
+        provider = self.checked()
+        real_probe = self.engine._probe
+
+        def no_nc(task, node, host, port):
+            real_probe(task, node, host, port)
+            task.exit_code, task.err = 13, "task: non-zero exit (13)"
+        self.engine._probe = no_nc
+        error = self.failureResultOf(self.start(provider), AgentStartError).value
+        self.assertIn("needs sh and nc", str(error))
+        self.assertEqual(self.engine.services, {})
+
+    def test_options_turn_the_check_off_and_set_the_recheck(self):
+        from pixelated_dispatcher.manager.tap import Options
+        options = Options()
+        options.parseOptions(["--provider", "swarm", "--swarm-skip-firewall-check",
+                              "--swarm-firewall-recheck", "30"])
+        swarm = swarm_settings_from_config(options)
+        self.assertEqual((swarm.firewall_check, swarm.firewall_recheck), (False, 30.0))
+        options = Options()
+        options.parseOptions(["--provider", "swarm"])
+        self.assertTrue(swarm_settings_from_config(options).firewall_check)
+        options["swarm-firewall-recheck"] = "soon"
+        with self.assertRaises(UsageError):
+            swarm_settings_from_config(options)

@@ -52,6 +52,8 @@ class FakeSwarmFixture:
         self.clock = Clock()
         self.engine = FakeSwarmEngine(images=[IMAGE])
         self.engine.self_node.labels["pixelated.agents"] = "true"
+        # an unlabelled node: the firewall check's probes run there
+        self.engine.add_node("prober-1", "198.19.0.13", images=[IMAGE])
         self.probe = _BootingProbe(self.clock, self.engine)
         self.book = PlacementBook(None)
         self.settings = DockerAgentSettings(image=IMAGE, start_timeout=10)
@@ -120,7 +122,9 @@ class RealSwarmFixture:
         self.settings = DockerAgentSettings(image=self.cluster.image, instance=self.instance,
                                             memory=64 * 1024 * 1024, pids=64,
                                             start_timeout=30, stop_grace=2)
-        self.swarm = SwarmSettings(poll_interval=0.5, cpus=0.5)
+        # one node: no other node to probe its firewall from (the three-node
+        # test, tests/test_swarm_cluster.py, covers the check on a real swarm)
+        self.swarm = SwarmSettings(poll_interval=0.5, cpus=0.5, firewall_check=False)
         self.directory = tempfile.mkdtemp(prefix="pxswc-")
         test.addCleanup(shutil.rmtree, self.directory, True)
         self.book = PlacementBook(os.path.join(self.directory, "placement.json"))

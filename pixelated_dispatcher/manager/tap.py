@@ -52,6 +52,11 @@ def _docker_parameters(exclude: Collection[str]) -> List[List[Any]]:
             if option[0] not in exclude]
 
 
+def _swarm_flags() -> List[List[Any]]:
+    from .providers.swarm_options import SWARM_OPT_FLAGS
+    return [list(flag) for flag in SWARM_OPT_FLAGS]
+
+
 def _non_negative(kind: Callable[[str], N]) -> Callable[[str], N]:
     def parse(text: str) -> N:
         value = kind(text)
@@ -129,7 +134,7 @@ class Options(usage.Options):
         ["stop-agents-on-exit", None,
          "Stop every agent when the manager stops (default: leave them running; the next"
          " manager adopts them, so a restart or upgrade logs nobody out)."],
-    ]
+    ] + _swarm_flags()
 
     def postOptions(self) -> None:
         if self["provider"] not in PROVIDERS:

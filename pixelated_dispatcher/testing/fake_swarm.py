@@ -17,7 +17,11 @@ Test knobs: :meth:`add_node`, :meth:`node_down` / :meth:`node_up`,
 :meth:`drain`, :meth:`end_task` (a container that dies), :meth:`task_files`
 (what a task's container sees in ``/run/secrets``), ``on_task_start``,
 ``fail_next_tasks``; a node's ``no_new_privileges`` answers the swarm
-provider's one-shot check (a command that greps ``NoNewPrivs``).
+provider's one-shot check (a command that greps ``NoNewPrivs``), and a
+node's ``firewall`` the firewall probe (:mod:`..manager.providers.swarm_firewall`)
+as a real swarm does: a probe from another node is refused by a node with
+the ``DOCKER-USER`` rule and reaches an agent on one without it; a probe on
+the agent's own node always reaches it (Docker's own path, not the rule's).
 """
 import hashlib
 import itertools
@@ -31,6 +35,7 @@ from zope.interface import implementer
 from ..manager.providers.docker_engine import (Conflict, DockerAPIError, ISwarmEngine,
                                                NoSuchNode, NoSuchSecret, NoSuchService,
                                                NotSwarmManager)
+from ..manager.providers.swarm_firewall import PROBE_SCRIPT, REACHED, REFUSED
 from .fake_docker import FakeDockerEngine, _normal
 
 NOT_A_MANAGER = ("This node is not a swarm manager. Use \"docker swarm init\" or \"docker swarm"
@@ -59,6 +64,8 @@ class FakeNode:
     role: str = "worker"
     #: whether its dockerd runs with --no-new-privileges
     no_new_privileges: bool = True
+    #: whether its DOCKER-USER rule lets only the proxy host reach published ports
+    firewall: bool = True
     state: str = "ready"
     availability: str = "active"
     version: int = 1
@@ -300,6 +307,9 @@ class FakeSwarmEngine(FakeDockerEngine):
             task.state, task.desired = ("complete" if task.exit_code == 0 else "failed",
                                         "shutdown")
             return
+        if container.get("Command", [])[:3] == ["sh", "-c", PROBE_SCRIPT]:
+            self._probe(task, node, *container["Command"][3:5])
+            return
         if self.fail_next_tasks:
             self.fail_next_tasks -= 1
             task.exit_code, task.state, task.desired = 3, "failed", "shutdown"
@@ -310,6 +320,21 @@ class FakeSwarmEngine(FakeDockerEngine):
             task.port = next(self._node_ports[node.id])
         if self.on_task_start is not None:
             self.on_task_start(task.as_json(), node)
+
+    def _probe(self, task: _Task, node: FakeNode, host: str, port: str) -> None:
+        """The firewall probe on ``node``: a TCP connection to ``host:port``."""
+        targets = [n for n in self.nodes.values() if n.address == host and n.state == "ready"]
+        listening = targets and any(
+            t.node_id == targets[0].id and t.state == "running" and t.port == int(port)
+            for t in self.tasks.values())
+        if not listening:
+            code = REFUSED
+        elif targets[0] is node or not targets[0].firewall:
+            code = REACHED
+        else:
+            code = REFUSED
+        task.exit_code, task.state, task.desired = code, "failed", "shutdown"
+        task.err = "task: non-zero exit (%d)" % code
 
     def _replace(self, old: _Task) -> None:
         service = self.services.get(old.service_id)

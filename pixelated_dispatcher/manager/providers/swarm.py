@@ -54,6 +54,9 @@ from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, ISwa
                             parse_version)
 from .interface import (AgentStartError, ExitCallback, IAgentProvider, IRunsOnNodes,
                         RunningAgent, notify_exit)
+from .swarm_firewall import (NO_ANSWER, NO_NC, REACHED, REFUSED, FirewallCheckError,
+                             FirewallVerdicts, choose_prober, could_not_check, is_local_address,
+                             probe_command, unsafe_reason)
 from .swarm_placement import (NodeView, PlacementBook, PlacementError, choose_node,
                               recorded_node)
 
@@ -79,6 +82,10 @@ class SwarmSettings:
     restart_attempts: int = 2
     restart_delay: float = 5.0
     tmpfs_size: int = 64 * 1024 * 1024
+    #: probe each agent node's firewall from another node (:mod:`.swarm_firewall`)
+    firewall_check: bool = True
+    #: seconds a node's firewall verdict is kept before the next start there rechecks it
+    firewall_recheck: float = 300.0
 
     def service_spec(self, agent: DockerAgentSettings, username: str, data_dir: str,
                      user: str, image_id: str, node_id: str, secret_id: str,
@@ -179,7 +186,8 @@ class SwarmProvider:
                  swarm: SwarmSettings = SwarmSettings(),
                  placements: Optional[PlacementBook] = None,
                  probe: Optional[Callable[[str, int], Deferred]] = None,
-                 keep_on_close: bool = True) -> None:
+                 keep_on_close: bool = True,
+                 is_local: Callable[[str], bool] = is_local_address) -> None:
         self._reactor = reactor
         self._engine = engine
         self.settings = settings
@@ -196,6 +204,10 @@ class SwarmProvider:
         self._callbacks: List[ExitCallback] = []
         self._secrets_to_remove: Set[str] = set()
         self._nnp_checked: Dict[str, bool] = {}
+        #: per node: did a probe from another node reach an agent there?
+        self.firewall = FirewallVerdicts(swarm.firewall_recheck)
+        #: whether an address is this (the proxy) host's: never a prober
+        self._is_local = is_local
         #: names of the one-shot check services running now (not stale)
         self._checks: Set[str] = set()
         self._nodes: Dict[str, NodeView] = {}
@@ -296,7 +308,7 @@ class SwarmProvider:
         except NotSwarmManager as error:
             raise AgentStartError("the Docker engine at %s is not a swarm manager: %s"
                                   % (self._engine.host, error.message))
-        except PlacementError as error:
+        except (PlacementError, FirewallCheckError) as error:
             raise AgentStartError(str(error))
         except DockerEngineError as error:
             raise AgentStartError("the swarm refused to run the agent of %s: %s"
@@ -322,13 +334,18 @@ class SwarmProvider:
     async def _node_for(self, username: str) -> NodeView:
         nodes = [NodeView.from_json(n) for n in await self._engine.list_nodes()]
         self._nodes = {n.id: n for n in nodes}
+        refused = self.firewall.unsafe(self._reactor.seconds())
         recorded = self.placements.get(username)
         if recorded is not None:
-            return recorded_node(nodes, recorded, username)
+            node = recorded_node(nodes, recorded, username)
+            if node.id in refused:
+                raise PlacementError("the agent of %s is not started: %s"
+                                     % (username, refused[node.id]))
+            return node
         running: Dict[str, int] = {}
         for entry in self._agents.values():
             running[entry.node.id] = running.get(entry.node.id, 0) + 1
-        node = choose_node(nodes, running, self.swarm.node_label)
+        node = choose_node(nodes, running, self.swarm.node_label, refused)
         self.placements.record(username, node.id)
         self.log.info("the agent of {username} is placed on node {node}",
                       username=username, node=node.describe())
@@ -347,6 +364,7 @@ class SwarmProvider:
             user = "%d:%d" % tuple(await self.accounts(username))
         prepare_data_dir(data_dir, user)  # this host's copy; other nodes: docs/cluster.rst
         image_id = await self._image_id()
+        fresh = self.placements.get(username) is None
         node = await self._node_for(username)
         in_spec = self._no_new_privileges_in_spec()
         if not in_spec:
@@ -367,13 +385,21 @@ class SwarmProvider:
                 await self._remove_service(name)
                 service_id = await self._engine.create_service(spec)
             task_json = await self._wait_ready(service_id, username, node)
+            port = _task_port(task_json, self.settings.port)
+            assert port is not None             # _wait_ready returns a task with one
+            if self.swarm.firewall_check and self.firewall.needs_check(
+                    node.id, self._reactor.seconds()):
+                try:
+                    await self._check_node_firewall(node, image_id, port, username)
+                except AgentStartError:
+                    if fresh and node.id in self.firewall.unsafe(self._reactor.seconds()):
+                        self.placements.forget(username)    # place anew next time
+                    raise
         except BaseException:
             if service_id is not None:
                 await self._remove_service(service_id)
             await self._remove_secret(secret_id)
             raise
-        port = _task_port(task_json, self.settings.port)
-        assert port is not None                 # _wait_ready returns a task with one
         agent = RunningAgent(username=username, address=AgentAddress(node.address, port),
                              pid=0, started=_started_at(task_json.get("CreatedAt", ""))
                              or time.time())
@@ -410,20 +436,22 @@ class SwarmProvider:
     def _sleep(self, seconds: float) -> Deferred:
         return task.deferLater(self._reactor, seconds, lambda: None)
 
-    async def _check_node_no_new_privileges(self, node: NodeView, image_id: str) -> None:
-        """On Engine API < 1.44 the node's dockerd must set no-new-privileges
-        itself: a one-shot task on the node reads its own NoNewPrivs flag."""
-        if self._nnp_checked.get(node.id):
-            return
+    async def _run_check(self, node: NodeView, image_id: str, command: List[str],
+                         what: str) -> dict:
+        """Run ``command`` once as a task on ``node`` (the agents' user, no
+        capabilities, read-only root, default bridge network); the ``Status``
+        of its ended task. ``what`` names the check in errors."""
         name = "%s-check-%s" % (self.settings.instance, secrets.token_hex(4))
+        container: dict = {
+            "Image": image_id, "User": self.settings.user, "ReadOnly": True,
+            "CapabilityDrop": ["ALL"], "Labels": {LABEL: self.settings.instance},
+            "Command": command}
+        if self._no_new_privileges_in_spec():
+            container["Privileges"] = {"NoNewPrivileges": True}
         spec = {
             "Name": name, "Labels": {LABEL: self.settings.instance},
             "TaskTemplate": {
-                "ContainerSpec": {
-                    "Image": image_id, "User": self.settings.user, "ReadOnly": True,
-                    "CapabilityDrop": ["ALL"], "Labels": {LABEL: self.settings.instance},
-                    "Command": ["sh", "-c",
-                                "grep -q '^NoNewPrivs:[[:space:]]*1' /proc/self/status"]},
+                "ContainerSpec": container,
                 "RestartPolicy": {"Condition": "none"},
                 "Placement": {"Constraints": ["node.id==%s" % node.id]}},
             "Mode": {"Replicated": {"Replicas": 1}}}
@@ -441,13 +469,22 @@ class SwarmProvider:
                 if done:
                     break
                 if self._reactor.seconds() >= deadline:
-                    raise AgentStartError("could not check no-new-privileges on node %s: the"
-                                          " check did not finish" % node.describe())
+                    raise AgentStartError("could not check %s on node %s: the check did not"
+                                          " finish" % (what, node.describe()))
                 await self._sleep(0.1)
         finally:
             await self._remove_service(service_id)
             self._checks.discard(name)
-        status = done[0].get("Status") or {}
+        return done[0].get("Status") or {}
+
+    async def _check_node_no_new_privileges(self, node: NodeView, image_id: str) -> None:
+        """On Engine API < 1.44 the node's dockerd must set no-new-privileges
+        itself: a one-shot task on the node reads its own NoNewPrivs flag."""
+        if self._nnp_checked.get(node.id):
+            return
+        status = await self._run_check(
+            node, image_id, ["sh", "-c", "grep -q '^NoNewPrivs:[[:space:]]*1' /proc/self/status"],
+            "no-new-privileges")
         if status.get("State") == "complete":
             self._nnp_checked[node.id] = True
             return
@@ -459,6 +496,44 @@ class SwarmProvider:
                 " (docs/cluster.rst)" % (node.describe(), self._engine.api_version))
         raise AgentStartError("could not check no-new-privileges on node %s: %s"
                               % (node.describe(), status.get("Err") or status.get("State")))
+
+    async def _check_node_firewall(self, node: NodeView, image_id: str, port: int,
+                                   username: str) -> None:
+        """Only the proxy host may reach agent ports: a one-shot task on another
+        node connects to this agent (:mod:`.swarm_firewall`). If it gets through,
+        the node is refused agents (this one, and the others running there, are
+        stopped) until a recheck; if the check cannot be made, the start fails."""
+        nodes = list(self._nodes.values())
+        prober = choose_prober(nodes, node, self.swarm.node_label, self._is_local)
+        if prober is None:
+            raise could_not_check(node, "no other ready node that is not the proxy host to"
+                                        " connect from")
+        status = await self._run_check(prober, image_id, probe_command(node.address, port),
+                                       "the firewall")
+        code = (status.get("ContainerStatus") or {}).get("ExitCode")
+        state = status.get("State")
+        now = self._reactor.seconds()
+        if state == "failed" and code in (REFUSED, NO_ANSWER):
+            self.firewall.record(node.id, True, "", now)
+            self.log.info("node {node}: a probe from node {prober} did not reach the agent"
+                          " of {username} ({how})", node=node.describe(),
+                          prober=prober.describe(), username=username,
+                          how="refused" if code == REFUSED else "no answer")
+            return
+        if state == "failed" and code == REACHED:
+            reason = unsafe_reason(node, prober, node.address, port)
+            self.firewall.record(node.id, False, reason, now)
+            self.log.error("{reason}", reason=reason)
+            for other, entry in list(self._agents.items()):
+                if entry.node.id == node.id and other not in self._stopping:
+                    await self._ended(other, "was stopped: " + reason)
+            raise AgentStartError("the agent of %s is not started: %s" % (username, reason))
+        if state == "failed" and code == NO_NC:
+            why = "the agent image has no nc (the check needs sh and nc)"
+        else:
+            why = "the probe on node %s ended %s" % (
+                prober.describe(), status.get("Err") or state or "without a state")
+        raise could_not_check(node, why)
 
     # -- stopping and ending --
 
@@ -569,6 +644,8 @@ class SwarmProvider:
         for node_id in list(self._nnp_checked):
             if node_id not in nodes or nodes[node_id].state != "ready":
                 del self._nnp_checked[node_id]      # its dockerd may come back otherwise
+        self.firewall.forget_safe([node_id for node_id, node in nodes.items()
+                                   if node.state == "ready"])
         for secret_id in list(self._secrets_to_remove):
             await self._remove_secret(secret_id)
         if not self._agents:

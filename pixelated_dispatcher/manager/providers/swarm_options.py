@@ -2,7 +2,7 @@
 
 Every ``--agent-*`` and ``--docker-*`` option of the docker provider means the
 same here (:func:`.docker_options.settings_from_config` reads them); the
-swarm adds placement, a CPU limit and the poll interval.
+swarm adds placement, a CPU limit, the poll interval and the firewall check.
 """
 import os
 from typing import Any, Mapping, Optional
@@ -22,6 +22,16 @@ SWARM_OPT_PARAMETERS = [
      "swarm provider: seconds between looks at nodes and tasks (swarm has no task"
      " events); an agent on a node that died is reported stopped within this plus the"
      " swarm's heartbeat period."],
+    ["swarm-firewall-recheck", None, "300",
+     "swarm provider: seconds a node's firewall check result is kept; the first agent"
+     " start on the node after that checks again (a manager restart forgets them all)."],
+]
+
+SWARM_OPT_FLAGS = [
+    ["swarm-skip-firewall-check", None,
+     "swarm provider: do not check that only the proxy host reaches agent ports on each"
+     " node (a probe from another node, docs/cluster.rst step 4). Only for sites that"
+     " filter those ports elsewhere: keeping other hosts out is then their job."],
 ]
 
 #: the placement record, in the manager's state directory
@@ -34,7 +44,8 @@ def swarm_settings_from_config(config: Mapping[str, Any]) -> SwarmSettings:
     except ValueError as error:
         raise usage.UsageError("--swarm-node-label: %s" % error)
     numbers = {}
-    for key, minimum in (("agent-cpus", 0.01), ("swarm-poll-interval", 0.1)):
+    for key, minimum in (("agent-cpus", 0.01), ("swarm-poll-interval", 0.1),
+                         ("swarm-firewall-recheck", 0.0)):
         try:
             numbers[key] = float(config[key])
         except (TypeError, ValueError):
@@ -42,7 +53,9 @@ def swarm_settings_from_config(config: Mapping[str, Any]) -> SwarmSettings:
         if numbers[key] < minimum:
             raise usage.UsageError("--%s must be at least %s" % (key, minimum))
     return SwarmSettings(node_label=label, cpus=numbers["agent-cpus"],
-                         poll_interval=numbers["swarm-poll-interval"])
+                         poll_interval=numbers["swarm-poll-interval"],
+                         firewall_check=not config.get("swarm-skip-firewall-check"),
+                         firewall_recheck=numbers["swarm-firewall-recheck"])
 
 
 def make_swarm_provider(reactor: Any, config: Mapping[str, Any],

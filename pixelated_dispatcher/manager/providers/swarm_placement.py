@@ -59,11 +59,19 @@ def parse_label(text: str) -> "tuple[str, str]":
 
 
 def choose_node(nodes: Iterable[NodeView], running: Mapping[str, int],
-                label: "tuple[str, str]") -> NodeView:
-    """The usable node with ``label`` that runs the fewest agents (ties: by host name)."""
+                label: "tuple[str, str]", refused: Optional[Mapping[str, str]] = None) -> NodeView:
+    """The usable node with ``label`` that runs the fewest agents (ties: by host name).
+
+    ``refused``: ``{node id: why}`` of nodes that must not get agents now
+    (their firewall let a probe through, :mod:`.swarm_firewall`)."""
     key, value = label
+    refused = refused or {}
     candidates: List[NodeView] = [n for n in nodes if n.labels.get(key) == value]
-    usable = [n for n in candidates if n.usable]
+    usable = [n for n in candidates if n.usable and n.id not in refused]
+    if not usable and any(n.usable for n in candidates):
+        raise PlacementError("no swarm node with the label %s=%s may run agents now: %s"
+                             % (key, value, "; ".join(refused[n.id] for n in candidates
+                                                      if n.usable and n.id in refused)))
     if not usable:
         if not candidates:
             raise PlacementError(
@@ -117,6 +125,9 @@ class PlacementBook:
 
     def record(self, username: str, node_id: str) -> None:
         self._nodes[username] = node_id
+        self._write()
+
+    def _write(self) -> None:
         if self.path is None:
             return
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
@@ -127,6 +138,11 @@ class PlacementBook:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, self.path)
+
+    def forget(self, username: str) -> None:
+        """Undo a placement that never held data (its first start failed)."""
+        if self._nodes.pop(username, None) is not None:
+            self._write()
 
     def counts(self) -> Dict[str, int]:
         """How many users each node holds the data of."""
