@@ -198,14 +198,22 @@ class Node:
     def in_namespace(self, *args, check=True, timeout=30):
         return _run("ip", "netns", "exec", self.namespace, *args, check=check, timeout=timeout)
 
-    def allow_only(self, source: str) -> None:
-        """The node set-up step of docs/cluster.rst: only ``source`` (the proxy
-        host) may open connections to the node's published container ports."""
+    def _rule(self, source: str) -> tuple:
         # the original direction of published-port (DNAT) connections only:
         # replies and the containers' own connections pass
-        self.in_namespace("iptables", "-I", "DOCKER-USER", "-p", "tcp", "-m", "conntrack",
-                          "--ctstate", "DNAT", "--ctdir", "ORIGINAL", "!", "-s", source,
-                          "-j", "REJECT", "--reject-with", "tcp-reset")
+        return ("DOCKER-USER", "-p", "tcp", "-m", "conntrack", "--ctstate", "DNAT",
+                "--ctdir", "ORIGINAL", "!", "-s", source,
+                "-j", "REJECT", "--reject-with", "tcp-reset")
+
+    def allow_only(self, source: str, remove: bool = False) -> None:
+        """The node set-up step of docs/cluster.rst: only ``source`` (the proxy
+        host) may open connections to the node's published container ports
+        (``remove``: take that rule away again)."""
+        self.in_namespace("iptables", "-D" if remove else "-I", *self._rule(source))
+
+    def has_rule(self, source: str) -> bool:
+        return self.in_namespace("iptables", "-C", *self._rule(source),
+                                 check=False).returncode == 0
 
 
 class Cluster:

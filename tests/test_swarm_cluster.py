@@ -13,9 +13,14 @@ manager and proxy, the real ``pixelated-ctl``, an HTTPS browser:
 * ``kill -9`` of that worker's dockerd gets her reported stopped within the
   heartbeat period and her browser a clear page; once the worker is back
   her next login works;
-* a manager restart adopts bob's agent on the other worker.
+* a manager restart adopts bob's agent on the other worker;
+* a worker without the DOCKER-USER rule serves no agent: the manager's
+  probe from another node reaches alice's agent there, stops it and says
+  which node lacks the rule (``pixelated-ctl info``, the "unavailable"
+  page); once the rule is back, her next login after the recheck works.
 
-Skips without root; fails instead under CI=true.
+The tests share one cluster (made once per class: ~4 s) and leave it as
+they found it. Skips without root; fails instead under CI=true.
 """
 import json
 import os
@@ -40,7 +45,7 @@ POLL = 0.5
 class SwarmStack:
     """Manager (swarm provider) and proxy in a temporary directory."""
 
-    def __init__(self, test, cluster):
+    def __init__(self, test, cluster, extra_args=()):
         self.cluster = cluster
         self.instance = "pxsc-%s" % uuid.uuid4().hex[:8]
         self.directory = tempfile.mkdtemp(prefix="pxswarm-")
@@ -51,7 +56,8 @@ class SwarmStack:
                 "--docker-instance", self.instance, "--agent-image", cluster.image,
                 "--agent-memory", "64m", "--agent-cpus", "0.5",
                 "--agent-start-timeout", "30", "--agent-stop-grace", "2",
-                "--swarm-poll-interval", str(POLL), "--leap-provider", "example.org"])
+                "--swarm-poll-interval", str(POLL), "--leap-provider", "example.org"]
+            + list(extra_args))
         test.addCleanup(self.dispatcher.stop)
         self.dispatcher.start()
 
@@ -63,11 +69,15 @@ class SwarmStack:
                     tails.append("---- %s\n%s" % (log, f.read()[-4000:]))
         return "\n".join(tails)
 
-    def info(self, username):
+    def info_text(self, username):
         result = self.dispatcher.ctl("info", username)
         if result.returncode != 0:
             raise AssertionError("pixelated-ctl info failed: %s" % result.stderr)
-        return dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())
+        return result.stdout
+
+    def info(self, username):
+        return dict(line.split(None, 1) for line in self.info_text(username).splitlines()
+                    if line.strip())
 
     def browser(self):
         from .https_browser import Browser
@@ -88,14 +98,22 @@ def connect_from_host(address, port):
 class ThreeNodeSwarmTests(SynchronousTestCase):
     timeout = 300
 
-    def setUp(self):
+    @classmethod
+    def setUpClass(cls):
         reason = swarm_cluster.can_run()
         dockerd.decide(None if reason else "ok", reason)
-        self.cluster = swarm_cluster.Cluster(3, agent_nodes=(2, 3))
-        self.cluster.create()
-        self.addCleanup(self.cluster.destroy)
-        for node in self.cluster.nodes[1:]:
-            node.allow_only(swarm_cluster.HOST_ADDRESS)
+        cls.cluster = swarm_cluster.Cluster(3, agent_nodes=(2, 3))
+        cls.cluster.create()
+        try:
+            for node in cls.cluster.nodes[1:]:
+                node.allow_only(swarm_cluster.HOST_ADDRESS)
+        except BaseException:
+            cls.cluster.destroy()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.destroy()
 
     def node_at(self, address):
         return [n for n in self.cluster.nodes if n.address == address][0]
@@ -172,3 +190,41 @@ class ThreeNodeSwarmTests(SynchronousTestCase):
         page = agent_page(bob)
         self.assertEqual((page.status, page.text.strip()), (200, "Mailbox of bob"),
                          "same session, no new login\n" + stack.logs())
+
+    def test_a_worker_that_lets_other_hosts_in_serves_no_agent(self):
+        cluster = self.cluster
+        open_worker, other = cluster.nodes[2], cluster.nodes[1]
+        # node 3 lacks the DOCKER-USER rule; node 2 takes no agents, so
+        # alice's agent can only go to node 3
+        open_worker.allow_only(swarm_cluster.HOST_ADDRESS, remove=True)
+        self.addCleanup(lambda: open_worker.has_rule(swarm_cluster.HOST_ADDRESS)
+                        or open_worker.allow_only(swarm_cluster.HOST_ADDRESS))
+        cluster.label(other, {swarm_cluster.AGENT_LABEL: "false"})
+        self.addCleanup(cluster.label, other, {swarm_cluster.AGENT_LABEL: "true"})
+        stack = SwarmStack(self, cluster, ["--swarm-firewall-recheck", "2"])
+        stack.dispatcher.add_user("alice", "alice password 1")
+
+        alice = stack.browser()
+        self.assertEqual(alice.log_in("alice", "alice password 1").status, 303, stack.logs())
+        wait_until(lambda: "DOCKER-USER" in stack.info_text("alice"), 40,
+                   "the start refused for the missing rule", stack)
+        info = stack.info_text("alice")
+        self.assertIn(open_worker.node_id[:12], info, "the node is named")
+        self.assertIn("docs/cluster.rst, set-up step 4", info)
+        self.assertNotIn("running", stack.info("alice")["state"])
+        # nothing of alice's runs on the swarm; her browser gets a clear page
+        self.assertEqual(cluster.manager.api("GET", "/services", params={"filters": json.dumps(
+            {"label": ["org.pixelated.dispatcher=%s" % stack.instance]})}), [])
+        page = alice.get("/")
+        self.assertEqual(page.status, 503, page.text + stack.logs())
+        self.assertIn("Mailbox unavailable", page.text)
+
+        # the operator adds the rule: after the recheck period her next login works
+        open_worker.allow_only(swarm_cluster.HOST_ADDRESS)
+        time.sleep(2)
+        again = stack.browser()
+        self.assertEqual(again.log_in("alice", "alice password 1").status, 303)
+        page = agent_page(again, timeout=40)
+        self.assertEqual((page.status, page.text.strip()), (200, "Mailbox of alice"),
+                         stack.logs())
+        self.assertEqual(stack.info("alice")["address"].rsplit(":", 1)[0], open_worker.address)

@@ -511,3 +511,18 @@ class FirewallCheckTests(SwarmCase):
         options["swarm-firewall-recheck"] = "soon"
         with self.assertRaises(UsageError):
             swarm_settings_from_config(options)
+
+    def test_a_new_manager_checks_the_nodes_of_the_agents_it_adopts(self):
+        first = self.checked()
+        self.started(first, "alice")                    # worker-1
+        self.started(first, "bob")                      # worker-2
+        self.successResultOf(first.close())
+        self.workers[0].firewall = False                # lost while no manager watched
+        second = self.checked()                         # adopts both, then checks
+        self.assertEqual(sorted(second.running()), ["bob"])
+        ((who, reason),) = self.exits
+        self.assertEqual(who, "alice")
+        self.assertIn("worker-1", reason)
+        self.assertIn("docs/cluster.rst, set-up step 4", reason)
+        self.assertEqual([s["Spec"]["Labels"][USER_LABEL] for s in self.engine.services.values()],
+                         ["bob"])

@@ -18,7 +18,10 @@ The node is chosen once per user (:mod:`.swarm_placement`) and pinned with a
 ``node.id==`` constraint. The task publishes the agent port in host mode with
 PublishedPort 0: the node picks the port, read back from the task's
 ``PortStatus``; the agent's address is the node's address and that port.
-Ready = the task runs and the agent answers HTTP there.
+Ready = the task runs and the agent answers HTTP there. Only the proxy host
+may reach that port (a ``DOCKER-USER`` rule on each node): before the first
+agent on a node is handed out, and again after ``firewall_recheck`` seconds,
+a one-shot task on another node checks that it cannot (:mod:`.swarm_firewall`).
 
 Swarm has no task events: the provider polls nodes and tasks every
 ``poll_interval`` seconds. A task that is no longer running, a node that is
@@ -535,6 +538,26 @@ class SwarmProvider:
                 prober.describe(), status.get("Err") or state or "without a state")
         raise could_not_check(node, why)
 
+    async def _check_adopted(self, adopted: List[RunningAgent]) -> None:
+        """The firewall of each node running adopted agents: a new manager has
+        no verdicts, and the node may have lost its rule meanwhile (a node
+        found unsafe has its agents stopped)."""
+        if not self.swarm.firewall_check or not adopted:
+            return
+        image_id = await self._image_id()
+        for agent in adopted:
+            entry = self._agents.get(agent.username)
+            if entry is None or not self.firewall.needs_check(entry.node.id,
+                                                              self._reactor.seconds()):
+                continue
+            try:
+                await self._check_node_firewall(entry.node, image_id, agent.address.port,
+                                                agent.username)
+            except (AgentStartError, FirewallCheckError) as error:
+                if entry.node.id not in self.firewall.unsafe(self._reactor.seconds()):
+                    self.log.error("adopted agents on node {node} run on unchecked: {error}",
+                                   node=entry.node.describe(), error=error)
+
     # -- stopping and ending --
 
     async def _stop(self, username: str) -> None:
@@ -608,6 +631,7 @@ class SwarmProvider:
                     self._engine_up = True
                     if not self._first_fired.called:
                         self._first_fired.callback(adopted)
+                    await self._check_adopted(adopted)
                 else:
                     await self._poll()
             except (EngineUnavailable, NotSwarmManager) as error:
