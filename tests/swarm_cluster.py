@@ -17,12 +17,15 @@ half-made cluster. Needs root, ``ip``, ``nsenter``, ``dockerd`` and ``iptables``
 (.ci/run installs them); only one cluster exists on the machine at a time.
 """
 import fcntl
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
 from typing import List, Optional
+
+from pixelated_dispatcher.manager.providers.docker import LABEL
 
 from . import dockerd
 
@@ -352,6 +355,15 @@ class Cluster:
         for node in self.nodes:
             _unmount_under(node.directory)
             shutil.rmtree(node.directory, ignore_errors=True)
+
+
+def remove_services(node, instance):
+    """Test clean-up: our services and secrets on the swarm."""
+    label = json.dumps({"label": ["%s=%s" % (LABEL, instance)]})
+    for service in node.api("GET", "/services", params={"filters": label}):
+        node.api("DELETE", "/services/%s" % service["ID"], expect=(200, 404))
+    for secret in node.api("GET", "/secrets", params={"filters": label}):
+        node.api("DELETE", "/secrets/%s" % secret["ID"], expect=(200, 204, 400, 404))
 
 
 def _unmount_under(directory: str) -> None:

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 import uuid
@@ -36,7 +35,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pixelated_dispatcher.demo import Dispatcher
 
 from . import dockerd, swarm_cluster
-from .test_docker_integration import agent_page, wait_until
+from .docker_stack import agent_page, wait_until
 
 HEARTBEAT = swarm_cluster.HEARTBEAT_SECONDS
 POLL = 0.5

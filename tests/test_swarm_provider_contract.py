@@ -21,7 +21,8 @@ from pixelated_dispatcher.manager.providers.swarm_placement import PlacementBook
 from pixelated_dispatcher.testing.fake_swarm import FakeSwarmEngine
 from pixelated_dispatcher.testing.provider_contract import make_provider_tests
 
-from . import dockerd, swarm_cluster
+from . import swarm_cluster
+from .swarm_cluster import remove_services
 
 KILLED = "was killed by signal 9 (SIGKILL, exit code 137)"
 IMAGE = "pixelated-test-agent:fake"
@@ -187,15 +188,6 @@ class RealSwarmFixture:
             "filters": json.dumps({"label": ["%s=%s" % (LABEL, self.instance),
                                              "%s=%s" % (USER_LABEL, username)]})})
         return len(services)
-
-
-def remove_services(node, instance):
-    """Test clean-up: our services and secrets on the swarm."""
-    label = json.dumps({"label": ["%s=%s" % (LABEL, instance)]})
-    for service in node.api("GET", "/services", params={"filters": label}):
-        node.api("DELETE", "/services/%s" % service["ID"], expect=(200, 404))
-    for secret in node.api("GET", "/secrets", params={"filters": label}):
-        node.api("DELETE", "/secrets/%s" % secret["ID"], expect=(200, 204, 400, 404))
 
 
 class RealSwarmProviderContractTests(make_provider_tests(RealSwarmFixture, runs_on_nodes=True)):

@@ -24,7 +24,7 @@ from pixelated_dispatcher.testing.provider_contract import credentials_for
 
 from . import swarm_cluster
 from .dockerd import coroutine_tests
-from .test_swarm_provider_contract import remove_services
+from .swarm_cluster import remove_services
 
 POLL = 0.5
 
