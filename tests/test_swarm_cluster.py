@@ -17,7 +17,8 @@ manager and proxy, the real ``pixelated-ctl``, an HTTPS browser:
 * a worker without the DOCKER-USER rule serves no agent: the manager's
   probe from another node reaches alice's agent there, stops it and says
   which node lacks the rule (``pixelated-ctl info``, the "unavailable"
-  page); once the rule is back, her next login after the recheck works.
+  page); once the rule is back, her next login after the recheck works;
+  when it goes again while her agent runs, the next recheck stops it.
 
 The tests share one cluster (made once per class: ~4 s) and leave it as
 they found it. Skips without root; fails instead under CI=true.
@@ -227,3 +228,10 @@ class ThreeNodeSwarmTests(SynchronousTestCase):
         self.assertEqual((page.status, page.text.strip()), (200, "Mailbox of alice"),
                          stack.logs())
         self.assertEqual(stack.info("alice")["address"].rsplit(":", 1)[0], open_worker.address)
+
+        # the rule goes while her agent runs: the next recheck stops it
+        open_worker.allow_only(swarm_cluster.HOST_ADDRESS, remove=True)
+        wait_until(lambda: stack.info("alice").get("state") != "running", 2 + 4 * POLL + 10,
+                   "alice's agent stopped by the recheck", stack)
+        self.assertIn("DOCKER-USER", stack.info_text("alice"))
+        self.assertEqual(alice.get("/").status, 503)

@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -436,39 +437,72 @@ class FirewallCheckTests(SwarmCase):
         self.assertEqual(self.node_of(provider, "carol").id, self.workers[0].id)
         self.successResultOf(provider.stop("carol"))
         self.workers[0].firewall = False                 # e.g. a reboot without the rule
-        self.clock.advance(self.RECHECK)
-        error = self.failureResultOf(self.start(provider, "carol"), AgentStartError).value
-        self.assertIn("worker-1", str(error))
-        self.assertIn("docs/cluster.rst, set-up step 4", str(error))
-        # alice, on the same node, is stopped and told why; bob runs on
+        self.clock.advance(self.RECHECK - POLL)
+        self.assertEqual(sorted(provider.running()), ["alice", "bob"], "not yet due")
+        # the poll after the recheck period probes the nodes that run agents:
+        # alice, on worker-1, is stopped and told why; bob runs on
+        self.clock.advance(POLL)
         self.assertEqual(sorted(provider.running()), ["bob"])
         ((who, reason),) = [e for e in self.exits if e[0] != "carol"]
         self.assertEqual(who, "alice")
-        self.assertIn("DOCKER-USER", reason)
-        # carol's data is on worker-1: her next start is refused at once,
-        # without a service (the verdict is kept until the recheck)
+        self.assertIn("worker-1", reason)
+        self.assertIn("docs/cluster.rst, set-up step 4", reason)
+        self.assertEqual([s["Spec"]["Labels"][USER_LABEL] for s in self.engine.services.values()],
+                         ["bob"])
+        # carol's data is on worker-1: her start is refused at once, without
+        # a service (the verdict is kept until the next recheck)
         services = len(self.specs)
-        again = self.failureResultOf(self.start(provider, "carol"), AgentStartError).value
-        self.assertIn("worker-1", str(again))
+        error = self.failureResultOf(self.start(provider, "carol"), AgentStartError).value
+        self.assertIn("worker-1", str(error))
+        self.assertIn("DOCKER-USER", str(error))
         self.assertEqual(len(self.specs), services)
         self.assertEqual(self.node_of(provider, "bob").id, self.workers[1].id)
 
-    def test_a_node_found_safe_is_not_probed_again_until_the_recheck(self):
+    def test_a_node_found_safe_is_probed_again_only_after_the_recheck_period(self):
         provider = self.checked()
         for username in ("alice", "bob", "carol", "dave"):
             self.started(provider, username)
         self.assertEqual(len(self.probes()), 2)          # one per worker
         self.successResultOf(provider.stop("dave"))
-        self.clock.advance(self.RECHECK)
         self.started(provider, "dave")
-        self.assertEqual(len(self.probes()), 3)
+        self.clock.advance(self.RECHECK - POLL)
+        self.assertEqual(len(self.probes()), 2)
+        self.clock.advance(POLL)                          # both run agents: rechecked
+        self.assertEqual(len(self.probes()), 4)
+        self.successResultOf(provider.stop("dave"))
+        self.started(provider, "dave")
+        self.assertEqual(len(self.probes()), 4)
         # a node that went down may come back without its rule: checked again
         self.engine.node_down(self.workers[0].id)
         self.clock.advance(POLL)
         self.engine.node_up(self.workers[0].id)
         self.clock.advance(POLL)
         self.started(provider, "alice")
-        self.assertEqual(len(self.probes()), 4)
+        self.assertEqual(len(self.probes()), 5)
+
+    def test_running_agents_that_cannot_be_checked_are_logged_and_retried_later(self):
+        provider = self.checked()
+        self.started(provider, "alice")
+        real_probe = self.engine._probe
+
+        def no_nc(task, node, host, port):
+            real_probe(task, node, host, port)
+            task.exit_code, task.err = 13, "task: non-zero exit (13)"
+        self.engine._probe = no_nc
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.clock.advance(self.RECHECK)
+        self.assertEqual(len(self.probes()), 2)
+        self.assertEqual(sorted(provider.running()), ["alice"])
+        (error,) = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.error]
+        self.assertIn("run unchecked", error)
+        self.assertIn("needs sh and nc", error)
+        for _ in range(5):
+            self.clock.advance(POLL)                       # not at every poll
+        self.assertEqual(len(self.probes()), 2)
+        self.clock.advance(self.RECHECK)
+        self.assertEqual(len(self.probes()), 3)
 
     def test_without_a_node_to_probe_from_the_start_fails_loudly(self):
         # the proxy host is the swarm manager's node (the usual set-up) and

@@ -20,8 +20,9 @@ PublishedPort 0: the node picks the port, read back from the task's
 ``PortStatus``; the agent's address is the node's address and that port.
 Ready = the task runs and the agent answers HTTP there. Only the proxy host
 may reach that port (a ``DOCKER-USER`` rule on each node): before the first
-agent on a node is handed out, and again after ``firewall_recheck`` seconds,
-a one-shot task on another node checks that it cannot (:mod:`.swarm_firewall`).
+agent on a node is handed out, and every ``firewall_recheck`` seconds while
+agents run there, a one-shot task on another node checks that it cannot
+(:mod:`.swarm_firewall`).
 
 Swarm has no task events: the provider polls nodes and tasks every
 ``poll_interval`` seconds. A task that is no longer running, a node that is
@@ -211,6 +212,10 @@ class SwarmProvider:
         self.firewall = FirewallVerdicts(swarm.firewall_recheck)
         #: whether an address is this (the proxy) host's: never a prober
         self._is_local = is_local
+        #: the background round of firewall checks of nodes running agents
+        self._node_checks: Optional[Deferred] = None
+        #: node id -> when to try again a check of its running agents that failed
+        self._unchecked_until: Dict[str, float] = {}
         #: names of the one-shot check services running now (not stale)
         self._checks: Set[str] = set()
         self._nodes: Dict[str, NodeView] = {}
@@ -267,6 +272,9 @@ class SwarmProvider:
         self._closing = True
         if self._loop is not None and not self._loop.called:
             self._loop.cancel()
+        if self._node_checks is not None:
+            self._node_checks.cancel()
+            await DeferredList([self._node_checks], consumeErrors=True)
         await DeferredList([s.wait() for s in list(self._starting.values())],
                            consumeErrors=True)
         if self.keep_on_close:
@@ -538,25 +546,52 @@ class SwarmProvider:
                 prober.describe(), status.get("Err") or state or "without a state")
         raise could_not_check(node, why)
 
-    async def _check_adopted(self, adopted: List[RunningAgent]) -> None:
-        """The firewall of each node running adopted agents: a new manager has
-        no verdicts, and the node may have lost its rule meanwhile (a node
-        found unsafe has its agents stopped)."""
-        if not self.swarm.firewall_check or not adopted:
+    def _check_running_nodes(self) -> None:
+        """In the background, one round at a time: the firewall of each node
+        that runs agents and is due a check -- a new manager has no verdicts
+        (its adopted agents), and a node may lose its rule while agents run
+        (so every ``firewall_recheck`` seconds). A node found unsafe has its
+        agents stopped; one that cannot be checked is logged as an error and
+        tried again after ``firewall_recheck`` seconds."""
+        if not self.swarm.firewall_check or self._closing or self._node_checks is not None:
             return
-        image_id = await self._image_id()
-        for agent in adopted:
-            entry = self._agents.get(agent.username)
-            if entry is None or not self.firewall.needs_check(entry.node.id,
-                                                              self._reactor.seconds()):
-                continue
-            try:
-                await self._check_node_firewall(entry.node, image_id, agent.address.port,
-                                                agent.username)
-            except (AgentStartError, FirewallCheckError) as error:
-                if entry.node.id not in self.firewall.unsafe(self._reactor.seconds()):
-                    self.log.error("adopted agents on node {node} run on unchecked: {error}",
-                                   node=entry.node.describe(), error=error)
+        now = self._reactor.seconds()
+        due: Dict[str, str] = {}
+        for username, entry in self._agents.items():
+            node_id = entry.node.id
+            if (username not in self._stopping and self.firewall.needs_check(node_id, now)
+                    and self._unchecked_until.get(node_id, 0) <= now):
+                due.setdefault(node_id, username)
+        if not due:
+            return
+        checks = ensureDeferred(self._check_nodes_of(list(due.values())))
+        if not checks.called:
+            self._node_checks = checks
+            checks.addBoth(lambda _: setattr(self, "_node_checks", None))
+
+    async def _check_nodes_of(self, usernames: List[str]) -> None:
+        try:
+            image_id = await self._image_id()
+            for username in usernames:
+                entry = self._agents.get(username)
+                now = self._reactor.seconds()
+                if entry is None or not self.firewall.needs_check(entry.node.id, now):
+                    continue
+                try:
+                    await self._check_node_firewall(entry.node, image_id,
+                                                    entry.agent.address.port, username)
+                except (AgentStartError, FirewallCheckError, DockerEngineError) as error:
+                    if entry.node.id in self.firewall.unsafe(self._reactor.seconds()):
+                        continue                # logged, its agents stopped
+                    self._unchecked_until[entry.node.id] = (self._reactor.seconds()
+                                                            + self.swarm.firewall_recheck)
+                    self.log.error("agents on node {node} run unchecked: {error}",
+                                   node=entry.node.describe(),
+                                   error=getattr(error, "message", None) or error)
+        except CancelledError:
+            pass
+        except Exception:
+            self.log.failure("checking the firewall of the agents' nodes failed")
 
     # -- stopping and ending --
 
@@ -631,7 +666,7 @@ class SwarmProvider:
                     self._engine_up = True
                     if not self._first_fired.called:
                         self._first_fired.callback(adopted)
-                    await self._check_adopted(adopted)
+                    self._check_running_nodes()
                 else:
                     await self._poll()
             except (EngineUnavailable, NotSwarmManager) as error:
@@ -681,6 +716,7 @@ class SwarmProvider:
             reason = await self._check_agent(entry, nodes, wanted)
             if reason is not None and self._agents.get(username) is entry:
                 await self._ended(username, reason)
+        self._check_running_nodes()
 
     async def _check_agent(self, entry: _Agent, nodes: Dict[str, NodeView],
                            wanted: Dict[str, dict]) -> Optional[str]:

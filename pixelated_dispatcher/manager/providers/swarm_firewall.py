@@ -20,7 +20,8 @@ agent answered (the node is *unsafe*: its agent is stopped and nothing runs
 there until a recheck finds it refused), the connection was refused (safe),
 no answer within 3 s (safe: something drops it, e.g. a firewall outside the
 node), or the image has no ``nc``. Verdicts are kept per node for
-``recheck`` seconds and forgotten at a manager restart.
+``recheck`` seconds (then a node running agents is probed again in the
+background, any other at its next start) and forgotten at a manager restart.
 """
 import errno
 import socket

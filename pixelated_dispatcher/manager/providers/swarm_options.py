@@ -23,8 +23,9 @@ SWARM_OPT_PARAMETERS = [
      " events); an agent on a node that died is reported stopped within this plus the"
      " swarm's heartbeat period."],
     ["swarm-firewall-recheck", None, "300",
-     "swarm provider: seconds a node's firewall check result is kept; the first agent"
-     " start on the node after that checks again (a manager restart forgets them all)."],
+     "swarm provider: seconds a node's firewall check result is kept; then a node"
+     " running agents is checked again, any other at its next agent start (a manager"
+     " restart forgets them all)."],
 ]
 
 SWARM_OPT_FLAGS = [
