@@ -69,6 +69,23 @@ class NftablesFirewallContractTests(make_firewall_tests(_RealFixture)):
     pass
 
 
+#: connect to PORT, then send each line of stdin; prints the first error
+HOLD = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+try:
+    for line in sys.stdin:
+        s.sendall(line.encode())
+        time.sleep(0.3)
+        s.sendall(b"")
+    s.settimeout(3)
+    s.recv(1)
+    print("open")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
 class NftablesFilteringTests(TestCase):
     """The real table, the real kernel, real processes of other uids."""
 
@@ -90,22 +107,60 @@ class NftablesFilteringTests(TestCase):
         return deferToThread(connect_as, uid, gid, self.port)
 
     @inlineCallbacks
-    def test_only_root_and_the_proxy_group_reach_a_protected_port(self):
+    def test_only_root_and_the_proxy_group_while_granted_reach_a_protected_port(self):
         yield self.firewall.start()
         self.assertEqual((yield self.reach(STRANGER, STRANGER)), "connected")  # not yet
         yield self.firewall.protect("127.0.0.1", self.port)
         self.assertEqual((yield self.reach(STRANGER, STRANGER)), "ConnectionRefusedError")
+        self.assertEqual((yield self.reach(None, None)), "connected")  # root
+        # the proxy, before the manager granted it this agent
+        self.assertEqual((yield self.reach(PROXY_GID, PROXY_GID)), "ConnectionRefusedError")
+        yield self.firewall.grant("127.0.0.1", self.port)
         self.assertEqual((yield self.reach(PROXY_GID, PROXY_GID)), "connected")
         self.assertEqual((yield self.reach(STRANGER, PROXY_GID)), "connected")
-        self.assertEqual((yield self.reach(None, None)), "connected")  # root
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "ConnectionRefusedError",
+                         "a grant is the proxy group's, nobody else's")
         # a supplementary membership is not enough: the socket's group counts
         self.assertEqual((yield deferToThread(lambda: subprocess.run(
             ["setpriv", "--reuid", str(STRANGER), "--regid", str(STRANGER), "--groups",
              str(PROXY_GID), "--", sys.executable, "-c", CONNECT, str(self.port)],
             capture_output=True, text=True, timeout=20).stdout.strip())),
             "ConnectionRefusedError")
+        yield self.firewall.revoke("127.0.0.1", self.port)
+        self.assertEqual((yield self.reach(PROXY_GID, PROXY_GID)), "ConnectionRefusedError")
+        self.assertEqual((yield self.reach(None, None)), "connected")
         yield self.firewall.release("127.0.0.1", self.port)
         self.assertEqual((yield self.reach(STRANGER, STRANGER)), "connected")
+
+    @inlineCallbacks
+    def test_a_connection_opened_while_granted_dies_with_the_grant(self):
+        """A compromised proxy cannot keep an agent by holding a connection
+        open: the rules apply to every packet, not to new connections only."""
+        yield self.firewall.start()
+        yield self.firewall.protect("127.0.0.1", self.port)
+        yield self.firewall.grant("127.0.0.1", self.port)
+        holder = subprocess.Popen(
+            ["setpriv", "--reuid", str(PROXY_GID), "--regid", str(PROXY_GID),
+             "--clear-groups", "--", sys.executable, "-c", HOLD, str(self.port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(holder.kill)
+        self.listener.settimeout(10)
+        server, _ = yield deferToThread(self.listener.accept)
+        self.addCleanup(server.close)
+        holder.stdin.write("before\n")
+        holder.stdin.flush()
+        server.settimeout(10)
+        self.assertEqual((yield deferToThread(server.recv, 100)), b"before\n")
+        yield self.firewall.revoke("127.0.0.1", self.port)
+        holder.stdin.write("after\n")
+        out = yield deferToThread(holder.communicate, timeout=20)
+        self.assertIn("ConnectionResetError", out[0])
+        server.settimeout(1)
+        try:
+            received = server.recv(100)
+        except OSError:
+            received = b""
+        self.assertNotIn(b"after", received)
 
     @inlineCallbacks
     def test_the_table_is_gone_after_close_and_stays_with_agents(self):
@@ -160,7 +215,7 @@ class MakeFirewallTests(SynchronousTestCase):
         self.assertIsInstance(firewall, NftablesFirewall)
         self.assertEqual(firewall.table, table_name_for("/var/lib/pixelated"))
         self.assertNotEqual(firewall.table, table_name_for("/var/lib/pixelated2"))
-        self.assertIn("meta skgid 7 accept", firewall.ruleset())
+        self.assertIn("meta skgid 7 ip daddr . tcp dport @granted accept", firewall.ruleset())
         self.assertNotIn("skgid", make_firewall(reactor, "auto", "/s", None, True).ruleset())
 
     def test_nftables_asked_for_without_root_is_an_error(self):

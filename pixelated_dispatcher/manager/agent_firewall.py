@@ -1,4 +1,4 @@
-"""Only root and the proxy open connections to agents: packet filtering.
+"""Only root, and the proxy for the users it serves, open connections to agents.
 
 The Pixelated user agent trusts whoever connects to it, and it listens on
 TCP. Any local account (or another user's agent) that learns its port
@@ -6,36 +6,45 @@ TCP. Any local account (or another user's agent) that learns its port
 manager keeps an nftables table of its own that lets only two kinds of
 sockets open a connection to an agent:
 
-* sockets of uid 0: the manager's own readiness probe, and Docker's port
-  proxy (``docker-proxy`` runs as root); root is root anyway;
+* sockets of uid 0, to every agent: the manager's own readiness probe, and
+  Docker's port proxy (``docker-proxy`` runs as root); root is root anyway;
 * sockets whose group is ``--proxy-group`` (``meta skgid``: the group the
   socket's creator had, i.e. the proxy's primary group; the proxy runs with
-  it, as systemd's ``Group=`` or twistd's ``--gid`` give it). Whoever is a
-  member of that group may use the proxy's manager commands already, so the
-  filter draws the line where the manager socket draws it.
+  it, as systemd's ``Group=`` or twistd's ``--gid`` give it), to the agents
+  whose endpoint is *granted* (the ``granted`` set). The manager grants an
+  agent's endpoint when it answers ``EnsureAgent``/``LocateAgent`` to a
+  request that showed a live session of that user, and revokes it when the
+  user's last session ends (``manager/agent_grants.py``): a compromised
+  proxy reaches the agents of users who are logged in (whose tokens it sees
+  at their next request anyway), not the agent of anyone whose session it
+  never saw.
 
 Everything else sent to an agent's ``address . port`` from this host is
 answered with a TCP reset (``output`` hook), and whatever arrives for it on
 another interface than ``lo`` (other hosts, containers, a namespace that
-set ``route_localnet``) is dropped (``prerouting`` hook). Both chains run at
-priority -150: after conntrack (-200), before Docker's DNAT (-100), so they
-see the destination the client asked for. A drop in any base chain is final
-in netfilter, whatever other tables (Docker's) accept, so this table can only
-take reachability away, never give it.
+set ``route_localnet``) is dropped (``prerouting`` hook). The rules look at
+every packet, not only at new connections: a connection the proxy opened
+while a grant held is reset at the first packet it sends after the revocation.
+Both chains run at priority -150: after conntrack (-200), before Docker's
+DNAT (-100), so they see the destination the client asked for. A drop in any
+base chain is final in netfilter, whatever other tables (Docker's) accept,
+so this table can only take reachability away, never give it.
 
 The table is per manager instance (its name is derived from the state
 directory: two managers on one machine never touch each other's rules) and
 holds one set element per agent (``127.0.0.1 . port``), added before the
 agent is spawned and deleted after it ended: one manager's rules never
-affect ports it did not hand out. Docker networks of agents are added as a
-whole (:meth:`IAgentFirewall.protect_network`, their bridge address
-excepted), so a container's address is filtered from its first moment.
+affect ports it did not hand out. Protecting an endpoint and releasing it
+both take its grant away, in the same transaction: a port handed to the next
+agent is granted to nobody. Docker networks of agents are added as a whole
+(:meth:`IAgentFirewall.protect_network`, their bridge address excepted), so
+a container's address is filtered from its first moment; only root reaches
+them (the proxy uses the published port on 127.0.0.1).
 
 The table is created (or repaired: chains rewritten, set elements kept) at
 manager start, trimmed to the adopted agents after ``recover()``, and
-removed at manager stop unless agents run on for the next manager.
-``nft`` runs as a child process (``nft -f -``), never blocking the reactor,
-one invocation at a time.
+removed at manager stop unless agents run on. ``nft`` runs as a child
+process (``nft -f -``), never blocking the reactor, one invocation at a time.
 """
 import hashlib
 import ipaddress
@@ -121,11 +130,24 @@ class IAgentFirewall(Interface):
         ``gateway`` (the host's own address on it) is an agent's."""
 
     def retain_only(endpoints: Iterable[Endpoint]) -> Deferred:
-        """Drop every entry but ``endpoints`` (after adopting agents: what
-        the previous manager protected and no agent holds any more)."""
+        """Drop every entry, and every grant, but ``endpoints`` (after
+        adopting agents: what the previous manager protected and no agent
+        holds any more)."""
 
     def entries() -> Deferred:
         """Fires with the set of protected ``(host, port)``."""
+
+    def grant(host: str, port: int) -> Deferred:
+        """From now on the proxy group, too, may connect to ``host:port``
+        (until :meth:`revoke`, or until the endpoint is protected anew or
+        released: then it is granted to nobody)."""
+
+    def revoke(host: str, port: int) -> Deferred:
+        """The proxy group may no longer connect to ``host:port``; packets of
+        its connections opened before are refused from now on."""
+
+    def granted() -> Deferred:
+        """Fires with the set of granted ``(host, port)``."""
 
     def networks() -> Deferred:
         """Fires with the set of protected subnets (``"198.18.32.0/24"``)."""
@@ -167,6 +189,15 @@ class NoFirewall:
         return defer.succeed(None)
 
     def entries(self) -> Deferred:
+        return defer.succeed(set())
+
+    def grant(self, host: str, port: int) -> Deferred:
+        return defer.succeed(None)
+
+    def revoke(self, host: str, port: int) -> Deferred:
+        return defer.succeed(None)
+
+    def granted(self) -> Deferred:
         return defer.succeed(set())
 
     def networks(self) -> Deferred:
@@ -267,10 +298,12 @@ class NftablesFirewall:
         t = "inet " + self.table
         allowed = ["meta skuid 0 accept"]
         if self.proxy_gid is not None:
-            allowed.append("meta skgid %d accept" % (self.proxy_gid,))
+            allowed.append("meta skgid %d ip daddr . tcp dport @granted accept"
+                           % (self.proxy_gid,))
         lines = [
             'add table %s { comment "%s"; }' % (t, self.comment),
             "add set %s agents { type ipv4_addr . inet_service; }" % (t,),
+            "add set %s granted { type ipv4_addr . inet_service; }" % (t,),
             "add set %s agent_nets { type ipv4_addr; flags interval; }" % (t,),
             "add set %s gateways { type ipv4_addr; }" % (t,),
             "add chain %s output { type filter hook output priority %d; policy accept; }"
@@ -304,8 +337,8 @@ class NftablesFirewall:
         await self._remove_orphans()
         log.info("agent firewall: nftables table inet {table} lets only root{proxy} connect"
                  " to agents", table=self.table,
-                 proxy="" if self.proxy_gid is None else " and gid %d (the proxy)"
-                 % (self.proxy_gid,))
+                 proxy="" if self.proxy_gid is None else
+                 " (and gid %d, the proxy, to the agents granted to it)" % (self.proxy_gid,))
 
     async def _remove_orphans(self) -> None:
         """Remove the tables of managers whose state directory is gone (a
@@ -341,8 +374,14 @@ class NftablesFirewall:
             endpoint = check_endpoint(host, port)
         except FirewallError:
             return defer.fail()
+        element = _elements([endpoint])
         return self._queued(self._run, "add element inet %s agents { %s }\n" % (
-            self.table, _elements([endpoint])), "protecting %s:%d" % endpoint)
+            self.table, element) + self._ungrant(element), "protecting %s:%d" % endpoint)
+
+    def _ungrant(self, element: str) -> str:
+        # "delete element" fails for a missing one; "add" first makes it certain
+        return ("add element inet %s granted { %s }\ndelete element inet %s granted { %s }\n"
+                % (self.table, element, self.table, element))
 
     def release(self, host: str, port: int) -> Deferred:
         try:
@@ -356,8 +395,27 @@ class NftablesFirewall:
         element = _elements([endpoint])
         await self._run("add element inet %s agents { %s }\n"
                         "delete element inet %s agents { %s }\n"
-                        % (self.table, element, self.table, element),
-                        "releasing %s:%d" % endpoint)
+                        % (self.table, element, self.table, element)
+                        + self._ungrant(element), "releasing %s:%d" % endpoint)
+
+    def grant(self, host: str, port: int) -> Deferred:
+        try:
+            endpoint = check_endpoint(host, port)
+        except FirewallError:
+            return defer.fail()
+        return self._queued(self._run, "add element inet %s granted { %s }\n" % (
+            self.table, _elements([endpoint])), "granting %s:%d to the proxy" % endpoint)
+
+    def revoke(self, host: str, port: int) -> Deferred:
+        try:
+            endpoint = check_endpoint(host, port)
+        except FirewallError:
+            return defer.fail()
+        return self._queued(self._run, self._ungrant(_elements([endpoint])),
+                            "revoking the proxy's grant of %s:%d" % endpoint)
+
+    def granted(self) -> Deferred:
+        return self._queued(self._endpoints, "granted")
 
     def protect_network(self, subnet: str, gateway: str) -> Deferred:
         try:
@@ -377,17 +435,22 @@ class NftablesFirewall:
         return self._queued(self._retain, keep)
 
     async def _retain(self, keep: Set[Endpoint]) -> None:
-        script = "flush set inet %s agents\n" % (self.table,)
+        granted = keep & await self._endpoints("granted")
+        script = "flush set inet %s agents\nflush set inet %s granted\n" % (
+            self.table, self.table)
         if keep:
             script += "add element inet %s agents { %s }\n" % (self.table, _elements(keep))
+        if granted:
+            script += "add element inet %s granted { %s }\n" % (self.table,
+                                                                _elements(granted))
         await self._run(script, "trimming the agent firewall to the adopted agents")
 
     def entries(self) -> Deferred:
-        return self._queued(self._entries)
+        return self._queued(self._endpoints, "agents")
 
-    async def _entries(self) -> Set[Endpoint]:
+    async def _endpoints(self, set_name: str) -> Set[Endpoint]:
         found = set()
-        for item in await self._json("list", "set", "inet", self.table, "agents"):
+        for item in await self._json("list", "set", "inet", self.table, set_name):
             for element in (item.get("set") or {}).get("elem", []):
                 host, port = element["concat"]
                 found.add((host, int(port)))

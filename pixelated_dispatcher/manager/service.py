@@ -4,6 +4,12 @@
 (it raises the contract's errors but knows nothing of AMP); ``amp_server``
 translates. It owns the database thread, the hashing pool, the supervisor
 and the idle culler, starts them in order and stops them in reverse.
+
+It also decides which agents the proxy may reach (``agent_grants``, on the
+agent firewall): the agent of a user whose live session a request showed,
+from the moment it answers that request until the user's last session ends
+(logout, expiry, ``passwd``, ``logout NAME``, ``remove``) or the agent ends.
+Requests without a session (``pixelated-ctl``) open nothing.
 """
 import os
 import shutil
@@ -22,6 +28,8 @@ from ..protocol import (AgentAddress, AgentNotRunning, BadRequest, InvalidCreden
                         InvalidSession, UserExists, rate_limited, token_digest)
 from ..usernames import is_valid_username
 from .agent_accounts import AgentAccounts, UidRange
+from .agent_firewall import FirewallError, IAgentFirewall, NoFirewall
+from .agent_grants import AgentGrants
 from .agent_usage import resident_memory
 from .invalidations import Invalidations
 from .credentials import credentials_line, secrets_at_login
@@ -92,7 +100,10 @@ class Manager(MultiService):
     log = Logger()
 
     def __init__(self, reactor: Any, state_dir: str, provider: IAgentProvider,
-                 settings: ManagerSettings = ManagerSettings()) -> None:
+                 settings: ManagerSettings = ManagerSettings(),
+                 firewall: Optional[IAgentFirewall] = None) -> None:
+        """:param firewall: the agent firewall the provider protects its
+            agents with; the manager grants the proxy its agents there."""
         super().__init__()
         self._reactor = reactor
         self._provider = provider
@@ -122,7 +133,8 @@ class Manager(MultiService):
         self.supervisor = AgentSupervisor(
             reactor, provider, os.path.join(state_dir, "users"), self._file_pool,
             settings.max_agents, settings.max_concurrent_starts, self.metrics)
-        self.supervisor.on_exit(lambda username, reason: self.invalidations.agent_stopped(username))
+        self.grants = AgentGrants(firewall if firewall is not None else NoFirewall())
+        self.supervisor.on_exit(self._agent_ended)
         self.culler = IdleCuller(reactor, self.supervisor, settings.idle_timeout, self.metrics)
         self._ready: Deferred = Deferred()
 
@@ -138,6 +150,7 @@ class Manager(MultiService):
         self._sealing_pool.start()
         d = self._database.start()
         d.addCallback(lambda _: self.supervisor.recover())
+        d.addCallback(lambda _: self._recover_grants())
         d.addCallback(self._started)
         d.addErrback(self._failed_to_start)
 
@@ -171,15 +184,43 @@ class Manager(MultiService):
     @inlineCallbacks
     def _sweep_sessions(self) -> Steps:
         """Delete expired sessions, and with them the credentials sealed
-        under them. Never fails (the timer would stop)."""
+        under them and the proxy's grants of the agents of users left
+        without a live session. Never fails (the timer would stop)."""
         try:
             purged = yield self.sessions.purge_expired()
+            live = yield self.sessions.live_users()
+            yield self.grants.retain(live)
         except Exception:
             self.log.failure("sweeping expired sessions failed")
             return
         if purged:
             self.log.info("{purged} expired sessions (and their sealed credentials) deleted",
                           purged=purged)
+
+    @inlineCallbacks
+    def _recover_grants(self) -> Steps:
+        """The grants a previous manager left: kept for adopted agents of
+        users with a live session, revoked for the rest."""
+        live = yield self.sessions.live_users()
+        try:
+            yield self.grants.recover(self.supervisor.running(), live)
+        except FirewallError as error:
+            self.log.error("the proxy's grants of the previous manager's agents could not"
+                           " be checked: {error}", error=str(error))
+
+    def _revoke_grant(self, username: str) -> Deferred:
+        """The proxy may no longer reach ``username``'s agent. A firewall
+        that fails is logged; what the caller does next (end sessions, stop
+        the agent, whose release takes the grant away) still happens."""
+        def failed(failure: Failure) -> None:
+            failure.trap(FirewallError)
+            self.log.error("the proxy keeps its access to the agent of {username}: {error}",
+                           username=username, error=failure.getErrorMessage())
+        return self.grants.revoke(username).addErrback(failed)
+
+    def _agent_ended(self, username: str, reason: str) -> None:
+        self.grants.forget(username)
+        self.invalidations.agent_stopped(username)
 
     def ready(self) -> Deferred:
         """Fires once the database is open and agents are recovered."""
@@ -238,7 +279,8 @@ class Manager(MultiService):
         username = yield self.sessions.end(token)
         self.invalidations.session_ended(token_digest(token))
         self.log.info("{username} logged out", username=username)
-        if (yield self.sessions.count(username)) == 0:
+        if not (yield self.sessions.has_live(username)):
+            yield self._revoke_grant(username)
             yield self.supervisor.stop(username, reason="logout")
         return username
 
@@ -273,7 +315,23 @@ class Manager(MultiService):
             def credentials() -> Deferred:
                 return self._open_credentials(username, token)
         address = yield self.supervisor.ensure(username, reason, credentials)
+        if token is not None:
+            yield self._grant(username, address)
         return address
+
+    @inlineCallbacks
+    def _grant(self, username: str, address: AgentAddress) -> Steps:
+        """Let the proxy connect to ``username``'s agent at ``address``,
+        before the answer that names it leaves (no firewall call when it
+        may already). Called once a live session of ``username`` was shown."""
+        agent = self.supervisor.running().get(username)
+        if agent is None or agent.address != address:
+            return  # it ended meanwhile: nothing to open (the proxy asks again)
+        made = yield self.grants.grant(agent)
+        if made and not (yield self.sessions.has_live(username)):
+            # the last session ended while this grant was being made
+            yield self.grants.revoke(username)
+            raise InvalidSession(NO_SUCH_SESSION)
 
     @inlineCallbacks
     def _open_credentials(self, username: str, token: str) -> Steps:
@@ -308,6 +366,8 @@ class Manager(MultiService):
         agent = self.supervisor.running().get(username)
         if agent is None:
             raise AgentNotRunning("the agent of %s is not running" % (username,))
+        if token is not None:
+            yield self._grant(username, agent.address)
         return agent.address
 
     def report_activity(self, usernames: List[str]) -> None:
@@ -343,6 +403,7 @@ class Manager(MultiService):
         """End every session of the user, and so delete every record of
         their credentials."""
         count = yield self.sessions.end_all(username)
+        yield self._revoke_grant(username)
         self.invalidations.sessions_revoked(username)
         return count
 

@@ -150,6 +150,21 @@ class SessionStore:
             " AND created >= ? AND last_seen >= ? ORDER BY created",
             (username, now - self.max_age, now - self.idle_timeout)).fetchall())
 
+    def has_live(self, username: str) -> "Deferred[bool]":
+        """Whether ``username`` has a session that has not expired."""
+        now = self._clock.seconds()
+        return self._database.run(lambda c: c.execute(
+            "SELECT 1 FROM sessions WHERE username = ? AND created >= ? AND last_seen >= ?"
+            " LIMIT 1", (username, now - self.max_age, now - self.idle_timeout)
+        ).fetchone() is not None)
+
+    def live_users(self) -> "Deferred[Set[str]]":
+        """The users who have a session that has not expired."""
+        now = self._clock.seconds()
+        return self._database.run(lambda c: {row[0] for row in c.execute(
+            "SELECT DISTINCT username FROM sessions WHERE created >= ? AND last_seen >= ?",
+            (now - self.max_age, now - self.idle_timeout))})
+
     def users(self) -> "Deferred[Set[str]]":
         """The users who have a session (not yet purged)."""
         return self._database.run(lambda c: {row[0] for row in c.execute(

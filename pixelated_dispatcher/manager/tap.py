@@ -20,7 +20,7 @@ from twisted.web.server import Site
 
 from ..protocol import DEFAULT_SOCKET
 from .agent_accounts import UidRange
-from .agent_firewall import MODES as FIREWALL_MODES, IAgentFirewall, make_firewall
+from .agent_firewall import MODES as FIREWALL_MODES, IAgentFirewall, NoFirewall, make_firewall
 from .amp_server import ManagerAMPFactory
 from .culler import AGENT_IDLE_TIMEOUT
 from .passwords import PRODUCTION, HashParameters
@@ -189,13 +189,21 @@ def settings_from(options: usage.Options) -> ManagerSettings:
 
 def make_agent_firewall(reactor: Any, options: usage.Options) -> IAgentFirewall:
     """The agents' firewall: its table is named after the state directory
-    (one per manager); the proxy group's sockets may connect."""
+    (one per manager); the proxy group's sockets may connect to the agents
+    the manager grants. The swarm provider's agents run on other nodes:
+    none (see docs/cluster.rst)."""
+    if options["provider"] == "swarm":
+        return NoFirewall()
     return make_firewall(reactor, options["agent-firewall"], options["state-dir"],
                          group_id(options["proxy-group"]), os.geteuid() == 0)
 
 
-def make_provider(reactor: Any, options: usage.Options) -> IAgentProvider:
-    firewall = make_agent_firewall(reactor, options)
+def make_provider(reactor: Any, options: usage.Options,
+                  firewall: Optional[IAgentFirewall] = None) -> IAgentProvider:
+    """The provider of ``--provider``; process and docker agents behind
+    ``firewall`` (default: :func:`make_agent_firewall`)."""
+    if firewall is None:
+        firewall = make_agent_firewall(reactor, options)
     if options["provider"] == "docker":
         from .providers.docker_options import make_docker_provider
         return make_docker_provider(reactor, options, firewall=firewall)
@@ -258,9 +266,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = MultiService()
-    provider = make_provider(reactor, options)
+    firewall = make_agent_firewall(reactor, options)
+    provider = make_provider(reactor, options, firewall)
     manager = Manager(reactor, options["state-dir"], provider,
-                      settings_from(options))
+                      settings_from(options), firewall=firewall)
     if manager.accounts is not None:
         provider.accounts = manager.accounts.account_for
     manager.setServiceParent(top)

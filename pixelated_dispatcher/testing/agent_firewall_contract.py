@@ -113,6 +113,59 @@ def make_firewall_tests(fixture_factory: Callable[[TestCase], Any]) -> type:
             self.assertEqual((yield self.firewall.entries()), {("127.0.0.1", 20013)})
 
         @inlineCallbacks
+        def test_granted_endpoints_are_listed_until_revoked(self) -> Any:
+            yield self.firewall.start()
+            self.assertEqual((yield self.firewall.granted()), set())
+            for port in (20015, 20016):
+                yield self.firewall.protect("127.0.0.1", port)
+                yield self.firewall.grant("127.0.0.1", port)
+            self.assertEqual((yield self.firewall.granted()),
+                             {("127.0.0.1", 20015), ("127.0.0.1", 20016)})
+            yield self.firewall.revoke("127.0.0.1", 20015)
+            yield self.firewall.revoke("127.0.0.1", 20015)  # twice: no error
+            yield self.firewall.revoke("127.0.0.1", 20017)  # never granted: no error
+            self.assertEqual((yield self.firewall.granted()), {("127.0.0.1", 20016)})
+            self.assertEqual((yield self.firewall.entries()),
+                             {("127.0.0.1", 20015), ("127.0.0.1", 20016)},
+                             "a revocation leaves the agent protected")
+
+        @inlineCallbacks
+        def test_a_grant_goes_with_its_agent_and_never_passes_to_the_next(self) -> Any:
+            yield self.firewall.start()
+            yield self.firewall.protect("127.0.0.1", 20018)
+            yield self.firewall.grant("127.0.0.1", 20018)
+            yield self.firewall.release("127.0.0.1", 20018)
+            self.assertEqual((yield self.firewall.granted()), set())
+            # a grant made late (the agent ended while it was answered) ...
+            yield self.firewall.grant("127.0.0.1", 20018)
+            # ... is gone once the port is protected for the next agent
+            yield self.firewall.protect("127.0.0.1", 20018)
+            self.assertEqual((yield self.firewall.granted()), set())
+
+        @inlineCallbacks
+        def test_grants_are_kept_over_a_restart_and_trimmed_to_the_adopted(self) -> Any:
+            yield self.firewall.start()
+            for port in (20019, 20020):
+                yield self.firewall.protect("127.0.0.1", port)
+                yield self.firewall.grant("127.0.0.1", port)
+            yield self.firewall.close(keep=True)
+            again = self.f.same_firewall()
+            yield again.start()
+            self.assertEqual((yield again.granted()),
+                             {("127.0.0.1", 20019), ("127.0.0.1", 20020)})
+            yield again.retain_only([("127.0.0.1", 20020)])
+            self.assertEqual((yield again.granted()), {("127.0.0.1", 20020)})
+
+        @inlineCallbacks
+        def test_bad_grants_are_refused_and_nothing_is_granted_without_a_table(self) -> Any:
+            yield self.assertFailure(self.firewall.grant("127.0.0.1", 20021), FirewallError)
+            yield self.firewall.start()
+            for host, port in (("localhost", 20021), ("127.0.0.1", 0), ("127.0.0.1; x", 1)):
+                yield self.assertFailure(self.firewall.grant(host, port), FirewallError)
+                yield self.assertFailure(self.firewall.revoke(host, port), FirewallError)
+            self.assertEqual((yield self.firewall.granted()), set())
+
+        @inlineCallbacks
         def test_agents_networks_are_listed(self) -> Any:
             yield self.firewall.start()
             yield self.firewall.protect_network("198.18.33.0/24", "198.18.33.1")

@@ -21,6 +21,7 @@ from ..manager.agent_firewall import (Endpoint, FirewallError, IAgentFirewall,
 @attr.s(auto_attribs=True, eq=False)
 class _FakeTable:
     entries: Set[Endpoint] = attr.ib(factory=set)
+    granted: Set[Endpoint] = attr.ib(factory=set)
     networks: Set[str] = attr.ib(factory=set)
     gateways: Set[str] = attr.ib(factory=set)
 
@@ -52,7 +53,12 @@ class FakeFirewall:
 
     def protect(self, host: str, port: int) -> Deferred:
         self.calls.append(("protect", host, port))
-        return defer.maybeDeferred(lambda: self._table.entries.add(check_endpoint(host, port)))
+
+        def protect() -> None:
+            endpoint = check_endpoint(host, port)
+            self._table.entries.add(endpoint)
+            self._table.granted.discard(endpoint)  # a new agent's port: nobody's grant
+        return defer.maybeDeferred(protect)
 
     def release(self, host: str, port: int) -> Deferred:
         self.calls.append(("release", host, port))
@@ -61,7 +67,20 @@ class FakeFirewall:
             endpoint = check_endpoint(host, port)
             if self.table in self.kernel:
                 self._table.entries.discard(endpoint)
+                self._table.granted.discard(endpoint)
         return defer.maybeDeferred(release)
+
+    def grant(self, host: str, port: int) -> Deferred:
+        self.calls.append(("grant", host, port))
+        return defer.maybeDeferred(lambda: self._table.granted.add(check_endpoint(host, port)))
+
+    def revoke(self, host: str, port: int) -> Deferred:
+        self.calls.append(("revoke", host, port))
+        return defer.maybeDeferred(
+            lambda: self._table.granted.discard(check_endpoint(host, port)))
+
+    def granted(self) -> Deferred:
+        return defer.maybeDeferred(lambda: set(self._table.granted))
 
     def protect_network(self, subnet: str, gateway: str) -> Deferred:
         self.calls.append(("protect_network", subnet, gateway))
@@ -77,6 +96,7 @@ class FakeFirewall:
             keep = {check_endpoint(host, port) for host, port in endpoints}
             self.calls.append(("retain_only", keep))
             self._table.entries &= keep
+            self._table.granted &= keep
         return defer.maybeDeferred(retain)
 
     def entries(self) -> Deferred:

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..fanout import fire_all
+from ..manager.agent_firewall import IAgentFirewall
 from ..manager.providers.interface import (Accounts, AgentStartError, ExitCallback,
                                            IAgentProvider, RunningAgent, notify_exit)
 from ..protocol import AgentAddress
@@ -88,6 +89,9 @@ class FakeProvider:
     machine: FakeMachine = attr.Factory(FakeMachine)
     #: kept as the interface asks; the fake runs no process to give a uid
     accounts: Optional[Accounts] = None
+    #: protects each agent's endpoint before it runs and releases it when it
+    #: ends, as the process and docker providers do (None: no firewall)
+    firewall: Optional[IAgentFirewall] = None
 
     name = "fake"
 
@@ -179,7 +183,13 @@ class FakeProvider:
         for running in adopted:
             self._agents[running.username] = _FakeAgent(running.username, "", running,
                                                         adopted=True)
-        return defer.succeed(adopted)
+        if self.firewall is None:
+            return defer.succeed(adopted)
+        firewall = self.firewall
+        d = firewall.start()
+        d.addCallback(lambda _: firewall.retain_only(
+            [(a.address.host, a.address.port) for a in adopted]))
+        return d.addCallback(lambda _: adopted)
 
     def running(self) -> Dict[str, RunningAgent]:
         return {name: agent.running for name, agent in self._agents.items()
@@ -248,6 +258,8 @@ class FakeProvider:
             fire_all(agent.start_waiters, Failure(AgentStartError(message)))
             return
         port, self._next_port = self._next_port, self._next_port + 1
+        if self.firewall is not None:
+            self.firewall.protect("127.0.0.1", port)
         agent.running = RunningAgent(agent.username, AgentAddress("127.0.0.1", port),
                                      0, self.clock.seconds())
         fire_all(agent.start_waiters, agent.running)
@@ -262,6 +274,8 @@ class FakeProvider:
     def _ended(self, agent: _FakeAgent, reason: str) -> None:
         self._cancel_pending(agent)
         self._forget(agent)
+        if self.firewall is not None and agent.running is not None:
+            self.firewall.release(agent.running.address.host, agent.running.address.port)
         notify_exit(self._callbacks, agent.username, reason)
         fire_all(agent.stop_waiters, None)
 
