@@ -1,6 +1,7 @@
 """What the agent firewall's tests share: ids of "another local user" and of
 the proxy group, connecting to a port as another uid, and reading the
-kernel's nftables (the tables, the ports a table protects). Needs root and
+kernel's nftables (the tables, the ports a table protects or grants), reading
+a page as another uid. Needs root and
 nft: :func:`require_nft` skips without them, and fails under ``CI=true``."""
 import json
 import os
@@ -62,9 +63,32 @@ def connect_as(uid, gid, port, host="127.0.0.1"):
                           env={"PATH": "/usr/bin:/bin"}).stdout.strip()
 
 
-def protected_ports_of(table):
+#: GET URL as whoever runs it; prints the body or the error
+FETCH = """
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode("utf-8", "replace"))
+except Exception as e:
+    print(type(getattr(e, "reason", e)).__name__)
+"""
+
+
+def fetch_as(uid, gid, url):
+    """What a process of ``uid``/``gid`` (primary group, no other) reads at ``url``."""
+    argv = ["setpriv", "--reuid", str(uid), "--regid", str(gid), "--clear-groups", "--",
+            sys.executable, "-c", FETCH, url]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=20,
+                          env={"PATH": "/usr/bin:/bin"}).stdout.strip()
+
+
+def granted_ports_of(table):
+    """The ports ``table`` grants to the proxy group (None: no such table)."""
+    return protected_ports_of(table, "granted")
+
+
+def protected_ports_of(table, set_name="agents"):
     """The ports in the agents set of ``table`` (None: no such table)."""
-    out = subprocess.run(["nft", "-j", "list", "set", "inet", table, "agents"],
+    out = subprocess.run(["nft", "-j", "list", "set", "inet", table, set_name],
                          capture_output=True, text=True)
     if out.returncode != 0:
         return None

@@ -19,9 +19,14 @@ from pixelated_dispatcher.manager.agent_firewall import table_name_for
 
 from .dispatcher_case import DispatcherCase, wait_until
 from .netns import AttackNamespace
-from .firewall_probes import connect_as, nft_tables, protected_ports_of
+from .firewall_probes import (connect_as, fetch_as, granted_ports_of, nft_tables,
+                              protected_ports_of)
 
-PROXY_USER, OTHER_USER, PROXY_GROUP = "pxnet-proxy", "pxnet-other", "pxnet-proxies"
+#: account names of this test run (runs of other worktrees at the same time
+#: make their own: one run's teardown must not delete another's proxy user)
+_RUN = "%04x" % (os.getpid() & 0xffff)
+PROXY_USER, OTHER_USER, PROXY_GROUP = ("pxnet-proxy-" + _RUN, "pxnet-other-" + _RUN,
+                                       "pxnet-proxies-" + _RUN)
 PASSWORDS = {"alice": "alice's password", "bob": "bob's password"}
 
 
@@ -91,9 +96,9 @@ class DeployedDispatcherCase(DispatcherCase):
         for name, password in PASSWORDS.items():
             cls.dispatcher.add_user(name, password)
 
-    def logged_in(self, name):
+    def logged_in(self, name, password=None):
         browser = self.browser()
-        self.assertEqual(browser.log_in(name, PASSWORDS[name]).status, 303)
+        self.assertEqual(browser.log_in(name, password or PASSWORDS[name]).status, 303)
         page = browser.get("/")
         self.assertIn("Mailbox of " + name, page.text)
         return browser
@@ -147,6 +152,97 @@ class OnlyTheProxyReachesAgentsTests(DeployedDispatcherCase):
         self.assertIn(port, self.protected_ports())
         self.assertEqual(self.dispatcher.ctl("stop", "alice").returncode, 0)
         self.assertTrue(wait_until(lambda: port not in self.protected_ports(), 10))
+
+
+#: connect to every port of a range, as whoever runs it; prints the ports
+#: that accepted
+SCAN = """
+import socket, sys
+reached = []
+for port in range(int(sys.argv[1]), int(sys.argv[2]) + 1):
+    s = socket.socket()
+    s.settimeout(0.5)
+    try:
+        s.connect(("127.0.0.1", port))
+        reached.append(port)
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(" ".join(map(str, reached)))
+"""
+
+
+class CompromisedProxyTests(DeployedDispatcherCase):
+    """What a compromised proxy gets: its own uid and primary group (what
+    the real proxy runs with), connecting to agents directly instead of
+    through the code it was meant to run. It reaches the agents of users
+    with a live session, whose tokens it sees at their next request anyway,
+    and never the agent of a user without one, running or not."""
+
+    prefix = "pxd-proxyreach-"
+
+    def proxy_reaches(self, port):
+        return connect_as(*uid_of(PROXY_USER), port)
+
+    def proxy_reads(self, port):
+        return fetch_as(*uid_of(PROXY_USER), "http://127.0.0.1:%d/" % port)
+
+    def scan(self, ports):
+        """The agent ports the proxy's uid can connect to."""
+        uid, gid = uid_of(PROXY_USER)
+        out = subprocess.run(
+            ["setpriv", "--reuid", str(uid), "--regid", str(gid), "--clear-groups", "--",
+             sys.executable, "-c", SCAN, str(min(ports)), str(max(ports))],
+            capture_output=True, text=True, timeout=120, check=True).stdout
+        return {int(port) for port in out.split()} & set(ports)
+
+    def test_the_proxy_reaches_the_agents_of_logged_in_users_only(self):
+        bob = self.logged_in("bob")
+        bobs_port = self.agent_port("bob")
+        self.assertIn("Mailbox of bob", self.proxy_reads(bobs_port), "granted while bob is in")
+        # an operator ends bob's sessions: his agent runs on (the idle culler
+        # stops it hours later), but the proxy's reach ends at once
+        self.assertEqual(self.dispatcher.ctl("logout", "bob").returncode, 0)
+        self.assertIn(bobs_port, self.protected_ports(), "bob's agent still runs")
+        self.assertEqual(connect_as(None, None, bobs_port), "connected", "root: the probe")
+        self.assertEqual(self.proxy_reaches(bobs_port), "ConnectionRefusedError")
+        self.assertNotIn("Mailbox", self.proxy_reads(bobs_port))
+        # bob's revoked cookie opens nothing again
+        self.assertNotIn("Mailbox of bob", bob.get("/").text)
+        self.assertEqual(self.proxy_reaches(bobs_port), "ConnectionRefusedError")
+
+        alice = self.logged_in("alice")
+        alices_port = self.agent_port("alice")
+        self.assertEqual(granted_ports_of(self.table()), {alices_port})
+        self.assertIn("Mailbox of alice", self.proxy_reads(alices_port))
+        # a scan of the whole agent port range by the proxy's uid finds alice
+        # (other dispatchers' agents on this machine may show up: not bob's)
+        found = self.scan(range(20000, 30000))
+        self.assertIn(alices_port, found)
+        self.assertNotIn(bobs_port, found)
+        self.assertIn("Mailbox of alice", alice.get("/").text)
+
+        # a second session of alice ends: the first one still holds the grant
+        second = self.logged_in("alice")
+        self.assertEqual(second.log_out().status, 303)
+        self.assertIn("Mailbox of alice", self.proxy_reads(alices_port))
+        # her password changes (every session ends): the agent runs on, closed
+        # to the proxy
+        result = self.dispatcher.ctl("passwd", "alice", "--password-stdin",
+                                     password="alice's new password")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(connect_as(None, None, alices_port), "connected")
+        self.assertEqual(self.proxy_reaches(alices_port), "ConnectionRefusedError")
+        self.assertEqual(granted_ports_of(self.table()), set())
+        again = self.browser()
+        self.assertEqual(again.log_in("alice", "alice's new password").status, 303)
+        # (the proxy's kept-alive connection to her agent was reset with the
+        # grant: its first request may see the waiting page while it asks again)
+        self.assertTrue(wait_until(lambda: "Mailbox of alice" in again.get("/").text, 15))
+        self.assertEqual(self.agent_port("alice"), alices_port, "the same agent, granted anew")
+        self.assertEqual(granted_ports_of(self.table()), {alices_port})
+        self.assertEqual(self.proxy_reaches(bobs_port), "ConnectionRefusedError")
 
 
 class _unprotected_listener:

@@ -26,8 +26,8 @@ from . import dockerd
 from .docker_stack import DockerStack
 from .dockerd import coroutine_tests
 from .netns import AttackNamespace
-from .firewall_probes import (PROXY_GID, STRANGER, connect_as, nft_tables, protected_ports_of,
-                              require_nft)
+from .firewall_probes import (PROXY_GID, STRANGER, connect_as, fetch_as, nft_tables,
+                              protected_ports_of, require_nft)
 
 #: what an attacker container runs: one line per target, REACHED or BLOCKED
 PROBE = ('for target in "$@"; do'
@@ -100,6 +100,10 @@ class _HostListener:
 
 @coroutine_tests
 class DockerIsolationTests(TestCase):
+    """Attackers of every kind against one agent container; the proxy (its
+    group) reaches it only through the published port, and only while the
+    manager grants it."""
+
     timeout = 240
 
     def setUp(self):
@@ -141,12 +145,24 @@ class DockerIsolationTests(TestCase):
         gateway = network["IPAM"]["Config"][0]["Gateway"]  # the manager gave it
         self.assertTrue(address.startswith(self.subnet.rsplit(".", 1)[0] + "."), address)
 
-        # other local users: neither the published port nor the container's address
+        # other local users, and the proxy before the manager granted it this
+        # agent: neither the published port nor the container's address
         for target in (("127.0.0.1", port), (address, 4567)):
-            self.assertEqual(await deferToThread(_connect_as, STRANGER, STRANGER, *target),
-                             "ConnectionRefusedError", target)
-            self.assertEqual(await deferToThread(_connect_as, PROXY_GID, PROXY_GID, *target),
-                             "connected", target)
+            for uid, gid in ((STRANGER, STRANGER), (PROXY_GID, PROXY_GID)):
+                self.assertEqual(await deferToThread(_connect_as, uid, gid, *target),
+                                 "ConnectionRefusedError", (uid, target))
+        # granted: the proxy reads the agent through the published port, and
+        # only there (the container's address stays root's)
+        await provider._firewall.grant("127.0.0.1", port)
+        url = "http://127.0.0.1:%d/" % port
+        self.assertIn("Mailbox of alice",
+                      await deferToThread(fetch_as, PROXY_GID, PROXY_GID, url))
+        self.assertEqual(await deferToThread(_connect_as, PROXY_GID, PROXY_GID, address, 4567),
+                         "ConnectionRefusedError")
+        self.assertEqual(await deferToThread(_connect_as, STRANGER, STRANGER, "127.0.0.1",
+                                             port), "ConnectionRefusedError")
+        await provider._firewall.revoke("127.0.0.1", port)
+        self.assertNotIn("Mailbox", await deferToThread(fetch_as, PROXY_GID, PROXY_GID, url))
 
         # other containers, on the agents' network and on Docker's default bridge
         with _HostListener() as control:
