@@ -279,12 +279,17 @@ class ManagerRestartTests(DeployedDispatcherCase):
         # the agent runs on, still closed to others while no manager runs
         self.assertEqual(self.protected_ports(), {port})
         self.assertEqual(connect_as(*uid_of(OTHER_USER), port), "ConnectionRefusedError")
-        # a stale entry the previous manager left must go at recovery
-        subprocess.run(["nft", "add", "element", "inet", self.table(), "agents",
-                        "{ 127.0.0.1 . 29999 }"], check=True)
+        self.assertEqual(granted_ports_of(self.table()), {port}, "alice is logged in")
+        # a stale entry (and grant) the previous manager left must go at recovery
+        for set_name in ("agents", "granted"):
+            subprocess.run(["nft", "add", "element", "inet", self.table(), set_name,
+                            "{ 127.0.0.1 . 29999 }"], check=True)
         self.dispatcher.start_manager()
         self.assertTrue(wait_until(lambda: self.protected_ports() == {port}, 15),
                         self.protected_ports())
+        # alice's session lives on: her agent's grant is kept over the restart
+        self.assertTrue(wait_until(lambda: granted_ports_of(self.table()) == {port}, 15),
+                        granted_ports_of(self.table()))
         self.assertIn("Mailbox of alice", alice.get("/").text)
         self.assertEqual(connect_as(*uid_of(OTHER_USER), port), "ConnectionRefusedError")
         self.dispatcher.stop_agents()
