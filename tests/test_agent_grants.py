@@ -23,6 +23,7 @@ from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
 from pixelated_dispatcher.manager.service import Manager, ManagerSettings
 from pixelated_dispatcher.manager.providers.interface import RunningAgent
 from pixelated_dispatcher.testing.fake_firewall import FakeFirewall
+from pixelated_dispatcher.testing.manager_contract import RecordingListener
 from pixelated_dispatcher.testing.fake_provider import FakeMachine, FakeProvider
 
 from . import test_manager_service
@@ -196,8 +197,12 @@ class ProxyGrantTests(TestCase):
         _, bobs = yield self.agent_of("bob")
         yield deferLater(reactor, 0.4, lambda: None)
         yield self.log_in("bob")  # bob stays
+        listener = RecordingListener()
+        self.manager.invalidations.subscribe(listener)
         yield self.manager._sweep_sessions()
         self.assertEqual(self.granted(), {bobs})
+        # the proxies drop alice's agent address and tunnels with her sessions
+        self.assertEqual(listener.events, [("sessions_revoked", "alice")])
         self.assertTrue(self.provider.alive("alice"), "the idle culler stops it, later")
 
     @inlineCallbacks

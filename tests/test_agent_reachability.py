@@ -235,11 +235,9 @@ class CompromisedProxyTests(DeployedDispatcherCase):
         self.assertEqual(connect_as(None, None, alices_port), "connected")
         self.assertEqual(self.proxy_reaches(alices_port), "ConnectionRefusedError")
         self.assertEqual(granted_ports_of(self.table()), set())
-        again = self.browser()
-        self.assertEqual(again.log_in("alice", "alice's new password").status, 303)
-        # (the proxy's kept-alive connection to her agent was reset with the
-        # grant: its first request may see the waiting page while it asks again)
-        self.assertTrue(wait_until(lambda: "Mailbox of alice" in again.get("/").text, 15))
+        # her next login: the proxy asks for the agent again (it dropped the
+        # address with her sessions), which grants it anew
+        self.logged_in("alice", "alice's new password")
         self.assertEqual(self.agent_port("alice"), alices_port, "the same agent, granted anew")
         self.assertEqual(granted_ports_of(self.table()), {alices_port})
         self.assertEqual(self.proxy_reaches(bobs_port), "ConnectionRefusedError")

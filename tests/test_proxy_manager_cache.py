@@ -95,6 +95,17 @@ class CacheTests(SynchronousTestCase):
         self.manager.stop_agent("alice")
         self.assertIsNone(self.cache.cached_address("alice"))
 
+    def test_a_revocation_drops_the_address_the_next_session_asks_again(self) -> None:
+        # the manager took back the proxy's grant of the agent with alice's
+        # sessions: the next session's request must ask (and so be granted)
+        self.assertEqual(self.successResultOf(self.cache.ensure("alice", self.token)), ALICE)
+        self.manager.revoke_sessions("alice")
+        self.assertIsNone(self.cache.cached_address("alice"))
+        fresh = self.manager.open_session("alice")
+        asked = self.manager.ensures
+        self.assertEqual(self.successResultOf(self.cache.ensure("alice", fresh)), ALICE)
+        self.assertEqual(self.manager.ensures, asked + 1)
+
     def test_concurrent_starts_share_one_call(self) -> None:
         self.manager.slow_start("alice")
         first = self.cache.ensure("alice", self.token)

@@ -22,7 +22,7 @@ left (they outlive it as the agents do): :meth:`AgentGrants.recover` keeps
 those of adopted agents whose users still have a live session (their open
 tunnels go on) and revokes the rest.
 """
-from typing import Any, Dict, Iterable, Mapping, Set
+from typing import Any, Dict, Iterable, List, Mapping, Set
 
 import attr
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -107,16 +107,17 @@ class AgentGrants:
         away in the firewall; the record goes too."""
         self._grants.pop(username, None)
 
-    def retain(self, usernames: Iterable[str]) -> Deferred:
+    def retain(self, usernames: Iterable[str]) -> "Deferred[List[str]]":
         """Revoke the grants of every user but ``usernames`` (those with a
-        live session)."""
+        live session); fires with the users whose grant was revoked."""
         keep = set(usernames)
         return ensureDeferred(self._revoke_all(
-            [name for name in self._grants if name not in keep]))
+            sorted(name for name in self._grants if name not in keep)))
 
-    async def _revoke_all(self, usernames: Iterable[str]) -> None:
-        for username in list(usernames):
+    async def _revoke_all(self, usernames: List[str]) -> List[str]:
+        for username in usernames:
             await self.revoke(username)
+        return usernames
 
     def recover(self, agents: Mapping[str, RunningAgent], live: Set[str]) -> Deferred:
         """At manager start: keep the grants a previous manager left for

@@ -185,11 +185,16 @@ class Manager(MultiService):
     def _sweep_sessions(self) -> Steps:
         """Delete expired sessions, and with them the credentials sealed
         under them and the proxy's grants of the agents of users left
-        without a live session. Never fails (the timer would stop)."""
+        without a live session (whom the proxies are told about as
+        ``SessionsRevoked``). Never fails (the timer would stop)."""
         try:
             purged = yield self.sessions.purge_expired()
             live = yield self.sessions.live_users()
-            yield self.grants.retain(live)
+            revoked = yield self.grants.retain(live)
+            for username in revoked:
+                # every session of theirs has ended: the proxies drop what
+                # they hold of them (the agent's address, open tunnels)
+                self.invalidations.sessions_revoked(username)
         except Exception:
             self.log.failure("sweeping expired sessions failed")
             return

@@ -31,7 +31,9 @@ failure of each session is kept for the waiting page.
 
 An address is cached per user, and used only for a request whose session
 resolved to that user (the session gate resolves first, then asks here by
-the resolved name); the manager gave it against a session of that user.
+the resolved name); the manager gave it against a session of that user, and
+let the proxy connect to it (the agent firewall's grant) until that user's
+last session ends: ``SessionsRevoked`` drops it with the sessions.
 
 And it collects which users were active, and
 reports them to the manager in batches every :data:`ACTIVITY_INTERVAL`
@@ -266,6 +268,10 @@ class ManagerCache:
         self._generation += 1
         for token in [t for t, e in self._sessions.items() if e[0] == username]:
             self._drop_session(token)
+        # The manager took back the proxy's grant of the agent with the last
+        # session (the agent firewall): the address is asked for again, with
+        # the next session, which grants it anew.
+        self._addresses.pop(username, None)
         self._active.discard(username)
         self.exchanges.close_user(username, "sessions revoked")
 
