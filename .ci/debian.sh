@@ -342,7 +342,12 @@ if [ -n "$NSPAWN" ]; then
         mv "$NSPAWN_BASE.tmp" "$NSPAWN_BASE"
     fi
     step "nspawn: boot it (--ephemeral: the cached root stays clean)"
+    # CAP_NET_ADMIN: the manager installs its agent firewall (nftables) as on
+    # a real host, whose network the container shares; nspawn drops the
+    # capability by default, and a manager that cannot protect its agents
+    # does not start.
     systemd-nspawn --boot --register=no --keep-unit --ephemeral --machine=pixelated-test \
+        --capability=CAP_NET_ADMIN \
         -D "$NSPAWN_BASE" --bind-ro="$OUT:/debs" >"$OUT/nspawn.log" 2>&1 &
     NSPAWN_PID=$!
     LEADER=

@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pixelated_dispatcher.manager.agent_firewall import (
-    NftablesFirewall, NoFirewall, make_firewall, table_name_for)
+    COMMENT_PREFIX, NftablesFirewall, NoFirewall, make_firewall, mount_namespace, table_name_for)
 from pixelated_dispatcher.testing.agent_firewall_contract import make_firewall_tests
 from pixelated_dispatcher.testing.fake_firewall import FakeFirewall
 
@@ -202,6 +202,24 @@ class OrphanTableTests(TestCase):
         self.assertNotIn("table inet %s" % tables[0], listed)
         self.assertIn("table inet %s" % tables[1], listed)
         self.assertIn("table inet %s" % tables[2], listed)  # no state dir named: kept
+
+    @inlineCallbacks
+    def test_tables_of_other_mount_namespaces_are_kept(self):
+        """A manager in a container on the host's network (its own
+        /var/lib/pixelated, invisible here) keeps its table when a host
+        manager starts: removing it would open that manager's agents."""
+        require_nft(self)
+        elsewhere = "/var/lib/pxnet-container-" + uuid.uuid4().hex   # not on this host
+        other = "pixelated_" + uuid.uuid4().hex[:16]
+        ours = table_name_for("/test/" + uuid.uuid4().hex)
+        for name in (other, ours):
+            self.addCleanup(subprocess.run, ["nft", "delete", "table", "inet", name],
+                            capture_output=True)
+        yield NftablesFirewall(reactor, other, PROXY_GID,
+                               COMMENT_PREFIX + elsewhere + " in mnt:1").start()
+        yield NftablesFirewall(reactor, ours, PROXY_GID, "pixelated test").start()
+        self.assertIn("table inet %s" % other, nft_tables())
+        self.assertNotEqual(mount_namespace(), "mnt:1")
 
 
 class MakeFirewallTests(SynchronousTestCase):

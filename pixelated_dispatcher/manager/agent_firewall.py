@@ -82,10 +82,31 @@ class FirewallError(Exception):
     """nft refused or could not run; ``str()`` says what and why."""
 
 
+def mount_namespace() -> str:
+    """This process's mount namespace, as ``mnt:<inode>``.
+
+    A state directory's path means something only in the mount namespace it
+    was seen in: a container sharing the host's network (systemd-nspawn, a
+    Docker container with ``--network host``) has its own
+    ``/var/lib/pixelated``. Its manager's table must neither be taken for
+    the host manager's, nor be judged an orphan by a host manager that does
+    not see the directory.
+    """
+    try:
+        return "mnt:%d" % os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return "mnt:unknown"
+
+
+def manager_identity(instance: str) -> str:
+    """What names a manager's table: its state directory in its mount namespace."""
+    return "%s in %s" % (instance, mount_namespace())
+
+
 def table_name_for(instance: str) -> str:
     """The table of the manager identified by ``instance`` (its state
-    directory): a short, stable name nft accepts."""
-    digest = hashlib.sha256(instance.encode("utf-8")).hexdigest()[:16]
+    directory) in this mount namespace: a short, stable name nft accepts."""
+    digest = hashlib.sha256(manager_identity(instance).encode("utf-8")).hexdigest()[:16]
     return TABLE_PREFIX + digest
 
 
@@ -344,7 +365,9 @@ class NftablesFirewall:
         """Remove the tables of managers whose state directory is gone (a
         manager killed, its directory deleted): no manager can ever recover
         them, and their stale entries would keep ports from the proxies of
-        other managers. Tables of live state directories are never touched."""
+        other managers. Tables of live state directories, and of managers in
+        other mount namespaces (whose directories we cannot see), are never
+        touched."""
         try:
             names = [item["table"]["name"] for item in await self._json("list", "tables")
                      if "table" in item and item["table"].get("family") == "inet"
@@ -358,7 +381,9 @@ class NftablesFirewall:
                               out.decode("utf-8", "replace"))
             if code != 0 or match is None:
                 continue
-            directory = match.group(1)
+            directory, _, namespace = match.group(1).rpartition(" in ")
+            if namespace != mount_namespace():
+                continue    # another mount namespace's manager: its paths are not ours
             if not os.path.isabs(directory) or os.path.exists(directory):
                 continue
             try:
@@ -501,4 +526,4 @@ def make_firewall(reactor: Any, mode: str, instance: str, proxy_gid: Optional[in
             raise ValueError("--agent-firewall nftables needs a manager running as root")
         return NoFirewall("the manager is not root")
     return NftablesFirewall(reactor, table_name_for(instance), proxy_gid,
-                            COMMENT_PREFIX + instance)
+                            COMMENT_PREFIX + manager_identity(instance))
