@@ -153,7 +153,7 @@ class ThreeNodeSwarmTests(SynchronousTestCase):
         self.assertNotEqual(bob_host, host)
         listed = json.loads(stack.dispatcher.ctl("list", "--json").stdout)
         self.assertEqual({u["username"]: bool(u.get("node")) for u in listed},
-                         {"alice": True, "bob": True})
+                         {"alice": True, "bob": True}, stack.logs())
 
         # kill -9 of alice's worker's dockerd: reported within the heartbeat
         # period (swarm: down after ~3 heartbeats; plus our poll)
