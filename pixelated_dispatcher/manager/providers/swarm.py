@@ -88,7 +88,8 @@ class SwarmSettings:
     tmpfs_size: int = 64 * 1024 * 1024
     #: probe each agent node's firewall from another node (:mod:`.swarm_firewall`)
     firewall_check: bool = True
-    #: seconds a node's firewall verdict is kept before the next start there rechecks it
+    #: seconds a node's firewall verdict is kept (then: rechecked while agents run
+    #: there, else at the next start there)
     firewall_recheck: float = 300.0
 
     def service_spec(self, agent: DockerAgentSettings, username: str, data_dir: str,
@@ -571,7 +572,17 @@ class SwarmProvider:
 
     async def _check_nodes_of(self, usernames: List[str]) -> None:
         try:
-            image_id = await self._image_id()
+            try:
+                image_id = await self._image_id()
+            except (AgentStartError, DockerEngineError) as error:
+                self.log.error("cannot check the firewall of the agents' nodes: {error}",
+                               error=getattr(error, "message", None) or error)
+                later = self._reactor.seconds() + self.swarm.firewall_recheck
+                for username in usernames:
+                    entry = self._agents.get(username)
+                    if entry is not None:
+                        self._unchecked_until[entry.node.id] = later
+                return
             for username in usernames:
                 entry = self._agents.get(username)
                 now = self._reactor.seconds()
