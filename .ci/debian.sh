@@ -67,6 +67,12 @@ cleanup() {
     local rc=$?
     set +e
     if [ -n "$NSPAWN_PID" ]; then
+        if [ "$rc" != 0 ] && [ -n "${LEADER:-}" ]; then
+            echo "-- the container's manager and proxy logs (last 40 lines each):"
+            for unit in pixelated-manager pixelated-proxy; do
+                inside journalctl -u "$unit" -n 40 --no-pager 2>/dev/null | cut -c1-300
+            done
+        fi
         kill -TERM "$NSPAWN_PID" 2>/dev/null
         timeout 60 tail --pid="$NSPAWN_PID" -f /dev/null || kill -KILL "$NSPAWN_PID"
     fi
@@ -363,7 +369,12 @@ if [ -n "$NSPAWN" ]; then
     step "nspawn: install the .debs there (the operator's way: apt, systemd starts the services)"
     # Keep it to loopback and to the process provider (no Docker in the
     # container): the operator's edit of /etc/default, made before install.
-    echo 'OPTIONS="--provider process --idle-timeout 0"' >"/proc/$LEADER/root/etc/default/pixelated-manager"
+    # nspawn shows the host's cgroup controllers read-only (no delegation on
+    # this cgroup v1 host), so agents run without limits here: the manager
+    # would refuse to start otherwise, saying so (the limits themselves are
+    # tested on the host: tests/test_process_limits.py).
+    echo 'OPTIONS="--provider process --idle-timeout 0 --agent-memory 0 --agent-pids 0 --agent-cpu-shares 0"' \
+        >"/proc/$LEADER/root/etc/default/pixelated-manager"
     echo "OPTIONS=\"--listen ssl:$PORT:interface=127.0.0.1:privateKey=/etc/ssl/private/ssl-cert-snakeoil.key:certKey=/etc/ssl/certs/ssl-cert-snakeoil.pem\"" \
         >"/proc/$LEADER/root/etc/default/pixelated-proxy"
     inside timeout 300 apt-get update -qq

@@ -97,6 +97,26 @@ class V2(SynchronousTestCase):
         self.assertIn("pids", str(self.assertRaises(CgroupUnavailable, host.find)))
 
 
+class ReadOnlyTree(SynchronousTestCase):
+    """A container's view of the host's cgroups (systemd-nspawn mounts them
+    read-only): the manager refuses at start, naming the cause and the fix,
+    rather than failing every agent's start with "Read-only file system"."""
+
+    def test_read_only_v1_hierarchy(self):
+        host = Host(self, V1_MOUNTINFO.replace("/memory rw -", "/memory ro,nosuid -"),
+                    "12:pids:/\n5:memory:/\n3:cpu,cpuacct:/\n0::/\n")
+        write(host.path("sys/fs/cgroup/unified/cgroup.controllers"), "")
+        message = str(self.assertRaises(CgroupUnavailable, host.find))
+        self.assertIn("read-only", message)
+        self.assertIn("--agent-memory 0", message)
+
+    def test_read_only_v2_tree(self):
+        host = Host(self, V2_MOUNTINFO.replace("rw,nosuid - cgroup2", "ro,nosuid - cgroup2"),
+                    "0::/system.slice/pixelated-manager.service\n")
+        write(host.path("sys/fs/cgroup/cgroup.controllers"), "cpu memory pids\n")
+        self.assertIn("read-only", str(self.assertRaises(CgroupUnavailable, host.find)))
+
+
 class V1(SynchronousTestCase):
     """A hybrid host like this project's CI: controllers on v1 hierarchies,
     cgroup2 without controllers at /sys/fs/cgroup/unified."""

@@ -320,6 +320,8 @@ class _Mount:
     root: str
     fstype: str
     options: Tuple[str, ...]
+    #: mounted read-only (a container's view of the host's tree, typically)
+    read_only: bool = False
 
 
 def _mounts(mountinfo: str) -> List[_Mount]:
@@ -331,7 +333,9 @@ def _mounts(mountinfo: str) -> List[_Mount]:
         before, after = fields[0].split(), fields[1].split()
         if len(before) < 5 or len(after) < 3:
             continue
-        mounts.append(_Mount(before[4], before[3], after[0], tuple(after[2].split(","))))
+        read_only = "ro" in before[5].split(",") if len(before) > 5 else False
+        mounts.append(_Mount(before[4], before[3], after[0], tuple(after[2].split(",")),
+                             read_only))
     return mounts
 
 
@@ -396,6 +400,7 @@ def find_cgroups(limits: AgentLimits, group: str, *, pid: Optional[int] = None,
         except OSError:
             continue
         if "memory" in controllers:
+            _need_writable(mount)
             return _prepare_v2(limits, group, mount.point)
     bases = []
     for controller in V1_CONTROLLERS:
@@ -406,8 +411,18 @@ def find_cgroups(limits: AgentLimits, group: str, *, pid: Optional[int] = None,
                 "no cgroup %s controller is mounted (neither on cgroup v2 nor v1), so agents"
                 " cannot be limited; mount it, or set --agent-memory 0 --agent-pids 0"
                 " --agent-cpu-shares 0" % (controller,))
+        _need_writable(v1)
         bases.append(os.path.join(_inside(v1, own[controller]), group))
     return V1Cgroups(limits, "v1", tuple(bases))
+
+
+def _need_writable(mount: _Mount) -> None:
+    """Say at start, not at every agent's start, that limits cannot be set."""
+    if mount.read_only:
+        raise CgroupUnavailable(
+            "the cgroup tree %s is mounted read-only (in a container?), so agents cannot be"
+            " limited; give the manager a writable cgroup tree, or set --agent-memory 0"
+            " --agent-pids 0 --agent-cpu-shares 0" % (mount.point,))
 
 
 #: The controllers the agents' cgroups use.
