@@ -560,3 +560,15 @@ class FirewallCheckTests(SwarmCase):
         self.assertIn("docs/cluster.rst, set-up step 4", reason)
         self.assertEqual([s["Spec"]["Labels"][USER_LABEL] for s in self.engine.services.values()],
                          ["bob"])
+
+    def test_a_probe_the_swarm_rejects_on_one_node_is_tried_on_the_next(self):
+        # worker-2 (labelled: preferred for the probe of alice's worker-1)
+        # lacks the image: the swarm rejects the probe there
+        provider = self.checked()
+        self.workers[1].images.clear()
+        self.started(provider)
+        self.assertEqual(self.node_of(provider).id, self.workers[0].id)
+        tried = [p["TaskTemplate"]["Placement"]["Constraints"][0] for p in self.probes()]
+        self.assertEqual(tried, ["node.id==%s" % self.workers[1].id,
+                                 "node.id==%s" % self.manager_node.id])
+        self.assertEqual(list(self.engine.services), [self.service()["ID"]])

@@ -59,8 +59,8 @@ from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, ISwa
 from .interface import (AgentStartError, ExitCallback, IAgentProvider, IRunsOnNodes,
                         RunningAgent, notify_exit)
 from .swarm_firewall import (NO_ANSWER, NO_NC, REACHED, REFUSED, FirewallCheckError,
-                             FirewallVerdicts, choose_prober, could_not_check, is_local_address,
-                             probe_command, unsafe_reason)
+                             FirewallVerdicts, could_not_check, is_local_address, probe_command,
+                             probers, unsafe_reason)
 from .swarm_placement import (NodeView, PlacementBook, PlacementError, choose_node,
                               recorded_node)
 
@@ -69,6 +69,8 @@ CREDENTIALS_FILE = "/run/secrets/pixelated-credentials"
 CREDENTIALS_VARIABLE = "PIXELATED_CREDENTIALS_FILE"
 #: the first Engine API whose ContainerSpec has Privileges.NoNewPrivileges
 NNP_API = (1, 44)
+#: nodes a firewall probe is tried on when the swarm rejects it (e.g. no image there)
+PROBERS_TRIED = 3
 
 _FINAL_STATES = frozenset({"complete", "failed", "shutdown", "rejected", "orphaned", "remove"})
 
@@ -515,15 +517,17 @@ class SwarmProvider:
         node connects to this agent (:mod:`.swarm_firewall`). If it gets through,
         the node is refused agents (this one, and the others running there, are
         stopped) until a recheck; if the check cannot be made, the start fails."""
-        nodes = list(self._nodes.values())
-        prober = choose_prober(nodes, node, self.swarm.node_label, self._is_local)
-        if prober is None:
+        candidates = probers(self._nodes.values(), node, self.swarm.node_label, self._is_local)
+        if not candidates:
             raise could_not_check(node, "no other ready node that is not the proxy host to"
                                         " connect from")
-        status = await self._run_check(prober, image_id, probe_command(node.address, port),
-                                       "the firewall")
+        for prober in candidates[:PROBERS_TRIED]:
+            status = await self._run_check(prober, image_id, probe_command(node.address, port),
+                                           "the firewall")
+            state = status.get("State")
+            if state != "rejected":
+                break                           # rejected: e.g. no image there; next node
         code = (status.get("ContainerStatus") or {}).get("ExitCode")
-        state = status.get("State")
         now = self._reactor.seconds()
         if state == "failed" and code in (REFUSED, NO_ANSWER):
             self.firewall.record(node.id, True, "", now)

@@ -83,18 +83,15 @@ def is_local_address(address: str) -> bool:
     return True
 
 
-def choose_prober(nodes: Iterable[NodeView], target: NodeView,
-                  label: "tuple[str, str]",
-                  is_local: Callable[[str], bool] = is_local_address) -> Optional[NodeView]:
-    """A ready, active node other than ``target`` that is not the proxy host
-    (its connections would be allowed); labelled nodes first (they have the
-    agent image), then by host name and id. None if there is none."""
+def probers(nodes: Iterable[NodeView], target: NodeView, label: "tuple[str, str]",
+            is_local: Callable[[str], bool] = is_local_address) -> List[NodeView]:
+    """The nodes a probe of ``target`` may run on, best first: ready, active,
+    not ``target``, not the proxy host (its connections would be allowed);
+    labelled nodes first (they have the agent image), then by host name and id."""
     key, value = label
     candidates = [n for n in nodes
                   if n.usable and n.id != target.id and n.address and not is_local(n.address)]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda n: (n.labels.get(key) != value, n.hostname, n.id))
+    return sorted(candidates, key=lambda n: (n.labels.get(key) != value, n.hostname, n.id))
 
 
 @attr.s(frozen=True, auto_attribs=True)
