@@ -19,10 +19,13 @@ import tempfile
 import threading
 import time
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from . import dockerd
 from .docker_stack import DockerStack, agent_page, credentials_line, wait_until
+
+pytestmark = pytest.mark.whole_system
 
 
 class DockerDispatcherTests(SynchronousTestCase):

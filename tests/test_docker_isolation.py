@@ -12,6 +12,7 @@ import subprocess
 import time
 import uuid
 
+import pytest
 import treq
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -28,6 +29,8 @@ from .dockerd import coroutine_tests
 from .netns import AttackNamespace
 from .firewall_probes import (PROXY_GID, STRANGER, connect_as, fetch_as, nft_tables,
                               protected_ports_of, require_nft)
+
+pytestmark = pytest.mark.whole_system
 
 #: what an attacker container runs: one line per target, REACHED or BLOCKED
 PROBE = ('for target in "$@"; do'

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
@@ -28,6 +29,8 @@ from pixelated_dispatcher.manager.providers.interface import AgentStartError
 from . import dockerd
 from .dockerd import coroutine_tests
 from .real_docker_case import RealDockerTestCase, credentials, get
+
+pytestmark = pytest.mark.whole_system
 
 
 def sleep(seconds):

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import uuid
 
+import pytest
 from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -26,6 +27,8 @@ from pixelated_dispatcher.manager.providers.docker_engine import DockerEngine, P
 from . import dockerd
 from .dockerd import coroutine_tests
 from .real_docker_case import credentials, get
+
+pytestmark = pytest.mark.whole_system
 
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 

@@ -15,7 +15,11 @@ import sys
 import tempfile
 import unittest
 
+import pytest
+
 from . import dockerd
+
+pytestmark = pytest.mark.whole_system
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOAK = os.path.join(ROOT, "bench", "soak")

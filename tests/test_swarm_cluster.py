@@ -31,12 +31,15 @@ import tempfile
 import time
 import uuid
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from pixelated_dispatcher.demo import Dispatcher
 
 from . import dockerd, swarm_cluster
 from .docker_stack import agent_page, wait_until
+
+pytestmark = pytest.mark.whole_system
 
 HEARTBEAT = swarm_cluster.HEARTBEAT_SECONDS
 POLL = 0.5

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import uuid
 
+import pytest
 import treq
 from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
@@ -25,6 +26,8 @@ from pixelated_dispatcher.testing.provider_contract import credentials_for
 from . import swarm_cluster
 from .dockerd import coroutine_tests
 from .swarm_cluster import remove_services
+
+pytestmark = pytest.mark.whole_system
 
 POLL = 0.5
 
