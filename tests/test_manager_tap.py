@@ -9,6 +9,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from pixelated_dispatcher.manager import tap
+from pixelated_dispatcher.manager.agent_firewall import NoFirewall
+from pixelated_dispatcher.manager.service import Manager
 
 
 class PluginTests(SynchronousTestCase):
@@ -90,3 +92,20 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(mode, 0o660)
         self.assertTrue(want_pid)
         self.assertEqual(os.stat(os.path.join(directory, "run")).st_mode & 0o777, 0o750)
+
+    def test_the_manager_grants_in_the_firewall_its_provider_protects_with(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(lambda: __import__("shutil").rmtree(directory))
+        options = tap.Options()
+        options.parseOptions(["--socket", os.path.join(directory, "run", "manager.sock"),
+                              "--state-dir", os.path.join(directory, "state"),
+                              "--agent-firewall", "none"])
+        service = tap.makeService(options, reactor=MemoryReactorClock())
+        (manager,) = [child for child in service if isinstance(child, Manager)]
+        self.assertIs(manager.grants.firewall, manager.supervisor._provider.firewall)
+
+    def test_swarm_agents_on_other_nodes_get_no_agent_firewall(self):
+        options = tap.Options()
+        options.parseOptions(["--provider", "swarm", "--agent-firewall", "nftables"])
+        self.assertIsInstance(tap.make_agent_firewall(MemoryReactorClock(), options),
+                              NoFirewall)

@@ -53,7 +53,8 @@ class AgentGrants:
     log = Logger()
 
     def __init__(self, firewall: IAgentFirewall) -> None:
-        self._firewall = firewall
+        #: the firewall the grants are made in (the providers' own)
+        self.firewall = firewall
         self._grants: Dict[str, _Grant] = {}
 
     def granted(self) -> Dict[str, Endpoint]:
@@ -78,7 +79,7 @@ class AgentGrants:
             self._revoke_unless_held(current.endpoint, username)
         made: Deferred = Deferred()
         grant = self._grants[username] = _Grant(agent, SharedResult(made))
-        self._firewall.grant(*endpoint_of(agent)).addErrback(
+        self.firewall.grant(*endpoint_of(agent)).addErrback(
             self._failed, username, grant).chainDeferred(made)
         return grant.outcome.wait().addCallback(lambda _: True)
 
@@ -100,7 +101,7 @@ class AgentGrants:
         if any(other.endpoint == endpoint for name, other in self._grants.items()
                if name != username):
             return succeed(None)
-        return self._firewall.revoke(*endpoint)
+        return self.firewall.revoke(*endpoint)
 
     def forget(self, username: str) -> None:
         """``username``'s agent ended: the provider's release took its grant
@@ -126,7 +127,7 @@ class AgentGrants:
         return ensureDeferred(self._recover(agents, live))
 
     async def _recover(self, agents: Mapping[str, RunningAgent], live: Set[str]) -> None:
-        left: Set[Endpoint] = set(await self._firewall.granted())
+        left: Set[Endpoint] = set(await self.firewall.granted())
         kept: Set[Endpoint] = set()
         for username, agent in agents.items():
             endpoint = endpoint_of(agent)
@@ -134,7 +135,7 @@ class AgentGrants:
                 self._grants[username] = _Grant(agent, SharedResult(succeed(None)))
                 kept.add(endpoint)
         for endpoint in sorted(left - kept):
-            await self._firewall.revoke(*endpoint)
+            await self.firewall.revoke(*endpoint)
         if left:
             self.log.info("agent grants of the previous manager: {kept} kept (users with a"
                           " live session), {revoked} revoked", kept=len(kept),
