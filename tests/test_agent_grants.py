@@ -18,6 +18,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pixelated_dispatcher import protocol as p
+from pixelated_dispatcher.manager.agent_firewall import FirewallError
 from pixelated_dispatcher.manager.agent_grants import AgentGrants
 from pixelated_dispatcher.manager.passwords import FAST_FOR_TESTS
 from pixelated_dispatcher.manager.service import Manager, ManagerSettings
@@ -164,6 +165,14 @@ class ProxyGrantTests(TestCase):
         self.assertEqual(revoked_before_the_stop, [True])
 
     @inlineCallbacks
+    def test_a_firewall_that_fails_to_revoke_does_not_keep_the_agent_running(self):
+        token, endpoint = yield self.agent_of("alice")
+        del self.kernel["grants"]  # the table is gone: every nft call fails
+        yield self.finish_starts(self.manager.end_session(token))
+        self.assertFalse(self.provider.alive("alice"), "logged out and stopped all the same")
+        self.flushLoggedErrors()
+
+    @inlineCallbacks
     def test_passwd_logout_name_and_remove_revoke_and_the_agent_runs_on(self):
         _, endpoint = yield self.agent_of("alice")
         yield self.manager.set_password("alice", "a new one")
@@ -241,6 +250,24 @@ class ProxyGrantTests(TestCase):
         self.manager.grants.grant = grant_late
         yield self.assertFailure(self.manager.ensure_agent("alice", fresh), p.InvalidSession)
         self.assertEqual(self.granted(), set())
+
+
+class FailingFirewallTests(SynchronousTestCase):
+    """A firewall that refuses (its table is gone: an operator ran ``nft
+    flush ruleset``) opens nothing and keeps no record: the next request
+    tries again."""
+
+    def test_a_refused_grant_is_no_record_and_the_next_request_tries_again(self):
+        kernel = {}
+        firewall = FakeFirewall("t", kernel)
+        grants = AgentGrants(firewall)
+        agent = RunningAgent("alice", p.AgentAddress("127.0.0.1", 20001), 0, 1.0)
+        self.failureResultOf(grants.grant(agent), FirewallError)
+        self.assertEqual(grants.granted(), {})
+        firewall.start()
+        self.assertTrue(self.successResultOf(grants.grant(agent)))
+        self.assertEqual(kernel["t"].granted, {("127.0.0.1", 20001)})
+        self.assertFalse(self.successResultOf(grants.grant(agent)), "granted already")
 
 
 class GrantBooks(RuleBasedStateMachine):
