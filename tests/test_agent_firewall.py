@@ -133,6 +133,31 @@ class NftablesFilteringTests(TestCase):
         self.assertEqual((yield self.reach(STRANGER, STRANGER)), "connected")
 
     @inlineCallbacks
+    def test_a_table_removed_by_something_else_comes_back_whole_at_the_next_change(self):
+        """``nft flush ruleset`` (or any tool) removes the table: every agent
+        is open until the manager's next change, which puts back the table
+        with every agent, grant and network it had, then does the change."""
+        yield self.firewall.start()
+        yield self.firewall.protect("127.0.0.1", self.port)
+        yield self.firewall.protect("127.0.0.1", 29001)
+        yield self.firewall.grant("127.0.0.1", 29001)
+        yield self.firewall.protect("127.0.0.1", 29002)
+        yield self.firewall.release("127.0.0.1", 29002)
+        yield self.firewall.protect_network("198.18.49.0/24", "198.18.49.1")
+        subprocess.run(["nft", "delete", "table", "inet", self.name], check=True)
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "connected")  # open now
+        yield self.firewall.protect("127.0.0.1", 29003)
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "ConnectionRefusedError")
+        self.assertEqual((yield self.firewall.entries()),
+                         {("127.0.0.1", self.port), ("127.0.0.1", 29001), ("127.0.0.1", 29003)})
+        self.assertEqual((yield self.firewall.granted()), {("127.0.0.1", 29001)})
+        self.assertEqual((yield self.firewall.networks()), {"198.18.49.0/24"})
+        # a read repairs too
+        subprocess.run(["nft", "delete", "table", "inet", self.name], check=True)
+        self.assertEqual((yield self.firewall.granted()), {("127.0.0.1", 29001)})
+        self.assertEqual((yield self.reach(STRANGER, STRANGER)), "ConnectionRefusedError")
+
+    @inlineCallbacks
     def test_a_connection_opened_while_granted_dies_with_the_grant(self):
         """A compromised proxy cannot keep an agent by holding a connection
         open: the rules apply to every packet, not to new connections only."""

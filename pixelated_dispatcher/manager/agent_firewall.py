@@ -280,6 +280,13 @@ class NftablesFirewall:
         self.comment = comment.replace('"', "'")[:120]
         self.nft = nft
         self._lock = DeferredLock()  # one nft at a time, in call order
+        # What this manager put in the table, to put it back if the table
+        # vanishes under it (``nft flush ruleset``, another tool): the agents
+        # would be open to everybody until the next change otherwise.
+        self._agents: Set[Endpoint] = set()
+        self._granted: Set[Endpoint] = set()
+        self._networks_added: Set[Tuple[str, str]] = set()
+        self._installed = False   # start() made the table and close() did not remove it
 
     # -- running nft ---------------------------------------------------------
 
@@ -308,7 +315,40 @@ class NftablesFirewall:
 
     def _queued(self, coroutine_function: Callable[..., Coroutine[Any, Any, Any]],
                 *args: Any) -> Deferred:
-        return self._lock.run(lambda: defer.ensureDeferred(coroutine_function(*args)))
+        return self._lock.run(lambda: defer.ensureDeferred(
+            self._repairing(coroutine_function, *args)))
+
+    async def _repairing(self, coroutine_function: Callable[..., Coroutine[Any, Any, Any]],
+                         *args: Any) -> Any:
+        """Run one operation; if it failed because the table is gone, make
+        the table again with everything this manager had put in it, say so,
+        and run the operation once more."""
+        try:
+            return await coroutine_function(*args)
+        except FirewallError:
+            if not self._installed or await self._table_exists():
+                raise
+        log.warn("agent firewall: the table inet {table} was gone (removed by something"
+                 " else); making it again with {agents} agents, {granted} grants",
+                 table=self.table, agents=len(self._agents), granted=len(self._granted))
+        await self._run(self.ruleset() + self._elements_script(),
+                        "making the agent firewall table %s again" % self.table)
+        return await coroutine_function(*args)
+
+    async def _table_exists(self) -> bool:
+        _, _, code = await self._spawn("", ["list", "table", "inet", self.table])
+        return code == 0
+
+    def _elements_script(self) -> str:
+        t = "inet " + self.table
+        script = ""
+        for name, endpoints in (("agents", self._agents), ("granted", self._granted)):
+            if endpoints:
+                script += "add element %s %s { %s }\n" % (t, name, _elements(endpoints))
+        for network, gateway in sorted(self._networks_added):
+            script += ("add element %s agent_nets { %s }\nadd element %s gateways { %s }\n"
+                       % (t, network, t, gateway))
+        return script
 
     # -- the ruleset ----------------------------------------------------------
 
@@ -355,6 +395,7 @@ class NftablesFirewall:
 
     async def _start(self) -> None:
         await self._run(self.ruleset(), "installing the agent firewall table %s" % self.table)
+        self._installed = True
         await self._remove_orphans()
         log.info("agent firewall: nftables table inet {table} lets only root{proxy} connect"
                  " to agents", table=self.table,
@@ -399,9 +440,14 @@ class NftablesFirewall:
             endpoint = check_endpoint(host, port)
         except FirewallError:
             return defer.fail()
+        return self._queued(self._protect, endpoint)
+
+    async def _protect(self, endpoint: Endpoint) -> None:
         element = _elements([endpoint])
-        return self._queued(self._run, "add element inet %s agents { %s }\n" % (
-            self.table, element) + self._ungrant(element), "protecting %s:%d" % endpoint)
+        await self._run("add element inet %s agents { %s }\n" % (self.table, element)
+                        + self._ungrant(element), "protecting %s:%d" % endpoint)
+        self._agents.add(endpoint)
+        self._granted.discard(endpoint)
 
     def _ungrant(self, element: str) -> str:
         # "delete element" fails for a missing one; "add" first makes it certain
@@ -422,22 +468,32 @@ class NftablesFirewall:
                         "delete element inet %s agents { %s }\n"
                         % (self.table, element, self.table, element)
                         + self._ungrant(element), "releasing %s:%d" % endpoint)
+        self._agents.discard(endpoint)
+        self._granted.discard(endpoint)
 
     def grant(self, host: str, port: int) -> Deferred:
         try:
             endpoint = check_endpoint(host, port)
         except FirewallError:
             return defer.fail()
-        return self._queued(self._run, "add element inet %s granted { %s }\n" % (
+        return self._queued(self._grant, endpoint)
+
+    async def _grant(self, endpoint: Endpoint) -> None:
+        await self._run("add element inet %s granted { %s }\n" % (
             self.table, _elements([endpoint])), "granting %s:%d to the proxy" % endpoint)
+        self._granted.add(endpoint)
 
     def revoke(self, host: str, port: int) -> Deferred:
         try:
             endpoint = check_endpoint(host, port)
         except FirewallError:
             return defer.fail()
-        return self._queued(self._run, self._ungrant(_elements([endpoint])),
-                            "revoking the proxy's grant of %s:%d" % endpoint)
+        return self._queued(self._revoke, endpoint)
+
+    async def _revoke(self, endpoint: Endpoint) -> None:
+        await self._run(self._ungrant(_elements([endpoint])),
+                        "revoking the proxy's grant of %s:%d" % endpoint)
+        self._granted.discard(endpoint)
 
     def granted(self) -> Deferred:
         return self._queued(self._endpoints, "granted")
@@ -447,10 +503,14 @@ class NftablesFirewall:
             network, gateway = check_network(subnet, gateway)
         except FirewallError:
             return defer.fail()
-        return self._queued(self._run, "add element inet %s agent_nets { %s }\n"
-                            "add element inet %s gateways { %s }\n"
-                            % (self.table, network, self.table, gateway),
-                            "protecting the agents' network %s" % network)
+        return self._queued(self._protect_network, network, gateway)
+
+    async def _protect_network(self, network: str, gateway: str) -> None:
+        await self._run("add element inet %s agent_nets { %s }\n"
+                        "add element inet %s gateways { %s }\n"
+                        % (self.table, network, self.table, gateway),
+                        "protecting the agents' network %s" % network)
+        self._networks_added.add((network, gateway))
 
     def retain_only(self, endpoints: Iterable[Endpoint]) -> Deferred:
         try:
@@ -469,6 +529,7 @@ class NftablesFirewall:
             script += "add element inet %s granted { %s }\n" % (self.table,
                                                                 _elements(granted))
         await self._run(script, "trimming the agent firewall to the adopted agents")
+        self._agents, self._granted = set(keep), set(granted)
 
     def entries(self) -> Deferred:
         return self._queued(self._endpoints, "agents")
@@ -510,6 +571,8 @@ class NftablesFirewall:
         # "add" first: deleting a table that is gone already is no error here
         await self._run("add table inet %s\ndelete table inet %s\n" % (self.table, self.table),
                         "removing the agent firewall table %s" % self.table)
+        self._agents, self._granted, self._networks_added = set(), set(), set()
+        self._installed = False
         log.info("removed the agent firewall table inet {table}", table=self.table)
 
 
