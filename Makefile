@@ -28,7 +28,7 @@ check: lint
 # pyproject.toml): ruff (pyflakes, pycodestyle) and mypy with mypy-zope on the
 # package.
 lint: install
-	$(BIN)/ruff check pixelated_dispatcher
+	$(BIN)/ruff check pixelated_dispatcher tests bench tools
 	$(BIN)/mypy pixelated_dispatcher
 
 # The proxy's tests once more on the oldest releases the dispatcher supports,

@@ -50,7 +50,8 @@ class Loop:
         self.channel.makeConnection(self.browser)
         self.request = (
             b"GET /blob?size=%d HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
-            b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
+            b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0)"
+            b" Gecko/20100101 Firefox/128.0\r\n"
             b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
             b"Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate\r\n"
             b"Cookie: pixelated-session=%s; theme=dark\r\n\r\n" % (body, token.encode()))

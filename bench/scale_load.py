@@ -251,7 +251,8 @@ def _context(ca: str) -> ssl.SSLContext:
     return context
 
 
-_CSRF_FIELD = re.compile(rb'name="csrf_token"[^>]*value="([^"]*)"|value="([^"]*)"[^>]*name="csrf_token"')
+_CSRF_FIELD = re.compile(rb'name="csrf_token"[^>]*value="([^"]*)"'
+                         rb'|value="([^"]*)"[^>]*name="csrf_token"')
 
 
 def session_token(cookies: Dict[str, str]) -> Optional[str]:

@@ -5,11 +5,12 @@
 
 Each user is one keep-alive HTTPS browser connection to the proxy: it logs in
 through the real login form once, then asks ``GET /whoami`` at a steady rate
-(``/cgi-bin/whoami`` for the Docker test agent) until the deadline, keeping the cookie it got at login. Every answer becomes
-one JSON line on stdout (an *event*) that ``bench/soak`` reads while it runs
-(to time recoveries and to wait for them) and classifies afterwards with
-``soak_report``. A user that is sent back to the login form logs in again (the
-event says so: that is a forced login, a lost session) so that the run goes on.
+(``/cgi-bin/whoami`` for the Docker test agent) until the deadline, keeping
+the cookie it got at login. Every answer becomes one JSON line on stdout (an
+*event*) that ``bench/soak`` reads while it runs (to time recoveries and to
+wait for them) and classifies afterwards with ``soak_report``. A user that is
+sent back to the login form logs in again (the event says so: that is a forced
+login, a lost session) so that the run goes on.
 
 Four requests in five are scripts (``X-Requested-With: XMLHttpRequest``: the
 proxy answers 503 with ``Retry-After`` while an agent starts); the fifth is a

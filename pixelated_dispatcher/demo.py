@@ -155,6 +155,16 @@ class Dispatcher:
         self.start_manager()
         self.start_proxy()
 
+    def log_tails(self, chars: int = 4000) -> str:
+        """The end of each daemon's log, headed by its path: what a failing
+        test shows of the daemons."""
+        tails = []
+        for path in (self.manager_log, self.proxy_log):
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    tails.append("---- %s\n%s" % (path, f.read()[-chars:]))
+        return "\n".join(tails)
+
     def ctl(self, *args: str, password: Optional[str] = None) -> subprocess.CompletedProcess:
         """Run the real ``pixelated-ctl`` against this dispatcher."""
         return subprocess.run(CTL + ["--socket", self.socket] + list(args),

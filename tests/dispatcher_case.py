@@ -1,6 +1,5 @@
 """A test case around one real dispatcher (both twistd daemons in a temporary
 directory), shared by the tests that drive the whole system."""
-import os
 import shutil
 import tempfile
 import time
@@ -67,9 +66,4 @@ class DispatcherCase(unittest.TestCase):
         return Browser(self.dispatcher.port, self.dispatcher.tls["cert"])
 
     def logs(self, tail=4000):
-        texts = []
-        for path in (self.dispatcher.manager_log, self.dispatcher.proxy_log):
-            if os.path.exists(path):
-                with open(path) as f:
-                    texts.append(f.read()[-tail:])
-        return "\n".join(texts)
+        return self.dispatcher.log_tails(tail)

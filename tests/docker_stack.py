@@ -5,7 +5,6 @@ that waits out an agent's start (:func:`agent_page`), and waiting for a
 condition with the daemons' logs in the failure (:func:`wait_until`)."""
 import html
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -48,12 +47,7 @@ class DockerStack:
 
     def logs(self):
         """The daemons' log tails, for failure messages."""
-        tails = []
-        for log in (self.dispatcher.manager_log, self.dispatcher.proxy_log):
-            if os.path.exists(log):
-                with open(log) as f:
-                    tails.append("---- %s\n%s" % (log, f.read()[-3000:]))
-        return "\n".join(tails)
+        return self.dispatcher.log_tails(3000)
 
     def browser(self):
         return Browser(self.dispatcher.port, self.dispatcher.tls["cert"])

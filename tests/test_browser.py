@@ -156,12 +156,7 @@ class BrowserTests(unittest.TestCase):
         return profile
 
     def logs(self) -> str:
-        texts = []
-        for path in (self.dispatcher.manager_log, self.dispatcher.proxy_log):
-            if os.path.exists(path):
-                with open(path) as f:
-                    texts.append(f.read()[-3000:])
-        return "\n".join(texts)
+        return self.dispatcher.log_tails(3000)
 
     def test_a_day_in_the_life_of_two_users(self) -> None:
         alice = self.profile("alice")

@@ -48,7 +48,8 @@ def wait_healthy(process, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError("agent exited with %s:\n%s" % (process.returncode, output(process)))
+            raise AssertionError("agent exited with %s:\n%s"
+                                 % (process.returncode, output(process)))
         try:
             if request(process, "GET", "/health")[0] == 200:
                 return
@@ -150,7 +151,7 @@ def test_missing_or_broken_credentials_serve_unauthenticated(data_dir, line):
     assert whoami == {"username": "alice", "authenticated": False, "credentials_user": None,
                       "leap_provider_hostname": None, "password_received": False,
                       "credentials_sha256": None}
-    complaints = [l for l in output(a).splitlines() if "credentials" in l]
+    complaints = [line for line in output(a).splitlines() if "credentials" in line]
     assert len(complaints) == 1, output(a)
 
 

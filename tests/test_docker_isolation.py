@@ -34,7 +34,8 @@ pytestmark = pytest.mark.whole_system
 
 #: what an attacker container runs: one line per target, REACHED or BLOCKED
 PROBE = ('for target in "$@"; do'
-         ' if nc -w 3 "${target%:*}" "${target##*:}" </dev/null >/dev/null 2>&1; then echo "REACHED $target";'
+         ' if nc -w 3 "${target%:*}" "${target##*:}" </dev/null >/dev/null 2>&1;'
+         ' then echo "REACHED $target";'
          ' else echo "BLOCKED $target"; fi; done')
 
 

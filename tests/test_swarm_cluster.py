@@ -24,7 +24,6 @@ The tests share one cluster (made once per class: ~4 s) and leave it as
 they found it. Skips without root; fails instead under CI=true.
 """
 import json
-import os
 import shutil
 import socket
 import tempfile
@@ -65,12 +64,7 @@ class SwarmStack:
         self.dispatcher.start()
 
     def logs(self):
-        tails = []
-        for log in (self.dispatcher.manager_log, self.dispatcher.proxy_log):
-            if os.path.exists(log):
-                with open(log) as f:
-                    tails.append("---- %s\n%s" % (log, f.read()[-4000:]))
-        return "\n".join(tails)
+        return self.dispatcher.log_tails(4000)
 
     def info_text(self, username):
         result = self.dispatcher.ctl("info", username)

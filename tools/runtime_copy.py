@@ -90,7 +90,8 @@ def _copy_tree(source: str, target: str) -> None:
         return [name for name in names
                 if name == "__pycache__" or name == "dropin.cache"
                 or (name.startswith("__editable__") or name.endswith(".egg-link")
-                    or (name.endswith(".pth") and _points_into_clone(os.path.join(directory, name))))]
+                    or (name.endswith(".pth")
+                        and _points_into_clone(os.path.join(directory, name))))]
     shutil.copytree(source, target, ignore=ignore, copy_function=_link_or_copy,
                     dirs_exist_ok=True, symlinks=True)
 
@@ -123,7 +124,8 @@ def build(directory: str) -> str:
     """Make ``directory`` a virtualenv that every uid can use; return its python."""
     venv.EnvBuilder(symlinks=True, with_pip=False).create(directory)
     python = os.path.join(directory, "bin", "python")
-    target = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+    target = subprocess.run([python, "-c",
+                             "import sysconfig; print(sysconfig.get_path('purelib'))"],
                             check=True, capture_output=True, text=True).stdout.strip()
     for path in {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}:
         _copy_tree(path, target)
