@@ -65,7 +65,14 @@ _pd_start() {
     # The default instance owns docker0. A second one on this host gets a
     # bridge of its own (a second --bip would re-address docker0 under the
     # first) and, unless told otherwise, leaves iptables to the first.
-    local _pd_network
+    local _pd_network _pd_docker0=
+    if [ "$_pd_bridge" != docker0 ]; then
+        # dockerd (20.10, and since) restarting with --default-address-pool
+        # and a stored "bridge" network deletes the link named docker0,
+        # whatever its --bridge: another instance's restart would take the
+        # default instance's bridge away. Note it to put it back below.
+        _pd_docker0=$(ip -4 -o addr show dev docker0 2>/dev/null | awk '{print $4; exit}')
+    fi
     if [ "$_pd_bridge" = docker0 ]; then
         _pd_network=(--bip "$_pd_bip")
     else
@@ -86,7 +93,14 @@ _pd_start() {
         >"$_pd_log" 2>&1 </dev/null &
     local i
     for i in $(seq 1 120); do
-        if _pd_answers; then echo "DOCKER_HOST=$_pd_host"; return 0; fi
+        if _pd_answers; then
+            if [ -n "$_pd_docker0" ] && ! ip link show docker0 >/dev/null 2>&1; then
+                ip link add name docker0 type bridge && ip addr add "$_pd_docker0" dev docker0 \
+                    && ip link set docker0 up \
+                    && echo "dockerd.sh: put back docker0 ($_pd_docker0), which dockerd removed" >&2
+            fi
+            echo "DOCKER_HOST=$_pd_host"; return 0
+        fi
         if ! kill -0 $! 2>/dev/null; then
             echo "dockerd.sh: dockerd exited; last lines of $log:" >&2; tail -n 20 "$_pd_log" >&2; return 1
         fi
