@@ -16,6 +16,8 @@ import time
 import unittest
 from typing import Callable, List, Optional
 
+import pytest
+
 from pixelated_dispatcher.demo import Dispatcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,6 +119,7 @@ class Profile:
         shutil.rmtree(self.user_data, ignore_errors=True)
 
 
+@pytest.mark.whole_system
 class BrowserTests(unittest.TestCase):
 
     @classmethod

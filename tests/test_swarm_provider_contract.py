@@ -8,6 +8,7 @@ import tempfile
 import uuid
 
 import attr
+import pytest
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
@@ -190,5 +191,6 @@ class RealSwarmFixture:
         return len(services)
 
 
+@pytest.mark.whole_system
 class RealSwarmProviderContractTests(make_provider_tests(RealSwarmFixture, runs_on_nodes=True)):
     timeout = 120
