@@ -54,6 +54,7 @@ done
 NSPAWN_BASE=${NSPAWN_BASE:-/var/tmp/pixelated-bookworm-root}
 PIDS=()
 NSPAWN_PID=
+CONTAINER_MNT=      # the container's mount namespace, named in its manager's nft table
 CREATED_SNAKEOIL=
 DOCKER_INSTANCE=    # set once docker-provider containers may exist
 GUARD_WAS_THERE=
@@ -63,6 +64,19 @@ ADDED_ACCOUNTS=""   # system accounts the packages created here (purge must dele
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# The container's manager keeps its agent firewall table in the host's
+# network (shared): once the container is gone, remove what it left (a
+# manager starting on the host later would too, see docs/security.rst).
+remove_container_tables() {
+    [ -n "$CONTAINER_MNT" ] || return 0
+    local table
+    for table in $(nft list tables inet 2>/dev/null | awk '$3 ~ /^pixelated_/ {print $3}'); do
+        if nft list table inet "$table" 2>/dev/null | grep -q " in mnt:$CONTAINER_MNT\""; then
+            nft delete table inet "$table"
+        fi
+    done
+}
 
 cleanup() {
     local rc=$?
@@ -77,6 +91,7 @@ cleanup() {
         kill -TERM "$NSPAWN_PID" 2>/dev/null
         timeout 60 tail --pid="$NSPAWN_PID" -f /dev/null || kill -KILL "$NSPAWN_PID"
     fi
+    remove_container_tables
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
     for pid in "${PIDS[@]}"; do timeout 15 tail --pid="$pid" -f /dev/null; kill -KILL "$pid" 2>/dev/null; done
     # Agents of the process provider run under uids 200000-299999.
@@ -366,6 +381,7 @@ if [ -n "$NSPAWN" ]; then
         [ -n "$LEADER" ] && break; sleep 0.2
     done
     [ -n "$LEADER" ] || { cat "$OUT/nspawn.log"; fail "the container did not boot"; }
+    CONTAINER_MNT=$(stat -L -c %i "/proc/$LEADER/ns/mnt")
     inside() { nsenter -t "$LEADER" -m -u -i -n -p -- /usr/bin/env -i \
         PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"; }
     timeout 120 bash -c "until nsenter -t $LEADER -m -p -- /bin/systemctl is-system-running 2>/dev/null \
@@ -423,6 +439,7 @@ if [ -n "$NSPAWN" ]; then
     kill -TERM "$NSPAWN_PID"
     timeout 60 tail --pid="$NSPAWN_PID" -f /dev/null || fail "the container did not stop"
     NSPAWN_PID=
+    remove_container_tables
 fi
 
 step "purge the dependencies the .debs brought in"

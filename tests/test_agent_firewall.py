@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 from twisted.internet import reactor
@@ -18,7 +19,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pixelated_dispatcher.manager.agent_firewall import (
-    COMMENT_PREFIX, NftablesFirewall, NoFirewall, make_firewall, mount_namespace, table_name_for)
+    COMMENT_PREFIX, NftablesFirewall, NoFirewall, make_firewall, mount_namespace,
+    mount_namespace_gone, table_name_for)
 from pixelated_dispatcher.testing.agent_firewall_contract import make_firewall_tests
 from pixelated_dispatcher.testing.fake_firewall import FakeFirewall
 
@@ -229,22 +231,40 @@ class OrphanTableTests(TestCase):
         self.assertIn("table inet %s" % tables[2], listed)  # no state dir named: kept
 
     @inlineCallbacks
-    def test_tables_of_other_mount_namespaces_are_kept(self):
+    def test_tables_of_other_mount_namespaces_are_kept_while_they_live(self):
         """A manager in a container on the host's network (its own
         /var/lib/pixelated, invisible here) keeps its table when a host
-        manager starts: removing it would open that manager's agents."""
+        manager starts: removing it would open that manager's agents. Once
+        the container is gone (no process left in its mount namespace), its
+        table is an orphan like any other."""
         require_nft(self)
+        container = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                      "sleep", "60"])
+        self.addCleanup(container.wait)
+        self.addCleanup(container.kill)
+        living = None
+        for _ in range(100):
+            living = "mnt:%d" % os.stat("/proc/%d/ns/mnt" % container.pid).st_ino
+            if living != mount_namespace():
+                break
+            time.sleep(0.05)    # unshare has not switched yet
+        self.assertNotEqual(living, mount_namespace())
+        gone = "mnt:1"          # no process is in it: no such namespace
+        self.assertTrue(mount_namespace_gone(gone))
+        self.assertFalse(mount_namespace_gone(living))
         elsewhere = "/var/lib/pxnet-container-" + uuid.uuid4().hex   # not on this host
-        other = "pixelated_" + uuid.uuid4().hex[:16]
+        tables = {namespace: "pixelated_" + uuid.uuid4().hex[:16] for namespace in (living, gone)}
         ours = table_name_for("/test/" + uuid.uuid4().hex)
-        for name in (other, ours):
+        for name in list(tables.values()) + [ours]:
             self.addCleanup(subprocess.run, ["nft", "delete", "table", "inet", name],
                             capture_output=True)
-        yield NftablesFirewall(reactor, other, PROXY_GID,
-                               COMMENT_PREFIX + elsewhere + " in mnt:1").start()
+        for namespace, name in tables.items():
+            yield NftablesFirewall(reactor, name, PROXY_GID,
+                                   COMMENT_PREFIX + elsewhere + " in " + namespace).start()
         yield NftablesFirewall(reactor, ours, PROXY_GID, "pixelated test").start()
-        self.assertIn("table inet %s" % other, nft_tables())
-        self.assertNotEqual(mount_namespace(), "mnt:1")
+        listed = nft_tables()
+        self.assertIn("table inet %s" % tables[living], listed)
+        self.assertNotIn("table inet %s" % tables[gone], listed)
 
 
 class MakeFirewallTests(SynchronousTestCase):
