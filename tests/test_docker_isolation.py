@@ -32,6 +32,20 @@ from .firewall_probes import (PROXY_GID, STRANGER, connect_as, fetch_as, nft_tab
 
 pytestmark = pytest.mark.whole_system
 
+def free_subnet(host):
+    """A /24 of this suite's addresses (198.18.32.0/20; 198.18.47.0/24 is
+    the namespaces') that no network of the engine has: a random one may
+    be taken by another test's network that is still there."""
+    taken = {config.get("Subnet") for network in dockerd.api(host, "GET", "/networks")
+             for config in (network.get("IPAM") or {}).get("Config") or []}
+    free = ["198.18.%d.0/24" % n for n in range(32, 47)
+            if "198.18.%d.0/24" % n not in taken]
+    if not free:
+        raise AssertionError("every /24 of 198.18.32.0/20 is taken by a network: %s"
+                             % sorted(t for t in taken if t))
+    return random.choice(free)
+
+
 #: what an attacker container runs: one line per target, REACHED or BLOCKED
 PROBE = ('for target in "$@"; do'
          ' if nc -w 3 "${target%:*}" "${target##*:}" </dev/null >/dev/null 2>&1;'
@@ -119,8 +133,7 @@ class DockerIsolationTests(TestCase):
         self.table = table_name_for("/test/" + self.instance)
         self.addCleanup(subprocess.run, ["nft", "delete", "table", "inet", self.table],
                         capture_output=True)
-        # this suite's addresses: 198.18.32.0/20 (198.18.47.0/24: namespaces)
-        self.subnet = "198.18.%d.0/24" % random.randrange(32, 47)
+        self.subnet = free_subnet(self.host)
 
     def provider(self, keep_on_close=False):
         settings = DockerAgentSettings(
@@ -253,7 +266,7 @@ class DockerDispatcherCleanupTests(TestCase):
         host = dockerd.engine_or_skip()
         image = dockerd.ensure_agent_image(host)
         stack = DockerStack(self, image, host, extra_manager_args=[
-            "--docker-network-subnet", "198.18.%d.0/24" % random.randrange(32, 47)])
+            "--docker-network-subnet", free_subnet(host)])
         table = table_name_for(stack.dispatcher.state_dir)
         stack.dispatcher.add_user("alice", "alice's password")
         browser = stack.browser()
