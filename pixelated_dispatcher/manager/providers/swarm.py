@@ -50,8 +50,8 @@ from zope.interface import implementer
 from ...fanout import SharedResult
 from ...protocol import AgentAddress
 from ...usernames import is_valid_username
-from .docker import (LABEL, USER_LABEL, ContainerEngineUnavailable, DockerAgentSettings,
-                     _started_at, exit_reason, http_answers,
+from .docker import (FRESH_CONTAINER, LABEL, USER_LABEL, ContainerEngineUnavailable,
+                     DockerAgentSettings, _started_at, exit_reason, http_answers,
                      prepare_data_dir)
 from .docker_engine import (Conflict, DockerEngineError, EngineUnavailable, ISwarmEngine,
                             NoSuchImage, NoSuchSecret, NoSuchService, NotSwarmManager,
@@ -172,6 +172,11 @@ def _task_exit(task_json: dict) -> str:
     if status.get("State") == "complete":
         return "exited with code 0"
     return "ended (%s%s)" % (status.get("State", "?"), ": " + err if err else "")
+
+
+#: task states on the way to "running"
+STARTING_TASK_STATES = frozenset(("new", "pending", "assigned", "accepted", "preparing",
+                                  "ready", "starting"))
 
 
 def _current_task(tasks: List[dict]) -> Optional[dict]:
@@ -782,6 +787,8 @@ class SwarmProvider:
             agent = None
             if is_valid_username(username) and username not in self._agents:
                 agent = await self._adopt(username, service, nodes, refs)
+            if agent is None and await self._start_in_flight(service):
+                continue    # maybe another provider's (a manager starting over)
             if agent is None:
                 self.log.info("removing service {name}", name=spec.get("Name"))
                 await self._remove_service(service["ID"])
@@ -793,6 +800,18 @@ class SwarmProvider:
                 await self._remove_secret(secret["ID"])
         # agents we knew before an outage whose service is gone
         return adopted
+
+    async def _start_in_flight(self, service: dict) -> bool:
+        """A service made moments ago whose task is not running yet: someone's
+        start, to be left alone (a reconcile removing it would fail that
+        start with "service not found")."""
+        if time.time() - _started_at(service.get("CreatedAt", "")) >= FRESH_CONTAINER:
+            return False
+        try:
+            current = _current_task(await self._engine.list_tasks([service["ID"]]))
+        except NoSuchService:
+            return False
+        return current is None or _task_state(current) in STARTING_TASK_STATES
 
     async def _adopt(self, username: str, service: dict, nodes: Dict[str, NodeView],
                      refs: List[dict]) -> Optional[RunningAgent]:
