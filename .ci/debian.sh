@@ -66,13 +66,16 @@ step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 # The container's manager keeps its agent firewall table in the host's
-# network (shared): once the container is gone, remove what it left (a
-# manager starting on the host later would too, see docs/security.rst).
+# network (shared), and no manager out here removes a table of another mount
+# namespace: once the container is gone, remove what it left (the table of
+# its /var/lib/pixelated; the host's own managers of this script stopped and
+# were purged before the container booted).
 remove_container_tables() {
     [ -n "$CONTAINER_MNT" ] || return 0
     local table
     for table in $(nft list tables inet 2>/dev/null | awk '$3 ~ /^pixelated_/ {print $3}'); do
-        if nft list table inet "$table" 2>/dev/null | grep -q " in mnt:$CONTAINER_MNT\""; then
+        if nft list table inet "$table" 2>/dev/null \
+                | grep -q 'comment "pixelated-dispatcher agents of /var/lib/pixelated in mnt:'; then
             nft delete table inet "$table"
         fi
     done

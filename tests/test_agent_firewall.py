@@ -5,6 +5,7 @@ made by other uids.
 Without root (or nft) the real parts skip, except under ``CI=true``, where
 they fail.
 """
+import hashlib
 import os
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pixelated_dispatcher.manager.agent_firewall import (
     COMMENT_PREFIX, NftablesFirewall, NoFirewall, make_firewall, mount_namespace,
-    mount_namespace_gone, table_name_for)
+    table_name_for)
 from pixelated_dispatcher.testing.agent_firewall_contract import make_firewall_tests
 from pixelated_dispatcher.testing.fake_firewall import FakeFirewall
 
@@ -231,12 +232,12 @@ class OrphanTableTests(TestCase):
         self.assertIn("table inet %s" % tables[2], listed)  # no state dir named: kept
 
     @inlineCallbacks
-    def test_tables_of_other_mount_namespaces_are_kept_while_they_live(self):
-        """A manager in a container on the host's network (its own
-        /var/lib/pixelated, invisible here) keeps its table when a host
-        manager starts: removing it would open that manager's agents. Once
-        the container is gone (no process left in its mount namespace), its
-        table is an orphan like any other."""
+    def test_tables_of_other_mount_namespaces_are_kept(self):
+        """A manager in a container on the host's network, or a sandboxed
+        service (its own /var/lib/pixelated, invisible here), keeps its
+        table when another manager starts, whether or not a process still
+        lives in its namespace: removing it would open that manager's
+        agents."""
         require_nft(self)
         container = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
                                       "sleep", "60"])
@@ -249,11 +250,9 @@ class OrphanTableTests(TestCase):
                 break
             time.sleep(0.05)    # unshare has not switched yet
         self.assertNotEqual(living, mount_namespace())
-        gone = "mnt:1"          # no process is in it: no such namespace
-        self.assertTrue(mount_namespace_gone(gone))
-        self.assertFalse(mount_namespace_gone(living))
         elsewhere = "/var/lib/pxnet-container-" + uuid.uuid4().hex   # not on this host
-        tables = {namespace: "pixelated_" + uuid.uuid4().hex[:16] for namespace in (living, gone)}
+        tables = {namespace: "pixelated_" + uuid.uuid4().hex[:16]
+                  for namespace in (living, "mnt:1")}
         ours = table_name_for("/test/" + uuid.uuid4().hex)
         for name in list(tables.values()) + [ours]:
             self.addCleanup(subprocess.run, ["nft", "delete", "table", "inet", name],
@@ -263,8 +262,17 @@ class OrphanTableTests(TestCase):
                                    COMMENT_PREFIX + elsewhere + " in " + namespace).start()
         yield NftablesFirewall(reactor, ours, PROXY_GID, "pixelated test").start()
         listed = nft_tables()
-        self.assertIn("table inet %s" % tables[living], listed)
-        self.assertNotIn("table inet %s" % tables[gone], listed)
+        for name in tables.values():
+            self.assertIn("table inet %s" % name, listed)
+
+    def test_a_restarted_manager_finds_its_table_in_a_new_mount_namespace(self):
+        """systemd gives a sandboxed service a new mount namespace at every
+        start: the name of the table must not depend on it."""
+        self.assertEqual(table_name_for("/var/lib/pixelated"),
+                         table_name_for("/var/lib/pixelated"))
+        self.assertNotIn(mount_namespace()[4:], table_name_for("/var/lib/pixelated"))
+        self.assertEqual(make_firewall(reactor, "auto", "/var/lib/pixelated", 7, True).table,
+                         "pixelated_" + hashlib.sha256(b"/var/lib/pixelated").hexdigest()[:16])
 
 
 class MakeFirewallTests(SynchronousTestCase):

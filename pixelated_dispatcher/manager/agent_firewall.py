@@ -53,7 +53,7 @@ import os
 import re
 from typing import Any, Callable, Coroutine, Iterable, List, Optional, Set, Tuple
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -98,36 +98,6 @@ def mount_namespace() -> str:
         return "mnt:unknown"
 
 
-#: the inode of the kernel's initial pid namespace (PROC_PID_INIT_INO): a
-#: process in it sees every process of the machine in /proc
-INITIAL_PID_NAMESPACE = 0xEFFFFFFC
-
-
-def mount_namespace_gone(namespace: str, proc: str = "/proc") -> bool:
-    """True when no process of the machine is in the mount namespace
-    ``namespace`` (``mnt:<inode>``): its manager is gone for good (a
-    container that stopped), and no manager can ever take its table back.
-    False whenever that cannot be known: from inside a pid namespace of
-    its own (a container sees only its own processes), or for a name that
-    is not ours. Reads /proc: run it off the reactor thread."""
-    if not namespace.startswith("mnt:") or not namespace[4:].isdigit():
-        return False
-    try:
-        if os.stat(os.path.join(proc, "self", "ns", "pid")).st_ino != INITIAL_PID_NAMESPACE:
-            return False
-        pids = [entry for entry in os.listdir(proc) if entry.isdigit()]
-    except OSError:
-        return False
-    wanted = "mnt:[%s]" % (namespace[4:],)
-    for pid in pids:
-        try:
-            if os.readlink(os.path.join(proc, pid, "ns", "mnt")) == wanted:
-                return False
-        except OSError:
-            continue    # gone meanwhile, or a kernel thread
-    return True
-
-
 def manager_identity(instance: str) -> str:
     """What names a manager's table: its state directory in its mount namespace."""
     return "%s in %s" % (instance, mount_namespace())
@@ -135,8 +105,10 @@ def manager_identity(instance: str) -> str:
 
 def table_name_for(instance: str) -> str:
     """The table of the manager identified by ``instance`` (its state
-    directory) in this mount namespace: a short, stable name nft accepts."""
-    digest = hashlib.sha256(manager_identity(instance).encode("utf-8")).hexdigest()[:16]
+    directory): a short, stable name nft accepts. Not its mount namespace:
+    systemd gives a sandboxed service a new one at every start, and the
+    manager must find its table again after a restart."""
+    digest = hashlib.sha256(instance.encode("utf-8")).hexdigest()[:16]
     return TABLE_PREFIX + digest
 
 
@@ -437,8 +409,9 @@ class NftablesFirewall:
         manager killed, its directory deleted): no manager can ever recover
         them, and their stale entries would keep ports from the proxies of
         other managers. Tables of live state directories, and of managers in
-        other mount namespaces (whose directories we cannot see) while a
-        process lives in them, are never touched."""
+        other mount namespaces (a container on this host's network, a
+        sandboxed service: whose directories we cannot see), are never
+        touched."""
         try:
             names = [item["table"]["name"] for item in await self._json("list", "tables")
                      if "table" in item and item["table"].get("family") == "inet"
@@ -454,14 +427,8 @@ class NftablesFirewall:
                 continue
             directory, _, namespace = match.group(1).rpartition(" in ")
             if namespace != mount_namespace():
-                # another mount namespace's manager (a container on this
-                # host's network): its paths are not ours to judge; the table
-                # is an orphan only once nothing lives in that namespace
-                if not await threads.deferToThreadPool(
-                        self._reactor, self._reactor.getThreadPool(),
-                        mount_namespace_gone, namespace):
-                    continue
-            elif not os.path.isabs(directory) or os.path.exists(directory):
+                continue    # another mount namespace's manager: its paths are not ours
+            if not os.path.isabs(directory) or os.path.exists(directory):
                 continue
             try:
                 await self._run("delete table inet %s\n" % (name,),
