@@ -75,7 +75,8 @@ remove_container_tables() {
     local table
     for table in $(nft list tables inet 2>/dev/null | awk '$3 ~ /^pixelated_/ {print $3}'); do
         if nft list table inet "$table" 2>/dev/null \
-                | grep -q 'comment "pixelated-dispatcher agents of /var/lib/pixelated in mnt:'; then
+                | grep 'comment "pixelated-dispatcher agents of /var/lib/pixelated in mnt:' \
+                >/dev/null; then     # not -q: nft's SIGPIPE would fail the pipe (pipefail)
             nft delete table inet "$table"
         fi
     done
