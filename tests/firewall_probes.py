@@ -19,17 +19,18 @@ STRANGER = 3990101
 PROXY_GID = 3990102
 
 
-def require_nft(test_case) -> None:
-    """Fail under CI=true, skip elsewhere, unless root with nft."""
+def require_nft(test_case=None, root_for="to change the kernel's nftables") -> None:
+    """Fail under CI=true, skip elsewhere, unless root with nft (no
+    ``test_case``: from ``setUpClass``)."""
     reason = None
     if os.geteuid() != 0:
-        reason = "needs root to change the kernel's nftables"
+        reason = "needs root " + root_for
     elif shutil.which("nft") is None:
         reason = "needs nft (apt-get install nftables)"
     if reason is None:
         return
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        test_case.fail(reason + " (CI=true, so this is a failure, not a skip)")
+        raise AssertionError(reason + " (CI=true, so this is a failure, not a skip)")
     raise SkipTest(reason)
 
 

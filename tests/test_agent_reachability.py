@@ -9,18 +9,16 @@ import json
 import os
 import pwd
 import re
-import shutil
 import subprocess
 import sys
 import time
-import unittest
 
 from pixelated_dispatcher.manager.agent_firewall import table_name_for
 
 from .dispatcher_case import DispatcherCase, wait_until
 from .netns import AttackNamespace
 from .firewall_probes import (connect_as, fetch_as, granted_ports_of, nft_tables,
-                              protected_ports_of)
+                              protected_ports_of, require_nft)
 
 #: account names of this test run (runs of other worktrees at the same time
 #: make their own: one run's teardown must not delete another's proxy user)
@@ -28,19 +26,6 @@ _RUN = "%04x" % (os.getpid() & 0xffff)
 PROXY_USER, OTHER_USER, PROXY_GROUP = ("pxnet-proxy-" + _RUN, "pxnet-other-" + _RUN,
                                        "pxnet-proxies-" + _RUN)
 PASSWORDS = {"alice": "alice's password", "bob": "bob's password"}
-
-
-def need_root_and_nft():
-    reason = None
-    if os.getuid() != 0:
-        reason = "needs root (accounts, nftables, namespaces)"
-    elif shutil.which("nft") is None:
-        reason = "needs nft (apt-get install nftables)"
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        raise AssertionError(reason + " (CI=true: a failure, not a skip)")
-    raise unittest.SkipTest(reason)
 
 
 def _run(*argv):
@@ -73,7 +58,7 @@ class DeployedDispatcherCase(DispatcherCase):
 
     @classmethod
     def setUpClass(cls):
-        need_root_and_nft()
+        require_nft(root_for="(accounts, nftables, namespaces)")
         make_accounts()
         try:
             super().setUpClass()
